@@ -1,0 +1,6 @@
+pub mod config;
+pub mod crdgen;
+pub mod dkim_key;
+pub mod sending_domain;
+pub mod smtp_relay;
+pub mod status;

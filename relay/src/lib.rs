@@ -1,0 +1,19 @@
+//! Petrel's SMTP relay, one module per stage of a message's journey:
+//!
+//! ```text
+//! inbound (SMTP session) -> policy -> dkim -> queue -> delivery -> (mx | smarthost | maildir)
+//!                                                       \-> retry | DSN + suppression
+//! ```
+//! `metrics` and `http` observe every stage; `config` loads and reloads the
+//! [`petrel_crds::config::RelayConfig`] file.
+
+pub mod config;
+pub mod delivery;
+pub mod dkim;
+pub mod http;
+pub mod inbound;
+pub mod metrics;
+pub mod policy;
+pub mod queue;
+pub mod reload;
+pub mod server;

@@ -1,0 +1,352 @@
+//! The queue: where a message waits between "250 accepted" and delivery.
+//!
+//! Contract (both backends, one conformance suite in `tests/`):
+//! - [`Queue::enqueue`] returns only once the message is durable (Redis
+//!   acknowledged, plus `WAIT n` when configured; the embedded file
+//!   committed). Callers reply 250 only after it returns `Ok`.
+//! - A message is stored once and split into [`DeliveryUnit`]s, one per
+//!   destination domain with that domain's recipients, each due at once.
+//! - Workers [`Queue::lease`] due units; a lease that is not completed,
+//!   retried or failed before it expires makes the unit due again
+//!   (at-least-once). Completing a unit whose lease was lost is an error,
+//!   so a slow worker cannot clobber the one that took over.
+//! - Every state change is atomic: a crash leaves the whole change or none.
+//!
+//! [`SharedState`] holds what all relay pods must agree on besides the
+//! queue: the suppression list, counters (AUTH throttle, rate limits,
+//! quotas) and per-destination connection slots.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub mod embedded;
+pub mod redis;
+
+/// Milliseconds since the Unix epoch: the queue's only notion of time, so
+/// tests and backends agree on it without sharing a clock object.
+pub type Millis = u64;
+
+/// The current time in [`Millis`].
+pub fn now_millis() -> Millis {
+    to_millis(SystemTime::now())
+}
+
+/// A [`SystemTime`] in [`Millis`] (0 before the epoch).
+pub fn to_millis(t: SystemTime) -> Millis {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What the inbound side hands to the queue: one accepted, signed message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    /// Queue id, unique per accepted message (also in logs and Received).
+    pub id: String,
+    /// Envelope sender; empty for the null sender `<>` (DSNs).
+    pub mail_from: String,
+    /// Envelope recipients, in the order given.
+    pub recipients: Vec<String>,
+    /// The message as it will be sent: headers (DKIM-Signature included)
+    /// and body, CRLF line endings, not dot-stuffed.
+    pub data: Vec<u8>,
+    /// The configured sending domain the message was accepted for (the
+    /// MAIL FROM domain); labels metrics and rate limits. For a DSN, the
+    /// domain of the message that bounced.
+    pub sending_domain: String,
+    /// When the relay accepted it; the max queue lifetime counts from here.
+    pub received_at: Millis,
+    /// Properties the outbound side must negotiate.
+    pub flags: MessageFlags,
+}
+
+/// Properties of a message that outbound delivery must honour.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageFlags {
+    /// Needs SMTPUTF8 (UTF-8 in addresses or headers).
+    pub smtputf8: bool,
+    /// Declared BODY=8BITMIME.
+    pub eight_bit: bool,
+    /// The message is itself a DSN: never bounce it again.
+    pub is_dsn: bool,
+}
+
+/// Part of a message bound for one destination domain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryUnit {
+    /// Unique id of the unit (message id + destination).
+    pub id: String,
+    /// The message this unit delivers.
+    pub message_id: String,
+    /// Destination domain, lower-cased.
+    pub domain: String,
+    /// Recipients still to deliver in this unit.
+    pub recipients: Vec<String>,
+    /// Envelope sender (copied from the message).
+    pub mail_from: String,
+    /// Sending domain (copied from the message).
+    pub sending_domain: String,
+    /// When the message was accepted.
+    pub received_at: Millis,
+    /// Message flags (copied from the message).
+    pub flags: MessageFlags,
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// When the unit is due next.
+    pub next_attempt_at: Millis,
+    /// The last temporary failure, for DSNs and `queue list`.
+    pub last_error: Option<String>,
+    /// A "delayed" DSN has been sent for this unit.
+    pub delay_notified: bool,
+}
+
+/// A unit held by one worker until `expires_at`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The unit, as it was when leased.
+    pub unit: DeliveryUnit,
+    /// Proves this worker still owns the unit.
+    pub token: String,
+    /// After this the unit is due again for any worker.
+    pub expires_at: Millis,
+}
+
+/// A temporary failure: what to keep and when to try again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reschedule {
+    /// Recipients still to deliver (those delivered or bounced removed).
+    pub recipients: Vec<String>,
+    /// When to try again.
+    pub next_attempt_at: Millis,
+    /// The failure, for a later DSN.
+    pub last_error: String,
+    /// Set once a "delayed" DSN went out, so it goes out only once.
+    pub delay_notified: bool,
+}
+
+/// Queue depth by state, for metrics and readiness.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Units due now and not leased.
+    pub due: u64,
+    /// Units waiting for a later attempt.
+    pub deferred: u64,
+    /// Units leased by a worker.
+    pub leased: u64,
+    /// Messages stored.
+    pub messages: u64,
+    /// Accept time of the oldest stored message, if any.
+    pub oldest_received_at: Option<Millis>,
+}
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The backend cannot be reached or answered with an error; the caller
+    /// should treat the operation as not done (451 for a client).
+    #[error("queue backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend did not answer in time; the operation may or may not
+    /// have happened, so the caller must not promise anything.
+    #[error("queue backend timed out after {0:?}")]
+    Timeout(Duration),
+    /// Fewer replicas than `waitReplicas` acknowledged the write.
+    #[error("only {acked} of {wanted} replicas acknowledged the write")]
+    NotReplicated {
+        /// Replicas that acknowledged.
+        acked: u32,
+        /// Replicas required.
+        wanted: u32,
+    },
+    /// The lease expired and another worker may own the unit now.
+    #[error("lease on unit {0} was lost")]
+    LeaseLost(String),
+    /// The message or unit is not in the queue.
+    #[error("{0} not found in the queue")]
+    NotFound(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt queue entry {key}: {reason}")]
+    Corrupt {
+        /// The key or record.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// The message queue shared by inbound (enqueue) and delivery (the rest).
+#[async_trait]
+pub trait Queue: Send + Sync + 'static {
+    /// Stores the message and its delivery units, all due now. Durable when
+    /// it returns `Ok`; on `Err` nothing of the message is visible.
+    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError>;
+
+    /// Leases up to `max` units due at `now` for `lease_for`.
+    async fn lease(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<Lease>, QueueError>;
+
+    /// The stored message bytes.
+    async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError>;
+
+    /// The unit is delivered; the message is deleted with its last unit.
+    async fn complete(&self, lease: &Lease) -> Result<(), QueueError>;
+
+    /// The unit failed for now; it is due again at the given time.
+    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError>;
+
+    /// The unit failed for good (bounced or expired; the DSN is enqueued
+    /// separately); it is removed like a completed one.
+    async fn fail(&self, lease: &Lease) -> Result<(), QueueError>;
+
+    /// Depth by state.
+    async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError>;
+
+    /// Cheap reachability check for `/readyz`.
+    async fn ping(&self) -> Result<(), QueueError>;
+}
+
+/// A suppressed recipient.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionEntry {
+    /// The address, lower-cased.
+    pub address: String,
+    /// Why: `hard-bounce`, `manual`, ...
+    pub reason: String,
+    /// The remote server's reply that caused it, if any.
+    pub remote_reply: Option<String>,
+    /// When it was added.
+    pub created_at: Millis,
+    /// When it stops applying; never when absent.
+    pub expires_at: Option<Millis>,
+}
+
+/// State all relay pods share through the queue backend.
+#[async_trait]
+pub trait SharedState: Send + Sync + 'static {
+    /// Adds or replaces a suppression entry.
+    async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError>;
+
+    /// The entry for `address` if it is suppressed at `now`.
+    async fn suppressed(
+        &self,
+        address: &str,
+        now: Millis,
+    ) -> Result<Option<SuppressionEntry>, QueueError>;
+
+    /// Removes an entry; true when there was one.
+    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError>;
+
+    /// Every entry still in force at `now`.
+    async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError>;
+
+    /// Adds `by` to the fixed-window counter `key` (window starting at the
+    /// first increment, lasting `window`) and returns the new total. Used
+    /// for AUTH failures per client, rate limits and daily quotas.
+    async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError>;
+
+    /// The counter's current total (0 when absent or expired).
+    async fn counter(&self, key: &str) -> Result<u64, QueueError>;
+
+    /// Takes one of `limit` slots named `key` (per-destination connections
+    /// over all pods) for at most `ttl`, so a dead pod's slots come back.
+    /// `None` when all slots are taken.
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<Option<String>, QueueError>;
+
+    /// Returns a slot taken by [`SharedState::acquire_slot`].
+    async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError>;
+}
+
+/// The destination domain of an address: the part after the last `@`,
+/// lower-cased. `None` for an address without a domain.
+pub fn recipient_domain(address: &str) -> Option<String> {
+    let (_, domain) = address.rsplit_once('@')?;
+    if domain.is_empty() {
+        return None;
+    }
+    Some(domain.to_ascii_lowercase())
+}
+
+/// Splits recipients by destination domain, keeping first-seen order of
+/// domains and recipients: one delivery unit per group.
+pub fn split_by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut groups: Vec<(String, Vec<String>)> = Vec::new();
+    for rcpt in recipients {
+        let domain = recipient_domain(rcpt).unwrap_or_default();
+        match groups.iter_mut().find(|(d, _)| *d == domain) {
+            Some((_, list)) => list.push(rcpt.clone()),
+            None => groups.push((domain, vec![rcpt.clone()])),
+        }
+    }
+    groups
+}
+
+/// The units of a new message, all due at its receive time.
+pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
+    split_by_domain(&message.recipients)
+        .into_iter()
+        .map(|(domain, recipients)| DeliveryUnit {
+            id: format!("{}:{}", message.id, domain),
+            message_id: message.id.clone(),
+            domain,
+            recipients,
+            mail_from: message.mail_from.clone(),
+            sending_domain: message.sending_domain.clone(),
+            received_at: message.received_at,
+            flags: message.flags,
+            attempts: 0,
+            next_attempt_at: message.received_at,
+            last_error: None,
+            delay_notified: false,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recipients_split_by_domain_case_insensitively() {
+        let rcpts: Vec<String> = ["a@x.org", "b@Y.org", "c@X.ORG", "d@y.org"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let groups = split_by_domain(&rcpts);
+        assert_eq!(
+            groups,
+            vec![
+                ("x.org".to_string(), vec!["a@x.org".to_string(), "c@X.ORG".to_string()]),
+                ("y.org".to_string(), vec!["b@Y.org".to_string(), "d@y.org".to_string()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn units_carry_the_envelope_and_are_due_at_once() {
+        let msg = NewMessage {
+            id: "m1".into(),
+            mail_from: "s@example.test".into(),
+            recipients: vec!["a@x.org".into(), "b@y.org".into()],
+            data: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+            sending_domain: "example.test".into(),
+            received_at: 1_000,
+            flags: MessageFlags::default(),
+        };
+        let units = units_of(&msg);
+        assert_eq!(units.len(), 2);
+        assert_eq!(units[0].id, "m1:x.org");
+        assert_eq!(units[1].recipients, vec!["b@y.org".to_string()]);
+        assert!(units.iter().all(|u| u.next_attempt_at == 1_000 && u.attempts == 0));
+    }
+}

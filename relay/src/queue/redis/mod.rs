@@ -1,0 +1,549 @@
+//! Redis backend: one queue shared by every relay pod.
+//!
+//! Layout (all keys under one `{prefix}` hash tag, see [`Keys`]):
+//!
+//! | key                  | type | content                                  |
+//! |----------------------|------|------------------------------------------|
+//! | `{p}:data`           | hash | message id -> message bytes              |
+//! | `{p}:left`           | hash | message id -> units not yet finished     |
+//! | `{p}:received`       | zset | message id -> received_at (oldest age)   |
+//! | `{p}:unit`           | hash | unit id -> [`DeliveryUnit`] JSON         |
+//! | `{p}:due`            | zset | unit id -> next attempt (ms)             |
+//! | `{p}:leased`         | zset | unit id -> lease expiry (ms)             |
+//! | `{p}:token`          | hash | unit id -> lease token                   |
+//! | `{p}:supp`           | hash | address -> [`SuppressionEntry`] JSON     |
+//! | `{p}:ctr:<key>`      | str  | counter, PEXPIRE = its window            |
+//! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
+//!
+//! A unit is in exactly one of `due` and `leased`. Every change that spans
+//! keys is one Lua script ([`scripts`]), so it is atomic.
+//!
+//! The single hash tag is a deliberate trade-off: on Redis Cluster the
+//! whole queue lives in one slot, hence on one primary. Scripts can then
+//! touch any queue key atomically, which is what the contract needs;
+//! scaling out is by running several relays against separate prefixes, not
+//! by spreading one queue. Sentinel and single servers are unaffected.
+//! (A Cluster client is not wired in yet: `url` names one node.)
+
+mod scripts;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::{
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule,
+    SharedState, SuppressionEntry, units_of,
+};
+use crate::config::RedisQueue;
+
+/// Expired leases moved back to due per [`Queue::lease`] call: bounds the
+/// work of one script after an outage (the rest follow on later calls).
+const RECLAIM_BATCH: usize = 1000;
+
+/// The fixed key names of one queue.
+#[derive(Clone, Debug)]
+struct Keys {
+    prefix: String,
+    data: String,
+    left: String,
+    received: String,
+    unit: String,
+    due: String,
+    leased: String,
+    token: String,
+    supp: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        let tag = format!("{{{prefix}}}");
+        let k = |name: &str| format!("{tag}:{name}");
+        Keys {
+            data: k("data"),
+            left: k("left"),
+            received: k("received"),
+            unit: k("unit"),
+            due: k("due"),
+            leased: k("leased"),
+            token: k("token"),
+            supp: k("supp"),
+            prefix: tag,
+        }
+    }
+
+    fn counter(&self, key: &str) -> String {
+        format!("{}:ctr:{key}", self.prefix)
+    }
+
+    fn slot(&self, key: &str) -> String {
+        format!("{}:slot:{key}", self.prefix)
+    }
+}
+
+/// The Redis queue and shared state. Cheap to clone (one multiplexed
+/// connection that reconnects by itself).
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    /// Used for enqueue when `waitReplicas > 0`: `WAIT` blocks its
+    /// connection until the replicas answer, and leases and completions
+    /// must not queue up behind it.
+    write_conn: ConnectionManager,
+    keys: Arc<Keys>,
+    wait_replicas: u32,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("prefix", &self.keys.prefix)
+            .field("wait_replicas", &self.wait_replicas)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects lazily: a relay starts while Redis is still down and
+    /// reports not ready until it answers, instead of crash-looping.
+    /// Every operation is bounded by `timeout`.
+    pub async fn open(config: &RedisQueue, timeout: Duration) -> Result<Self, QueueError> {
+        let url = read_url(config.url.as_deref(), config.url_file.as_deref()).await?;
+        let client = redis::Client::open(url.as_str())
+            .map_err(|e| QueueError::Unavailable(format!("invalid redis url: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+            .map_err(unavailable)?;
+        let write_conn = if config.wait_replicas > 0 {
+            ConnectionManager::new_lazy_with_config(client, manager_config)
+                .map_err(unavailable)?
+        } else {
+            conn.clone()
+        };
+        Ok(RedisBackend {
+            conn,
+            write_conn,
+            keys: Arc::new(Keys::new(&config.key_prefix)),
+            wait_replicas: config.wait_replicas,
+            timeout,
+        })
+    }
+
+    /// Runs `fut` under the configured timeout.
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(unavailable),
+            Err(_) => Err(QueueError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Removes a message whose write was not replicated enough (best
+    /// effort: the caller reports the failure either way).
+    async fn rollback(&self, message_id: &str, unit_ids: &[String]) {
+        let k = &self.keys;
+        let mut conn = self.conn.clone();
+        let mut inv = scripts::ROLLBACK.prepare_invoke();
+        inv.key(&k.data)
+            .key(&k.left)
+            .key(&k.received)
+            .key(&k.unit)
+            .key(&k.due)
+            .key(&k.leased)
+            .arg(message_id)
+            .arg(unit_ids);
+        let result: Result<i64, _> = self.bounded(inv.invoke_async(&mut conn)).await;
+        if let Err(error) = result {
+            tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
+        }
+    }
+
+    async fn finish(&self, lease: &Lease) -> Result<(), QueueError> {
+        let k = &self.keys;
+        let mut conn = self.conn.clone();
+        let mut inv = scripts::FINISH.prepare_invoke();
+        inv.key(&k.leased)
+            .key(&k.token)
+            .key(&k.unit)
+            .key(&k.left)
+            .key(&k.data)
+            .key(&k.received)
+            .arg(&lease.unit.id)
+            .arg(&lease.token)
+            .arg(&lease.unit.message_id);
+        let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        lease_held(done, &lease.unit.id)
+    }
+}
+
+/// The URL from `url`, or the trimmed content of `urlFile` (a mounted
+/// Secret, so the password stays out of the ConfigMap).
+async fn read_url(url: Option<&str>, url_file: Option<&Path>) -> Result<String, QueueError> {
+    match (url, url_file) {
+        (Some(url), None) => Ok(url.trim().to_string()),
+        (None, Some(path)) => tokio::fs::read_to_string(path)
+            .await
+            .map(|s| s.trim().to_string())
+            .map_err(|e| {
+                QueueError::Unavailable(format!("reading redis urlFile {}: {e}", path.display()))
+            }),
+        _ => Err(QueueError::Unavailable(
+            "queue.redis needs exactly one of url and urlFile".into(),
+        )),
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> QueueError {
+    QueueError::Unavailable(e.to_string())
+}
+
+/// A script's 0/1 answer to "did the caller still hold the lease?".
+fn lease_held(done: i64, unit_id: &str) -> Result<(), QueueError> {
+    if done == 1 {
+        Ok(())
+    } else {
+        Err(QueueError::LeaseLost(unit_id.to_string()))
+    }
+}
+
+fn encode<T: serde::Serialize>(value: &T, key: &str) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(value).map_err(|e| QueueError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T, QueueError> {
+    serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Milliseconds of a duration for Redis arguments, at least 1 (a zero
+/// `PEXPIRE` would delete the key at once).
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+/// The unit after a temporary failure, as the retry script stores it.
+pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
+    DeliveryUnit {
+        recipients: r.recipients,
+        attempts: unit.attempts.saturating_add(1),
+        next_attempt_at: r.next_attempt_at,
+        last_error: Some(r.last_error),
+        delay_notified: unit.delay_notified || r.delay_notified,
+        ..unit.clone()
+    }
+}
+
+#[async_trait]
+impl Queue for RedisBackend {
+    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
+        let units = units_of(&message);
+        if units.is_empty() {
+            // Nothing to deliver: storing it would only leave garbage.
+            return Ok(());
+        }
+        let k = &self.keys;
+        let mut inv = scripts::ENQUEUE.prepare_invoke();
+        inv.key(&k.data)
+            .key(&k.left)
+            .key(&k.received)
+            .key(&k.unit)
+            .key(&k.due)
+            .arg(&message.id)
+            .arg(&message.data)
+            .arg(message.received_at);
+        for unit in &units {
+            inv.arg(&unit.id)
+                .arg(encode(unit, &unit.id)?)
+                .arg(unit.next_attempt_at);
+        }
+        let mut conn = self.write_conn.clone();
+        let started = tokio::time::Instant::now();
+        let stored: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        if self.wait_replicas == 0 || stored == 0 {
+            return Ok(());
+        }
+        let left = self.timeout.saturating_sub(started.elapsed());
+        let acked: i64 = self
+            .bounded(
+                redis::cmd("WAIT")
+                    .arg(self.wait_replicas)
+                    .arg(ms(left))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        let acked = u32::try_from(acked).unwrap_or(0);
+        if acked < self.wait_replicas {
+            let ids: Vec<String> = units.into_iter().map(|u| u.id).collect();
+            self.rollback(&message.id, &ids).await;
+            return Err(QueueError::NotReplicated {
+                acked,
+                wanted: self.wait_replicas,
+            });
+        }
+        Ok(())
+    }
+
+    async fn lease(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let k = &self.keys;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        let mut inv = scripts::LEASE.prepare_invoke();
+        inv.key(&k.due)
+            .key(&k.leased)
+            .key(&k.unit)
+            .key(&k.token)
+            .arg(now)
+            .arg(max)
+            .arg(expires_at)
+            .arg(&token)
+            .arg(RECLAIM_BATCH);
+        let mut conn = self.conn.clone();
+        let records: Vec<Vec<u8>> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        records
+            .iter()
+            .map(|bytes| {
+                Ok(Lease {
+                    unit: decode(bytes, &k.unit)?,
+                    token: token.clone(),
+                    expires_at,
+                })
+            })
+            .collect()
+    }
+
+    async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
+        let mut conn = self.conn.clone();
+        let data: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.data, message_id)).await?;
+        data.ok_or_else(|| QueueError::NotFound(message_id.to_string()))
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.finish(lease).await
+    }
+
+    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
+        if reschedule.recipients.is_empty() {
+            // Every recipient was delivered or bounced: the unit is done.
+            return self.finish(lease).await;
+        }
+        let k = &self.keys;
+        let unit = rescheduled(&lease.unit, reschedule);
+        let mut inv = scripts::RETRY.prepare_invoke();
+        inv.key(&k.leased)
+            .key(&k.token)
+            .key(&k.unit)
+            .key(&k.due)
+            .arg(&unit.id)
+            .arg(&lease.token)
+            .arg(encode(&unit, &unit.id)?)
+            .arg(unit.next_attempt_at);
+        let mut conn = self.conn.clone();
+        let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        lease_held(done, &unit.id)
+    }
+
+    async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.finish(lease).await
+    }
+
+    async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
+        let k = &self.keys;
+        let mut pipe = redis::pipe();
+        pipe.zcount(&k.due, "-inf", now)
+            .zcount(&k.due, format!("({now}"), "+inf")
+            .zcount(&k.leased, "-inf", now)
+            .zcount(&k.leased, format!("({now}"), "+inf")
+            .hlen(&k.left)
+            .zrange_withscores(&k.received, 0, 0);
+        let mut conn = self.conn.clone();
+        type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>);
+        let (due, deferred, expired, leased, messages, oldest): Reply =
+            self.bounded(pipe.query_async(&mut conn)).await?;
+        Ok(QueueStats {
+            // An expired lease is due again, even before a lease call moves it.
+            due: due + expired,
+            deferred,
+            leased,
+            messages,
+            oldest_received_at: oldest.first().map(|(_, score)| *score as Millis),
+        })
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SharedState for RedisBackend {
+    async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
+        let address = entry.address.to_lowercase();
+        let entry = SuppressionEntry { address, ..entry };
+        let json = encode(&entry, &entry.address)?;
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .bounded(conn.hset(&self.keys.supp, &entry.address, json))
+            .await?;
+        Ok(())
+    }
+
+    async fn suppressed(
+        &self,
+        address: &str,
+        now: Millis,
+    ) -> Result<Option<SuppressionEntry>, QueueError> {
+        let address = address.to_lowercase();
+        let mut conn = self.conn.clone();
+        let json: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.supp, &address)).await?;
+        let Some(json) = json else { return Ok(None) };
+        let entry: SuppressionEntry = decode(&json, &address)?;
+        Ok(in_force(&entry, now).then_some(entry))
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        let removed: i64 = self
+            .bounded(conn.hdel(&self.keys.supp, address.to_lowercase()))
+            .await?;
+        Ok(removed > 0)
+    }
+
+    async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, Vec<u8>> = self.bounded(conn.hgetall(&self.keys.supp)).await?;
+        let mut entries = Vec::with_capacity(all.len());
+        for (address, json) in all {
+            let entry: SuppressionEntry = decode(&json, &address)?;
+            if in_force(&entry, now) {
+                entries.push(entry);
+            }
+        }
+        entries.sort_by(|a, b| a.address.cmp(&b.address));
+        Ok(entries)
+    }
+
+    async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError> {
+        let mut inv = scripts::INCR.prepare_invoke();
+        inv.key(self.keys.counter(key)).arg(by).arg(ms(window));
+        let mut conn = self.conn.clone();
+        self.bounded(inv.invoke_async(&mut conn)).await
+    }
+
+    async fn counter(&self, key: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let value: Option<u64> = self.bounded(conn.get(self.keys.counter(key))).await?;
+        Ok(value.unwrap_or(0))
+    }
+
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<Option<String>, QueueError> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut inv = scripts::ACQUIRE.prepare_invoke();
+        inv.key(self.keys.slot(key)).arg(limit).arg(ms(ttl)).arg(&token);
+        let mut conn = self.conn.clone();
+        let taken: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok((taken == 1).then_some(token))
+    }
+
+    async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;
+        Ok(())
+    }
+}
+
+/// Whether a suppression entry applies at `now`.
+pub(crate) fn in_force(entry: &SuppressionEntry, now: Millis) -> bool {
+    entry.expires_at.is_none_or(|at| at > now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_shares_one_hash_tag() {
+        let k = Keys::new("petrel");
+        for key in [&k.data, &k.left, &k.received, &k.unit, &k.due, &k.leased, &k.token, &k.supp] {
+            assert!(key.starts_with("{petrel}:"), "{key}");
+        }
+        assert_eq!(k.counter("auth:1.2.3.4"), "{petrel}:ctr:auth:1.2.3.4");
+        assert_eq!(k.slot("mx:gmail"), "{petrel}:slot:mx:gmail");
+    }
+
+    #[test]
+    fn retry_counts_the_attempt_and_keeps_the_delay_notice() {
+        let unit = DeliveryUnit {
+            id: "m:x.org".into(),
+            message_id: "m".into(),
+            domain: "x.org".into(),
+            recipients: vec!["a@x.org".into(), "b@x.org".into()],
+            mail_from: "s@e.test".into(),
+            sending_domain: "e.test".into(),
+            received_at: 1,
+            flags: Default::default(),
+            attempts: 2,
+            next_attempt_at: 1,
+            last_error: None,
+            delay_notified: true,
+        };
+        let next = rescheduled(
+            &unit,
+            Reschedule {
+                recipients: vec!["b@x.org".into()],
+                next_attempt_at: 99,
+                last_error: "451 4.7.1 later".into(),
+                delay_notified: false,
+            },
+        );
+        assert_eq!(next.attempts, 3);
+        assert_eq!(next.recipients, vec!["b@x.org".to_string()]);
+        assert_eq!(next.next_attempt_at, 99);
+        assert!(next.delay_notified);
+        assert_eq!(next.last_error.as_deref(), Some("451 4.7.1 later"));
+    }
+
+    #[test]
+    fn suppression_expiry_is_exclusive() {
+        let entry = SuppressionEntry {
+            address: "a@x.org".into(),
+            reason: "manual".into(),
+            remote_reply: None,
+            created_at: 0,
+            expires_at: Some(10),
+        };
+        assert!(in_force(&entry, 9));
+        assert!(!in_force(&entry, 10));
+    }
+}
