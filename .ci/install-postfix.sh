@@ -44,7 +44,7 @@ smtp_destination_concurrency_limit = 20
 CONF
 
 # The smtp service listens on 127.0.0.1:2525 only, never on :25.
-if postconf -M smtp/inet >/dev/null 2>&1 && [ -n "$(postconf -M smtp/inet)" ]; then
+if postconf -M smtp/inet 2>/dev/null | grep -q .; then
   postconf -MX smtp/inet
 fi
 if [ -z "$(postconf -M 127.0.0.1:2525/inet 2>/dev/null)" ]; then

@@ -6,8 +6,14 @@ use kube::CustomResourceExt;
 
 use crate::{dkim_key::DkimKey, sending_domain::SendingDomain, smtp_relay::SmtpRelay};
 
-/// Where the CRDs live, relative to the `crds/` crate directory.
-pub const CRD_DIR: &str = "../charts/petrel/crds";
+/// Where the CRDs live, relative to the workspace root.
+pub const CRD_DIR: &str = "charts/petrel/crds";
+
+/// The absolute CRD directory of this checkout.
+pub fn crd_dir() -> std::path::PathBuf {
+    let crate_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    crate_dir.parent().unwrap_or(crate_dir).join(CRD_DIR)
+}
 
 /// The command that regenerates the committed CRDs.
 pub const REGENERATE_COMMAND: &str = "cargo run -p petrel-crds --bin crdgen";

@@ -2,6 +2,7 @@
 //! generates each key into its own Secret and walks it through the phases in
 //! [`crate::status::DkimKeyPhase`]; the relay only ever signs with `active`.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -150,6 +151,10 @@ pub struct DkimKeyStatus {
     /// Keys that no longer sign but whose records stay published until `retireAfter` has passed.
     #[serde(default)]
     pub retiring: Vec<DkimKeyEntry>,
+    /// When a rotation was requested with the `petrel.dev/rotate=now` annotation; cleared
+    /// once the new key signs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_requested_at: Option<Time>,
     /// Ready and Rotating, with reasons.
     #[serde(default)]
     pub conditions: Vec<Condition>,

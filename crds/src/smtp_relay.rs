@@ -536,7 +536,8 @@ pub struct SmtpRelayStatus {
     /// In-cluster address (`host:port`) of each listener, in listener order.
     #[serde(default)]
     pub endpoints: Vec<String>,
-    /// Names of the SendingDomains bound to this relay that it signs and relays for.
+    /// Domains of the SendingDomains bound to this relay that it signs and relays for now
+    /// (a domain appears once its DKIM key is active).
     #[serde(default)]
     pub bound_domains: Vec<String>,
     /// The `metadata.generation` the operator last acted on.

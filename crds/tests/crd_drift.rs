@@ -1,16 +1,10 @@
 //! The committed CRDs in `charts/petrel/crds/` must be exactly what `crdgen`
 //! prints, and each must parse back as a valid apiextensions.k8s.io/v1 CRD.
 
-use std::path::PathBuf;
-
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps,
 };
-use petrel_crds::crdgen::{CRD_DIR, REGENERATE_COMMAND, render_all};
-
-fn crd_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(CRD_DIR)
-}
+use petrel_crds::crdgen::{REGENERATE_COMMAND, crd_dir, render_all};
 
 #[test]
 fn committed_crds_match_generated() {

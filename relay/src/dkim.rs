@@ -1,1 +1,332 @@
+//! DKIM signing, once, before enqueue, so every retry carries the same
+//! signature.
+//!
+//! Keys come from the files named in the config. The operator rotates keys
+//! in place (same path, new content) and the config itself can change, so
+//! keys are cached by domain and re-read whenever the key file's metadata
+//! (mtime, length, inode) or the configured selector/algorithm changes: one
+//! `stat` per message, no watcher to keep in step with config reloads.
+//! A domain whose key is missing or unreadable is an error: the caller
+//! refuses the message (451 4.3.0) rather than sending it unsigned.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+
+use crate::config::{DkimAlgorithm, DkimConfig};
+
+/// Headers signed when present (RFC 6376 5.4.1 recommendations plus the
+/// list headers mailbox providers look at).
+pub const SIGNED_HEADERS: &[&str] = &[
+    "From",
+    "To",
+    "Cc",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "Reply-To",
+    "MIME-Version",
+    "Content-Type",
+    "Content-Transfer-Encoding",
+    "In-Reply-To",
+    "References",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+];
+
+/// Why a message could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum DkimError {
+    /// The key file cannot be read.
+    #[error("DKIM key {path} for {domain} cannot be read: {reason}")]
+    Unreadable {
+        /// The sending domain.
+        domain: String,
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The key file does not hold a key of the configured algorithm.
+    #[error("DKIM key {path} for {domain} is not a valid {algorithm:?} key: {reason}")]
+    BadKey {
+        /// The sending domain.
+        domain: String,
+        /// The key file.
+        path: PathBuf,
+        /// The configured algorithm.
+        algorithm: DkimAlgorithm,
+        /// Why.
+        reason: String,
+    },
+    /// Signing itself failed (no signable headers, crypto error).
+    #[error("DKIM signing for {domain} failed: {reason}")]
+    Sign {
+        /// The sending domain.
+        domain: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+enum Signer {
+    Ed25519(DkimSigner<Ed25519Key, Done>),
+    Rsa(DkimSigner<RsaKey<Sha256>, Done>),
+}
+
+type Fingerprint = (Option<SystemTime>, u64, u64);
+
+struct Entry {
+    config: DkimConfig,
+    fingerprint: Fingerprint,
+    signer: Arc<Signer>,
+}
+
+/// The signing keys of all sending domains, loaded on first use and
+/// re-read when their files change.
+#[derive(Default)]
+pub struct DkimKeys {
+    cache: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Ok((meta.modified().ok(), meta.len(), ino))
+}
+
+/// Reads a PEM private key file.
+fn read_key(path: &Path) -> std::io::Result<rustls::pki_types::PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path)?;
+    rustls_pemfile::private_key(&mut pem.as_slice())?.ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "no private key in PEM file",
+        )
+    })
+}
+
+fn load(domain: &str, config: &DkimConfig) -> Result<Signer, DkimError> {
+    let unreadable = |reason: String| DkimError::Unreadable {
+        domain: domain.to_string(),
+        path: config.key_file.clone(),
+        reason,
+    };
+    let bad = |reason: String| DkimError::BadKey {
+        domain: domain.to_string(),
+        path: config.key_file.clone(),
+        algorithm: config.algorithm,
+        reason,
+    };
+    let der = read_key(&config.key_file).map_err(|e| unreadable(e.to_string()))?;
+    Ok(match config.algorithm {
+        DkimAlgorithm::Ed25519 => {
+            let rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8) = &der else {
+                return Err(bad("ed25519 keys must be PKCS#8".into()));
+            };
+            let key = Ed25519Key::from_pkcs8_der(pkcs8.secret_pkcs8_der())
+                .map_err(|e| bad(e.to_string()))?;
+            Signer::Ed25519(builder(key, domain, config))
+        }
+        DkimAlgorithm::Rsa2048 => {
+            let key = RsaKey::<Sha256>::from_key_der(der).map_err(|e| bad(e.to_string()))?;
+            Signer::Rsa(builder(key, domain, config))
+        }
+    })
+}
+
+fn builder<T: mail_auth::common::crypto::SigningKey>(
+    key: T,
+    domain: &str,
+    config: &DkimConfig,
+) -> DkimSigner<T, Done> {
+    DkimSigner::from_key(key)
+        .domain(domain.to_ascii_lowercase())
+        .selector(config.selector.clone())
+        .headers(SIGNED_HEADERS.iter().copied())
+        .header_canonicalization(Canonicalization::Relaxed)
+        .body_canonicalization(Canonicalization::Relaxed)
+}
+
+impl DkimKeys {
+    /// An empty cache.
+    pub fn new() -> DkimKeys {
+        DkimKeys::default()
+    }
+
+    /// Loads (or re-validates) the key of `domain` now, so a broken key is
+    /// found at start-up or config reload rather than on the first message.
+    pub fn preload(&self, domain: &str, config: &DkimConfig) -> Result<(), DkimError> {
+        self.signer(domain, config).map(|_| ())
+    }
+
+    fn signer(&self, domain: &str, config: &DkimConfig) -> Result<Arc<Signer>, DkimError> {
+        let key = domain.to_ascii_lowercase();
+        let fp = fingerprint(&config.key_file).map_err(|e| DkimError::Unreadable {
+            domain: domain.to_string(),
+            path: config.key_file.clone(),
+            reason: e.to_string(),
+        })?;
+        if let Some(entry) = self.lock().get(&key)
+            && entry.fingerprint == fp
+            && entry.config == *config
+        {
+            return Ok(entry.signer.clone());
+        }
+        // Loading happens outside the lock: a slow disk must not stall
+        // other domains.
+        let signer = Arc::new(load(domain, config)?);
+        tracing::info!(%domain, selector = %config.selector, path = %config.key_file.display(), "DKIM key loaded");
+        self.lock().insert(
+            key,
+            Arc::new(Entry {
+                config: config.clone(),
+                fingerprint: fp,
+                signer: signer.clone(),
+            }),
+        );
+        Ok(signer)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
+        // A panic while holding this lock cannot leave the map half-updated
+        // (single insert), so a poisoned lock is still usable.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Signs `message` (CRLF headers and body) for `domain` and returns the
+    /// `DKIM-Signature: ...\r\n` header to prepend. CPU-bound (RSA): call
+    /// from a blocking task.
+    pub fn sign(
+        &self,
+        domain: &str,
+        config: &DkimConfig,
+        message: &[u8],
+    ) -> Result<String, DkimError> {
+        let signer = self.signer(domain, config)?;
+        let sig = match &*signer {
+            Signer::Ed25519(s) => s.sign(message),
+            Signer::Rsa(s) => s.sign(message),
+        }
+        .map_err(|e| DkimError::Sign {
+            domain: domain.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut header = sig.to_header();
+        if !header.ends_with("\r\n") {
+            header.push_str("\r\n");
+        }
+        Ok(header)
+    }
+}
+
+/// Algorithm label for metrics.
+pub fn algorithm_label(algorithm: DkimAlgorithm) -> &'static str {
+    match algorithm {
+        DkimAlgorithm::Ed25519 => "ed25519-sha256",
+        DkimAlgorithm::Rsa2048 => "rsa-sha256",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ed25519_pem() -> String {
+        let der = Ed25519Key::generate_pkcs8().unwrap();
+        pem("PRIVATE KEY", &der)
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    const MSG: &[u8] = b"From: a@example.test\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nbody\r\n";
+
+    #[test]
+    fn signs_and_reloads_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        std::fs::write(&path, ed25519_pem()).unwrap();
+        let cfg = DkimConfig {
+            selector: "s1".into(),
+            algorithm: DkimAlgorithm::Ed25519,
+            key_file: path.clone(),
+        };
+        let keys = DkimKeys::new();
+        let h1 = keys.sign("Example.test", &cfg, MSG).unwrap();
+        assert!(
+            h1.starts_with(
+                "DKIM-Signature: v=1; a=ed25519-sha256; s=s1; d=example.test; c=relaxed/relaxed"
+            ),
+            "{h1}"
+        );
+        assert!(h1.ends_with("\r\n"));
+        // Present headers are signed; absent ones are listed too (null
+        // signed), so nobody can add a Cc or Reply-To afterwards.
+        let h = h1
+            .split("h=")
+            .nth(1)
+            .unwrap()
+            .split(';')
+            .next()
+            .unwrap()
+            .replace(['\r', '\n', '\t'], "");
+        for name in ["From", "To", "Subject", "Cc", "Reply-To"] {
+            assert!(h.split(':').any(|n| n == name), "{name} in {h}");
+        }
+        // Rotation in place: a new key gives a different signature.
+        std::fs::write(&path, format!("{}\n", ed25519_pem())).unwrap();
+        let h2 = keys.sign("example.test", &cfg, MSG).unwrap();
+        let b = |h: &str| h.split("b=").last().unwrap().to_string();
+        assert_ne!(b(&h1), b(&h2));
+    }
+
+    #[test]
+    fn missing_or_wrong_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = DkimKeys::new();
+        let mut cfg = DkimConfig {
+            selector: "s1".into(),
+            algorithm: DkimAlgorithm::Ed25519,
+            key_file: dir.path().join("absent.pem"),
+        };
+        assert!(matches!(
+            keys.sign("example.test", &cfg, MSG),
+            Err(DkimError::Unreadable { .. })
+        ));
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a key").unwrap();
+        cfg.key_file = garbage;
+        assert!(matches!(
+            keys.sign("example.test", &cfg, MSG),
+            Err(DkimError::Unreadable { .. })
+        ));
+        let ed = dir.path().join("ed.pem");
+        std::fs::write(&ed, ed25519_pem()).unwrap();
+        cfg.key_file = ed;
+        cfg.algorithm = DkimAlgorithm::Rsa2048;
+        assert!(matches!(
+            keys.sign("example.test", &cfg, MSG),
+            Err(DkimError::BadKey { .. })
+        ));
+    }
+}

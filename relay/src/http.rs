@@ -1,1 +1,1254 @@
+//! The relay's HTTP side: `/metrics` for Prometheus, `/healthz` and `/readyz`
+//! for the kubelet, and `POST /v1/send`, a JSON send API for apps that would
+//! rather not speak SMTP.
+//!
+//! The send API builds an RFC 5322 message with mail-builder and hands it to
+//! a [`Submit`] implementation: the same accept path SMTP DATA uses (policy,
+//! DKIM, durable enqueue). It is a trait here so this module does not depend
+//! on the inbound code, and so the HTTP mapping is tested on its own.
 
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use crate::metrics::RelayMetrics;
+use crate::queue::{Millis, Queue, QueueError, QueueStats, now_millis};
+
+/// How long `/readyz` waits for the queue backend before calling it unreachable;
+/// below the kubelet's default probe timeout so the probe gets a clear answer.
+pub const PING_TIMEOUT: Duration = Duration::from_millis(900);
+
+/// Why the HTTP server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The HTTP metrics could not be registered (a name registered twice).
+    #[error("cannot register HTTP metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Accepting connections failed.
+    #[error("HTTP server failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Process-wide health flags, shared by `main` (which sets them) and the
+/// HTTP handlers (which report them). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    inner: Arc<HealthFlags>,
+}
+
+#[derive(Debug, Default)]
+struct HealthFlags {
+    config_loaded: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    /// Flags for a process that has not loaded its config yet.
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    /// Records whether a valid config is loaded (set once at start).
+    pub fn set_config_loaded(&self, loaded: bool) {
+        self.inner.config_loaded.store(loaded, Ordering::SeqCst);
+    }
+
+    /// Marks the relay as draining (SIGTERM received): `/readyz` fails so the
+    /// Service stops sending new connections while open sessions finish.
+    pub fn start_draining(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Health::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    fn config_loaded(&self) -> bool {
+        self.inner.config_loaded.load(Ordering::SeqCst)
+    }
+}
+
+/// Why the relay is not ready; the text is the `/readyz` body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    /// No valid config loaded yet.
+    #[error("config not loaded")]
+    ConfigNotLoaded,
+    /// SIGTERM received; finishing open sessions.
+    #[error("draining")]
+    Draining,
+    /// The queue backend did not answer the ping.
+    #[error("queue backend unreachable: {0}")]
+    QueueUnreachable(String),
+}
+
+/// The readiness decision, from the flags and the result of a queue ping.
+/// Draining wins over everything so a terminating pod leaves the Service at once.
+pub fn readiness(
+    config_loaded: bool,
+    draining: bool,
+    ping: &Result<(), QueueError>,
+) -> Result<(), NotReady> {
+    if draining {
+        return Err(NotReady::Draining);
+    }
+    if !config_loaded {
+        return Err(NotReady::ConfigNotLoaded);
+    }
+    match ping {
+        Ok(()) => Ok(()),
+        Err(err) => Err(NotReady::QueueUnreachable(err.to_string())),
+    }
+}
+
+/// Metrics of the HTTP stage itself.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    /// 1 when the last `/readyz` check passed, 0 otherwise; the
+    /// "relay not available" alert reads it.
+    pub ready: IntGauge,
+    /// Send API requests by result (`accepted`, `invalid`, `refused`,
+    /// `deferred`, `unauthorized`).
+    pub send_requests: IntCounterVec,
+}
+
+impl HttpMetrics {
+    /// Creates and registers the HTTP metrics in `registry`.
+    pub fn register(registry: &Registry) -> Result<HttpMetrics, prometheus::Error> {
+        let ready = IntGauge::new(
+            "petrel_relay_ready",
+            "1 when the relay's last readiness check passed (config loaded, queue reachable, not draining).",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
+        let send_requests = IntCounterVec::new(
+            Opts::new(
+                "petrel_http_send_requests_total",
+                "Requests to the HTTP send API, by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(send_requests.clone()))?;
+        Ok(HttpMetrics {
+            ready,
+            send_requests,
+        })
+    }
+}
+
+/// Credentials from an HTTP `Authorization: Basic` header, checked by the
+/// [`Submit`] implementation against the same AUTH users as SMTP.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The AUTH user name.
+    pub username: String,
+    /// The password as sent (never logged).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A message built from a send API request, ready for the accept path.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    /// The client address, for trusted-network checks and logs.
+    pub peer: IpAddr,
+    /// Basic-auth credentials, when sent.
+    pub credentials: Option<Credentials>,
+    /// Envelope sender (the From address).
+    pub mail_from: String,
+    /// Envelope recipients: to, cc and bcc, deduplicated.
+    pub recipients: Vec<String>,
+    /// The message, CRLF line endings, not yet DKIM-signed.
+    pub data: Vec<u8>,
+}
+
+/// What the accept path answered: an SMTP reply as a value, so the HTTP
+/// status follows the same decision SMTP would have made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// SMTP reply code (4xx temporary, 5xx permanent).
+    pub code: u16,
+    /// Enhanced status code, for example `5.7.1`.
+    pub enhanced: String,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// The accept path shared with SMTP: policy, DKIM signing, durable enqueue.
+/// Returns the queue id once the message is durable.
+#[async_trait]
+pub trait Submit: Send + Sync + 'static {
+    /// Accepts the message or refuses it with an SMTP reply.
+    async fn submit(&self, submission: Submission) -> Result<String, Refusal>;
+}
+
+/// Limits of the send API, from the relay config.
+#[derive(Clone, Copy, Debug)]
+pub struct SendLimits {
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// Most envelope recipients per request.
+    pub max_recipients: usize,
+}
+
+#[derive(Clone)]
+struct SendApi {
+    submit: Arc<dyn Submit>,
+    limits: SendLimits,
+}
+
+/// Everything the HTTP handlers need. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    registry: Registry,
+    health: Health,
+    queue: Arc<dyn Queue>,
+    metrics: HttpMetrics,
+    send: Option<SendApi>,
+}
+
+impl HttpState {
+    /// State for the health and metrics endpoints; registers [`HttpMetrics`]
+    /// in `registry`, which `/metrics` then exposes whole.
+    pub fn new(
+        registry: Registry,
+        health: Health,
+        queue: Arc<dyn Queue>,
+    ) -> Result<HttpState, HttpError> {
+        let metrics = HttpMetrics::register(&registry)?;
+        Ok(HttpState {
+            registry,
+            health,
+            queue,
+            metrics,
+            send: None,
+        })
+    }
+
+    /// Enables `POST /v1/send`, handing messages to `submit`.
+    pub fn with_send_api(mut self, submit: Arc<dyn Submit>, limits: SendLimits) -> HttpState {
+        self.send = Some(SendApi { submit, limits });
+        self
+    }
+}
+
+/// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled, `/v1/send`.
+pub fn router(state: HttpState) -> Router {
+    let body_limit = state
+        .send
+        .as_ref()
+        .map(|s| s.limits.max_body_bytes)
+        .unwrap_or(64 * 1024);
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/send", post(send_handler))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> Response {
+    match TextEncoder::new().encode_to_string(&state.registry.gather()) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err) => {
+            tracing::error!(%err, "cannot encode metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "cannot encode metrics\n").into_response()
+        }
+    }
+}
+
+/// Liveness: the process runs and its runtime answers. Nothing else, so a
+/// Redis outage makes pods unready, never restarts them.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    // Skip the round trip when the answer is already known.
+    let ping = if state.health.is_draining() || !state.health.config_loaded() {
+        Ok(())
+    } else {
+        match tokio::time::timeout(PING_TIMEOUT, state.queue.ping()).await {
+            Ok(result) => result,
+            Err(_) => Err(QueueError::Timeout(PING_TIMEOUT)),
+        }
+    };
+    match readiness(
+        state.health.config_loaded(),
+        state.health.is_draining(),
+        &ping,
+    ) {
+        Ok(()) => {
+            state.metrics.ready.set(1);
+            (StatusCode::OK, "ready\n").into_response()
+        }
+        Err(why) => {
+            state.metrics.ready.set(0);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// A mailbox in a send request: `"a@example.com"` or `{"name": .., "email": ..}`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Mailbox {
+    /// A bare address.
+    Address(String),
+    /// A display name and an address.
+    Named {
+        /// Display name, encoded as needed.
+        name: Option<String>,
+        /// The address.
+        email: String,
+    },
+}
+
+impl Mailbox {
+    fn email(&self) -> &str {
+        match self {
+            Mailbox::Address(email) | Mailbox::Named { email, .. } => email,
+        }
+    }
+
+    fn to_address(&self) -> mail_builder::headers::address::Address<'static> {
+        match self {
+            Mailbox::Named {
+                name: Some(name),
+                email,
+            } => (name.clone(), email.clone()).into(),
+            other => other.email().to_string().into(),
+        }
+    }
+}
+
+/// The body of `POST /v1/send`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SendRequest {
+    /// Author and envelope sender; its domain must be a sending domain.
+    pub from: Mailbox,
+    /// Visible recipients.
+    #[serde(default)]
+    pub to: Vec<Mailbox>,
+    /// Visible copy recipients.
+    #[serde(default)]
+    pub cc: Vec<Mailbox>,
+    /// Hidden recipients: in the envelope only.
+    #[serde(default)]
+    pub bcc: Vec<Mailbox>,
+    /// Reply-To mailbox.
+    #[serde(default)]
+    pub reply_to: Option<Mailbox>,
+    /// Subject line.
+    pub subject: String,
+    /// Plain text body.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// HTML body.
+    #[serde(default)]
+    pub html: Option<String>,
+    /// Extra headers, for example `X-Campaign`. Structural headers (From,
+    /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// The answer to an accepted send request.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SendAccepted {
+    /// Queue id, as in logs and Received headers.
+    pub id: String,
+    /// The Message-ID header of the built message.
+    pub message_id: String,
+}
+
+/// Why a send request is malformed; the text goes back to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// The body is not the expected JSON.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// No to, cc or bcc.
+    #[error("no recipients: set to, cc or bcc")]
+    NoRecipients,
+    /// More recipients than the relay accepts per message.
+    #[error("too many recipients: {0} (limit {1})")]
+    TooManyRecipients(usize, usize),
+    /// Neither text nor html.
+    #[error("no body: set text or html")]
+    NoBody,
+    /// An address that is not `local@domain` or carries control characters.
+    #[error("invalid address {0:?}")]
+    Address(String),
+    /// A header name that is not a plain field name or is reserved.
+    #[error("header {0:?} cannot be set")]
+    Header(String),
+    /// A value with a line break (header injection).
+    #[error("{0} must not contain line breaks or control characters")]
+    LineBreak(String),
+}
+
+/// Headers the builder or the relay owns.
+const RESERVED_HEADERS: &[&str] = &[
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "reply-to",
+    "subject",
+    "date",
+    "message-id",
+    "sender",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "dkim-signature",
+    "received",
+    "return-path",
+];
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(|c| c.is_control())
+}
+
+fn check_address(address: &str) -> Result<(), InvalidRequest> {
+    let ok = match address.rsplit_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && domain.contains('.')
+                && !address
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>')
+        }
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidRequest::Address(address.to_string()))
+    }
+}
+
+fn check_mailbox(mailbox: &Mailbox) -> Result<(), InvalidRequest> {
+    check_address(mailbox.email())?;
+    if let Mailbox::Named {
+        name: Some(name), ..
+    } = mailbox
+        && has_control(name)
+    {
+        return Err(InvalidRequest::LineBreak("a display name".into()));
+    }
+    Ok(())
+}
+
+/// A send request turned into an envelope and a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BuiltMessage {
+    /// Envelope sender: the From address.
+    pub mail_from: String,
+    /// Envelope recipients: to, cc and bcc, deduplicated case-insensitively.
+    pub recipients: Vec<String>,
+    /// The Message-ID header value, without angle brackets.
+    pub message_id: String,
+    /// The message bytes, CRLF line endings.
+    pub data: Vec<u8>,
+}
+
+/// Validates a send request and builds its message.
+/// Pure apart from the Date header and the generated Message-ID.
+pub fn build_message(
+    request: &SendRequest,
+    max_recipients: usize,
+) -> Result<BuiltMessage, InvalidRequest> {
+    check_mailbox(&request.from)?;
+    let mut recipients: Vec<String> = Vec::new();
+    for mailbox in request.to.iter().chain(&request.cc).chain(&request.bcc) {
+        check_mailbox(mailbox)?;
+        let email = mailbox.email().to_string();
+        if !recipients.iter().any(|r| r.eq_ignore_ascii_case(&email)) {
+            recipients.push(email);
+        }
+    }
+    if let Some(reply_to) = &request.reply_to {
+        check_mailbox(reply_to)?;
+    }
+    if recipients.is_empty() {
+        return Err(InvalidRequest::NoRecipients);
+    }
+    if recipients.len() > max_recipients {
+        return Err(InvalidRequest::TooManyRecipients(
+            recipients.len(),
+            max_recipients,
+        ));
+    }
+    if request.text.is_none() && request.html.is_none() {
+        return Err(InvalidRequest::NoBody);
+    }
+    if has_control(&request.subject) {
+        return Err(InvalidRequest::LineBreak("subject".into()));
+    }
+    for (name, value) in &request.headers {
+        let plain = !name.is_empty()
+            && name.len() <= 76
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !plain || RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Err(InvalidRequest::Header(name.clone()));
+        }
+        if has_control(value) {
+            return Err(InvalidRequest::LineBreak(format!("header {name}")));
+        }
+    }
+
+    let mail_from = request.from.email().to_string();
+    let domain = mail_from
+        .rsplit_once('@')
+        .map(|(_, d)| d)
+        .unwrap_or("localhost");
+    let message_id = format!("{}@{}", uuid::Uuid::new_v4().simple(), domain);
+
+    let mut builder = mail_builder::MessageBuilder::new()
+        .from(request.from.to_address())
+        .subject(request.subject.clone())
+        .message_id(message_id.clone());
+    if !request.to.is_empty() {
+        builder = builder.to(request
+            .to
+            .iter()
+            .map(Mailbox::to_address)
+            .collect::<Vec<_>>());
+    }
+    if !request.cc.is_empty() {
+        builder = builder.cc(request
+            .cc
+            .iter()
+            .map(Mailbox::to_address)
+            .collect::<Vec<_>>());
+    }
+    if let Some(reply_to) = &request.reply_to {
+        builder = builder.reply_to(reply_to.to_address());
+    }
+    for (name, value) in &request.headers {
+        builder = builder.header(
+            name.clone(),
+            mail_builder::headers::text::Text::new(value.clone()),
+        );
+    }
+    if let Some(text) = &request.text {
+        builder = builder.text_body(text.clone());
+    }
+    if let Some(html) = &request.html {
+        builder = builder.html_body(html.clone());
+    }
+    // Writing into a Vec cannot fail.
+    let data = builder.write_to_vec().unwrap_or_default();
+    Ok(BuiltMessage {
+        mail_from,
+        recipients,
+        message_id,
+        data,
+    })
+}
+
+/// The HTTP status for an SMTP refusal: temporary failures ask the client to
+/// retry (429 for rate limits, 503 otherwise), permanent ones say why.
+pub fn http_status_for(refusal: &Refusal) -> StatusCode {
+    let enhanced = refusal.enhanced.as_str();
+    match refusal.code {
+        530 | 535 | 538 => StatusCode::UNAUTHORIZED,
+        552 => StatusCode::PAYLOAD_TOO_LARGE,
+        500..=599 if enhanced.starts_with("5.7.") => StatusCode::FORBIDDEN,
+        500..=599 => StatusCode::UNPROCESSABLE_ENTITY,
+        450..=452 if enhanced == "4.7.1" || enhanced == "4.5.3" => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The label of a refusal in `petrel_http_send_requests_total`.
+fn refusal_result(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => "deferred",
+        _ => "refused",
+    }
+}
+
+/// `Authorization: Basic` credentials; `Err` when the header is present but unusable.
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<Credentials>, ()> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let value = value.to_str().map_err(|_| ())?;
+    let (scheme, encoded) = value.split_once(' ').ok_or(())?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(());
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| ())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
+    let (username, password) = decoded.split_once(':').ok_or(())?;
+    Ok(Some(Credentials {
+        username: username.to_string(),
+        password: password.to_string(),
+    }))
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    enhanced: Option<&'a str>,
+}
+
+fn error_response(status: StatusCode, message: &str, refusal: Option<&Refusal>) -> Response {
+    let body = ErrorBody {
+        error: ErrorDetail {
+            message,
+            code: refusal.map(|r| r.code),
+            enhanced: refusal.map(|r| r.enhanced.as_str()),
+        },
+    };
+    let mut response = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"petrel\""),
+        );
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    }
+    response
+}
+
+async fn send_handler(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(api) = &state.send else {
+        return error_response(
+            StatusCode::NOT_FOUND,
+            "the send API is not enabled on this relay",
+            None,
+        );
+    };
+    let counter = |result: &str| {
+        state
+            .metrics
+            .send_requests
+            .with_label_values(&[result])
+            .inc()
+    };
+    if state.health.is_draining() {
+        counter("deferred");
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay is shutting down; retry",
+            None,
+        );
+    }
+    let Ok(credentials) = basic_credentials(&headers) else {
+        counter("unauthorized");
+        return error_response(
+            StatusCode::UNAUTHORIZED,
+            "malformed Authorization header (expected Basic)",
+            None,
+        );
+    };
+    let built = serde_json::from_slice::<SendRequest>(&body)
+        .map_err(|e| InvalidRequest::Json(e.to_string()))
+        .and_then(|request| build_message(&request, api.limits.max_recipients));
+    let BuiltMessage {
+        mail_from,
+        recipients,
+        message_id,
+        data,
+    } = match built {
+        Ok(built) => built,
+        Err(invalid) => {
+            counter("invalid");
+            return error_response(StatusCode::BAD_REQUEST, &invalid.to_string(), None);
+        }
+    };
+    let submission = Submission {
+        peer: peer.ip(),
+        credentials,
+        mail_from,
+        recipients,
+        data,
+    };
+    match api.submit.submit(submission).await {
+        Ok(id) => {
+            counter("accepted");
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(SendAccepted { id, message_id }),
+            )
+                .into_response()
+        }
+        Err(refusal) => {
+            let status = http_status_for(&refusal);
+            counter(refusal_result(status));
+            error_response(status, &refusal.message, Some(&refusal))
+        }
+    }
+}
+
+/// Sets the queue gauges from [`QueueStats`] taken at `now`.
+pub fn record_queue_stats(metrics: &RelayMetrics, stats: &QueueStats, now: Millis) {
+    for (state, value) in [
+        ("due", stats.due),
+        ("deferred", stats.deferred),
+        ("leased", stats.leased),
+    ] {
+        metrics
+            .queue_units
+            .with_label_values(&[state])
+            .set(i64::try_from(value).unwrap_or(i64::MAX));
+    }
+    let age_secs = stats
+        .oldest_received_at
+        .map(|at| now.saturating_sub(at) / 1000)
+        .unwrap_or(0);
+    metrics
+        .oldest_message_age
+        .set(i64::try_from(age_secs).unwrap_or(i64::MAX));
+}
+
+/// Refreshes the queue depth and oldest-message gauges every `interval`.
+/// Every relay pod reports the same shared queue; dashboards take `max`.
+/// A failed read keeps the last values and is logged (readiness reports
+/// the outage).
+pub fn spawn_queue_gauges(
+    queue: Arc<dyn Queue>,
+    metrics: RelayMetrics,
+    interval: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let now = now_millis();
+            match tokio::time::timeout(interval.max(PING_TIMEOUT), queue.stats(now)).await {
+                Ok(Ok(stats)) => record_queue_stats(&metrics, &stats, now),
+                Ok(Err(err)) => tracing::warn!(%err, "cannot read queue stats"),
+                Err(_) => tracing::warn!("queue stats timed out"),
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    use crate::queue::{Lease, NewMessage, Reschedule};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A queue whose reachability and stats the test sets: the HTTP layer
+    /// only calls `ping` and `stats`, and the real backends have their own
+    /// conformance suite.
+    #[derive(Default)]
+    struct FakeQueue {
+        down: AtomicBool,
+        stats: Mutex<QueueStats>,
+    }
+
+    #[async_trait]
+    impl Queue for FakeQueue {
+        async fn enqueue(&self, _: NewMessage) -> Result<(), QueueError> {
+            Err(QueueError::Unavailable("not used".into()))
+        }
+        async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
+            Ok(Vec::new())
+        }
+        async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
+            Err(QueueError::NotFound(id.into()))
+        }
+        async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
+            Ok(())
+        }
+        async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(QueueError::Unavailable("down".into()));
+            }
+            Ok(*self.stats.lock().unwrap_or_else(|p| p.into_inner()))
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(QueueError::Unavailable("connection refused".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    /// Records submissions and answers with a scripted result.
+    struct RecordingSubmit {
+        seen: Mutex<Vec<Submission>>,
+        answer: Result<String, Refusal>,
+    }
+
+    #[async_trait]
+    impl Submit for RecordingSubmit {
+        async fn submit(&self, submission: Submission) -> Result<String, Refusal> {
+            self.seen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(submission);
+            self.answer.clone()
+        }
+    }
+
+    struct Server {
+        addr: SocketAddr,
+        health: Health,
+        queue: Arc<FakeQueue>,
+        metrics: RelayMetrics,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+        }
+    }
+
+    async fn start(submit: Option<Arc<dyn Submit>>) -> Server {
+        let (registry, metrics) = RelayMetrics::standalone();
+        let health = Health::new();
+        let queue = Arc::new(FakeQueue::default());
+        let mut state = HttpState::new(registry, health.clone(), queue.clone()).unwrap();
+        if let Some(submit) = submit {
+            state = state.with_send_api(
+                submit,
+                SendLimits {
+                    max_body_bytes: 4096,
+                    max_recipients: 3,
+                },
+            );
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(serve(listener, state, async move {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            health,
+            queue,
+            metrics,
+            stop: Some(stop),
+        }
+    }
+
+    /// One HTTP/1.1 request over a fresh TCP connection; (status, headers, body).
+    async fn request(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        extra: &str,
+        body: &str,
+    ) -> (u16, String, String) {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "{method} {path} HTTP/1.1\r\nHost: relay\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(req.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            String::from_utf8(raw).unwrap()
+        };
+        let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("HTTP exchange timed out");
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .expect("HTTP response has a head");
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head.to_string(), body.to_string())
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let (status, _, body) = request(addr, "GET", path, "", "").await;
+        (status, body)
+    }
+
+    #[test]
+    fn readiness_decisions() {
+        let up = Ok(());
+        let down = Err(QueueError::Unavailable("refused".into()));
+        assert_eq!(readiness(true, false, &up), Ok(()));
+        assert_eq!(readiness(false, false, &up), Err(NotReady::ConfigNotLoaded));
+        assert_eq!(readiness(true, true, &up), Err(NotReady::Draining));
+        assert_eq!(readiness(false, true, &down), Err(NotReady::Draining));
+        assert!(
+            matches!(readiness(true, false, &down), Err(NotReady::QueueUnreachable(m)) if m.contains("refused"))
+        );
+    }
+
+    #[tokio::test]
+    async fn health_endpoints_follow_config_queue_and_draining() {
+        let server = start(None).await;
+        assert_eq!(get(server.addr, "/healthz").await, (200, "ok\n".into()));
+        let (status, body) = get(server.addr, "/readyz").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (503, "not ready: config not loaded\n")
+        );
+
+        server.health.set_config_loaded(true);
+        assert_eq!(get(server.addr, "/readyz").await.0, 200);
+        let (_, metrics) = get(server.addr, "/metrics").await;
+        assert!(metrics.contains("petrel_relay_ready 1"), "{metrics}");
+
+        server.queue.down.store(true, Ordering::SeqCst);
+        let (status, body) = get(server.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("queue backend unreachable"), "{body}");
+        // Liveness ignores the queue: an outage must not restart pods.
+        assert_eq!(get(server.addr, "/healthz").await.0, 200);
+
+        server.queue.down.store(false, Ordering::SeqCst);
+        server.health.start_draining();
+        assert_eq!(
+            get(server.addr, "/readyz").await,
+            (503, "not ready: draining\n".into())
+        );
+        let (_, metrics) = get(server.addr, "/metrics").await;
+        assert!(metrics.contains("petrel_relay_ready 0"), "{metrics}");
+        assert_eq!(get(server.addr, "/nope").await.0, 404);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_prometheus_text_with_counter_values() {
+        let server = start(None).await;
+        server
+            .metrics
+            .received
+            .with_label_values(&["example.com"])
+            .inc_by(3);
+        server
+            .metrics
+            .bounced
+            .with_label_values(&["example.com", "gmail", "5.1"])
+            .inc();
+        let (status, head, body) = request(server.addr, "GET", "/metrics", "", "").await;
+        assert_eq!(status, 200);
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        assert!(
+            body.contains("# TYPE petrel_messages_received_total counter"),
+            "{body}"
+        );
+        assert!(
+            body.contains("petrel_messages_received_total{domain=\"example.com\"} 3"),
+            "{body}"
+        );
+        assert!(
+            body.contains("petrel_recipients_bounced_total{class=\"5.1\",destination=\"gmail\",domain=\"example.com\"} 1"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn queue_gauges_follow_stats() {
+        let server = start(None).await;
+        let now = now_millis();
+        *server.queue.stats.lock().unwrap() = QueueStats {
+            due: 4,
+            deferred: 2,
+            leased: 1,
+            messages: 5,
+            oldest_received_at: Some(now - 90_000),
+        };
+        let task = spawn_queue_gauges(
+            server.queue.clone(),
+            server.metrics.clone(),
+            Duration::from_millis(20),
+        );
+        // The first tick fires at once; wait until it has been recorded.
+        let gauges = &server.metrics;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while gauges.queue_units.with_label_values(&["due"]).get() != 4 {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("gauges updated");
+        task.abort();
+        let (_, body) = get(server.addr, "/metrics").await;
+        assert!(
+            body.contains("petrel_queue_units{state=\"deferred\"} 2"),
+            "{body}"
+        );
+        assert!(
+            body.contains("petrel_queue_units{state=\"leased\"} 1"),
+            "{body}"
+        );
+        let age = gauges.oldest_message_age.get();
+        assert!((90..=100).contains(&age), "oldest age {age}");
+    }
+
+    #[test]
+    fn record_queue_stats_of_empty_queue_is_zero_age() {
+        let (_, metrics) = RelayMetrics::standalone();
+        metrics.oldest_message_age.set(99);
+        record_queue_stats(&metrics, &QueueStats::default(), 5_000);
+        assert_eq!(metrics.oldest_message_age.get(), 0);
+    }
+
+    const SEND: &str = r#"{"from":{"name":"Shop","email":"shop@example.com"},"to":["a@x.org"],"cc":["b@y.org"],"bcc":["A@x.org","c@z.org"],"subject":"Your receipt","text":"Thanks!","headers":{"X-Campaign":"receipts"}}"#;
+
+    #[tokio::test]
+    async fn send_api_builds_the_message_and_hands_it_to_the_accept_path() {
+        let submit = Arc::new(RecordingSubmit {
+            seen: Mutex::default(),
+            answer: Ok("q-1".into()),
+        });
+        let server = start(Some(submit.clone())).await;
+        let auth = format!(
+            "Authorization: Basic {}\r\nContent-Type: application/json\r\n",
+            base64::engine::general_purpose::STANDARD.encode("app:s3cret")
+        );
+        let (status, _, body) = request(server.addr, "POST", "/v1/send", &auth, SEND).await;
+        assert_eq!(status, 202, "{body}");
+        let accepted: SendAccepted = serde_json::from_str(&body).unwrap();
+        assert_eq!(accepted.id, "q-1");
+        assert!(accepted.message_id.ends_with("@example.com"));
+
+        let sub = submit.seen.lock().unwrap()[0].clone();
+        assert_eq!(sub.mail_from, "shop@example.com");
+        assert_eq!(sub.recipients, vec!["a@x.org", "b@y.org", "c@z.org"]);
+        assert_eq!(
+            sub.credentials.as_ref().map(|c| c.username.as_str()),
+            Some("app")
+        );
+        assert_eq!(sub.peer, IpAddr::from([127, 0, 0, 1]));
+        let parsed = mail_parser::MessageParser::default()
+            .parse(&sub.data)
+            .expect("message parses");
+        assert_eq!(parsed.subject(), Some("Your receipt"));
+        assert_eq!(parsed.body_text(0).as_deref(), Some("Thanks!"));
+        assert_eq!(parsed.message_id(), Some(accepted.message_id.as_str()));
+        assert_eq!(
+            parsed.header_raw("X-Campaign").map(str::trim),
+            Some("receipts")
+        );
+        let text = String::from_utf8_lossy(&sub.data);
+        assert!(
+            !text.to_ascii_lowercase().contains("c@z.org"),
+            "bcc must stay out of the headers"
+        );
+
+        let (_, metrics) = get(server.addr, "/metrics").await;
+        assert!(
+            metrics.contains("petrel_http_send_requests_total{result=\"accepted\"} 1"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_api_maps_refusals_and_bad_requests() {
+        let refusal = Refusal {
+            code: 550,
+            enhanced: "5.7.1".into(),
+            message: "not a sending domain".into(),
+        };
+        let submit = Arc::new(RecordingSubmit {
+            seen: Mutex::default(),
+            answer: Err(refusal),
+        });
+        let server = start(Some(submit.clone())).await;
+        let (status, _, body) = request(server.addr, "POST", "/v1/send", "", SEND).await;
+        assert_eq!(status, 403);
+        assert!(
+            body.contains("\"enhanced\":\"5.7.1\"") && body.contains("not a sending domain"),
+            "{body}"
+        );
+
+        let injected = SEND.replace("Your receipt", "hi\\r\\nBcc: evil@x.org");
+        let (status, _, body) = request(server.addr, "POST", "/v1/send", "", &injected).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("line breaks"), "{body}");
+
+        let (status, _, body) = request(
+            server.addr,
+            "POST",
+            "/v1/send",
+            "",
+            r#"{"from":"a@b.c","subject":"x","txt":"typo"}"#,
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert!(body.contains("unknown field"), "{body}");
+
+        let (status, _, _) = request(
+            server.addr,
+            "POST",
+            "/v1/send",
+            "Authorization: Bearer x\r\n",
+            SEND,
+        )
+        .await;
+        assert_eq!(status, 401);
+
+        let big = format!(
+            r#"{{"from":"a@b.c","to":["d@e.f"],"subject":"x","text":"{}"}}"#,
+            "a".repeat(5000)
+        );
+        assert_eq!(
+            request(server.addr, "POST", "/v1/send", "", &big).await.0,
+            413
+        );
+        // Only the one well-formed request reached the accept path.
+        assert_eq!(submit.seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn send_api_is_off_unless_enabled() {
+        let server = start(None).await;
+        assert_eq!(
+            request(server.addr, "POST", "/v1/send", "", SEND).await.0,
+            404
+        );
+    }
+
+    #[test]
+    fn refusal_status_mapping() {
+        let r = |code, enhanced: &str| Refusal {
+            code,
+            enhanced: enhanced.into(),
+            message: String::new(),
+        };
+        for (refusal, status) in [
+            (r(550, "5.7.1"), StatusCode::FORBIDDEN),
+            (r(530, "5.7.0"), StatusCode::UNAUTHORIZED),
+            (r(535, "5.7.8"), StatusCode::UNAUTHORIZED),
+            (r(552, "5.3.4"), StatusCode::PAYLOAD_TOO_LARGE),
+            (r(550, "5.1.1"), StatusCode::UNPROCESSABLE_ENTITY),
+            (r(451, "4.7.1"), StatusCode::TOO_MANY_REQUESTS),
+            (r(452, "4.5.3"), StatusCode::TOO_MANY_REQUESTS),
+            (r(451, "4.3.0"), StatusCode::SERVICE_UNAVAILABLE),
+            (r(421, "4.3.2"), StatusCode::SERVICE_UNAVAILABLE),
+        ] {
+            assert_eq!(http_status_for(&refusal), status, "{refusal:?}");
+        }
+    }
+
+    #[test]
+    fn build_message_validates() {
+        let base: SendRequest = serde_json::from_str(SEND).unwrap();
+        let mut no_rcpt = base.clone();
+        (no_rcpt.to, no_rcpt.cc, no_rcpt.bcc) = (vec![], vec![], vec![]);
+        assert_eq!(
+            build_message(&no_rcpt, 10).unwrap_err(),
+            InvalidRequest::NoRecipients
+        );
+        assert_eq!(
+            build_message(&base, 2).unwrap_err(),
+            InvalidRequest::TooManyRecipients(3, 2)
+        );
+        let mut no_body = base.clone();
+        no_body.text = None;
+        assert_eq!(
+            build_message(&no_body, 10).unwrap_err(),
+            InvalidRequest::NoBody
+        );
+        let mut reserved = base.clone();
+        reserved.headers.insert("DKIM-Signature".into(), "x".into());
+        assert!(matches!(
+            build_message(&reserved, 10),
+            Err(InvalidRequest::Header(_))
+        ));
+        let mut bad_from = base.clone();
+        bad_from.from = Mailbox::Address("no-at-sign".into());
+        assert!(matches!(
+            build_message(&bad_from, 10),
+            Err(InvalidRequest::Address(_))
+        ));
+        let mut bad_rcpt = base;
+        bad_rcpt.to = vec![Mailbox::Address("a@x.org>\r\nRCPT TO:<b@y.org".into())];
+        assert!(matches!(
+            build_message(&bad_rcpt, 10),
+            Err(InvalidRequest::Address(_))
+        ));
+    }
+}

@@ -38,6 +38,39 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Print an argon2id hash of a password read from standard input, for
+    /// a line `user:HASH` of the AUTH users file.
+    HashPassword,
+    /// Manage the suppression list in the configured queue backend.
+    Suppression {
+        /// The relay config file (names the queue backend).
+        #[arg(long, short, env = "PETREL_CONFIG")]
+        config: PathBuf,
+        #[command(subcommand)]
+        command: SuppressionCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SuppressionCommand {
+    /// List the addresses suppressed now.
+    List,
+    /// Suppress an address.
+    Add {
+        /// The address.
+        address: String,
+        /// Why (shown in `list` and in RCPT refusals).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Lift the suppression after this long (`30d`); forever when absent.
+        #[arg(long)]
+        ttl: Option<petrel_relay::config::Duration>,
+    },
+    /// Lift the suppression of an address.
+    Remove {
+        /// The address.
+        address: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -85,10 +118,65 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "empty password on standard input");
+            println!("{}", petrel_relay::inbound::auth::hash_password(password)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Suppression { config, command } => {
+            let config = RelayConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(suppression(&config, command))
+        }
         Command::Run { config } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(petrel_relay::server::run(&config))?;
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn suppression(config: &RelayConfig, command: SuppressionCommand) -> anyhow::Result<ExitCode> {
+    use petrel_relay::delivery::suppression;
+    use petrel_relay::queue::now_millis;
+    let backend = petrel_relay::queue::open(&config.queue)
+        .await
+        .context("opening the queue backend")?;
+    let state = backend.state.as_ref();
+    match command {
+        SuppressionCommand::List => {
+            for e in suppression::list(state, now_millis()).await? {
+                let expires = e
+                    .expires_at
+                    .map(|t| format!("expires {}", millis_to_rfc3339(t)))
+                    .unwrap_or_else(|| "never expires".to_string());
+                let reply = e.remote_reply.as_deref().unwrap_or("-");
+                println!("{}\t{}\t{}\t{expires}\t{reply}", e.address, e.reason, millis_to_rfc3339(e.created_at));
+            }
+        }
+        SuppressionCommand::Add { address, reason, ttl } => {
+            let e = suppression::add(state, &address, reason.as_deref(), ttl.map(Into::into), now_millis()).await?;
+            println!("suppressed {}", e.address);
+        }
+        SuppressionCommand::Remove { address } => {
+            if suppression::remove(state, &address).await? {
+                println!("removed {address}");
+            } else {
+                eprintln!("{address} was not suppressed");
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn millis_to_rfc3339(millis: u64) -> String {
+    chrono::DateTime::from_timestamp_millis(millis as i64)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| millis.to_string())
 }

@@ -49,7 +49,9 @@ impl AddressProblem {
             AddressProblem::SourceRoute => "source routes are not accepted",
             AddressProblem::PercentHack => "'%' relaying is not accepted",
             AddressProblem::BangPath => "'!' bang paths are not accepted",
-            AddressProblem::QuotedTrick => "quoted local parts with '@', '%' or '!' are not accepted",
+            AddressProblem::QuotedTrick => {
+                "quoted local parts with '@', '%' or '!' are not accepted"
+            }
             AddressProblem::DoubleAt => "address has more than one '@'",
             AddressProblem::MissingDomain => "address needs a local part and a domain",
             AddressProblem::Syntax => "address is not valid",
@@ -159,9 +161,9 @@ fn valid_domain(s: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control()))
+                && label.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && !c.is_control())
+                })
         })
 }
 
@@ -290,7 +292,10 @@ mod tests {
         use AddressProblem::*;
         let table: &[(&str, Result<&str, AddressProblem>)] = &[
             ("user@example.test", Ok("user@example.test")),
-            ("first.last+tag@sub.example.test", Ok("first.last+tag@sub.example.test")),
+            (
+                "first.last+tag@sub.example.test",
+                Ok("first.last+tag@sub.example.test"),
+            ),
             ("\"john doe\"@example.test", Ok("\"john doe\"@example.test")),
             ("user@[127.0.0.1]", Ok("user@[127.0.0.1]")),
             ("jörg@bücher.example", Ok("jörg@bücher.example")),
@@ -323,7 +328,10 @@ mod tests {
             "listeners: [{name: smtp, address: '127.0.0.1:2525'}]\nqueue: {embedded: {path: /tmp/q}}\n",
         )
         .unwrap();
-        for (domain, users) in [("example.test", vec![]), ("corp.test", vec!["alice".to_string()])] {
+        for (domain, users) in [
+            ("example.test", vec![]),
+            ("corp.test", vec!["alice".to_string()]),
+        ] {
             c.domains.push(SendingDomain {
                 domain: domain.into(),
                 dkim: DkimConfig {
@@ -357,7 +365,11 @@ mod tests {
             (outside, Some("bob"), AuthMode::Optional, Ok(())),
         ];
         for (ip, user, auth, want) in table {
-            assert_eq!(may_relay(&Client { ip, user }, auth, &trusted), want, "{ip} {user:?} {auth:?}");
+            assert_eq!(
+                may_relay(&Client { ip, user }, auth, &trusted),
+                want,
+                "{ip} {user:?} {auth:?}"
+            );
         }
     }
 
@@ -366,18 +378,47 @@ mod tests {
         let c = config();
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
         let anon = Client { ip, user: None };
-        let alice = Client { ip, user: Some("alice") };
-        let bob = Client { ip, user: Some("bob") };
-        assert_eq!(check_sender(&anon, "a@Example.TEST", &c).unwrap().domain, "example.test");
-        assert_eq!(check_sender(&anon, "a@corp.test", &c).unwrap().domain, "corp.test");
-        assert_eq!(check_sender(&alice, "a@corp.test", &c).unwrap().domain, "corp.test");
-        assert_eq!(check_sender(&bob, "a@example.test", &c).unwrap().domain, "example.test");
+        let alice = Client {
+            ip,
+            user: Some("alice"),
+        };
+        let bob = Client {
+            ip,
+            user: Some("bob"),
+        };
+        assert_eq!(
+            check_sender(&anon, "a@Example.TEST", &c).unwrap().domain,
+            "example.test"
+        );
+        assert_eq!(
+            check_sender(&anon, "a@corp.test", &c).unwrap().domain,
+            "corp.test"
+        );
+        assert_eq!(
+            check_sender(&alice, "a@corp.test", &c).unwrap().domain,
+            "corp.test"
+        );
+        assert_eq!(
+            check_sender(&bob, "a@example.test", &c).unwrap().domain,
+            "example.test"
+        );
         assert_eq!(
             check_sender(&bob, "a@corp.test", &c).unwrap_err(),
-            Denied::UserNotAllowed { user: "bob".into(), domain: "corp.test".into() }
+            Denied::UserNotAllowed {
+                user: "bob".into(),
+                domain: "corp.test".into()
+            }
         );
-        assert_eq!(check_sender(&anon, "a@other.test", &c).unwrap_err(), Denied::UnknownDomain("other.test".into()));
-        assert_eq!(check_sender(&anon, "a@sub.example.test", &c).unwrap_err().reason(), "unknown_sender_domain");
+        assert_eq!(
+            check_sender(&anon, "a@other.test", &c).unwrap_err(),
+            Denied::UnknownDomain("other.test".into())
+        );
+        assert_eq!(
+            check_sender(&anon, "a@sub.example.test", &c)
+                .unwrap_err()
+                .reason(),
+            "unknown_sender_domain"
+        );
         assert_eq!(check_sender(&anon, "", &c).unwrap_err(), Denied::NullSender);
     }
 }

@@ -1,7 +1,18 @@
-//! Starts every stage of the relay from one config file and stops them
-//! in order on SIGTERM/SIGINT.
+//! Starts every stage of the relay from one config file and stops them in
+//! order on SIGTERM/SIGINT: stop accepting (new connections get 421), let
+//! sessions and deliveries in progress finish within the grace period, exit.
+//! A message that got 250 is in the queue, so a restart never loses it.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::delivery::{self, DeliveryContext, DeliveryError};
+use crate::http::{self, Health, HttpError, HttpState, SendLimits};
+use crate::inbound::{self, InboundContext, InboundError, InboundSubmit};
+use crate::metrics::{MetricsError, RelayMetrics};
+use crate::queue::{self, QueueError};
 
 /// Why the relay could not run.
 #[derive(Debug, thiserror::Error)]
@@ -9,11 +20,172 @@ pub enum ServerError {
     /// The config file is missing or invalid.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The queue backend could not be opened.
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    /// Metrics could not be registered.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    /// An SMTP listener could not start.
+    #[error("inbound: {0}")]
+    Inbound(#[from] InboundError),
+    /// Delivery could not start.
+    #[error("delivery: {0}")]
+    Delivery(#[from] DeliveryError),
+    /// The HTTP server failed.
+    #[error("http: {0}")]
+    Http(#[from] HttpError),
+    /// The HTTP address could not be bound.
+    #[error("http: cannot listen on {address}: {source}")]
+    HttpBind {
+        /// The configured address.
+        address: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Installing signal handlers failed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
 }
 
-/// Runs the relay until a shutdown signal.
+/// Runs the relay until SIGTERM or SIGINT.
 pub async fn run(config_path: &Path) -> Result<(), ServerError> {
+    let signal = shutdown_signal()?;
+    run_until(config_path, signal).await
+}
+
+/// Runs the relay until `shutdown` completes (tests pass their own future).
+pub async fn run_until(
+    config_path: &Path,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServerError> {
     let config = crate::config::watch(config_path)?;
-    let _ = config.get();
-    Ok(())
+    let current = config.get();
+    let backend = queue::open(&current.queue).await?;
+    let registry = prometheus::Registry::new();
+    let metrics = RelayMetrics::register(&registry)?;
+    let health = Health::new();
+
+    let inbound_ctx = Arc::new(InboundContext::new(
+        config.clone(),
+        backend.queue.clone(),
+        backend.state.clone(),
+        metrics.clone(),
+    )?);
+    let delivery_ctx = Arc::new(DeliveryContext::new(
+        config.clone(),
+        backend.clone(),
+        metrics.clone(),
+    )?);
+
+    // Bind everything before reporting ready, so a port clash fails the
+    // start instead of a half-working relay.
+    let http_listener = tokio::net::TcpListener::bind(current.http.address)
+        .await
+        .map_err(|source| ServerError::HttpBind {
+            address: current.http.address,
+            source,
+        })?;
+    let mut smtp_sockets = Vec::new();
+    for listener in &current.listeners {
+        let socket = tokio::net::TcpListener::bind(listener.address)
+            .await
+            .map_err(|source| InboundError::Io {
+                name: listener.name.clone(),
+                source,
+            })?;
+        smtp_sockets.push((socket, listener.clone()));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http_state = HttpState::new(registry, health.clone(), backend.queue.clone())?
+        .with_send_api(
+            Arc::new(InboundSubmit::new(inbound_ctx.clone())),
+            SendLimits {
+                // JSON and base64 inflate a message; leave room for both.
+                max_body_bytes: (current.limits.max_message_size as usize).saturating_mul(2),
+                max_recipients: current.limits.max_recipients as usize,
+            },
+        );
+    let http_task = tokio::spawn(http::serve(http_listener, http_state, stopped(stop_rx.clone())));
+    let mut smtp_tasks = tokio::task::JoinSet::new();
+    for (socket, listener) in smtp_sockets {
+        smtp_tasks.spawn(inbound::listener::serve_on(
+            socket,
+            listener,
+            inbound_ctx.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let delivery_task = tokio::spawn(delivery::run(delivery_ctx, stopped(stop_rx.clone())));
+    health.set_config_loaded(true);
+    tracing::info!(
+        hostname = %current.hostname,
+        listeners = current.listeners.len(),
+        http = %current.http.address,
+        "petrel-relay started"
+    );
+    drop(current);
+
+    // Run until asked to stop, or until a listener dies on its own.
+    let mut failure = None;
+    tokio::pin!(shutdown);
+    tokio::select! {
+        _ = &mut shutdown => tracing::info!("shutdown requested; draining"),
+        Some(result) = smtp_tasks.join_next() => {
+            failure = listener_failure(result);
+        }
+    }
+    health.start_draining();
+    let _ = stop_tx.send(true);
+    while let Some(result) = smtp_tasks.join_next().await {
+        if let Some(error) = listener_failure(result) {
+            tracing::error!(%error, "SMTP listener failed while draining");
+        }
+    }
+    if let Err(error) = delivery_task.await {
+        tracing::error!(%error, "delivery task failed");
+    }
+    match http_task.await {
+        Ok(Err(error)) => tracing::error!(%error, "HTTP server failed"),
+        Err(error) => tracing::error!(%error, "HTTP task failed"),
+        Ok(Ok(())) => {}
+    }
+    tracing::info!("petrel-relay stopped");
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
+
+fn listener_failure(
+    result: Result<Result<(), InboundError>, tokio::task::JoinError>,
+) -> Option<ServerError> {
+    match result {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.into()),
+        Err(join) => Some(ServerError::Inbound(InboundError::Io {
+            name: "listener".into(),
+            source: std::io::Error::other(join.to_string()),
+        })),
+    }
+}
+
+/// Completes once the stop flag turns true.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // An error means the sender is gone: stop as well.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Completes on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }

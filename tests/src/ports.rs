@@ -6,7 +6,7 @@
 //! never returns one twice in a process.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -61,7 +61,10 @@ pub fn try_free_port() -> Result<u16, PortError> {
         }
     }
     Err(PortError::Bind(last_err.unwrap_or_else(|| {
-        std::io::Error::new(std::io::ErrorKind::AddrInUse, "no unused port after 64 tries")
+        std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "no unused port after 64 tries",
+        )
     })))
 }
 
@@ -79,20 +82,6 @@ pub async fn wait_for_port(addr: SocketAddr, timeout: Duration) -> Result<(), Po
             return Err(PortError::Timeout { addr, timeout });
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Blocking variant of [`wait_for_port`] for synchronous code (e.g. `Drop`).
-pub fn wait_for_port_blocking(addr: SocketAddr, timeout: Duration) -> Result<(), PortError> {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(PortError::Timeout { addr, timeout });
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -115,7 +104,9 @@ mod tests {
         drop(listener);
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let err = wait_for_port(addr, Duration::from_millis(50)).await.unwrap_err();
+        let err = wait_for_port(addr, Duration::from_millis(50))
+            .await
+            .unwrap_err();
         assert!(matches!(err, PortError::Timeout { .. }));
     }
 }

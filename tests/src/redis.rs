@@ -36,6 +36,9 @@ pub enum RedisError {
     /// The temp data dir could not be created.
     #[error("creating redis data dir: {0}")]
     TempDir(#[source] std::io::Error),
+    /// No free port could be found.
+    #[error(transparent)]
+    Port(#[from] ports::PortError),
     /// `redis-server` could not be executed (not on PATH?).
     #[error("spawning redis-server (is it on PATH?): {0}")]
     Spawn(#[source] std::io::Error),
@@ -120,22 +123,28 @@ impl RedisBuilder {
             .prefix("petrel-redis-")
             .tempdir()
             .map_err(RedisError::TempDir)?;
-        let port = match self.port {
-            Some(p) => p,
-            None => ports::try_free_port().map_err(|e| match e {
-                ports::PortError::Bind(io) => RedisError::Spawn(io),
-                other => RedisError::Spawn(std::io::Error::other(other.to_string())),
-            })?,
-        };
         let mut server = RedisServer {
-            port,
+            port: self.port.unwrap_or_default(),
             dir,
             persistence: self.persistence,
             extra_args: self.extra_args,
             child: None,
         };
-        server.spawn().await?;
-        Ok(server)
+        if self.port.is_some() {
+            server.spawn().await?;
+            return Ok(server);
+        }
+        // Another process may grab a "free" port before redis binds it; a
+        // fresh port fixes that, so retry a few times on an early exit.
+        let mut attempts = 0;
+        loop {
+            server.port = ports::try_free_port()?;
+            match server.spawn().await {
+                Err(RedisError::Exited { .. }) if attempts < 3 => attempts += 1,
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(server),
+            }
+        }
     }
 }
 
@@ -305,9 +314,10 @@ impl RedisServer {
                     log: self.log_tail(),
                 });
             }
-            if let Ok(Ok(reply)) =
-                tokio::time::timeout(Duration::from_secs(1), command(self.port, &["PING"])).await
-                && reply.starts_with("+PONG")
+            let pid = self.child.as_ref().and_then(Child::id);
+            if let Some(pid) = pid
+                && let Ok(true) =
+                    tokio::time::timeout(Duration::from_secs(1), is_ready(self.port, pid)).await
             {
                 return Ok(());
             }
@@ -332,6 +342,20 @@ impl Drop for RedisServer {
             let _ = child.start_kill();
         }
     }
+}
+
+/// True when the server on `port` answers `PING` (so its data is loaded) and
+/// is our child `pid`, not another process's redis that took the port first.
+async fn is_ready(port: u16, pid: u32) -> bool {
+    match command(port, &["PING"]).await {
+        Ok(reply) if reply.starts_with("+PONG") => {}
+        _ => return false,
+    }
+    let Ok(info) = command(port, &["INFO", "server"]).await else {
+        return false;
+    };
+    info.lines()
+        .any(|l| l.trim_end() == format!("process_id:{pid}"))
 }
 
 /// Encode `args` as a RESP array of bulk strings.
@@ -364,6 +388,9 @@ mod tests {
 
     #[test]
     fn encodes_resp_array() {
-        assert_eq!(encode(&["SET", "k", ""]), b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n");
+        assert_eq!(
+            encode(&["SET", "k", ""]),
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n"
+        );
     }
 }

@@ -234,7 +234,11 @@ mod tests {
             .unwrap();
         assert_eq!(certs.len(), 2);
         let key = std::fs::read(&files.key).unwrap();
-        assert!(rustls_pemfile::private_key(&mut key.as_slice()).unwrap().is_some());
+        assert!(
+            rustls_pemfile::private_key(&mut key.as_slice())
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(std::fs::read_to_string(&files.ca).unwrap(), ca.cert_pem());
     }
 }

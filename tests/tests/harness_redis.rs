@@ -9,7 +9,10 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(url).expect("valid url");
-    client.get_multiplexed_async_connection().await.expect("connect")
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect")
 }
 
 #[tokio::test]
@@ -54,7 +57,13 @@ async fn harness_redis_without_persistence_forgets_on_restart() {
         let mut conn = connect(&server.url()).await;
         let value: Option<String> = conn.get("k").await.unwrap();
         assert_eq!(value, None);
-        assert!(server.raw_command(&["PING"]).await.unwrap().starts_with("+PONG"));
+        assert!(
+            server
+                .raw_command(&["PING"])
+                .await
+                .unwrap()
+                .starts_with("+PONG")
+        );
     })
     .await
     .expect("test timed out");

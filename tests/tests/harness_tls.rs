@@ -12,7 +12,11 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// Accept one TLS connection, echo 4 bytes, and report whether the handshake worked.
-async fn handshake(server: Arc<rustls::ServerConfig>, client: Arc<rustls::ClientConfig>, name: &str) -> bool {
+async fn handshake(
+    server: Arc<rustls::ServerConfig>,
+    client: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> bool {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(server);
@@ -52,7 +56,10 @@ async fn harness_tls_client_trusting_ca_accepts_issued_names() {
         let server = cert.server_config().unwrap();
         let client = ca.client_config().unwrap();
         for name in ["localhost", "127.0.0.1", "mx.example.org"] {
-            assert!(handshake(server.clone(), client.clone(), name).await, "{name}");
+            assert!(
+                handshake(server.clone(), client.clone(), name).await,
+                "{name}"
+            );
         }
         // A name the certificate does not cover is rejected.
         assert!(!handshake(server.clone(), client.clone(), "other.example.org").await);

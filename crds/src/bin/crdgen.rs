@@ -5,7 +5,6 @@
 //! `cargo run -p petrel-crds --bin crdgen -- --print` prints them instead.
 //! The `crd_drift` test fails when the committed files differ.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -23,7 +22,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(petrel_crds::crdgen::CRD_DIR);
+    let dir = petrel_crds::crdgen::crd_dir();
     if let Err(err) = std::fs::create_dir_all(&dir) {
         eprintln!("crdgen: creating {}: {err}", dir.display());
         return ExitCode::FAILURE;

@@ -326,14 +326,24 @@ mod tests {
         for &(code, esc, outcome, hard) in table {
             let reply = Reply::new(code, esc, "text");
             assert_eq!(classify(&reply), outcome, "{code} {esc:?}");
-            assert_eq!(is_hard_bounce(&Failure::Reply(reply)), hard, "{code} {esc:?} hard");
+            assert_eq!(
+                is_hard_bounce(&Failure::Reply(reply)),
+                hard,
+                "{code} {esc:?} hard"
+            );
         }
     }
 
     #[test]
     fn faults_classify() {
-        assert_eq!(Fault::Connect("refused".into()).outcome(), Outcome::Temporary);
-        assert_eq!(Fault::DnsTemporary("SERVFAIL".into()).outcome(), Outcome::Temporary);
+        assert_eq!(
+            Fault::Connect("refused".into()).outcome(),
+            Outcome::Temporary
+        );
+        assert_eq!(
+            Fault::DnsTemporary("SERVFAIL".into()).outcome(),
+            Outcome::Temporary
+        );
         assert_eq!(Fault::TlsNotOffered.outcome(), Outcome::Temporary);
         let null_mx = Fault::DnsPermanent {
             status: "5.1.10",

@@ -1,1 +1,110 @@
+//! Delivery: from a due unit in the queue to the recipient's server, or
+//! back to the sender as a bounce.
+//!
+//! ```text
+//! worker (lease, group by destination, limits)
+//!   -> mx (where) -> client (SMTP, STARTTLS) -> classify (what it means)
+//!   -> complete | retry (when again) | dsn (bounce) + suppression
+//! ```
+//! `maildir` replaces mx + client for the local quick start.
 
+pub mod classify;
+pub mod client;
+pub mod dsn;
+pub mod limits;
+pub mod maildir;
+pub mod mx;
+pub mod retry;
+pub mod suppression;
+pub mod tls;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use hickory_resolver::TokioResolver;
+use petrel_crds::config::RelayConfig;
+
+use crate::metrics::RelayMetrics;
+use crate::queue::{Backend, Queue, SharedState};
+use crate::reload::Reloading;
+
+pub use worker::run;
+
+/// Why delivery could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    /// The outbound TLS config could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsConfigError),
+    /// The DNS resolver could not be built.
+    #[error(transparent)]
+    Resolver(#[from] mx::MxError),
+}
+
+/// Everything the delivery workers share.
+pub struct DeliveryContext {
+    /// The relay config, re-read on change.
+    pub config: Reloading<RelayConfig>,
+    /// The message queue.
+    pub queue: Arc<dyn Queue>,
+    /// Suppression list, counters, slots.
+    pub state: Arc<dyn SharedState>,
+    /// Metrics registry handles.
+    pub metrics: RelayMetrics,
+    /// TLS config for MX delivery (no certificate verification; see [`tls`]).
+    unverified_tls: Arc<rustls::ClientConfig>,
+    /// The resolver and the nameservers it was built for, rebuilt when the
+    /// config names other nameservers.
+    resolver: Mutex<Option<(Vec<SocketAddr>, TokioResolver)>>,
+    /// TLS config for a smarthost (verified against the system roots),
+    /// built on first use: reading the root bundle per connection is slow.
+    verified_tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// Idle outbound connections, reused by later units.
+    pool: worker::Pool,
+}
+
+impl DeliveryContext {
+    /// A context over an opened queue backend.
+    pub fn new(
+        config: Reloading<RelayConfig>,
+        backend: Backend,
+        metrics: RelayMetrics,
+    ) -> Result<DeliveryContext, DeliveryError> {
+        Ok(DeliveryContext {
+            config,
+            queue: backend.queue,
+            state: backend.state,
+            metrics,
+            unverified_tls: tls::unverified()?,
+            resolver: Mutex::new(None),
+            verified_tls: Mutex::new(None),
+            pool: worker::Pool::default(),
+        })
+    }
+
+    /// The smarthost TLS config (see [`tls::verified`]).
+    fn verified_tls(&self) -> Result<Arc<rustls::ClientConfig>, tls::TlsConfigError> {
+        let mut guard = self.verified_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(config) = guard.as_ref() {
+            return Ok(config.clone());
+        }
+        let config = tls::verified(None)?;
+        *guard = Some(config.clone());
+        Ok(config)
+    }
+
+    /// The resolver for `nameservers`, built on first use and after a
+    /// config change (resolvers cache answers, so one is kept).
+    fn resolver(&self, nameservers: &[SocketAddr]) -> Result<TokioResolver, mx::MxError> {
+        let mut guard = self.resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((servers, resolver)) = guard.as_ref()
+            && servers.as_slice() == nameservers
+        {
+            return Ok(resolver.clone());
+        }
+        let resolver = mx::build_resolver(nameservers)?;
+        *guard = Some((nameservers.to_vec(), resolver.clone()));
+        Ok(resolver)
+    }
+}

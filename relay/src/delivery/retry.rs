@@ -101,7 +101,9 @@ mod tests {
     #[test]
     fn schedule_steps_then_repeats_the_last() {
         let schedule = [s(60), s(300), s(900)];
-        let got: Vec<u64> = (0..6).map(|a| delay_after(&schedule, a).as_secs()).collect();
+        let got: Vec<u64> = (0..6)
+            .map(|a| delay_after(&schedule, a).as_secs())
+            .collect();
         assert_eq!(got, [60, 60, 300, 900, 900, 900]);
         assert_eq!(delay_after(&[], 3), DEFAULT_DELAY);
     }

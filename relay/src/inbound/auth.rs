@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 
@@ -60,7 +60,9 @@ impl Users {
                 line: i + 1,
                 reason: reason.to_string(),
             };
-            let (user, hash) = line.split_once(':').ok_or_else(|| err("expected user:hash"))?;
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| err("expected user:hash"))?;
             if user.is_empty() {
                 return Err(err("empty user name"));
             }
@@ -176,7 +178,8 @@ pub fn decode_b64(line: &str) -> Result<Vec<u8>, SaslError> {
 pub fn decode_plain(line: &str) -> Result<(String, String), SaslError> {
     let raw = decode_b64(line)?;
     let mut parts = raw.split(|b| *b == 0);
-    let (Some(authz), Some(user), Some(pass), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(authz), Some(user), Some(pass), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(SaslError::Plain);
     };
@@ -206,7 +209,8 @@ mod tests {
     fn hash_then_verify() {
         let hash = hash_password("s3cret").unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        let users = Users::parse(&format!("# users\nalice:{hash}\n\n"), Path::new("users")).unwrap();
+        let users =
+            Users::parse(&format!("# users\nalice:{hash}\n\n"), Path::new("users")).unwrap();
         assert_eq!(users.len(), 1);
         assert!(verify(&users, "alice", "s3cret"));
         assert!(!verify(&users, "alice", "wrong"));
@@ -220,7 +224,11 @@ mod tests {
 
     #[test]
     fn bad_users_files() {
-        for text in ["alice", "alice:plaintext", ":$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$abc"] {
+        for text in [
+            "alice",
+            "alice:plaintext",
+            ":$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$abc",
+        ] {
             assert!(Users::parse(text, Path::new("u")).is_err(), "{text}");
         }
     }
@@ -228,8 +236,14 @@ mod tests {
     #[test]
     fn sasl_plain() {
         let enc = |s: &[u8]| B64.encode(s);
-        assert_eq!(decode_plain(&enc(b"\0alice\0pw")), Ok(("alice".into(), "pw".into())));
-        assert_eq!(decode_plain(&enc(b"alice\0alice\0pw")), Ok(("alice".into(), "pw".into())));
+        assert_eq!(
+            decode_plain(&enc(b"\0alice\0pw")),
+            Ok(("alice".into(), "pw".into()))
+        );
+        assert_eq!(
+            decode_plain(&enc(b"alice\0alice\0pw")),
+            Ok(("alice".into(), "pw".into()))
+        );
         assert_eq!(decode_plain(&enc(b"bob\0alice\0pw")), Err(SaslError::Plain));
         assert_eq!(decode_plain(&enc(b"alice\0pw")), Err(SaslError::Plain));
         assert_eq!(decode_plain("!!!"), Err(SaslError::Base64));

@@ -1,1 +1,154 @@
+//! Inbound SMTP: from a client's TCP connection to a signed message handed
+//! to [`Queue::enqueue`].
+//!
+//! ```text
+//! listener (limits, TLS) -> session (state machine) -> hello | auth | envelope | data
+//!                                                        policy ^      dkim + queue ^
+//! ```
+//! - [`listener`]: accept loop, connection limits, implicit TLS and
+//!   STARTTLS handover, graceful shutdown.
+//! - [`session`]: the sans-IO state machine; one file per verb group
+//!   ([`hello`], [`login`], [`envelope`], [`data`]).
+//! - [`auth`]: users file and SASL; [`tls`]: acceptor with reload;
+//!   [`headers`]: Received/Message-ID/Date; [`reply`]: refusals as values.
+//! - `accept`: headers, DKIM, durable enqueue, shared by SMTP and by
+//!   [`submit::InboundSubmit`], the HTTP send API's [`crate::http::Submit`].
+//!
+//! Wiring (in `petrel-relay run`, inside the Tokio runtime):
+//! ```ignore
+//! let backend = queue::open(&config.get().queue).await?;
+//! let ctx = Arc::new(InboundContext::new(config.clone(), backend.queue, backend.state, metrics)?);
+//! let (stop, shutdown) = tokio::sync::watch::channel(false);
+//! let bound = inbound::bind_all(&config.get().listeners).await?; // port errors now
+//! let smtp = tokio::spawn(inbound::serve_all(bound, ctx.clone(), shutdown));
+//! let http = HttpState::new(registry, health, queue)?.with_send_api(Arc::new(InboundSubmit::new(ctx.clone())), limits);
+//! // on SIGTERM: stop.send(true), then `smtp.await` (sessions drain for
+//! // limits.shutdownGrace, then it returns).
+//! ```
 
+use std::sync::Arc;
+
+use crate::config::RelayConfig;
+use crate::dkim::DkimKeys;
+use crate::metrics::RelayMetrics;
+use crate::queue::{Queue, SharedState};
+use crate::reload::Reloading;
+
+mod accept;
+pub mod auth;
+mod data;
+pub mod envelope;
+pub mod headers;
+mod hello;
+pub mod listener;
+pub mod login;
+pub mod reply;
+pub mod session;
+pub mod submit;
+pub mod tls;
+
+pub use listener::{ConnectionLimits, bind_all, serve, serve_all};
+pub use reply::Reject;
+pub use session::{Finished, Session, SessionState, State};
+pub use submit::InboundSubmit;
+
+/// Why the inbound side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// TLS certificate or key unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Users file unusable.
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    /// A listener needs TLS but the config has no `tls` files.
+    #[error("listener {0} uses TLS but no tls certFile/keyFile is configured")]
+    NoTlsFiles(String),
+    /// The listener socket failed.
+    #[error("listener {name}: {source}")]
+    Io {
+        /// Listener name.
+        name: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Everything sessions share: config, queue, keys, users, TLS, metrics.
+pub struct InboundContext {
+    /// The relay config, re-read when its file changes.
+    pub config: Reloading<RelayConfig>,
+    /// Where accepted messages go.
+    pub queue: Arc<dyn Queue>,
+    /// Suppression list and shared counters (AUTH throttle, quotas).
+    pub state: Arc<dyn SharedState>,
+    /// Metrics.
+    pub metrics: RelayMetrics,
+    /// TLS acceptor, when any listener uses TLS.
+    pub tls: Option<tls::Tls>,
+    /// DKIM signing keys.
+    pub dkim: DkimKeys,
+    /// AUTH users, when a users file is configured.
+    pub users: Option<Reloading<auth::Users>>,
+    /// Open connections, total and per client.
+    pub connections: ConnectionLimits,
+}
+
+impl InboundContext {
+    /// Loads TLS files and the users file named in the config (errors
+    /// refuse to start) and checks every DKIM key (errors are logged: such
+    /// a domain gets 451 until its key is fixed, the others keep working).
+    /// Must run inside a Tokio runtime: the certificate and users file
+    /// watchers are tasks. Their paths are taken from the config at start;
+    /// changing `tls` or `authUsersFile` paths needs a restart (their
+    /// contents are re-read in place).
+    pub fn new(
+        config: Reloading<RelayConfig>,
+        queue: Arc<dyn Queue>,
+        state: Arc<dyn SharedState>,
+        metrics: RelayMetrics,
+    ) -> Result<InboundContext, InboundError> {
+        let current = config.get();
+        let tls = match (
+            &current.tls,
+            current
+                .listeners
+                .iter()
+                .find(|l| l.tls != crate::config::TlsMode::None),
+        ) {
+            (Some(files), _) => Some(tls::Tls::watch(files)?),
+            (None, Some(l)) => return Err(InboundError::NoTlsFiles(l.name.clone())),
+            (None, None) => None,
+        };
+        let users = match &current.auth_users_file {
+            Some(path) => Some(auth::Users::watch(path)?),
+            None => None,
+        };
+        let dkim = DkimKeys::new();
+        for domain in &current.domains {
+            if let Err(error) = dkim.preload(&domain.domain, &domain.dkim) {
+                tracing::error!(%error, "DKIM key unusable; mail from this domain gets 451 until it is fixed");
+            }
+        }
+        Ok(InboundContext {
+            config,
+            queue,
+            state,
+            metrics,
+            tls,
+            dkim,
+            users,
+            connections: ConnectionLimits::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+/// Resolves to true once `shutdown` turns true, false if its sender is
+/// gone (then there is nothing to wait for). The watch guard is dropped
+/// here, so callers' futures stay `Send`.
+pub(crate) async fn stopping(shutdown: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    shutdown.wait_for(|v| *v).await.is_ok()
+}

@@ -1,1 +1,574 @@
-//! Embedded single-node backend.
+//! Embedded backend: the queue in one local redb file, for a single relay
+//! (the quick start and small installs).
+//!
+//! Each operation is one redb write transaction, so it is atomic, and a
+//! committed transaction with [`Durability::Immediate`] is on disk: an
+//! enqueue that returned `Ok` survives a crash. Leases, slots and counters
+//! commit without fsync ([`Durability::None`]; the next durable commit
+//! carries them): only this process holds leases and slots, so after a
+//! crash losing them is exactly right (the units are due again).
+//!
+//! redb is synchronous: every operation runs on the blocking pool.
+//!
+//! Tables mirror the Redis layout (see `queue::redis`): message data and
+//! unit counts by message id, unit records by unit id, and ordered indexes
+//! `(time, id)` for due units, lease expiries and receive times.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
+};
+
+use super::redis::{in_force, rescheduled};
+use super::{
+    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule, SharedState,
+    SuppressionEntry, now_millis, units_of,
+};
+use crate::config::EmbeddedQueue;
+
+/// Message id -> message bytes.
+const DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("data");
+/// Message id -> units not yet finished.
+const LEFT: TableDefinition<&str, u64> = TableDefinition::new("left");
+/// (received_at, message id): oldest message first.
+const RECEIVED: TableDefinition<(u64, &str), ()> = TableDefinition::new("received");
+/// Unit id -> [`super::DeliveryUnit`] JSON.
+const UNITS: TableDefinition<&str, &[u8]> = TableDefinition::new("units");
+/// (next attempt, unit id) of every unit not leased.
+const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+/// Unit id -> (lease expiry, token) of every leased unit.
+const LEASES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("leases");
+/// (lease expiry, unit id): leases in expiry order.
+const LEASE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("lease_expiry");
+/// Address -> [`SuppressionEntry`] JSON.
+const SUPPRESSION: TableDefinition<&str, &[u8]> = TableDefinition::new("suppression");
+/// Counter key -> (total, end of window).
+const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
+/// (slot key, token) -> expiry.
+const SLOTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("slots");
+
+/// Expired leases moved back to due per lease call (as in Redis).
+const RECLAIM_BATCH: usize = 1000;
+
+/// The embedded queue and shared state. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedBackend {
+    db: Arc<Database>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for EmbeddedBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBackend")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedBackend {
+    /// Opens (or creates) the database file, creating its directory. Fails
+    /// when another process has the file open.
+    pub async fn open(config: &EmbeddedQueue, timeout: Duration) -> Result<Self, QueueError> {
+        let path = config.path.clone();
+        let db = tokio::task::spawn_blocking(move || -> Result<Database, QueueError> {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    QueueError::Unavailable(format!("creating {}: {e}", dir.display()))
+                })?;
+            }
+            let db = Database::create(&path).map_err(|e| {
+                QueueError::Unavailable(format!("opening queue file {}: {e}", path.display()))
+            })?;
+            // Create every table once, so readers never meet a missing one.
+            let txn = db.begin_write()?;
+            txn.open_table(DATA)?;
+            txn.open_table(LEFT)?;
+            txn.open_table(RECEIVED)?;
+            txn.open_table(UNITS)?;
+            txn.open_table(DUE)?;
+            txn.open_table(LEASES)?;
+            txn.open_table(LEASE_EXPIRY)?;
+            txn.open_table(SUPPRESSION)?;
+            txn.open_table(COUNTERS)?;
+            txn.open_table(SLOTS)?;
+            txn.commit()?;
+            Ok(db)
+        })
+        .await
+        .map_err(|e| QueueError::Unavailable(format!("queue open task failed: {e}")))??;
+        Ok(EmbeddedBackend {
+            db: Arc::new(db),
+            timeout,
+        })
+    }
+
+    /// Runs `f` on the blocking pool under the configured timeout. On
+    /// timeout the transaction may still commit later, which is what
+    /// [`QueueError::Timeout`] warns about.
+    async fn run<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, QueueError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let task = tokio::task::spawn_blocking(move || f(&db));
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(QueueError::Unavailable(format!(
+                "queue task failed: {join}"
+            ))),
+            Err(_) => Err(QueueError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Removes a leased unit; the message goes with its last unit.
+    async fn finish(&self, lease: &Lease) -> Result<(), QueueError> {
+        let lease = lease.clone();
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            {
+                take_lease(&txn, &lease)?;
+                txn.open_table(UNITS)?.remove(lease.unit.id.as_str())?;
+                let message_id = lease.unit.message_id.as_str();
+                let mut left = txn.open_table(LEFT)?;
+                let remaining = left
+                    .get(message_id)?
+                    .map(|v| v.value())
+                    .unwrap_or(0)
+                    .saturating_sub(1);
+                if remaining == 0 {
+                    left.remove(message_id)?;
+                    txn.open_table(DATA)?.remove(message_id)?;
+                    txn.open_table(RECEIVED)?
+                        .remove((lease.unit.received_at, message_id))?;
+                } else {
+                    left.insert(message_id, remaining)?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// Checks that `lease` still holds its unit and releases the lease;
+/// [`QueueError::LeaseLost`] when another lease took over.
+fn take_lease(txn: &WriteTransaction, lease: &Lease) -> Result<(), QueueError> {
+    let id = lease.unit.id.as_str();
+    let mut leases = txn.open_table(LEASES)?;
+    let held = leases.get(id)?.map(|v| {
+        let (expiry, token) = v.value();
+        (expiry, token == lease.token)
+    });
+    match held {
+        Some((expiry, true)) => {
+            leases.remove(id)?;
+            txn.open_table(LEASE_EXPIRY)?.remove((expiry, id))?;
+            Ok(())
+        }
+        _ => Err(QueueError::LeaseLost(id.to_string())),
+    }
+}
+
+/// Keys of an index table `(time, id)` with time <= `now`, at most `max`.
+fn due_keys(
+    table: &impl ReadableTable<(u64, &'static str), ()>,
+    now: Millis,
+    max: usize,
+) -> Result<Vec<(u64, String)>, QueueError> {
+    let mut out = Vec::new();
+    for entry in table
+        .range::<(u64, &str)>(..(now.saturating_add(1), ""))?
+        .take(max)
+    {
+        let (key, _) = entry?;
+        let (at, id) = key.value();
+        out.push((at, id.to_string()));
+    }
+    Ok(out)
+}
+
+/// Entries of an index table `(time, id)`: (time <= now, time > now).
+fn count_split(
+    table: &impl ReadableTable<(u64, &'static str), ()>,
+    now: Millis,
+) -> Result<(u64, u64), QueueError> {
+    let bound = (now.saturating_add(1), "");
+    let early = table.range::<(u64, &str)>(..bound)?.count() as u64;
+    let total = table.len()?;
+    Ok((early, total.saturating_sub(early)))
+}
+
+fn encode<T: serde::Serialize>(value: &T, key: &str) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(value).map_err(|e| QueueError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T, QueueError> {
+    serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn relaxed(txn: &mut WriteTransaction) -> Result<(), QueueError> {
+    txn.set_durability(Durability::None)
+        .map_err(|e| QueueError::Unavailable(e.to_string()))
+}
+
+#[async_trait]
+impl Queue for EmbeddedBackend {
+    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
+        let units = units_of(&message);
+        if units.is_empty() {
+            return Ok(());
+        }
+        let records = units
+            .iter()
+            .map(|u| Ok((u.id.clone(), u.next_attempt_at, encode(u, &u.id)?)))
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            {
+                let id = message.id.as_str();
+                let mut data = txn.open_table(DATA)?;
+                if data.get(id)?.is_some() {
+                    // Enqueued before (a retry after a timeout): stored once.
+                    // Dropping the transaction uncommitted aborts it.
+                    return Ok(());
+                }
+                data.insert(id, message.data.as_slice())?;
+                txn.open_table(LEFT)?.insert(id, records.len() as u64)?;
+                txn.open_table(RECEIVED)?
+                    .insert((message.received_at, id), ())?;
+                let mut unit_table = txn.open_table(UNITS)?;
+                let mut due = txn.open_table(DUE)?;
+                for (unit_id, at, json) in &records {
+                    unit_table.insert(unit_id.as_str(), json.as_slice())?;
+                    due.insert((*at, unit_id.as_str()), ())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn lease(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        self.run(move |db| {
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            let mut out = Vec::new();
+            {
+                let mut due = txn.open_table(DUE)?;
+                let mut leases = txn.open_table(LEASES)?;
+                let mut expiry = txn.open_table(LEASE_EXPIRY)?;
+                for (at, id) in due_keys(&expiry, now, RECLAIM_BATCH)? {
+                    expiry.remove((at, id.as_str()))?;
+                    leases.remove(id.as_str())?;
+                    due.insert((at, id.as_str()), ())?;
+                }
+                let units = txn.open_table(UNITS)?;
+                for (at, id) in due_keys(&due, now, max)? {
+                    due.remove((at, id.as_str()))?;
+                    let Some(json) = units.get(id.as_str())? else {
+                        continue;
+                    };
+                    let unit = match decode(json.value(), &id) {
+                        Ok(unit) => unit,
+                        Err(error) => {
+                            // As in Redis: one bad record must not stall
+                            // the rest; it stays leased until expiry.
+                            tracing::error!(%error, "undecodable unit record skipped");
+                            leases.insert(id.as_str(), (expires_at, ""))?;
+                            expiry.insert((expires_at, id.as_str()), ())?;
+                            continue;
+                        }
+                    };
+                    leases.insert(id.as_str(), (expires_at, token.as_str()))?;
+                    expiry.insert((expires_at, id.as_str()), ())?;
+                    out.push(Lease {
+                        unit,
+                        token: token.clone(),
+                        expires_at,
+                    });
+                }
+            }
+            txn.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
+        let id = message_id.to_string();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let data = txn.open_table(DATA)?;
+            let value = data.get(id.as_str())?;
+            value
+                .map(|v| v.value().to_vec())
+                .ok_or(QueueError::NotFound(id))
+        })
+        .await
+    }
+
+    async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.finish(lease).await
+    }
+
+    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
+        if reschedule.recipients.is_empty() {
+            return self.finish(lease).await;
+        }
+        let lease = lease.clone();
+        let unit = rescheduled(&lease.unit, reschedule);
+        let json = encode(&unit, &unit.id)?;
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            {
+                take_lease(&txn, &lease)?;
+                let id = unit.id.as_str();
+                txn.open_table(UNITS)?.insert(id, json.as_slice())?;
+                txn.open_table(DUE)?
+                    .insert((unit.next_attempt_at, id), ())?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.finish(lease).await
+    }
+
+    async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let (due, deferred) = count_split(&txn.open_table(DUE)?, now)?;
+            let (expired, leased) = count_split(&txn.open_table(LEASE_EXPIRY)?, now)?;
+            let oldest = txn.open_table(RECEIVED)?.first()?.map(|(k, _)| k.value().0);
+            Ok(QueueStats {
+                due: due + expired,
+                deferred,
+                leased,
+                messages: txn.open_table(LEFT)?.len()?,
+                oldest_received_at: oldest,
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.run(|db| {
+            db.begin_read()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl SharedState for EmbeddedBackend {
+    async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
+        let entry = SuppressionEntry {
+            address: entry.address.to_lowercase(),
+            ..entry
+        };
+        let json = encode(&entry, &entry.address)?;
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            txn.open_table(SUPPRESSION)?
+                .insert(entry.address.as_str(), json.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn suppressed(
+        &self,
+        address: &str,
+        now: Millis,
+    ) -> Result<Option<SuppressionEntry>, QueueError> {
+        let address = address.to_lowercase();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(SUPPRESSION)?;
+            let Some(json) = table.get(address.as_str())? else {
+                return Ok(None);
+            };
+            let entry: SuppressionEntry = decode(json.value(), &address)?;
+            Ok(in_force(&entry, now).then_some(entry))
+        })
+        .await
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
+        let address = address.to_lowercase();
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            let removed = txn
+                .open_table(SUPPRESSION)?
+                .remove(address.as_str())?
+                .is_some();
+            txn.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let mut out = Vec::new();
+            for entry in txn.open_table(SUPPRESSION)?.iter()? {
+                let (address, json) = entry?;
+                let entry: SuppressionEntry = decode(json.value(), address.value())?;
+                if in_force(&entry, now) {
+                    out.push(entry);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError> {
+        let key = key.to_string();
+        self.run(move |db| {
+            let now = now_millis();
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            let total = {
+                let mut table = txn.open_table(COUNTERS)?;
+                let current = table.get(key.as_str())?.map(|v| v.value());
+                let (total, ends) = match current {
+                    Some((total, ends)) if ends > now => (total.saturating_add(by), ends),
+                    _ => (
+                        by,
+                        now.saturating_add(window.as_millis() as u64).max(now + 1),
+                    ),
+                };
+                table.insert(key.as_str(), (total, ends))?;
+                total
+            };
+            txn.commit()?;
+            Ok(total)
+        })
+        .await
+    }
+
+    async fn counter(&self, key: &str) -> Result<u64, QueueError> {
+        let key = key.to_string();
+        self.run(move |db| {
+            let now = now_millis();
+            let txn = db.begin_read()?;
+            let current = txn
+                .open_table(COUNTERS)?
+                .get(key.as_str())?
+                .map(|v| v.value());
+            Ok(match current {
+                Some((total, ends)) if ends > now => total,
+                _ => 0,
+            })
+        })
+        .await
+    }
+
+    async fn acquire_slot(
+        &self,
+        key: &str,
+        limit: u32,
+        ttl: Duration,
+    ) -> Result<Option<String>, QueueError> {
+        let key = key.to_string();
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        self.run(move |db| {
+            let now = now_millis();
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            let taken = {
+                let mut table = txn.open_table(SLOTS)?;
+                let mut held = 0u32;
+                let mut expired = Vec::new();
+                for entry in table.range::<(&str, &str)>((key.as_str(), "")..)? {
+                    let (k, expiry) = entry?;
+                    let (slot_key, slot_token) = k.value();
+                    if slot_key != key {
+                        break;
+                    }
+                    if expiry.value() <= now {
+                        expired.push(slot_token.to_string());
+                    } else {
+                        held += 1;
+                    }
+                }
+                for t in &expired {
+                    table.remove((key.as_str(), t.as_str()))?;
+                }
+                if held < limit {
+                    let expiry = now.saturating_add(ttl.as_millis() as u64);
+                    table.insert((key.as_str(), token.as_str()), expiry)?;
+                    true
+                } else {
+                    false
+                }
+            };
+            txn.commit()?;
+            Ok(taken.then_some(token))
+        })
+        .await
+    }
+
+    async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
+        let key = key.to_string();
+        let token = token.to_string();
+        self.run(move |db| {
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            txn.open_table(SLOTS)?
+                .remove((key.as_str(), token.as_str()))?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// redb failures: the file cannot be used right now.
+macro_rules! unavailable_from {
+    ($($t:ty),*) => {$(
+        impl From<$t> for QueueError {
+            fn from(e: $t) -> Self {
+                QueueError::Unavailable(format!("embedded queue: {e}"))
+            }
+        }
+    )*};
+}
+unavailable_from!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);

@@ -16,6 +16,7 @@
 //! queue: the suppression list, counters (AUTH throttle, rate limits,
 //! quotas) and per-destination connection slots.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -23,6 +24,45 @@ use serde::{Deserialize, Serialize};
 
 pub mod embedded;
 pub mod redis;
+
+use crate::config::QueueConfig;
+
+/// An opened queue backend: the queue and the shared state, both served
+/// by the same store. Cheap to clone.
+#[derive(Clone)]
+pub struct Backend {
+    /// Messages and their delivery units.
+    pub queue: Arc<dyn Queue>,
+    /// Suppression list, counters and slots.
+    pub state: Arc<dyn SharedState>,
+}
+
+/// Opens the backend `config` names (exactly one of `redis` and
+/// `embedded`). Redis connects lazily, so a relay starts while Redis is
+/// down and reports not ready through [`Queue::ping`]; the embedded file
+/// is opened (and created) here.
+pub async fn open(config: &QueueConfig) -> Result<Backend, QueueError> {
+    match (&config.redis, &config.embedded) {
+        (Some(redis), None) => {
+            let backend = Arc::new(redis::RedisBackend::open(redis, config.timeout.get()).await?);
+            Ok(Backend {
+                queue: backend.clone(),
+                state: backend,
+            })
+        }
+        (None, Some(embedded)) => {
+            let backend =
+                Arc::new(embedded::EmbeddedBackend::open(embedded, config.timeout.get()).await?);
+            Ok(Backend {
+                queue: backend.clone(),
+                state: backend,
+            })
+        }
+        _ => Err(QueueError::Unavailable(
+            "queue config needs exactly one of redis and embedded".into(),
+        )),
+    }
+}
 
 /// Milliseconds since the Unix epoch: the queue's only notion of time, so
 /// tests and backends agree on it without sharing a clock object.
@@ -180,7 +220,11 @@ pub enum QueueError {
 #[async_trait]
 pub trait Queue: Send + Sync + 'static {
     /// Stores the message and its delivery units, all due now. Durable when
-    /// it returns `Ok`; on `Err` nothing of the message is visible.
+    /// it returns `Ok`; on `Err` nothing of the message is visible, except
+    /// after [`QueueError::Timeout`], when it may have been stored (the
+    /// client retries on 451, so it may be delivered twice: SMTP is
+    /// at-least-once). Enqueueing an id already stored is a no-op `Ok`,
+    /// so it is never stored twice under one id.
     async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError>;
 
     /// Leases up to `max` units due at `now` for `lease_for`.
@@ -197,7 +241,9 @@ pub trait Queue: Send + Sync + 'static {
     /// The unit is delivered; the message is deleted with its last unit.
     async fn complete(&self, lease: &Lease) -> Result<(), QueueError>;
 
-    /// The unit failed for now; it is due again at the given time.
+    /// The unit failed for now; it is due again at the given time. Counts
+    /// one attempt (`attempts + 1`), keeps `delay_notified` once set, and
+    /// with no recipients left finishes the unit like [`Queue::complete`].
     async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError>;
 
     /// The unit failed for good (bounced or expired; the DSN is enqueued
@@ -326,8 +372,14 @@ mod tests {
         assert_eq!(
             groups,
             vec![
-                ("x.org".to_string(), vec!["a@x.org".to_string(), "c@X.ORG".to_string()]),
-                ("y.org".to_string(), vec!["b@Y.org".to_string(), "d@y.org".to_string()]),
+                (
+                    "x.org".to_string(),
+                    vec!["a@x.org".to_string(), "c@X.ORG".to_string()]
+                ),
+                (
+                    "y.org".to_string(),
+                    vec!["b@Y.org".to_string(), "d@y.org".to_string()]
+                ),
             ]
         );
     }
@@ -347,6 +399,10 @@ mod tests {
         assert_eq!(units.len(), 2);
         assert_eq!(units[0].id, "m1:x.org");
         assert_eq!(units[1].recipients, vec!["b@y.org".to_string()]);
-        assert!(units.iter().all(|u| u.next_attempt_at == 1_000 && u.attempts == 0));
+        assert!(
+            units
+                .iter()
+                .all(|u| u.next_attempt_at == 1_000 && u.attempts == 0)
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Redis backend: one queue shared by every relay pod.
 //!
-//! Layout (all keys under one `{prefix}` hash tag, see [`Keys`]):
+//! Layout (all keys under one `{prefix}` hash tag, see `Keys`):
 //!
 //! | key                  | type | content                                  |
 //! |----------------------|------|------------------------------------------|
@@ -16,15 +16,22 @@
 //! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
 //!
 //! A unit is in exactly one of `due` and `leased`. Every change that spans
-//! keys is one Lua script ([`scripts`]), so it is atomic.
+//! keys is one Lua script (module `scripts`), so it is atomic.
 //!
 //! The single hash tag is a deliberate trade-off: on Redis Cluster the
 //! whole queue lives in one slot, hence on one primary. Scripts can then
 //! touch any queue key atomically, which is what the contract needs;
 //! scaling out is by running several relays against separate prefixes, not
 //! by spreading one queue. Sentinel and single servers are unaffected.
-//! (A Cluster client is not wired in yet: `url` names one node.)
+//! The URL scheme picks the topology (one server, `redis+sentinel://`,
+//! `redis+cluster://`): see module `conn`.
+//!
+//! Redis must not evict queue keys: run it with `maxmemory-policy
+//! noeviction` (an evicted unit is a lost message) and with AOF, so an
+//! acknowledged write survives a restart. Times in `due`/`leased` are the
+//! callers' clocks (`now`); slots and counters use Redis's own clock.
 
+mod conn;
 mod scripts;
 
 use std::collections::HashMap;
@@ -34,8 +41,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
+use self::conn::{Conn, Connector, Target, parse_target};
 use super::{
     DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule,
     SharedState, SuppressionEntry, units_of,
@@ -90,11 +97,11 @@ impl Keys {
 /// connection that reconnects by itself).
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: Connector,
     /// Used for enqueue when `waitReplicas > 0`: `WAIT` blocks its
     /// connection until the replicas answer, and leases and completions
     /// must not queue up behind it.
-    write_conn: ConnectionManager,
+    write_conn: Connector,
     keys: Arc<Keys>,
     wait_replicas: u32,
     timeout: Duration,
@@ -115,20 +122,18 @@ impl RedisBackend {
     /// reports not ready until it answers, instead of crash-looping.
     /// Every operation is bounded by `timeout`.
     pub async fn open(config: &RedisQueue, timeout: Duration) -> Result<Self, QueueError> {
+        check_prefix(&config.key_prefix)?;
         let url = read_url(config.url.as_deref(), config.url_file.as_deref()).await?;
-        let client = redis::Client::open(url.as_str())
+        let target = parse_target(&url)
             .map_err(|e| QueueError::Unavailable(format!("invalid redis url: {e}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
-            .map_err(unavailable)?;
-        let write_conn = if config.wait_replicas > 0 {
-            ConnectionManager::new_lazy_with_config(client, manager_config)
-                .map_err(unavailable)?
-        } else {
-            conn.clone()
+        let connector = || {
+            Connector::new(&target, timeout)
+                .map_err(|e| QueueError::Unavailable(format!("invalid redis url: {e}")))
+        };
+        let conn = connector()?;
+        let write_conn = match (&target, config.wait_replicas) {
+            (Target::Single(_) | Target::Sentinel { .. }, 1..) => connector()?,
+            _ => conn.clone(),
         };
         Ok(RedisBackend {
             conn,
@@ -139,22 +144,52 @@ impl RedisBackend {
         })
     }
 
+    /// A connection from `connector`, within the configured timeout.
+    async fn connection(&self, connector: &Connector) -> Result<Conn, QueueError> {
+        self.bounded(connector.get()).await
+    }
+
     /// Runs `fut` under the configured timeout.
     async fn bounded<T>(
         &self,
         fut: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, QueueError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(QueueError::Timeout(self.timeout)),
+        self.bounded_until(tokio::time::Instant::now() + self.timeout, fut)
+            .await
+    }
+
+    /// Runs `fut` until `deadline`, when several calls share one timeout.
+    async fn bounded_until<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        fut: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, QueueError> {
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                self.conn.invalidate(&error);
+                self.write_conn.invalidate(&error);
+                Err(unavailable(error))
+            }
+            Err(_) => {
+                self.conn.invalidate_after_timeout();
+                self.write_conn.invalidate_after_timeout();
+                Err(QueueError::Timeout(self.timeout))
+            }
         }
     }
 
     /// Removes a message whose write was not replicated enough (best
     /// effort: the caller reports the failure either way).
     async fn rollback(&self, message_id: &str, unit_ids: &[String]) {
+        if let Err(error) = self.try_rollback(message_id, unit_ids).await {
+            tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
+        }
+    }
+
+    async fn try_rollback(&self, message_id: &str, unit_ids: &[String]) -> Result<(), QueueError> {
         let k = &self.keys;
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let mut inv = scripts::ROLLBACK.prepare_invoke();
         inv.key(&k.data)
             .key(&k.left)
@@ -164,15 +199,13 @@ impl RedisBackend {
             .key(&k.leased)
             .arg(message_id)
             .arg(unit_ids);
-        let result: Result<i64, _> = self.bounded(inv.invoke_async(&mut conn)).await;
-        if let Err(error) = result {
-            tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
-        }
+        let _removed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(())
     }
 
     async fn finish(&self, lease: &Lease) -> Result<(), QueueError> {
         let k = &self.keys;
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let mut inv = scripts::FINISH.prepare_invoke();
         inv.key(&k.leased)
             .key(&k.token)
@@ -203,6 +236,18 @@ async fn read_url(url: Option<&str>, url_file: Option<&Path>) -> Result<String, 
             "queue.redis needs exactly one of url and urlFile".into(),
         )),
     }
+}
+
+/// The prefix becomes the hash tag `{prefix}`: braces inside it would end
+/// the tag early, and an empty tag `{}` is no tag at all (keys would spread
+/// over Cluster slots and the scripts would fail).
+fn check_prefix(prefix: &str) -> Result<(), QueueError> {
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(QueueError::Unavailable(format!(
+            "queue.redis.keyPrefix {prefix:?} must be non-empty and without braces"
+        )));
+    }
+    Ok(())
 }
 
 fn unavailable(e: redis::RedisError) -> QueueError {
@@ -273,25 +318,37 @@ impl Queue for RedisBackend {
                 .arg(encode(unit, &unit.id)?)
                 .arg(unit.next_attempt_at);
         }
-        let mut conn = self.write_conn.clone();
-        let started = tokio::time::Instant::now();
-        let stored: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        if self.wait_replicas == 0 || stored == 0 {
+        // One deadline for connecting, writing and WAIT: the client is
+        // waiting for its reply to DATA.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut conn = self.bounded_until(deadline, self.write_conn.get()).await?;
+        let stored: i64 = self
+            .bounded_until(deadline, inv.invoke_async(&mut conn))
+            .await?;
+        if self.wait_replicas == 0 {
             return Ok(());
         }
-        let left = self.timeout.saturating_sub(started.elapsed());
+        // Leave WAIT a margin to answer before our own deadline, so a
+        // missing replica reads as NotReplicated rather than a timeout.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let wait_for = left.saturating_sub(left / 5);
         let acked: i64 = self
-            .bounded(
+            .bounded_until(
+                deadline,
                 redis::cmd("WAIT")
                     .arg(self.wait_replicas)
-                    .arg(ms(left))
+                    .arg(ms(wait_for))
                     .query_async(&mut conn),
             )
             .await?;
         let acked = u32::try_from(acked).unwrap_or(0);
         if acked < self.wait_replicas {
-            let ids: Vec<String> = units.into_iter().map(|u| u.id).collect();
-            self.rollback(&message.id, &ids).await;
+            // Only our own write is ours to undo; a message stored by an
+            // earlier attempt (stored == 0) stays.
+            if stored == 1 {
+                let ids: Vec<String> = units.into_iter().map(|u| u.id).collect();
+                self.rollback(&message.id, &ids).await;
+            }
             return Err(QueueError::NotReplicated {
                 acked,
                 wanted: self.wait_replicas,
@@ -322,22 +379,28 @@ impl Queue for RedisBackend {
             .arg(expires_at)
             .arg(&token)
             .arg(RECLAIM_BATCH);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let records: Vec<Vec<u8>> = self.bounded(inv.invoke_async(&mut conn)).await?;
-        records
+        Ok(records
             .iter()
-            .map(|bytes| {
-                Ok(Lease {
-                    unit: decode(bytes, &k.unit)?,
+            .filter_map(|bytes| match decode::<DeliveryUnit>(bytes, &k.unit) {
+                Ok(unit) => Some(Lease {
+                    unit,
                     token: token.clone(),
                     expires_at,
-                })
+                }),
+                Err(error) => {
+                    // Skipped, not fatal: one bad record must not stall the
+                    // units leased with it. It stays leased until expiry.
+                    tracing::error!(%error, "undecodable unit record skipped");
+                    None
+                }
             })
-            .collect()
+            .collect())
     }
 
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let data: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.data, message_id)).await?;
         data.ok_or_else(|| QueueError::NotFound(message_id.to_string()))
     }
@@ -362,7 +425,7 @@ impl Queue for RedisBackend {
             .arg(&lease.token)
             .arg(encode(&unit, &unit.id)?)
             .arg(unit.next_attempt_at);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         lease_held(done, &unit.id)
     }
@@ -374,13 +437,15 @@ impl Queue for RedisBackend {
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
         let k = &self.keys;
         let mut pipe = redis::pipe();
-        pipe.zcount(&k.due, "-inf", now)
+        // MULTI/EXEC: one consistent snapshot (all keys share one slot).
+        pipe.atomic()
+            .zcount(&k.due, "-inf", now)
             .zcount(&k.due, format!("({now}"), "+inf")
             .zcount(&k.leased, "-inf", now)
             .zcount(&k.leased, format!("({now}"), "+inf")
             .hlen(&k.left)
             .zrange_withscores(&k.received, 0, 0);
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>);
         let (due, deferred, expired, leased, messages, oldest): Reply =
             self.bounded(pipe.query_async(&mut conn)).await?;
@@ -395,8 +460,10 @@ impl Queue for RedisBackend {
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let _: String = self.bounded(redis::cmd("PING").query_async(&mut conn)).await?;
+        let mut conn = self.connection(&self.conn).await?;
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
         Ok(())
     }
 }
@@ -407,7 +474,7 @@ impl SharedState for RedisBackend {
         let address = entry.address.to_lowercase();
         let entry = SuppressionEntry { address, ..entry };
         let json = encode(&entry, &entry.address)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self
             .bounded(conn.hset(&self.keys.supp, &entry.address, json))
             .await?;
@@ -420,7 +487,7 @@ impl SharedState for RedisBackend {
         now: Millis,
     ) -> Result<Option<SuppressionEntry>, QueueError> {
         let address = address.to_lowercase();
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let json: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.supp, &address)).await?;
         let Some(json) = json else { return Ok(None) };
         let entry: SuppressionEntry = decode(&json, &address)?;
@@ -428,7 +495,7 @@ impl SharedState for RedisBackend {
     }
 
     async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let removed: i64 = self
             .bounded(conn.hdel(&self.keys.supp, address.to_lowercase()))
             .await?;
@@ -436,7 +503,7 @@ impl SharedState for RedisBackend {
     }
 
     async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let all: HashMap<String, Vec<u8>> = self.bounded(conn.hgetall(&self.keys.supp)).await?;
         let mut entries = Vec::with_capacity(all.len());
         for (address, json) in all {
@@ -452,12 +519,12 @@ impl SharedState for RedisBackend {
     async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError> {
         let mut inv = scripts::INCR.prepare_invoke();
         inv.key(self.keys.counter(key)).arg(by).arg(ms(window));
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     async fn counter(&self, key: &str) -> Result<u64, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let value: Option<u64> = self.bounded(conn.get(self.keys.counter(key))).await?;
         Ok(value.unwrap_or(0))
     }
@@ -470,14 +537,17 @@ impl SharedState for RedisBackend {
     ) -> Result<Option<String>, QueueError> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut inv = scripts::ACQUIRE.prepare_invoke();
-        inv.key(self.keys.slot(key)).arg(limit).arg(ms(ttl)).arg(&token);
-        let mut conn = self.conn.clone();
+        inv.key(self.keys.slot(key))
+            .arg(limit)
+            .arg(ms(ttl))
+            .arg(&token);
+        let mut conn = self.connection(&self.conn).await?;
         let taken: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         Ok((taken == 1).then_some(token))
     }
 
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;
         Ok(())
     }
@@ -495,11 +565,29 @@ mod tests {
     #[test]
     fn every_key_shares_one_hash_tag() {
         let k = Keys::new("petrel");
-        for key in [&k.data, &k.left, &k.received, &k.unit, &k.due, &k.leased, &k.token, &k.supp] {
+        for key in [
+            &k.data,
+            &k.left,
+            &k.received,
+            &k.unit,
+            &k.due,
+            &k.leased,
+            &k.token,
+            &k.supp,
+        ] {
             assert!(key.starts_with("{petrel}:"), "{key}");
         }
         assert_eq!(k.counter("auth:1.2.3.4"), "{petrel}:ctr:auth:1.2.3.4");
         assert_eq!(k.slot("mx:gmail"), "{petrel}:slot:mx:gmail");
+    }
+
+    #[test]
+    fn prefixes_that_would_break_the_hash_tag_are_refused() {
+        assert!(check_prefix("petrel").is_ok());
+        assert!(check_prefix("petrel:prod").is_ok());
+        for bad in ["", "a{b", "a}b", "{x}"] {
+            assert!(check_prefix(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

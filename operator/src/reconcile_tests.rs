@@ -1,0 +1,669 @@
+//! The three reconcilers against the in-memory API server ([`crate::fake_api`]),
+//! with a fake clock and a table DNS: create, rotation step by step, spec
+//! changes, invalid specs, API conflicts and deletion.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::controller::Action;
+use petrel_crds::config::RelayConfig;
+use petrel_crds::dkim_key::DkimKey;
+use petrel_crds::sending_domain::SendingDomain;
+use petrel_crds::smtp_relay::SmtpRelay;
+use petrel_crds::status::{
+    DkimKeyPhase, DnsRecordPurpose, DnsRecordState, condition_is_true, find_condition,
+};
+use serde_json::json;
+
+use crate::clock::{Clock, FakeClock};
+use crate::context::{Context, Settings};
+use crate::dns::StaticTxt;
+use crate::fake_api::{FakeApi, path};
+use crate::metrics::Metrics;
+use crate::sending_domain::records::TxtAnswer;
+use crate::{dkim_key, sending_domain, smtp_relay};
+
+const NS: &str = "mail";
+const DAY: Duration = Duration::from_secs(86400);
+
+struct World {
+    api: Arc<FakeApi>,
+    ctx: Arc<Context>,
+    clock: Arc<FakeClock>,
+    dns: Arc<StaticTxt>,
+}
+
+impl World {
+    fn new() -> Self {
+        let (client, api) = FakeApi::start();
+        let clock = Arc::new(FakeClock::new(
+            Timestamp::from_second(1_790_000_000).expect("timestamp"),
+        ));
+        let dns = Arc::new(StaticTxt::default());
+        let ctx = Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::new().expect("metrics")),
+            clock.clone(),
+            Settings::default(),
+            dns.clone(),
+        ));
+        Self {
+            api,
+            ctx,
+            clock,
+            dns,
+        }
+    }
+
+    fn add_relay(&self, spec: serde_json::Value) {
+        self.api.insert(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay",
+                   "metadata": {"name": "main", "namespace": NS}, "spec": spec}),
+        );
+    }
+
+    fn add_domain(&self, name: &str, spec: serde_json::Value) {
+        self.api.insert(
+            &path::<SendingDomain>(NS, name),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "SendingDomain",
+                   "metadata": {"name": name, "namespace": NS}, "spec": spec}),
+        );
+    }
+
+    fn relay(&self) -> SmtpRelay {
+        self.api.typed(&path::<SmtpRelay>(NS, "main"))
+    }
+
+    fn domain(&self, name: &str) -> SendingDomain {
+        self.api.typed(&path::<SendingDomain>(NS, name))
+    }
+
+    fn key(&self, name: &str) -> DkimKey {
+        self.api.typed(&path::<DkimKey>(NS, name))
+    }
+
+    async fn reconcile_relay(&self) -> Action {
+        smtp_relay::reconcile::reconcile(Arc::new(self.relay()), self.ctx.clone())
+            .await
+            .expect("relay reconciles")
+    }
+
+    async fn reconcile_domain(&self, name: &str) -> Action {
+        sending_domain::reconcile::reconcile(Arc::new(self.domain(name)), self.ctx.clone())
+            .await
+            .expect("domain reconciles")
+    }
+
+    async fn reconcile_key(&self, name: &str) -> Action {
+        dkim_key::reconcile::reconcile(Arc::new(self.key(name)), self.ctx.clone())
+            .await
+            .expect("key reconciles")
+    }
+
+    /// Everything once, in the order watches would trigger it.
+    async fn settle(&self, domain: &str) {
+        self.reconcile_domain(domain).await;
+        self.reconcile_key(domain).await;
+        self.reconcile_domain(domain).await;
+        self.reconcile_relay().await;
+    }
+
+    fn rendered_config(&self) -> RelayConfig {
+        let cm: ConfigMap = self.api.typed(&path::<ConfigMap>(NS, "petrel-main-config"));
+        let yaml = cm
+            .data
+            .and_then(|d| d.get("relay.yaml").cloned())
+            .expect("relay.yaml");
+        RelayConfig::from_yaml(&yaml).expect("the relay accepts the rendered config")
+    }
+
+    fn key_files(&self) -> Vec<String> {
+        let secret: Secret = self.api.typed(&path::<Secret>(NS, "petrel-main-dkim"));
+        secret.data.unwrap_or_default().into_keys().collect()
+    }
+
+    /// Publishes every record the domain's status asks for.
+    fn publish_dns(&self, domain: &str) {
+        for record in self.domain(domain).status.unwrap_or_default().dns_records {
+            self.dns
+                .set(&record.name, TxtAnswer::Records(vec![record.value]));
+        }
+    }
+
+    fn dkim_records(&self, domain: &str) -> Vec<String> {
+        self.domain(domain)
+            .status
+            .unwrap_or_default()
+            .dns_records
+            .into_iter()
+            .filter(|r| r.purpose == DnsRecordPurpose::Dkim)
+            .map(|r| r.name)
+            .collect()
+    }
+}
+
+async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
+    tokio::time::timeout(Duration::from_secs(30), test)
+        .await
+        .expect("test finished in time");
+}
+
+fn relay_spec() -> serde_json::Value {
+    json!({"redis": {"urlSecretRef": {"name": "redis", "key": "url"}},
+           "trustedNetworks": ["10.0.0.0/8"], "egressIps": ["203.0.113.7"]})
+}
+
+#[tokio::test]
+async fn full_rotation_through_the_api() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "dkim": {"algorithm": "ed25519"}}),
+        );
+
+        // The domain creates its DkimKey; the first key waits for DNS.
+        w.settle("example").await;
+        let key = w.key("example");
+        assert_eq!(key.spec.rotation.every, "90d");
+        let first = key
+            .status
+            .clone()
+            .and_then(|s| s.next)
+            .expect("pending first key");
+        assert_eq!(first.phase, DkimKeyPhase::Pending);
+        assert!(w.api.get(&path::<Secret>(NS, &first.secret_name)).is_some());
+        let sd = w.domain("example");
+        let status = sd.status.clone().expect("status");
+        assert!(!condition_is_true(&status.conditions, "Ready"));
+        assert_eq!(
+            find_condition(&status.conditions, "DkimActive").map(|c| c.reason.as_str()),
+            Some("WaitingForDkimRecord")
+        );
+        assert!(
+            status
+                .dns_records
+                .iter()
+                .all(|r| r.state == DnsRecordState::Missing)
+        );
+        assert_eq!(w.dkim_records("example").len(), 1);
+        assert!(
+            w.rendered_config().domains.is_empty(),
+            "no unpublished key signs"
+        );
+
+        // DNS serves everything: the key activates, the domain is Ready and bound.
+        w.publish_dns("example");
+        w.settle("example").await;
+        let sd = w.domain("example");
+        let status = sd.status.clone().expect("status");
+        assert!(
+            condition_is_true(&status.conditions, "Ready"),
+            "{:?}",
+            status.conditions
+        );
+        assert_eq!(
+            status.active_selector.as_deref(),
+            Some(first.selector.as_str())
+        );
+        let config = w.rendered_config();
+        assert_eq!(config.domains.len(), 1);
+        assert_eq!(config.domains[0].dkim.selector, first.selector);
+        assert_eq!(
+            w.key_files(),
+            [format!("example.com.{}.pem", first.selector)]
+        );
+        assert_eq!(
+            w.relay().status.expect("relay status").bound_domains,
+            ["example.com"]
+        );
+
+        // 83 days later the next key is generated; the first keeps signing.
+        w.clock.advance(83 * DAY);
+        w.settle("example").await;
+        let second = w
+            .key("example")
+            .status
+            .and_then(|s| s.next)
+            .expect("next key");
+        assert_ne!(second.selector, first.selector);
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, first.selector);
+        assert_eq!(
+            w.key_files().len(),
+            2,
+            "next key's file is mounted ahead of the switch"
+        );
+        assert_eq!(w.dkim_records("example").len(), 2);
+
+        // DNS serves it: Published, but the switch waits for day 90.
+        w.publish_dns("example");
+        w.settle("example").await;
+        let key = w.key("example");
+        assert_eq!(
+            key.status
+                .as_ref()
+                .and_then(|s| s.next.as_ref())
+                .map(|n| n.phase),
+            Some(DkimKeyPhase::Published)
+        );
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, first.selector);
+
+        w.clock.advance(7 * DAY);
+        w.settle("example").await;
+        let status = w.key("example").status.expect("status");
+        assert_eq!(
+            status.active.as_ref().map(|k| k.selector.clone()),
+            Some(second.selector.clone())
+        );
+        assert_eq!(status.retiring.len(), 1);
+        assert_eq!(
+            w.rendered_config().domains[0].dkim.selector,
+            second.selector
+        );
+        assert_eq!(
+            w.key_files().len(),
+            2,
+            "the retiring key's file stays mounted"
+        );
+        assert_eq!(
+            w.dkim_records("example").len(),
+            2,
+            "retiring key stays published"
+        );
+        assert!(condition_is_true(
+            &w.domain("example").status.expect("s").conditions,
+            "Ready"
+        ));
+
+        // retireAfter (7d) later the old key, its record and its Secret are gone.
+        w.clock.advance(7 * DAY);
+        w.settle("example").await;
+        assert!(w.key("example").status.expect("status").retiring.is_empty());
+        assert!(w.api.get(&path::<Secret>(NS, &first.secret_name)).is_none());
+        assert_eq!(w.dkim_records("example").len(), 1);
+        assert_eq!(
+            w.key_files(),
+            [format!("example.com.{}.pem", second.selector)]
+        );
+
+        let reasons: Vec<String> = w
+            .api
+            .events()
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(String::from))
+            .collect();
+        for reason in ["KeyGenerated", "KeyPublished", "KeyActivated", "KeyRemoved"] {
+            assert!(
+                reasons.iter().any(|r| r == reason),
+                "no {reason} event in {reasons:?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rotate_annotation_rotates_once() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.settle("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        let first = w.domain("example").status.and_then(|s| s.active_selector).expect("active");
+        let key_path = path::<DkimKey>(NS, "example");
+        w.api.merge(&key_path, json!({"metadata": {"annotations": {"petrel.dev/rotate": "now"}}}));
+        w.clock.advance(Duration::from_secs(120));
+        w.reconcile_key("example").await;
+        let key = w.key("example");
+        assert!(!key.metadata.annotations.unwrap_or_default().contains_key("petrel.dev/rotate"));
+        assert!(key.status.as_ref().and_then(|s| s.rotation_requested_at.as_ref()).is_some());
+        assert!(key.status.as_ref().and_then(|s| s.next.as_ref()).is_some());
+        w.reconcile_domain("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        let active = w.domain("example").status.and_then(|s| s.active_selector).expect("active");
+        assert_ne!(active, first, "switched as soon as DNS served the new key");
+        assert!(w.key("example").status.expect("s").rotation_requested_at.is_none());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn relay_children_spec_changes_and_deletion() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        let action = w.reconcile_relay().await;
+        assert_eq!(action, Action::requeue(Settings::default().resync));
+        let deploy_path = path::<Deployment>(NS, "petrel-main");
+        for child in [
+            deploy_path.clone(),
+            path::<Service>(NS, "petrel-main"),
+            path::<PodDisruptionBudget>(NS, "petrel-main"),
+            path::<ConfigMap>(NS, "petrel-main-config"),
+            path::<Secret>(NS, "petrel-main-dkim"),
+        ] {
+            let obj = w.api.get(&child).unwrap_or_else(|| panic!("{child} applied"));
+            assert_eq!(obj["metadata"]["ownerReferences"][0]["kind"], "SmtpRelay");
+            assert_eq!(obj["metadata"]["ownerReferences"][0]["controller"], true);
+        }
+        assert!(w.api.requests().iter().any(|r| r.starts_with("PATCH") && r.contains("deployments")));
+        let status = w.relay().status.expect("status");
+        assert!(!condition_is_true(&status.conditions, "Available"));
+        assert_eq!(status.endpoints, ["petrel-main.mail.svc:25"]);
+
+        // The kubelet reports two ready pods.
+        w.api.merge(
+            &deploy_path,
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}),
+        );
+        w.reconcile_relay().await;
+        let status = w.relay().status.expect("status");
+        assert!(condition_is_true(&status.conditions, "Available"));
+        assert!(!condition_is_true(&status.conditions, "Progressing"));
+        assert_eq!(status.ready_replicas, 2);
+
+        let hash = |w: &World| {
+            let d: Deployment = w.api.typed(&deploy_path);
+            d.spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+                .and_then(|a| a.get("petrel.dev/restart-hash").cloned())
+                .expect("restart hash")
+        };
+        let before = hash(&w);
+        // A config-only change re-renders the ConfigMap but keeps the pods.
+        let relay_path = path::<SmtpRelay>(NS, "main");
+        w.api.merge(&relay_path, json!({"spec": {"limits": {"maxRecipients": 7}}}));
+        w.reconcile_relay().await;
+        assert_eq!(hash(&w), before);
+        assert_eq!(w.rendered_config().limits.max_recipients, 7);
+        // An image change rolls the pods; autoscaling adds the HPA.
+        w.api.merge(
+            &relay_path,
+            json!({"spec": {"image": "relay:2", "autoscaling": {"minReplicas": 2, "maxReplicas": 5}}}),
+        );
+        w.reconcile_relay().await;
+        assert_ne!(hash(&w), before);
+        assert!(w.api.get(&path::<HorizontalPodAutoscaler>(NS, "petrel-main")).is_some());
+        // Monitoring on: a ServiceMonitor owned by the relay.
+        w.api.merge(&relay_path, json!({"spec": {"monitoring": {"serviceMonitor": true}}}));
+        w.reconcile_relay().await;
+        let sm = w
+            .api
+            .get("/apis/monitoring.coreos.com/v1/namespaces/mail/servicemonitors/petrel-main")
+            .expect("service monitor applied");
+        assert_eq!(sm["spec"]["endpoints"][0]["path"], "/metrics");
+
+        // Deleting the relay garbage-collects every child through owner references.
+        w.api.delete(&relay_path);
+        let left: Vec<String> = w.api.paths().into_iter().filter(|p| p.contains("petrel-main")).collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_specs_become_conditions() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["trustedNetworks"] = json!(["10.0.0.0/99"]);
+        w.add_relay(spec);
+        assert_eq!(w.reconcile_relay().await, Action::await_change());
+        let status = w.relay().status.expect("status");
+        let degraded = find_condition(&status.conditions, "Degraded").expect("Degraded");
+        assert!(degraded.is_true());
+        assert_eq!(degraded.reason, "InvalidTrustedNetwork");
+        assert!(w.api.get(&path::<Deployment>(NS, "petrel-main")).is_none());
+
+        // A domain naming a relay that does not exist.
+        w.add_domain(
+            "orphan",
+            json!({"domain": "orphan.example", "relayRef": {"name": "nope"}}),
+        );
+        w.reconcile_domain("orphan").await;
+        let ready = find_condition(
+            &w.domain("orphan").status.expect("status").conditions,
+            "Ready",
+        )
+        .cloned()
+        .expect("Ready");
+        assert_eq!(ready.reason, "RelayNotFound");
+        assert!(ready.message.contains("nope"));
+
+        // The same domain claimed twice: the later claim is refused.
+        w.add_domain(
+            "first",
+            json!({"domain": "dup.example", "relayRef": {"name": "main"}}),
+        );
+        w.add_domain(
+            "second",
+            json!({"domain": "dup.example", "relayRef": {"name": "main"}}),
+        );
+        w.api.merge(
+            &path::<SendingDomain>(NS, "second"),
+            json!({"metadata": {"creationTimestamp": "2026-02-01T00:00:00Z"}}),
+        );
+        assert_eq!(w.reconcile_domain("second").await, Action::await_change());
+        let ready = find_condition(
+            &w.domain("second").status.expect("status").conditions,
+            "Ready",
+        )
+        .cloned()
+        .expect("Ready");
+        assert_eq!(ready.reason, "DomainConflict");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn api_conflict_is_a_transient_error() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.api.fail_next("PATCH", "deployments", 409);
+        let err = smtp_relay::reconcile::reconcile(Arc::new(w.relay()), w.ctx.clone())
+            .await
+            .expect_err("conflict surfaces");
+        assert_eq!(err.category(), "ApiError");
+        assert!(w.ctx.metrics.render().contains("result=\"ApiError\""));
+        // The retry succeeds.
+        w.reconcile_relay().await;
+        assert!(w.api.get(&path::<Deployment>(NS, "petrel-main")).is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn verify_dns_false_activates_without_lookups() {
+    bounded(async {
+        let w = World::new();
+        w.api.insert(
+            &path::<DkimKey>(NS, "manual"),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "DkimKey",
+                   "metadata": {"name": "manual", "namespace": NS},
+                   "spec": {"domain": "example.org", "algorithm": "rsa2048", "verifyDns": false}}),
+        );
+        w.reconcile_key("manual").await;
+        let status = w.key("manual").status.expect("status");
+        let active = status.active.expect("active at once");
+        assert!(active.dns_value.starts_with("v=DKIM1; k=rsa; p="));
+        assert!(condition_is_true(&status.conditions, "Ready"));
+        assert_eq!(
+            w.clock.now(),
+            Timestamp::from_second(1_790_000_000).expect("ts")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_exponentially() {
+    bounded(async {
+        let w = World::new();
+        let delays: Vec<u64> = (0..9).map(|_| w.ctx.backoff("relay/a").as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(w.ctx.backoff("relay/b").as_secs(), 5, "per object");
+        w.ctx.succeeded("relay/a");
+        assert_eq!(w.ctx.backoff("relay/a").as_secs(), 5, "reset after success");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_one_replica_leads() {
+    use crate::leader::LeaseLock;
+    use k8s_openapi::api::coordination::v1::Lease;
+    bounded(async {
+        let w = World::new();
+        let lock = |identity: &str| LeaseLock {
+            api: kube::Api::<Lease>::namespaced(w.ctx.client.clone(), "petrel-system"),
+            name: "petrel-operator".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let (a, b) = (lock("a"), lock("b"));
+        let t0 = w.clock.now();
+        assert!(a.try_acquire_or_renew(t0).await.expect("a acquires"));
+        assert!(!b.try_acquire_or_renew(t0).await.expect("b follows"));
+        let t1 = t0
+            .saturating_add(k8s_openapi::jiff::SignedDuration::from_secs(10))
+            .expect("ts");
+        assert!(a.try_acquire_or_renew(t1).await.expect("a renews"));
+        assert!(!b.try_acquire_or_renew(t1).await.expect("b still follows"));
+        // a stops renewing: after the lease duration b takes over, and a then follows.
+        let t2 = t1
+            .saturating_add(k8s_openapi::jiff::SignedDuration::from_secs(16))
+            .expect("ts");
+        assert!(b.try_acquire_or_renew(t2).await.expect("b takes over"));
+        assert!(!a.try_acquire_or_renew(t2).await.expect("a follows"));
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        let spec = lease.spec.expect("spec");
+        assert_eq!(spec.holder_identity.as_deref(), Some("b"));
+        assert_eq!(spec.lease_transitions, Some(1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn malformed_object_is_skipped_not_fatal() {
+    use kube::core::DeserializeGuard;
+    bounded(async {
+        let w = World::new();
+        let bad: DeserializeGuard<SmtpRelay> = serde_json::from_value(json!({
+            "apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay",
+            "metadata": {"name": "broken", "namespace": NS},
+            "spec": {"listeners": "not a list"}
+        }))
+        .expect("the guard always deserializes");
+        assert!(bad.0.is_err());
+        let action = crate::controllers::guarded(
+            Arc::new(bad),
+            w.ctx.clone(),
+            "SmtpRelay",
+            smtp_relay::reconcile::reconcile,
+        )
+        .await
+        .expect("skipped, not an error");
+        assert_eq!(action, Action::await_change());
+        assert!(
+            w.ctx
+                .metrics
+                .render()
+                .contains("result=\"MalformedObject\"")
+        );
+        assert!(w.api.requests().is_empty(), "nothing was written");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn orphaned_key_secrets_are_removed() {
+    bounded(async {
+        let w = World::new();
+        w.api.insert(
+            &path::<DkimKey>(NS, "k"),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "DkimKey",
+                   "metadata": {"name": "k", "namespace": NS, "uid": "key-uid"},
+                   "spec": {"domain": "example.org", "algorithm": "ed25519", "verifyDns": false}}),
+        );
+        let owned = |name: &str| json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"},
+                         "ownerReferences": [{"apiVersion": "petrel.dev/v1alpha1", "kind": "DkimKey",
+                                              "name": "k", "uid": "key-uid", "controller": true}]}});
+        w.api.insert(&path::<Secret>(NS, "k-orphan"), owned("k-orphan"));
+        // Labelled alike but not owned by this key: left alone.
+        w.api.insert(
+            &path::<Secret>(NS, "unrelated"),
+            json!({"apiVersion": "v1", "kind": "Secret",
+                   "metadata": {"name": "unrelated", "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"}}}),
+        );
+        w.reconcile_key("k").await;
+        let active = w.key("k").status.and_then(|s| s.active).expect("active");
+        assert!(w.api.get(&path::<Secret>(NS, &active.secret_name)).is_some());
+        assert!(w.api.get(&path::<Secret>(NS, "k-orphan")).is_none());
+        assert!(w.api.get(&path::<Secret>(NS, "unrelated")).is_some());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rsa_dkim_record_is_listed_split_and_verifies_when_served() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "rsa",
+            json!({"domain": "rsa.example", "relayRef": {"name": "main"}}),
+        );
+        w.settle("rsa").await;
+        let key = w
+            .key("rsa")
+            .status
+            .and_then(|s| s.next)
+            .expect("pending key");
+        let listed = w
+            .domain("rsa")
+            .status
+            .expect("status")
+            .dns_records
+            .into_iter()
+            .find(|r| r.purpose == DnsRecordPurpose::Dkim)
+            .expect("dkim record");
+        assert!(
+            listed.value.starts_with("\"v=DKIM1; k=rsa; p="),
+            "{}",
+            listed.value
+        );
+        assert!(listed.value.contains("\" \""), "split into several strings");
+        // DNS serves the strings; resolvers hand back their concatenation.
+        w.dns.set(
+            &listed.name,
+            TxtAnswer::Records(vec![key.dns_value.clone()]),
+        );
+        w.settle("rsa").await;
+        let status = w.domain("rsa").status.expect("status");
+        assert_eq!(
+            status.active_selector.as_deref(),
+            Some(key.selector.as_str())
+        );
+        assert!(condition_is_true(&status.conditions, "DkimActive"));
+    })
+    .await;
+}

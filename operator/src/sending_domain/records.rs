@@ -1,0 +1,379 @@
+//! The DNS records a sending domain needs (pure): SPF, DKIM for every key that
+//! must be published, DMARC, and how to compare what DNS serves with them.
+
+use petrel_crds::dkim_key::DkimKeyStatus;
+use petrel_crds::sending_domain::SendingDomainSpec;
+use petrel_crds::status::{DkimKeyPhase, DnsRecordPurpose, DnsRecordState, DnsRecordType};
+
+/// Longest character-string in a TXT record (RFC 1035 3.3).
+pub const TXT_CHUNK: usize = 255;
+
+/// One record the domain owner must publish.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredRecord {
+    /// Fully qualified name without trailing dot.
+    pub name: String,
+    /// Record type.
+    pub type_: DnsRecordType,
+    /// The value as one string (TXT strings concatenated), used for comparison.
+    pub value: String,
+    /// Why the record is needed.
+    pub purpose: DnsRecordPurpose,
+    /// A hint for a person (which key, which domain).
+    pub note: Option<String>,
+}
+
+impl DesiredRecord {
+    /// The value as a person pastes it into a zone: TXT values over 255 bytes
+    /// are split into quoted strings, shorter ones are given as is.
+    pub fn presentation(&self) -> String {
+        match self.type_ {
+            DnsRecordType::TXT if self.value.len() > TXT_CHUNK => split_txt(&self.value),
+            _ => self.value.clone(),
+        }
+    }
+}
+
+/// Splits a TXT value into quoted character-strings of at most 255 bytes,
+/// never inside a UTF-8 character, escaping `"` and `\`.
+pub fn split_txt(value: &str) -> String {
+    let mut parts = Vec::new();
+    let mut rest = value;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(TXT_CHUNK);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        parts.push(format!(
+            "\"{}\"",
+            chunk.replace('\\', "\\\\").replace('"', "\\\"")
+        ));
+        rest = tail;
+    }
+    parts.join(" ")
+}
+
+/// The SPF record: relay egress IPs as `ip4:`/`ip6:`, then includes, then
+/// extra mechanisms, then `~all` or `-all`.
+pub fn spf_value(spec: &SendingDomainSpec, egress_ips: &[String]) -> String {
+    let mut terms = vec!["v=spf1".to_string()];
+    for ip in egress_ips {
+        let mechanism = if ip.contains(':') { "ip6" } else { "ip4" };
+        terms.push(format!("{mechanism}:{ip}"));
+    }
+    terms.extend(spec.spf.includes.iter().map(|i| format!("include:{i}")));
+    terms.extend(spec.spf.mechanisms.iter().cloned());
+    terms.push(spec.spf.all.mechanism().to_string());
+    terms.join(" ")
+}
+
+/// The DMARC record value.
+pub fn dmarc_value(spec: &SendingDomainSpec) -> String {
+    let d = &spec.dmarc;
+    let mut tags = vec!["v=DMARC1".to_string(), format!("p={}", d.policy.as_str())];
+    if !d.rua.is_empty() {
+        tags.push(format!("rua={}", d.rua.join(",")));
+    }
+    if d.pct != 100 {
+        tags.push(format!("pct={}", d.pct));
+    }
+    tags.push(format!("adkim={}", d.adkim.tag()));
+    tags.push(format!("aspf={}", d.aspf.tag()));
+    tags.join("; ")
+}
+
+/// Every record the domain needs, in a stable order: SPF, DKIM (active, next,
+/// retiring), DMARC.
+pub fn desired_records(
+    spec: &SendingDomainSpec,
+    egress_ips: &[String],
+    keys: Option<&DkimKeyStatus>,
+) -> Vec<DesiredRecord> {
+    let domain = spec.domain.trim_end_matches('.');
+    let mut records = Vec::new();
+    let authorises_nothing =
+        egress_ips.is_empty() && spec.spf.includes.is_empty() && spec.spf.mechanisms.is_empty();
+    let (spf_name, mut spf_note) = match &spec.return_path_domain {
+        Some(rp) => (
+            rp.trim_end_matches('.').to_string(),
+            Some("SPF is checked on the return-path (envelope sender) domain".to_string()),
+        ),
+        None => (domain.to_string(), None),
+    };
+    if authorises_nothing {
+        spf_note = Some(
+            "this SPF record authorises no sender: declare the relay's spec.egressIps or add spec.spf.includes"
+                .to_string(),
+        );
+    }
+    records.push(DesiredRecord {
+        name: spf_name,
+        type_: DnsRecordType::TXT,
+        value: spf_value(spec, egress_ips),
+        purpose: if spec.return_path_domain.is_some() {
+            DnsRecordPurpose::ReturnPath
+        } else {
+            DnsRecordPurpose::Spf
+        },
+        note: spf_note,
+    });
+    for key in keys.into_iter().flat_map(DkimKeyStatus::published_keys) {
+        let role = match key.phase {
+            DkimKeyPhase::Active => "active key",
+            DkimKeyPhase::Pending | DkimKeyPhase::Published => "next key, publish before it signs",
+            DkimKeyPhase::Retiring => "retiring key, keep until it is removed from this list",
+        };
+        records.push(DesiredRecord {
+            name: format!("{}._domainkey.{domain}", key.selector),
+            type_: DnsRecordType::TXT,
+            value: key.dns_value.clone(),
+            purpose: DnsRecordPurpose::Dkim,
+            note: Some(format!("DKIM {role} (selector {})", key.selector)),
+        });
+    }
+    records.push(DesiredRecord {
+        name: format!("_dmarc.{domain}"),
+        type_: DnsRecordType::TXT,
+        value: dmarc_value(spec),
+        purpose: DnsRecordPurpose::Dmarc,
+        note: None,
+    });
+    records
+}
+
+/// What a TXT lookup returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxtAnswer {
+    /// The records at the name, each with its strings concatenated.
+    Records(Vec<String>),
+    /// NXDOMAIN or no TXT records at the name.
+    NotFound,
+    /// The lookup failed (SERVFAIL, timeout, refused), with a reason.
+    Failed(String),
+}
+
+/// Compares what DNS serves with a desired TXT record: the verification state
+/// and, when it differs, the observed value.
+pub fn evaluate(desired: &DesiredRecord, answer: &TxtAnswer) -> (DnsRecordState, Option<String>) {
+    let records = match answer {
+        TxtAnswer::Records(records) => records,
+        TxtAnswer::NotFound => return (DnsRecordState::Missing, None),
+        TxtAnswer::Failed(_) => return (DnsRecordState::Unknown, None),
+    };
+    // Only records of the same kind are candidates (a domain has many TXT records).
+    let kind = record_kind(&desired.value);
+    let candidates: Vec<&String> = records
+        .iter()
+        .filter(|r| {
+            kind.as_ref()
+                .is_none_or(|k| record_kind(r).as_ref() == Some(k))
+        })
+        .collect();
+    if candidates.is_empty() {
+        return (DnsRecordState::Missing, None);
+    }
+    let want = normalize(&desired.value);
+    if candidates.len() == 1 && normalize(candidates[0]) == want {
+        return (DnsRecordState::Verified, None);
+    }
+    // Several SPF or DMARC records are an error for receivers even if one matches.
+    let observed = candidates
+        .iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    (DnsRecordState::Mismatch, Some(observed))
+}
+
+/// `v=spf1`, `v=DMARC1` or `v=DKIM1`, lowercased, if the value starts with one.
+fn record_kind(value: &str) -> Option<String> {
+    let first = value.split([' ', ';']).next()?.trim().to_ascii_lowercase();
+    matches!(first.as_str(), "v=spf1" | "v=dmarc1" | "v=dkim1").then_some(first)
+}
+
+/// Whitespace-insensitive comparison form: tag order and spacing around `;`
+/// do not matter to receivers, case of tag names does not either.
+fn normalize(value: &str) -> String {
+    value
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace("; ", ";")
+        .trim_end_matches(';')
+        .to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+    use petrel_crds::status::{DkimAlgorithm, DkimKeyEntry};
+
+    fn spec(yaml: &str) -> SendingDomainSpec {
+        serde_yaml::from_str(yaml).expect("valid spec")
+    }
+
+    fn key(selector: &str, phase: DkimKeyPhase, value: &str) -> DkimKeyEntry {
+        DkimKeyEntry {
+            selector: selector.into(),
+            algorithm: DkimAlgorithm::Rsa2048,
+            secret_name: format!("k-{selector}"),
+            dns_value: value.into(),
+            phase,
+            created_at: Time(Timestamp::UNIX_EPOCH),
+            published_at: None,
+            activated_at: None,
+            retired_at: None,
+        }
+    }
+
+    #[test]
+    fn spf_from_egress_includes_and_all() {
+        let s = spec(
+            "{domain: example.com, relayRef: {name: r}, spf: {includes: [_spf.google.com], mechanisms: [a], all: fail}}",
+        );
+        assert_eq!(
+            spf_value(&s, &["203.0.113.7".into(), "2001:db8::1".into()]),
+            "v=spf1 ip4:203.0.113.7 ip6:2001:db8::1 include:_spf.google.com a -all"
+        );
+        let plain = spec("{domain: example.com, relayRef: {name: r}}");
+        assert_eq!(spf_value(&plain, &[]), "v=spf1 ~all");
+    }
+
+    #[test]
+    fn dmarc_tags() {
+        let s = spec(
+            "{domain: example.com, relayRef: {name: r}, dmarc: {policy: reject, rua: ['mailto:a@example.com', 'mailto:b@example.net'], pct: 50, aspf: strict}}",
+        );
+        assert_eq!(
+            dmarc_value(&s),
+            "v=DMARC1; p=reject; rua=mailto:a@example.com,mailto:b@example.net; pct=50; adkim=r; aspf=s"
+        );
+        let d = spec("{domain: example.com, relayRef: {name: r}}");
+        assert_eq!(dmarc_value(&d), "v=DMARC1; p=none; adkim=r; aspf=r");
+    }
+
+    #[test]
+    fn records_for_every_published_key_and_return_path() {
+        let s = spec(
+            "{domain: example.com, relayRef: {name: r}, returnPathDomain: bounce.example.com}",
+        );
+        let status = DkimKeyStatus {
+            active: Some(key("a", DkimKeyPhase::Active, "v=DKIM1; k=rsa; p=AAA")),
+            next: Some(key("b", DkimKeyPhase::Pending, "v=DKIM1; k=rsa; p=BBB")),
+            retiring: vec![key("old", DkimKeyPhase::Retiring, "v=DKIM1; k=rsa; p=OLD")],
+            ..Default::default()
+        };
+        let bare = desired_records(
+            &spec("{domain: example.com, relayRef: {name: r}}"),
+            &[],
+            None,
+        );
+        assert!(
+            bare[0]
+                .note
+                .as_deref()
+                .is_some_and(|n| n.contains("egressIps"))
+        );
+        let records = desired_records(&s, &["192.0.2.1".into()], Some(&status));
+        let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bounce.example.com",
+                "a._domainkey.example.com",
+                "b._domainkey.example.com",
+                "old._domainkey.example.com",
+                "_dmarc.example.com"
+            ]
+        );
+        assert_eq!(records[0].purpose, DnsRecordPurpose::ReturnPath);
+        assert_eq!(records[0].value, "v=spf1 ip4:192.0.2.1 ~all");
+        assert!(records.iter().all(|r| r.type_ == DnsRecordType::TXT));
+    }
+
+    #[test]
+    fn long_txt_values_split_into_quoted_strings() {
+        let value = format!("v=DKIM1; k=rsa; p={}", "A".repeat(392));
+        let record = DesiredRecord {
+            name: "s._domainkey.example.com".into(),
+            type_: DnsRecordType::TXT,
+            value: value.clone(),
+            purpose: DnsRecordPurpose::Dkim,
+            note: None,
+        };
+        let shown = record.presentation();
+        let parts: Vec<&str> = shown.split("\" \"").collect();
+        assert_eq!(parts.len(), 2);
+        assert!(shown.starts_with('"') && shown.ends_with('"'));
+        let joined: String = parts.concat().trim_matches('"').to_string();
+        assert_eq!(joined, value);
+        assert_eq!(parts[0].trim_start_matches('"').len(), TXT_CHUNK);
+        // Exactly 255 bytes stays one unquoted string.
+        let short = DesiredRecord {
+            value: "x".repeat(255),
+            ..record
+        };
+        assert_eq!(short.presentation(), "x".repeat(255));
+    }
+
+    #[test]
+    fn split_respects_utf8_and_escapes() {
+        let value = format!("{}é\"end", "a".repeat(254));
+        let shown = split_txt(&value);
+        assert_eq!(shown, format!("\"{}\" \"é\\\"end\"", "a".repeat(254)));
+    }
+
+    #[test]
+    fn evaluate_states() {
+        let want = DesiredRecord {
+            name: "example.com".into(),
+            type_: DnsRecordType::TXT,
+            value: "v=spf1 ip4:192.0.2.1 ~all".into(),
+            purpose: DnsRecordPurpose::Spf,
+            note: None,
+        };
+        let table = [
+            (TxtAnswer::NotFound, DnsRecordState::Missing),
+            (
+                TxtAnswer::Failed("SERVFAIL".into()),
+                DnsRecordState::Unknown,
+            ),
+            (
+                TxtAnswer::Records(vec!["google-site-verification=x".into()]),
+                DnsRecordState::Missing,
+            ),
+            (
+                TxtAnswer::Records(vec![
+                    "google-site-verification=x".into(),
+                    "v=spf1  ip4:192.0.2.1 ~all".into(),
+                ]),
+                DnsRecordState::Verified,
+            ),
+            (
+                TxtAnswer::Records(vec!["v=spf1 -all".into()]),
+                DnsRecordState::Mismatch,
+            ),
+            (
+                TxtAnswer::Records(vec![
+                    "v=spf1 ip4:192.0.2.1 ~all".into(),
+                    "v=spf1 -all".into(),
+                ]),
+                DnsRecordState::Mismatch,
+            ),
+        ];
+        for (answer, expected) in table {
+            assert_eq!(evaluate(&want, &answer).0, expected, "{answer:?}");
+        }
+        let (_, observed) = evaluate(&want, &TxtAnswer::Records(vec!["v=spf1 -all".into()]));
+        assert_eq!(observed.as_deref(), Some("v=spf1 -all"));
+        let dmarc = DesiredRecord {
+            value: "v=DMARC1; p=none; adkim=r; aspf=r".into(),
+            ..want
+        };
+        let served = TxtAnswer::Records(vec!["v=DMARC1;p=none;adkim=r;aspf=r;".into()]);
+        assert_eq!(evaluate(&dmarc, &served).0, DnsRecordState::Verified);
+    }
+}

@@ -1,0 +1,5 @@
+//! SmtpRelay controller: bound domains -> RelayConfig + key Secret ->
+//! Deployment, Service, PDB, HPA -> status.
+
+pub mod build;
+pub mod reconcile;

@@ -1,0 +1,396 @@
+//! SmtpRelay reconcile: gather the bound SendingDomains and their active keys,
+//! render the RelayConfig, apply every child object with server-side apply,
+//! and report Available, Progressing and Degraded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use petrel_crds::dkim_key::DkimKey;
+use petrel_crds::sending_domain::SendingDomain;
+use petrel_crds::smtp_relay::{
+    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, SmtpRelay, SmtpRelayStatus,
+};
+use petrel_crds::status::{Condition, ConditionStatus, conditions_equivalent, merge_conditions};
+use serde_json::json;
+
+use super::build::{self, BoundDomain};
+use crate::context::{Context, FIELD_MANAGER};
+use crate::dkim_key::reconcile::{PRIVATE_KEY, apply};
+use crate::error::{Error, InvalidSpec, Result};
+use crate::sending_domain::reconcile::dkim_key_name;
+use crate::sending_domain::validate::conflicting_owner;
+
+/// What the relay signs for, and the key files its pods need.
+#[derive(Debug, Default)]
+pub struct Bindings {
+    /// Domains with an active key, sorted by domain.
+    pub domains: Vec<BoundDomain>,
+    /// Private keys by file name: active, next and retiring keys of each domain.
+    pub keys: BTreeMap<String, String>,
+}
+
+/// Reconciles one SmtpRelay.
+pub async fn reconcile(relay: Arc<SmtpRelay>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.start("SmtpRelay");
+    let result = reconcile_inner(&relay, &ctx).await;
+    ctx.metrics.count(
+        "SmtpRelay",
+        result.as_ref().map_or_else(|e| e.category(), |_| "ok"),
+    );
+    result
+}
+
+async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
+    let ns = relay.namespace().ok_or(Error::Malformed("namespace"))?;
+    let name = relay.name_any();
+    let client = ctx.client.clone();
+    let relays: Api<SmtpRelay> = Api::namespaced(client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let generation = relay.metadata.generation;
+    let stored = relay.status.clone().unwrap_or_default();
+    let now = ctx.clock.now_time();
+
+    let bindings = bindings(relay, ctx, &ns).await?;
+    let username = smarthost_username(relay, &secrets).await?;
+    let config = match build::relay_config(relay, &bindings.domains, username) {
+        Ok(config) => config,
+        Err(invalid) => {
+            let status = SmtpRelayStatus {
+                conditions: merge_conditions(
+                    &stored.conditions,
+                    vec![degraded(Some(&invalid), generation, now)],
+                ),
+                observed_generation: generation,
+                ..stored.clone()
+            };
+            write_status(&relays, &name, &stored, &status).await?;
+            ctx.event(
+                relay,
+                EventType::Warning,
+                invalid.reason,
+                "Render",
+                invalid.message,
+            )
+            .await;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let settings = ctx.settings.build();
+    let config_map = build::config_map(relay, &config).map_err(Error::Build)?;
+    apply(
+        &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+        &build::config_map_name(relay),
+        &config_map,
+    )
+    .await?;
+    apply(
+        &secrets,
+        &build::dkim_secret_name(relay),
+        &build::dkim_secret(relay, &bindings.keys),
+    )
+    .await?;
+    let deployment = apply(
+        &Api::<Deployment>::namespaced(client.clone(), &ns),
+        &build::base_name(relay),
+        &build::deployment(relay, &settings),
+    )
+    .await?;
+    apply(
+        &Api::<Service>::namespaced(client.clone(), &ns),
+        &build::base_name(relay),
+        &build::service(relay),
+    )
+    .await?;
+    apply(
+        &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
+        &build::base_name(relay),
+        &build::pdb(relay),
+    )
+    .await?;
+    let hpas = Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), &ns);
+    match build::hpa(relay) {
+        Some(hpa) => {
+            apply(&hpas, &build::base_name(relay), &hpa).await?;
+        }
+        None => match hpas
+            .delete(&build::base_name(relay), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => {}
+            Err(err) => return Err(err.into()),
+        },
+    }
+
+    apply_service_monitor(relay, ctx, &ns).await?;
+
+    let mut bound: Vec<String> = bindings
+        .domains
+        .iter()
+        .map(|d| d.spec.domain.clone())
+        .collect();
+    bound.sort();
+    let status = relay_status(relay, &deployment, bound, &stored, now);
+    write_status(&relays, &name, &stored, &status).await?;
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// The SendingDomains bound to `relay` (not losing a domain conflict) that have
+/// an active key, and the private keys the pods need.
+pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bindings> {
+    let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), ns);
+    let keys: Api<DkimKey> = Api::namespaced(ctx.client.clone(), ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let all = domains.list(&ListParams::default()).await?.items;
+    let mut out = Bindings::default();
+    for sd in all
+        .iter()
+        .filter(|sd| sd.spec.relay_ref.name == relay.name_any())
+        .filter(|sd| conflicting_owner(sd, &all).is_none())
+    {
+        let Some(key) = keys.get_opt(&dkim_key_name(sd)).await? else {
+            continue;
+        };
+        if !key.spec.domain.eq_ignore_ascii_case(&sd.spec.domain) {
+            continue;
+        }
+        let status = key.status.unwrap_or_default();
+        let Some(active) = status.active.clone() else {
+            continue;
+        };
+        let Some(active_pem) = private_key(&secrets, &active.secret_name).await? else {
+            // The key's Secret is gone: better not to sign than to reference a missing file.
+            tracing::warn!(domain = %sd.spec.domain, secret = %active.secret_name, "active DKIM key Secret missing");
+            continue;
+        };
+        out.keys.insert(
+            build::key_file_name(&sd.spec.domain, &active.selector),
+            active_pem,
+        );
+        // The next key's file is in place before the config switches to it, and a
+        // retiring key's file stays until it is removed, so however the kubelet
+        // orders the ConfigMap and Secret updates, the config never names a missing file.
+        for other in status.next.iter().chain(status.retiring.iter()) {
+            if let Some(pem) = private_key(&secrets, &other.secret_name).await? {
+                out.keys
+                    .insert(build::key_file_name(&sd.spec.domain, &other.selector), pem);
+            }
+        }
+        out.domains.push(BoundDomain {
+            spec: sd.spec.clone(),
+            active_key: active,
+        });
+    }
+    out.domains
+        .sort_by(|a, b| a.spec.domain.cmp(&b.spec.domain));
+    Ok(out)
+}
+
+/// Applies (or removes) the ServiceMonitor. Without the prometheus-operator
+/// CRD installed this is a warning Event, not an error: the relay runs anyway.
+async fn apply_service_monitor(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<()> {
+    let resource = ApiResource {
+        group: "monitoring.coreos.com".into(),
+        version: "v1".into(),
+        api_version: "monitoring.coreos.com/v1".into(),
+        kind: "ServiceMonitor".into(),
+        plural: "servicemonitors".into(),
+    };
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
+    let name = build::base_name(relay);
+    let result = match build::service_monitor(relay) {
+        Some(sm) => api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&sm),
+            )
+            .await
+            .map(|_| ()),
+        None => api
+            .delete(&name, &DeleteParams::default())
+            .await
+            .map(|_| ()),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        // No such object (nothing to delete) or no such CRD.
+        Err(kube::Error::Api(status)) if status.code == 404 => {
+            if relay.spec.monitoring.service_monitor {
+                ctx.event(
+                    relay,
+                    EventType::Warning,
+                    "ServiceMonitorUnavailable",
+                    "Monitor",
+                    "spec.monitoring.serviceMonitor is set but the ServiceMonitor CRD (prometheus-operator) is not installed".into(),
+                )
+                .await;
+            }
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+async fn private_key(secrets: &Api<Secret>, name: &str) -> Result<Option<String>> {
+    let Some(secret) = secrets.get_opt(name).await? else {
+        return Ok(None);
+    };
+    Ok(secret
+        .data
+        .and_then(|mut d| d.remove(PRIVATE_KEY))
+        .and_then(|b| String::from_utf8(b.0).ok()))
+}
+
+async fn smarthost_username(relay: &SmtpRelay, secrets: &Api<Secret>) -> Result<Option<String>> {
+    let Some(creds) = relay
+        .spec
+        .delivery
+        .smarthost
+        .as_ref()
+        .and_then(|s| s.credentials_secret_ref.as_ref())
+    else {
+        return Ok(None);
+    };
+    Ok(secrets
+        .get_opt(&creds.name)
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|mut d| d.remove("username"))
+        .and_then(|b| String::from_utf8(b.0).ok())
+        .map(|u| u.trim().to_string()))
+}
+
+fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -> Condition {
+    match invalid {
+        Some(invalid) => Condition::new(
+            CONDITION_DEGRADED,
+            ConditionStatus::True,
+            invalid.reason,
+            invalid.message.clone(),
+            generation,
+            now,
+        ),
+        None => Condition::new(
+            CONDITION_DEGRADED,
+            ConditionStatus::False,
+            "AsExpected",
+            "",
+            generation,
+            now,
+        ),
+    }
+}
+
+/// Status from the applied Deployment (pure).
+pub fn relay_status(
+    relay: &SmtpRelay,
+    deployment: &Deployment,
+    bound_domains: Vec<String>,
+    stored: &SmtpRelayStatus,
+    now: Time,
+) -> SmtpRelayStatus {
+    let generation = relay.metadata.generation;
+    let ds = deployment.status.clone().unwrap_or_default();
+    let ready = ds.ready_replicas.unwrap_or(0);
+    let replicas = ds.replicas.unwrap_or(0);
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(replicas);
+    let rolled_out = ds.observed_generation >= deployment.metadata.generation
+        && ds.updated_replicas.unwrap_or(0) >= desired
+        && replicas == desired;
+    let available = if ready > 0 {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::True,
+            "MinimumReplicasAvailable",
+            format!("{ready} of {desired} relay pods ready"),
+            generation,
+            now.clone(),
+        )
+    } else {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::False,
+            "NoReadyReplicas",
+            "no relay pod is ready yet; see `kubectl describe deployment` for scheduling, image and Secret mount problems",
+            generation,
+            now.clone(),
+        )
+    };
+    let progressing = if rolled_out {
+        Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            "RolloutComplete",
+            "",
+            generation,
+            now.clone(),
+        )
+    } else {
+        Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::True,
+            "RollingOut",
+            format!(
+                "{} of {desired} pods updated",
+                ds.updated_replicas.unwrap_or(0)
+            ),
+            generation,
+            now.clone(),
+        )
+    };
+    SmtpRelayStatus {
+        conditions: merge_conditions(
+            &stored.conditions,
+            vec![available, progressing, degraded(None, generation, now)],
+        ),
+        ready_replicas: ready,
+        replicas,
+        endpoints: build::endpoints(relay),
+        bound_domains,
+        observed_generation: generation,
+    }
+}
+
+async fn write_status(
+    api: &Api<SmtpRelay>,
+    name: &str,
+    stored: &SmtpRelayStatus,
+    status: &SmtpRelayStatus,
+) -> Result<()> {
+    let strip = |s: &SmtpRelayStatus| SmtpRelayStatus {
+        conditions: Vec::new(),
+        ..s.clone()
+    };
+    if strip(stored) == strip(status)
+        && conditions_equivalent(&stored.conditions, &status.conditions)
+    {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "petrel.dev/v1alpha1",
+        "kind": "SmtpRelay",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}

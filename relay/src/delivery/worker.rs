@@ -1,0 +1,1002 @@
+//! The delivery loop: lease due units, group them by destination, deliver
+//! each group over one connection, and settle every recipient (complete,
+//! retry, bounce).
+//!
+//! Concurrency: at most `workers` units are in flight in this pod (a
+//! semaphore); each destination group takes one of the destination's
+//! connection slots, shared by all pods, or goes back to the queue for a
+//! moment. A throttled or slow destination holds only its own units, so
+//! it never holds up another.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use petrel_crds::config::{OutboundTls, RelayConfig, TlsMode, Transport};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::DeliveryContext;
+use super::classify::{Failure, Fault, Outcome, Reply, is_hard_bounce};
+use super::client::{self, ConnectSettings, Connection, Envelope, RcptResult, TlsPolicy};
+use super::dsn::{self, DsnAction, DsnContext, DsnRecipient};
+use super::limits;
+use super::mx::{self, MxHost};
+use super::retry::{RetryDecision, RetryPolicy, throttle_delay};
+use super::suppression;
+use crate::metrics::destination_group;
+use crate::queue::{Lease, Millis, Reschedule, now_millis};
+
+/// Longest pause between queue polls when nothing is due.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Pause after the queue backend failed.
+const BACKEND_PAUSE: Duration = Duration::from_secs(1);
+/// Units leased per poll, at most.
+const MAX_BATCH: usize = 100;
+/// How often queue gauges are refreshed.
+const STATS_EVERY: Duration = Duration::from_secs(10);
+/// Wait for a unit whose message data could not be read.
+const DATA_RETRY: Duration = Duration::from_secs(60);
+
+/// Runs the delivery workers until `shutdown` completes, then lets
+/// deliveries in progress finish for up to `limits.shutdownGrace` (their
+/// leases expire and another worker takes them otherwise).
+pub async fn run(
+    ctx: Arc<DeliveryContext>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let workers = ctx.config.get().delivery.workers.max(1) as usize;
+    let permits = Arc::new(Semaphore::new(workers));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    let mut last_stats: Option<Instant> = None;
+    tokio::pin!(shutdown);
+    tracing::info!(workers, "delivery workers started");
+    loop {
+        while tasks.try_join_next().is_some() {}
+        ctx.pool.sweep();
+        if last_stats.is_none_or(|t| t.elapsed() >= STATS_EVERY) {
+            last_stats = Some(Instant::now());
+            update_gauges(&ctx).await;
+        }
+        let available = permits.available_permits();
+        if available == 0 {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tasks.join_next() => continue,
+            }
+        }
+        let cfg = ctx.config.get();
+        let lease_for = cfg.queue.lease.get();
+        let leases = match ctx
+            .queue
+            .lease(now_millis(), available.min(MAX_BATCH), lease_for)
+            .await
+        {
+            Ok(leases) => leases,
+            Err(error) => {
+                tracing::warn!(%error, "cannot lease from the queue");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(BACKEND_PAUSE) => continue,
+                }
+            }
+        };
+        if leases.is_empty() {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(IDLE_POLL) => continue,
+            }
+        }
+        for (domain, group) in group_by_destination(leases) {
+            let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            // Never blocks long: we leased no more units than free permits.
+            let Ok(permit) = permits.clone().acquire_many_owned(n).await else {
+                break;
+            };
+            tasks.spawn(deliver_group(
+                ctx.clone(),
+                cfg.clone(),
+                domain,
+                group,
+                permit,
+            ));
+        }
+    }
+    let grace = ctx.config.get().limits.shutdown_grace.get();
+    tracing::info!(in_flight = tasks.len(), ?grace, "delivery workers stopping");
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    for session in ctx.pool.drain() {
+        session.conn.client.quit().await;
+    }
+}
+
+async fn update_gauges(ctx: &DeliveryContext) {
+    let now = now_millis();
+    match ctx.queue.stats(now).await {
+        Ok(stats) => {
+            let m = &ctx.metrics;
+            m.queue_units
+                .with_label_values(&["due"])
+                .set(stats.due as i64);
+            m.queue_units
+                .with_label_values(&["deferred"])
+                .set(stats.deferred as i64);
+            m.queue_units
+                .with_label_values(&["leased"])
+                .set(stats.leased as i64);
+            let age = stats
+                .oldest_received_at
+                .map(|t| now.saturating_sub(t) / 1000)
+                .unwrap_or(0);
+            m.oldest_message_age.set(age as i64);
+        }
+        Err(error) => tracing::debug!(%error, "queue stats unavailable"),
+    }
+}
+
+/// Leases grouped by destination domain, keeping lease order inside a group.
+pub fn group_by_destination(leases: Vec<Lease>) -> BTreeMap<String, Vec<Lease>> {
+    let mut groups: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+    for lease in leases {
+        groups
+            .entry(lease.unit.domain.clone())
+            .or_default()
+            .push(lease);
+    }
+    groups
+}
+
+fn policy(cfg: &RelayConfig) -> RetryPolicy {
+    RetryPolicy {
+        schedule: cfg
+            .delivery
+            .retry_schedule
+            .iter()
+            .map(|d| d.get())
+            .collect(),
+        max_lifetime: cfg.delivery.max_queue_lifetime.get(),
+        delayed_dsn_after: cfg.delivery.delayed_dsn_after.map(|d| d.get()),
+    }
+}
+
+fn jitter() -> u64 {
+    rand::random::<u64>() % 1000
+}
+
+fn millis(d: Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Hands a unit back for `wait` because of a limit; not an attempt.
+async fn throttle(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    lease: &Lease,
+    wait: Duration,
+    why: &str,
+) {
+    let unit = &lease.unit;
+    let lifetime = cfg.delivery.max_queue_lifetime.get();
+    if let Err(error) = limits::note_throttled(ctx.state.as_ref(), &unit.id, lifetime).await {
+        tracing::warn!(%error, unit = %unit.id, "cannot record throttle");
+    }
+    let next = now_millis().saturating_add(millis(throttle_delay(wait, jitter())));
+    let reschedule = Reschedule {
+        recipients: unit.recipients.clone(),
+        next_attempt_at: next,
+        last_error: unit.last_error.clone().unwrap_or_else(|| why.to_string()),
+        delay_notified: unit.delay_notified,
+    };
+    tracing::debug!(unit = %unit.id, destination = %unit.domain, why, "throttled");
+    if let Err(error) = ctx.queue.retry(lease, reschedule).await {
+        tracing::warn!(%error, unit = %unit.id, "cannot hand back a throttled unit; its lease will expire");
+    }
+}
+
+/// Where a group goes.
+enum Route {
+    /// SMTP to these hosts on this port.
+    Smtp(Vec<MxHost>, u16),
+    /// SMTP to these hosts on this port, with these connection settings.
+    Ready(Vec<MxHost>, u16, Box<ConnectSettings>),
+    /// Nowhere, for this reason.
+    Fail(Fault),
+    /// The Maildir tree.
+    Maildir(std::path::PathBuf),
+}
+
+async fn route(ctx: &DeliveryContext, cfg: &RelayConfig, domain: &str) -> Route {
+    match cfg.delivery.transport {
+        Transport::Maildir => match &cfg.delivery.maildir {
+            Some(m) => Route::Maildir(m.path.clone()),
+            None => Route::Fail(Fault::Local(
+                "transport maildir without maildir.path".into(),
+            )),
+        },
+        Transport::Smarthost => {
+            let Some(sh) = &cfg.delivery.smarthost else {
+                return Route::Fail(Fault::Local(
+                    "transport smarthost without smarthost settings".into(),
+                ));
+            };
+            // The system resolver: a smarthost is often a cluster service
+            // name that only the pod's resolv.conf search path finds.
+            match tokio::net::lookup_host((sh.host.as_str(), sh.port)).await {
+                Ok(addrs) => {
+                    let addrs: Vec<_> = addrs.map(|a| a.ip()).collect();
+                    if addrs.is_empty() {
+                        return Route::Fail(Fault::DnsTemporary(format!(
+                            "smarthost {} has no address",
+                            sh.host
+                        )));
+                    }
+                    Route::Smtp(
+                        vec![MxHost {
+                            name: sh.host.clone(),
+                            addrs,
+                        }],
+                        sh.port,
+                    )
+                }
+                Err(e) => Route::Fail(Fault::DnsTemporary(format!("smarthost {}: {e}", sh.host))),
+            }
+        }
+        Transport::Mx => {
+            if domain.is_empty() {
+                return Route::Fail(Fault::DnsPermanent {
+                    status: "5.1.3",
+                    reason: "recipient address has no domain".into(),
+                });
+            }
+            let resolver = match ctx.resolver(&cfg.delivery.mx.nameservers) {
+                Ok(r) => r,
+                Err(e) => return Route::Fail(Fault::DnsTemporary(e.to_string())),
+            };
+            match mx::resolve(&resolver, domain).await {
+                Ok(hosts) => Route::Smtp(hosts, cfg.delivery.mx.port),
+                Err(fault) => Route::Fail(fault),
+            }
+        }
+    }
+}
+
+fn connect_settings(ctx: &DeliveryContext, cfg: &RelayConfig) -> Result<ConnectSettings, Fault> {
+    let timeouts = client::Timeouts::from(&cfg.delivery.timeouts);
+    match (cfg.delivery.transport, &cfg.delivery.smarthost) {
+        (Transport::Smarthost, Some(sh)) => {
+            let auth = match (&sh.username, &sh.password_file) {
+                (Some(user), Some(file)) => {
+                    let password = std::fs::read_to_string(file).map_err(|e| {
+                        Fault::Local(format!("cannot read smarthost password file: {e}"))
+                    })?;
+                    Some((
+                        user.clone(),
+                        password.trim_end_matches(['\r', '\n']).to_string(),
+                    ))
+                }
+                _ => None,
+            };
+            let tls = match sh.tls {
+                TlsMode::None => TlsPolicy::Disabled,
+                // AUTH will follow: STARTTLS must happen.
+                TlsMode::Starttls => TlsPolicy::Required,
+                TlsMode::Implicit => TlsPolicy::Implicit,
+            };
+            let tls_config = match tls {
+                TlsPolicy::Disabled => ctx.unverified_tls.clone(),
+                TlsPolicy::Opportunistic | TlsPolicy::Required | TlsPolicy::Implicit => {
+                    ctx.verified_tls().map_err(|e| Fault::Tls(e.to_string()))?
+                }
+            };
+            Ok(ConnectSettings {
+                ehlo_name: cfg.hostname.clone(),
+                timeouts,
+                tls,
+                tls_config,
+                auth,
+            })
+        }
+        _ => Ok(ConnectSettings {
+            ehlo_name: cfg.hostname.clone(),
+            timeouts,
+            tls: match cfg.delivery.outbound_tls {
+                OutboundTls::Opportunistic => TlsPolicy::Opportunistic,
+                OutboundTls::Required => TlsPolicy::Required,
+            },
+            tls_config: ctx.unverified_tls.clone(),
+            auth: None,
+        }),
+    }
+}
+
+/// What happened to one recipient, with where it happened.
+#[derive(Clone, Debug)]
+struct RcptOutcome {
+    result: RcptResult,
+    remote: Option<String>,
+    tls: bool,
+}
+
+/// Delivers one destination's units, sharing a connection.
+async fn deliver_group(
+    ctx: Arc<DeliveryContext>,
+    cfg: Arc<RelayConfig>,
+    domain: String,
+    leases: Vec<Lease>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let is_smtp = cfg.delivery.transport != Transport::Maildir;
+    let slot_key = limits::slot_key(&domain);
+    let slot = if is_smtp {
+        let limit = cfg.delivery.per_destination_concurrency.max(1);
+        match ctx
+            .state
+            .acquire_slot(&slot_key, limit, cfg.queue.lease.get())
+            .await
+        {
+            Ok(Some(token)) => Some(token),
+            Ok(None) => {
+                for lease in &leases {
+                    throttle(
+                        &ctx,
+                        &cfg,
+                        lease,
+                        Duration::from_secs(1),
+                        "waiting for a connection slot",
+                    )
+                    .await;
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(%error, destination = %domain, "cannot take a connection slot; delivering without");
+                None
+            }
+        }
+    } else {
+        None
+    };
+
+    // Rate limits, per unit.
+    let mut ready = Vec::with_capacity(leases.len());
+    for lease in leases {
+        let unit = &lease.unit;
+        let windows = limits::rate_windows(
+            &unit.sending_domain,
+            cfg.domain(&unit.sending_domain).map(|d| &d.rate_limits),
+            &domain,
+            if is_smtp {
+                cfg.delivery.per_destination_rate
+            } else {
+                None
+            },
+        );
+        match limits::take_rate(ctx.state.as_ref(), &windows).await {
+            Ok(None) => ready.push(lease),
+            Ok(Some(wait)) => throttle(&ctx, &cfg, &lease, wait, "rate limit").await,
+            Err(error) => {
+                tracing::warn!(%error, "rate limit check failed; delivering anyway");
+                ready.push(lease);
+            }
+        }
+    }
+
+    if !ready.is_empty() {
+        let route = match route(&ctx, &cfg, &domain).await {
+            Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg) {
+                Ok(settings) => Route::Ready(hosts, port, Box::new(settings)),
+                Err(fault) => Route::Fail(fault),
+            },
+            other => other,
+        };
+        let key = match &route {
+            Route::Ready(_, port, settings) => Some(Pool::key(&domain, *port, settings)),
+            Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
+        };
+        let mut session = key.as_deref().and_then(|k| ctx.pool.take(k));
+        let lease_for = millis(cfg.queue.lease.get());
+        for lease in &ready {
+            // Units wait in a group while earlier ones are sent; one whose
+            // lease has mostly run out goes back rather than risk being
+            // delivered here and by the worker that takes it over.
+            if lease.expires_at.saturating_sub(now_millis()) < lease_for / 3 {
+                throttle(&ctx, &cfg, lease, Duration::ZERO, "lease running out").await;
+                continue;
+            }
+            deliver_unit(&ctx, &cfg, &domain, &route, &mut session, lease).await;
+        }
+        if let Some(s) = session {
+            match key {
+                Some(k) => ctx.pool.put(k, s),
+                None => s.conn.client.quit().await,
+            }
+        }
+    }
+
+    if let Some(token) = slot
+        && let Err(error) = ctx.state.release_slot(&slot_key, &token).await
+    {
+        tracing::warn!(%error, destination = %domain, "cannot release a connection slot; it expires with its ttl");
+    }
+}
+
+/// An open connection and whether a transaction already used it.
+pub(crate) struct Session {
+    conn: Connection,
+    used: bool,
+}
+
+/// How long an idle connection is kept for the next units to the same
+/// destination. Short: servers drop idle clients, and an idle connection
+/// still counts against the destination's goodwill.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+/// Idle connections kept per destination.
+const POOL_PER_KEY: usize = 4;
+
+/// Idle connections by destination, so units leased in later batches reuse
+/// a connection instead of paying TCP, greeting and TLS again. A reused
+/// connection is checked with RSET before its next transaction.
+#[derive(Default)]
+pub(crate) struct Pool {
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<(Instant, Session)>>>,
+}
+
+impl Pool {
+    /// Connections are interchangeable only with the same destination,
+    /// port and settings (a reload may change them).
+    fn key(domain: &str, port: u16, settings: &ConnectSettings) -> String {
+        format!(
+            "{domain}|{port}|{:?}|{}|{}",
+            settings.tls,
+            settings.ehlo_name,
+            settings
+                .auth
+                .as_ref()
+                .map(|(u, _)| u.as_str())
+                .unwrap_or("")
+        )
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<(Instant, Session)>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently used idle connection for `key`, if fresh.
+    fn take(&self, key: &str) -> Option<Session> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(key)?;
+        while let Some((since, session)) = list.pop() {
+            if since.elapsed() < POOL_IDLE {
+                return Some(Session {
+                    used: true,
+                    ..session
+                });
+            }
+            close(session);
+        }
+        None
+    }
+
+    /// Keeps `session` for later, closing the oldest beyond the cap.
+    fn put(&self, key: String, session: Session) {
+        let mut idle = self.lock();
+        let list = idle.entry(key).or_default();
+        list.push((Instant::now(), session));
+        if list.len() > POOL_PER_KEY {
+            let (_, oldest) = list.remove(0);
+            close(oldest);
+        }
+    }
+
+    /// Closes connections idle for too long.
+    pub(crate) fn sweep(&self) {
+        let mut idle = self.lock();
+        for list in idle.values_mut() {
+            let (fresh, stale): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|(since, _)| since.elapsed() < POOL_IDLE);
+            *list = fresh;
+            for (_, s) in stale {
+                close(s);
+            }
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    /// Closes everything (shutdown).
+    fn drain(&self) -> Vec<Session> {
+        self.lock()
+            .drain()
+            .flat_map(|(_, list)| list.into_iter().map(|(_, s)| s))
+            .collect()
+    }
+}
+
+/// QUIT in the background, so the caller (holding the pool lock) never waits.
+fn close(session: Session) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        handle.spawn(session.conn.client.quit());
+    }
+}
+
+async fn deliver_unit(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    domain: &str,
+    route: &Route,
+    session: &mut Option<Session>,
+    lease: &Lease,
+) {
+    let unit = &lease.unit;
+    if unit.recipients.is_empty() {
+        if let Err(error) = ctx.queue.complete(lease).await {
+            tracing::warn!(%error, unit = %unit.id, "cannot complete an empty unit");
+        }
+        return;
+    }
+    let data = match ctx.queue.message_data(&unit.message_id).await {
+        Ok(d) => d,
+        Err(error) => {
+            tracing::error!(%error, unit = %unit.id, "cannot read message data; retrying later");
+            let reschedule = Reschedule {
+                recipients: unit.recipients.clone(),
+                next_attempt_at: now_millis().saturating_add(millis(DATA_RETRY)),
+                last_error: format!("queue: {error}"),
+                delay_notified: unit.delay_notified,
+            };
+            if let Err(error) = ctx.queue.retry(lease, reschedule).await {
+                tracing::warn!(%error, unit = %unit.id, "cannot reschedule");
+            }
+            return;
+        }
+    };
+
+    let started = Instant::now();
+    let outcomes: Vec<RcptOutcome> = match route {
+        Route::Fail(fault) => unit
+            .recipients
+            .iter()
+            .map(|_| RcptOutcome {
+                result: Err(Failure::Fault(fault.clone())),
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+        Route::Maildir(root) => deliver_maildir(cfg, root, unit, &data).await,
+        Route::Ready(hosts, port, settings) => {
+            deliver_smtp(ctx, settings, hosts, *port, session, unit, &data, domain).await
+        }
+        // `deliver_group` turns every Smtp route into Ready or Fail.
+        Route::Smtp(..) => unit
+            .recipients
+            .iter()
+            .map(|_| RcptOutcome {
+                result: Err(Failure::Fault(Fault::Local(
+                    "no connection settings".into(),
+                ))),
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+    };
+    ctx.metrics
+        .attempt_duration
+        .with_label_values(&[destination_group(domain)])
+        .observe(started.elapsed().as_secs_f64());
+    settle(ctx, cfg, lease, &data, outcomes).await;
+}
+
+async fn deliver_maildir(
+    cfg: &RelayConfig,
+    root: &std::path::Path,
+    unit: &crate::queue::DeliveryUnit,
+    data: &[u8],
+) -> Vec<RcptOutcome> {
+    let root = root.to_path_buf();
+    let hostname = cfg.hostname.clone();
+    let mail_from = unit.mail_from.clone();
+    let recipients = unit.recipients.clone();
+    let data = data.to_vec();
+    let joined = tokio::task::spawn_blocking(move || {
+        recipients
+            .iter()
+            .map(|rcpt| super::maildir::deliver(&root, &hostname, &mail_from, rcpt, &data))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match joined {
+        Ok(results) => results
+            .into_iter()
+            .map(|r| RcptOutcome {
+                result: match r {
+                    Ok(path) => Ok(Reply::new(
+                        250,
+                        Some([2, 0, 0]),
+                        format!("delivered to {}", path.display()),
+                    )),
+                    Err(e) => Err(Failure::Fault(Fault::Local(e.to_string()))),
+                },
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+        Err(e) => unit
+            .recipients
+            .iter()
+            .map(|_| RcptOutcome {
+                result: Err(Failure::Fault(Fault::Local(e.to_string()))),
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+    }
+}
+
+/// Delivers one unit over SMTP, reusing `session` when it is open and
+/// moving on to the next host after a host failure.
+#[allow(clippy::too_many_arguments)]
+async fn deliver_smtp(
+    ctx: &DeliveryContext,
+    settings: &ConnectSettings,
+    hosts: &[MxHost],
+    port: u16,
+    session: &mut Option<Session>,
+    unit: &crate::queue::DeliveryUnit,
+    data: &[u8],
+    domain: &str,
+) -> Vec<RcptOutcome> {
+    let n = unit.recipients.len();
+    let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
+    let mut pending: Vec<usize> = (0..n).collect();
+    let mut last_failure = Failure::Fault(Fault::Connect(format!("no server for {domain}")));
+    let mut next_host = 0usize;
+    while !pending.is_empty() {
+        // Reuse the open connection after RSET, or open a new one.
+        if let Some(s) = session.as_mut()
+            && s.used
+        {
+            match s.conn.client.rset().await {
+                Ok(true) => {}
+                Ok(false) | Err(_) => {
+                    if let Some(s) = session.take() {
+                        s.conn.client.quit().await;
+                    }
+                }
+            }
+        }
+        if session.is_none() {
+            while session.is_none() && next_host < hosts.len() {
+                let host = &hosts[next_host];
+                next_host += 1;
+                for ip in &host.addrs {
+                    match client::connect(SocketAddr::new(*ip, port), &host.name, settings).await {
+                        Ok(conn) => {
+                            let tls = if conn.tls { "tls" } else { "plaintext" };
+                            ctx.metrics
+                                .outbound_sessions
+                                .with_label_values(&[destination_group(domain), tls])
+                                .inc();
+                            *session = Some(Session { conn, used: false });
+                            break;
+                        }
+                        Err(failure) => {
+                            tracing::debug!(host = %host.name, %ip, %failure, "host failed; trying the next");
+                            last_failure = failure;
+                        }
+                    }
+                }
+            }
+            if session.is_none() {
+                break;
+            }
+        }
+        let Some(s) = session.as_mut() else { break };
+        let recipients: Vec<String> = pending
+            .iter()
+            .map(|&i| unit.recipients[i].clone())
+            .collect();
+        let env = Envelope {
+            mail_from: &unit.mail_from,
+            recipients: &recipients,
+            eight_bit: unit.flags.eight_bit,
+            smtputf8: unit.flags.smtputf8,
+        };
+        let t = s.conn.client.send(&env, data).await;
+        s.used = true;
+        let host = s.conn.host.clone();
+        let tls = s.conn.tls;
+        let mut still = Vec::new();
+        for (&i, result) in pending.iter().zip(t.results) {
+            match result {
+                Err(f)
+                    if t.host_failure
+                        && f.outcome() == Outcome::Temporary
+                        && next_host < hosts.len() =>
+                {
+                    last_failure = f;
+                    still.push(i);
+                }
+                result => {
+                    outcomes[i] = Some(RcptOutcome {
+                        result,
+                        remote: Some(host.clone()),
+                        tls,
+                    })
+                }
+            }
+        }
+        pending = still;
+        if t.connection_lost {
+            *session = None;
+        } else if t.host_failure
+            && let Some(s) = session.take()
+        {
+            s.conn.client.quit().await;
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| RcptOutcome {
+                result: Err(last_failure.clone()),
+                remote: None,
+                tls: false,
+            })
+        })
+        .collect()
+}
+
+/// Applies the outcomes: metrics and a log line per recipient, DSNs,
+/// suppression, and the queue operation (complete, retry or fail).
+async fn settle(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    lease: &Lease,
+    data: &[u8],
+    outcomes: Vec<RcptOutcome>,
+) {
+    let unit = &lease.unit;
+    let now = now_millis();
+    let policy = policy(cfg);
+    let dest = destination_group(&unit.domain);
+    let attempt = unit.attempts.saturating_add(1);
+
+    let mut bounced: Vec<(String, Failure, Option<String>)> = Vec::new();
+    let mut deferred: Vec<(String, Failure, Option<String>)> = Vec::new();
+    for (rcpt, o) in unit.recipients.iter().zip(outcomes) {
+        let remote = o.remote.as_deref().unwrap_or("-");
+        match o.result {
+            Ok(reply) => {
+                ctx.metrics
+                    .delivered
+                    .with_label_values(&[&unit.sending_domain, dest])
+                    .inc();
+                let latency = now.saturating_sub(unit.received_at) as f64 / 1000.0;
+                ctx.metrics
+                    .delivery_latency
+                    .with_label_values(&[&unit.sending_domain])
+                    .observe(latency);
+                tracing::info!(
+                    outcome = "delivered", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
+                    destination = %unit.domain, recipient = %rcpt, remote, reply = %reply, tls = o.tls, attempt,
+                    "delivered"
+                );
+            }
+            Err(failure) => match failure.outcome() {
+                Outcome::Permanent => bounced.push((rcpt.clone(), failure, o.remote)),
+                Outcome::Temporary | Outcome::Delivered => {
+                    deferred.push((rcpt.clone(), failure, o.remote))
+                }
+            },
+        }
+    }
+
+    // Deferred recipients: retry, or expire into bounces.
+    let mut retry_at = None;
+    if !deferred.is_empty() {
+        let attempts =
+            limits::effective_attempts(ctx.state.as_ref(), &unit.id, unit.attempts).await;
+        match policy.decide(unit.received_at, attempts, now) {
+            RetryDecision::RetryAt(at) => retry_at = Some(at),
+            RetryDecision::Expire => {
+                for (rcpt, failure, remote) in deferred.drain(..) {
+                    tracing::info!(
+                        outcome = "expired", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
+                        destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
+                        reply = %failure, attempt, "gave up: maximum queue lifetime reached"
+                    );
+                    bounced.push((rcpt, failure, remote));
+                }
+            }
+        }
+    }
+
+    for (rcpt, failure, remote) in &deferred {
+        ctx.metrics
+            .deferred
+            .with_label_values(&[&unit.sending_domain, dest])
+            .inc();
+        tracing::info!(
+            outcome = "deferred", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
+            destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
+            reply = %failure, attempt, next_attempt_at = retry_at.unwrap_or(0), "deferred"
+        );
+    }
+
+    let dsn_ctx = |until| DsnContext {
+        hostname: &cfg.hostname,
+        unit,
+        original: data,
+        now,
+        will_retry_until: until,
+    };
+
+    // Bounces: metrics, log, suppression, one DSN for all of them.
+    let mut dsn_failed = false;
+    if !bounced.is_empty() {
+        let ttl = cfg.delivery.suppression_ttl.map(|d| d.get());
+        let mut report = Vec::with_capacity(bounced.len());
+        for (rcpt, failure, remote) in &bounced {
+            ctx.metrics
+                .bounced
+                .with_label_values(&[&unit.sending_domain, dest, &failure.class()])
+                .inc();
+            let hard = is_hard_bounce(failure);
+            if failure.outcome() == Outcome::Permanent {
+                tracing::info!(
+                    outcome = "bounced", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
+                    destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
+                    reply = %failure, attempt, hard, "bounced"
+                );
+            }
+            if hard
+                && let Err(error) =
+                    suppression::record_hard_bounce(ctx.state.as_ref(), rcpt, failure, now, ttl)
+                        .await
+            {
+                tracing::warn!(%error, recipient = %rcpt, "cannot record suppression");
+            }
+            report.push(DsnRecipient {
+                address: rcpt.clone(),
+                action: DsnAction::Failed,
+                status: failure.dsn_status(),
+                remote_mta: remote.clone(),
+                diagnostic: Some(match failure.reply() {
+                    Some(r) => r.one_line(),
+                    None => failure.to_string(),
+                }),
+                diagnostic_is_smtp: failure.reply().is_some(),
+            });
+        }
+        if let Some(message) = dsn::build(&dsn_ctx(None), &report) {
+            if let Err(error) = ctx.queue.enqueue(message).await {
+                tracing::error!(%error, unit = %unit.id, "cannot queue the bounce; the unit will be retried");
+                dsn_failed = true;
+            }
+        } else {
+            tracing::debug!(unit = %unit.id, "no DSN: null sender or the message is a DSN");
+        }
+    }
+
+    // A delayed-DSN warning, once.
+    let mut delay_notified = unit.delay_notified;
+    if retry_at.is_some()
+        && !deferred.is_empty()
+        && policy.delayed_dsn_due(unit.received_at, unit.delay_notified, now)
+    {
+        let report: Vec<DsnRecipient> = deferred
+            .iter()
+            .map(|(rcpt, failure, remote)| DsnRecipient {
+                address: rcpt.clone(),
+                action: DsnAction::Delayed,
+                status: failure.dsn_status(),
+                remote_mta: remote.clone(),
+                diagnostic: Some(match failure.reply() {
+                    Some(r) => r.one_line(),
+                    None => failure.to_string(),
+                }),
+                diagnostic_is_smtp: failure.reply().is_some(),
+            })
+            .collect();
+        let until = policy.expires_at(unit.received_at);
+        match dsn::build(&dsn_ctx(Some(until)), &report) {
+            Some(message) => match ctx.queue.enqueue(message).await {
+                Ok(()) => delay_notified = true,
+                Err(error) => {
+                    tracing::warn!(%error, unit = %unit.id, "cannot queue the delay warning")
+                }
+            },
+            // Nobody to warn: do not try again.
+            None => delay_notified = true,
+        }
+    }
+
+    // The queue operation.
+    let result = if dsn_failed {
+        // Keep every undelivered recipient so the bounce is made again.
+        let mut recipients: Vec<String> = deferred.iter().map(|(r, _, _)| r.clone()).collect();
+        recipients.extend(bounced.iter().map(|(r, _, _)| r.clone()));
+        ctx.queue
+            .retry(
+                lease,
+                Reschedule {
+                    recipients,
+                    next_attempt_at: now.saturating_add(millis(DATA_RETRY)),
+                    last_error: "bounce could not be queued".into(),
+                    delay_notified,
+                },
+            )
+            .await
+    } else if let Some(at) = retry_at.filter(|_| !deferred.is_empty()) {
+        let last_error = deferred
+            .last()
+            .map(|(_, f, _)| f.to_string())
+            .unwrap_or_default();
+        ctx.queue
+            .retry(
+                lease,
+                Reschedule {
+                    recipients: deferred.iter().map(|(r, _, _)| r.clone()).collect(),
+                    next_attempt_at: at,
+                    last_error,
+                    delay_notified,
+                },
+            )
+            .await
+    } else if !bounced.is_empty() {
+        ctx.queue.fail(lease).await
+    } else {
+        ctx.queue.complete(lease).await
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, unit = %unit.id, "cannot record the outcome in the queue; the unit may be delivered again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{DeliveryUnit, MessageFlags};
+
+    fn lease(domain: &str, id: &str) -> Lease {
+        Lease {
+            unit: DeliveryUnit {
+                id: id.into(),
+                message_id: id.into(),
+                domain: domain.into(),
+                recipients: vec![format!("a@{domain}")],
+                mail_from: "s@example.test".into(),
+                sending_domain: "example.test".into(),
+                received_at: 0,
+                flags: MessageFlags::default(),
+                attempts: 0,
+                next_attempt_at: 0,
+                last_error: None,
+                delay_notified: false,
+            },
+            token: "t".into(),
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn groups_by_destination_in_lease_order() {
+        let groups = group_by_destination(vec![
+            lease("b.test", "1"),
+            lease("a.test", "2"),
+            lease("b.test", "3"),
+        ]);
+        let ids: Vec<(&str, Vec<&str>)> = groups
+            .iter()
+            .map(|(d, l)| (d.as_str(), l.iter().map(|l| l.unit.id.as_str()).collect()))
+            .collect();
+        assert_eq!(ids, vec![("a.test", vec!["2"]), ("b.test", vec!["1", "3"])]);
+    }
+}

@@ -1,0 +1,146 @@
+//! The accept path shared by SMTP DATA/BDAT and the HTTP send API:
+//! Received/Message-ID/Date, DKIM signature, durable enqueue, quota count.
+//! The caller says 250 (or 200) only when this returns `Ok`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::InboundContext;
+use super::envelope::{backend_reject, quota_key};
+use super::headers::{self, TraceInfo};
+use super::reply::Reject;
+use super::session::Envelope;
+use crate::config::RelayConfig;
+use crate::dkim::algorithm_label;
+use crate::queue::{NewMessage, now_millis};
+
+/// Where a message came from, for its Received header and logs.
+#[derive(Clone, Debug)]
+pub struct Origin<'a> {
+    /// EHLO name (or a fixed name for HTTP).
+    pub helo: &'a str,
+    /// Client address.
+    pub ip: IpAddr,
+    /// `with` keyword of the Received header.
+    pub protocol: &'static str,
+    /// TLS version and cipher, when used.
+    pub tls: Option<(&'a str, &'a str)>,
+    /// The AUTH user, when authenticated.
+    pub user: Option<&'a str>,
+}
+
+/// Signs and enqueues `raw` for `envelope`. Returns the queue id, or `None`
+/// when every recipient was suppressed with `onSuppressed: drop` (nothing
+/// to send, the client is still told the message was accepted).
+pub async fn accept(
+    ctx: &Arc<InboundContext>,
+    config: &RelayConfig,
+    envelope: Envelope,
+    raw: Vec<u8>,
+    origin: &Origin<'_>,
+) -> Result<Option<String>, Reject> {
+    let domain = envelope.sending_domain.clone();
+    if envelope.recipients.is_empty() {
+        tracing::info!(
+            event = "message_dropped",
+            %domain,
+            dropped = envelope.dropped.len(),
+            "all recipients suppressed; message dropped"
+        );
+        return Ok(None);
+    }
+    let Some(sending) = config.domain(&domain) else {
+        return Err(Reject::temporary(
+            "domain_removed",
+            "Sending domain no longer configured, try again later",
+        ));
+    };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let date = chrono::Utc::now().to_rfc2822();
+    let trace = TraceInfo {
+        helo: origin.helo,
+        ip: origin.ip,
+        hostname: &config.hostname,
+        protocol: origin.protocol,
+        tls: origin.tls,
+        id: &id,
+        date: &date,
+    };
+    let data = headers::prepare(raw, &trace);
+
+    // Sign on the blocking pool: RSA takes milliseconds of CPU.
+    let signer = ctx.clone();
+    let dkim = sending.dkim.clone();
+    let sign_domain = domain.clone();
+    let signed = tokio::task::spawn_blocking(move || {
+        signer.dkim.sign(&sign_domain, &dkim, &data).map(|header| {
+            let mut out = Vec::with_capacity(header.len() + data.len());
+            out.extend_from_slice(header.as_bytes());
+            out.extend_from_slice(&data);
+            out
+        })
+    })
+    .await;
+    let data = match signed {
+        Ok(Ok(d)) => d,
+        Ok(Err(error)) => {
+            tracing::error!(%error, %domain, "cannot DKIM-sign; refusing rather than sending unsigned");
+            return Err(Reject::temporary(
+                "dkim_key",
+                format!("Cannot sign for {domain} now, try again later"),
+            ));
+        }
+        Err(error) => {
+            tracing::error!(%error, "DKIM signing task failed");
+            return Err(Reject::temporary(
+                "dkim_key",
+                "Cannot sign now, try again later",
+            ));
+        }
+    };
+    ctx.metrics
+        .dkim_signed
+        .with_label_values(&[&domain, algorithm_label(sending.dkim.algorithm)])
+        .inc();
+
+    let message = NewMessage {
+        id: id.clone(),
+        mail_from: envelope.mail_from,
+        recipients: envelope.recipients,
+        data,
+        sending_domain: domain.clone(),
+        received_at: now_millis(),
+        flags: envelope.flags,
+    };
+    let timer = ctx.metrics.enqueue_duration.start_timer();
+    let timeout: Duration = config.queue.timeout.into();
+    match tokio::time::timeout(timeout, ctx.queue.enqueue(message)).await {
+        Ok(Ok(())) => timer.observe_duration(),
+        Ok(Err(e)) => {
+            timer.stop_and_discard();
+            return Err(backend_reject(Some(e)));
+        }
+        Err(_) => {
+            timer.stop_and_discard();
+            return Err(backend_reject(None));
+        }
+    }
+    if sending.rate_limits.daily_quota.is_some() {
+        let key = quota_key(&domain);
+        let count = ctx
+            .state
+            .incr_counter(&key, 1, Duration::from_secs(24 * 3600));
+        match tokio::time::timeout(timeout, count).await {
+            Ok(Ok(_)) => {}
+            // The message is queued; a missed count only loosens the quota.
+            Ok(Err(error)) => {
+                tracing::warn!(%error, %domain, "could not count message against the daily quota")
+            }
+            Err(_) => tracing::warn!(%domain, "daily quota count timed out"),
+        }
+    }
+    ctx.metrics.received.with_label_values(&[&domain]).inc();
+    tracing::info!(event = "message_accepted", %id, %domain, peer = %origin.ip, user = ?origin.user, "message queued");
+    Ok(Some(id))
+}

@@ -1,0 +1,319 @@
+//! MAIL FROM and RCPT TO: the envelope, and every relay decision.
+
+use std::time::Duration;
+
+use smtp_proto::{
+    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_REQUIRETLS, MAIL_SMTPUTF8, MailFrom, RcptTo,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::InboundContext;
+use super::reply::Reject;
+use super::session::{Envelope, Session, State};
+use crate::config::{RelayConfig, SendingDomain, SuppressedAction};
+use crate::policy::{self, AddressProblem, Client, Denied};
+use crate::queue::{MessageFlags, QueueError, now_millis};
+
+/// The raw path between `<` and `>` of a MAIL/RCPT line, as sent (quotes
+/// respected), before smtp-proto normalises it.
+pub fn raw_path(line: &[u8]) -> Option<&str> {
+    let start = line.iter().position(|&b| b == b'<')? + 1;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, &b) in line[start..].iter().enumerate() {
+        match b {
+            b'\\' if quoted && !escaped => {
+                escaped = true;
+                continue;
+            }
+            b'"' if !escaped => quoted = !quoted,
+            b'>' if !quoted => return std::str::from_utf8(&line[start..start + i]).ok(),
+            _ => {}
+        }
+        escaped = false;
+    }
+    None
+}
+
+pub(super) fn address_reject(problem: AddressProblem, sender: bool) -> Reject {
+    if problem.is_relay_trick() {
+        Reject::new(
+            550,
+            "5.7.1",
+            "address_trick",
+            format!("Relaying denied: {}", problem.describe()),
+        )
+    } else if sender {
+        Reject::new(
+            501,
+            "5.1.7",
+            "bad_address",
+            format!("Bad sender address: {}", problem.describe()),
+        )
+    } else {
+        Reject::new(
+            501,
+            "5.1.3",
+            "bad_address",
+            format!("Bad recipient address: {}", problem.describe()),
+        )
+    }
+}
+
+pub(super) fn denied_reject(denied: Denied) -> Reject {
+    match denied {
+        Denied::AuthRequired => Reject::new(530, "5.7.0", denied.reason(), denied.describe()),
+        _ => Reject::new(550, "5.7.1", denied.reason(), denied.describe()),
+    }
+}
+
+/// Backend failure on the way to a decision: temporary, never a silent yes.
+pub(super) fn backend_reject(error: Option<QueueError>) -> Reject {
+    match error {
+        Some(e) => tracing::warn!(error = %e, "queue backend error during SMTP session"),
+        None => tracing::warn!("queue backend timed out during SMTP session"),
+    }
+    Reject::temporary(
+        "queue_unavailable",
+        "Temporary failure, please try again later",
+    )
+}
+
+/// Runs a backend call under the queue timeout.
+pub(super) async fn bounded<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<T, QueueError>>,
+) -> Result<T, Reject> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(backend_reject(Some(e))),
+        Err(_) => Err(backend_reject(None)),
+    }
+}
+
+/// Key of a domain's daily quota counter (UTC day).
+pub fn quota_key(domain: &str) -> String {
+    format!(
+        "quota:{}:{}",
+        domain.to_ascii_lowercase(),
+        chrono::Utc::now().format("%Y-%m-%d")
+    )
+}
+
+/// 451 4.7.1 when the sending domain's daily quota is used up (the
+/// counter is shared by all relay pods).
+pub(super) async fn check_quota(
+    ctx: &InboundContext,
+    config: &RelayConfig,
+    sending: &SendingDomain,
+) -> Result<(), Reject> {
+    let Some(quota) = sending.rate_limits.daily_quota else {
+        return Ok(());
+    };
+    let used = bounded(
+        config.queue.timeout.into(),
+        ctx.state.counter(&quota_key(&sending.domain)),
+    )
+    .await?;
+    if used >= u64::from(quota) {
+        return Err(Reject::new(
+            451,
+            "4.7.1",
+            "quota_exhausted",
+            format!(
+                "Daily sending quota of {} exhausted, try again later",
+                sending.domain
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds a checked recipient, consulting the suppression list: refused with
+/// 550 5.1.1, or kept aside as dropped, per the domain's `onSuppressed`.
+pub(super) async fn add_recipient(
+    ctx: &InboundContext,
+    config: &RelayConfig,
+    envelope: &mut Envelope,
+    address: String,
+) -> Result<(), Reject> {
+    let lower = address.to_lowercase();
+    let suppressed = bounded(
+        config.queue.timeout.into(),
+        ctx.state.suppressed(&lower, now_millis()),
+    )
+    .await?;
+    let Some(entry) = suppressed else {
+        envelope.recipients.push(address);
+        return Ok(());
+    };
+    let domain = &envelope.sending_domain;
+    ctx.metrics.suppressed.with_label_values(&[domain]).inc();
+    match config
+        .domain(domain)
+        .map(|d| d.on_suppressed)
+        .unwrap_or_default()
+    {
+        SuppressedAction::Refuse => Err(Reject::new(
+            550,
+            "5.1.1",
+            "suppressed",
+            format!(
+                "Recipient {address} is on the suppression list ({})",
+                entry.reason
+            ),
+        )),
+        SuppressedAction::Drop => {
+            tracing::info!(
+                event = "suppressed_dropped",
+                %domain,
+                reason = %entry.reason,
+                "suppressed recipient accepted and dropped"
+            );
+            envelope.dropped.push(address);
+            Ok(())
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    fn need_hello(&self) -> Result<(), Reject> {
+        match self.state.state {
+            State::Greeting | State::Connected => {
+                Err(Reject::bad_sequence("Send EHLO or HELO first"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// MAIL FROM: who may relay, as whom, how big, and whether the domain
+    /// still has quota.
+    pub(super) async fn mail(&mut self, from: MailFrom<String>, line: &[u8]) -> Result<(), Reject> {
+        self.need_hello()?;
+        if self.state.envelope.is_some() {
+            return Err(Reject::bad_sequence("Nested MAIL command"));
+        }
+        self.config = self.ctx.config.get();
+        let config = self.config.clone();
+        let raw = raw_path(line).ok_or_else(|| Reject::syntax("Syntax: MAIL FROM:<address>"))?;
+        let address = if raw.is_empty() {
+            ""
+        } else {
+            policy::check_path(raw).map_err(|p| address_reject(p, true))?
+        };
+        let client = Client {
+            ip: self.state.peer.ip(),
+            user: self.state.user.as_deref(),
+        };
+        policy::may_relay(&client, self.listener.auth, &config.trusted_networks)
+            .map_err(denied_reject)?;
+        let sending = policy::check_sender(&client, address, &config).map_err(denied_reject)?;
+        if from.size as u64 > config.limits.max_message_size {
+            return Err(Reject::new(
+                552,
+                "5.3.4",
+                "too_big",
+                "Message size exceeds fixed maximum message size",
+            ));
+        }
+        if from.flags & (MAIL_BODY_BINARYMIME | MAIL_REQUIRETLS) != 0 {
+            return Err(Reject::new(
+                555,
+                "5.5.4",
+                "syntax",
+                "Parameter not supported",
+            ));
+        }
+        let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+        if !smtputf8 && !address.is_ascii() {
+            return Err(Reject::new(
+                553,
+                "5.6.7",
+                "bad_address",
+                "Non-ASCII address requires SMTPUTF8",
+            ));
+        }
+        check_quota(&self.ctx, &config, sending).await?;
+        self.state.envelope = Some(Envelope {
+            mail_from: address.to_string(),
+            sending_domain: sending.domain.to_ascii_lowercase(),
+            recipients: Vec::new(),
+            dropped: Vec::new(),
+            flags: MessageFlags {
+                smtputf8,
+                eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
+                is_dsn: false,
+            },
+            chunks: None,
+            oversize: false,
+        });
+        self.state.state = State::Mail;
+        self.queue_reply(250, "2.1.0", "Sender OK");
+        Ok(())
+    }
+
+    /// RCPT TO: syntax and tricks, the recipient limit, the suppression list.
+    pub(super) async fn rcpt(&mut self, _to: RcptTo<String>, line: &[u8]) -> Result<(), Reject> {
+        self.need_hello()?;
+        let config = self.config.clone();
+        let Some(envelope) = self.state.envelope.as_ref() else {
+            return Err(Reject::bad_sequence("Need MAIL before RCPT"));
+        };
+        let raw = raw_path(line).ok_or_else(|| Reject::syntax("Syntax: RCPT TO:<address>"))?;
+        let address = policy::check_path(raw).map_err(|p| address_reject(p, false))?;
+        if !envelope.flags.smtputf8 && !address.is_ascii() {
+            return Err(Reject::new(
+                553,
+                "5.6.7",
+                "bad_address",
+                "Non-ASCII address requires SMTPUTF8",
+            ));
+        }
+        if envelope
+            .recipients
+            .iter()
+            .chain(&envelope.dropped)
+            .any(|r| r == address)
+        {
+            self.queue_reply(250, "2.1.5", "Recipient OK (duplicate)");
+            return Ok(());
+        }
+        if envelope.accepted() >= config.limits.max_recipients as usize {
+            return Err(Reject::new(
+                452,
+                "4.5.3",
+                "too_many_recipients",
+                "Too many recipients",
+            ));
+        }
+        let address = address.to_string();
+        let Some(envelope) = self.state.envelope.as_mut() else {
+            return Err(Reject::bad_sequence("Need MAIL before RCPT"));
+        };
+        add_recipient(&self.ctx, &config, envelope, address).await?;
+        self.state.state = State::Rcpt;
+        self.queue_reply(250, "2.1.5", "Recipient OK");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_paths() {
+        let table: &[(&[u8], Option<&str>)] = &[
+            (b"MAIL FROM:<a@b.c> SIZE=10\r\n", Some("a@b.c")),
+            (b"MAIL FROM:<>\r\n", Some("")),
+            (b"RCPT TO:<@x.y:a@b.c>\r\n", Some("@x.y:a@b.c")),
+            (b"RCPT TO:<\"a>b\"@c.d>\r\n", Some("\"a>b\"@c.d")),
+            (b"RCPT TO:<\"a\\\">b\"@c.d>\r\n", Some("\"a\\\">b\"@c.d")),
+            (b"RCPT TO:<a@b.c\r\n", None),
+            (b"RCPT TO:a@b.c\r\n", None),
+        ];
+        for (line, want) in table {
+            assert_eq!(raw_path(line), *want, "{}", String::from_utf8_lossy(line));
+        }
+    }
+}

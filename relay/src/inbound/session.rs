@@ -1,0 +1,537 @@
+//! One SMTP session: a sans-IO state machine over any byte stream.
+//!
+//! The session owns a read buffer and a write buffer. Replies are queued
+//! and flushed only when the session needs more input, which is exactly
+//! what PIPELINING needs (RFC 2920: replies to a batch go out together).
+//! Every read is under a timeout (command or data), every buffer bounded
+//! (line length, message size). STARTTLS ends the plaintext session and
+//! hands its state back, so the caller can wrap the stream in TLS and
+//! resume with a new `Session` over the TLS stream: no stream enum, and
+//! unit tests can drive a session over `tokio::io::duplex`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use smtp_proto::Request;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::InboundContext;
+use super::reply::{Reject, render, render_multi};
+use super::tls::TlsInfo;
+use crate::config::{Listener, RelayConfig};
+use crate::queue::MessageFlags;
+
+/// Where a session is in the SMTP dialogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Connected, greeting not sent yet.
+    Greeting,
+    /// Greeted (or TLS just started): EHLO/HELO needed.
+    Connected,
+    /// After EHLO/HELO, no transaction.
+    Ready,
+    /// MAIL FROM accepted.
+    Mail,
+    /// At least one RCPT TO accepted.
+    Rcpt,
+}
+
+/// The mail transaction in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// Envelope sender as the client gave it.
+    pub mail_from: String,
+    /// The configured sending domain, lower-cased.
+    pub sending_domain: String,
+    /// Recipients to deliver to.
+    pub recipients: Vec<String>,
+    /// Suppressed recipients accepted and dropped (`onSuppressed: drop`).
+    pub dropped: Vec<String>,
+    /// SMTPUTF8 / BODY=8BITMIME from MAIL FROM.
+    pub flags: MessageFlags,
+    /// Message received so far by BDAT (RFC 3030); `None` before the
+    /// first chunk.
+    pub chunks: Option<Vec<u8>>,
+    /// The BDAT chunks went over the size limit (the rest is discarded).
+    pub oversize: bool,
+}
+
+impl Envelope {
+    /// Recipients accepted so far, kept or dropped.
+    pub fn accepted(&self) -> usize {
+        self.recipients.len() + self.dropped.len()
+    }
+}
+
+/// Everything a session knows, carried across STARTTLS.
+#[derive(Clone, Debug)]
+pub struct SessionState {
+    /// Dialogue state.
+    pub state: State,
+    /// The client.
+    pub peer: SocketAddr,
+    /// EHLO/HELO argument.
+    pub helo: Option<String>,
+    /// EHLO (true) or HELO (false).
+    pub esmtp: bool,
+    /// TLS parameters once TLS is up.
+    pub tls: Option<TlsInfo>,
+    /// The AUTH user once authenticated.
+    pub user: Option<String>,
+    /// The transaction in progress.
+    pub envelope: Option<Envelope>,
+    /// Refusals so far, for `limits.maxErrors`.
+    pub errors: u32,
+}
+
+impl SessionState {
+    /// A new connection from `peer`, before the greeting.
+    pub fn new(peer: SocketAddr) -> SessionState {
+        SessionState {
+            state: State::Greeting,
+            peer,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            user: None,
+            envelope: None,
+            errors: 0,
+        }
+    }
+
+    /// The state after a TLS handshake: RFC 3207 4.2 discards everything
+    /// learnt in plaintext (EHLO, AUTH, transaction); no new greeting.
+    pub fn after_tls(peer: SocketAddr, tls: TlsInfo, errors: u32) -> SessionState {
+        SessionState {
+            state: State::Connected,
+            tls: Some(tls),
+            errors,
+            ..SessionState::new(peer)
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+pub enum Finished<S> {
+    /// The connection is done (QUIT, error, timeout, shutdown).
+    Closed,
+    /// The client asked for STARTTLS and got 220: run the handshake on
+    /// `io` and resume with [`Session::new`] and [`SessionState::after_tls`].
+    StartTls {
+        /// The plaintext stream, with nothing buffered.
+        io: S,
+        /// What the session knew (errors count carries over); boxed to
+        /// keep the common `Closed` small.
+        state: Box<SessionState>,
+    },
+}
+
+/// What the dispatcher does after a command.
+pub(super) enum Flow {
+    Continue,
+    Quit,
+    StartTls,
+}
+
+/// Why the session stops reading.
+#[derive(Debug)]
+pub(super) enum End {
+    /// Peer closed.
+    Eof,
+    /// No input within the timeout.
+    Timeout,
+    /// Socket error.
+    Io,
+    /// We decided to close (refusal with disconnect, too many errors).
+    Closed,
+}
+
+/// One line of input.
+pub(super) enum Line {
+    Ok(Vec<u8>),
+    /// Longer than `limits.maxLineLength`; the rest of it was discarded.
+    TooLong,
+    /// The relay is shutting down and the session is idle.
+    Shutdown,
+}
+
+/// An SMTP session over `S`.
+pub struct Session<S> {
+    pub(super) io: S,
+    pub(super) rbuf: Vec<u8>,
+    pub(super) wbuf: Vec<u8>,
+    /// What the session knows.
+    pub state: SessionState,
+    pub(super) ctx: Arc<InboundContext>,
+    /// Config snapshot, refreshed at each EHLO and MAIL so reloads apply to
+    /// the next transaction, never in the middle of one.
+    pub(super) config: Arc<RelayConfig>,
+    pub(super) listener: Arc<Listener>,
+    pub(super) shutdown: watch::Receiver<bool>,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Bytes of bulk (BDAT) data that must arrive per `dataTimeout`.
+pub(super) const BULK_RECORD: usize = 1000;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// A session on `io`; `shutdown` turning true makes an idle session
+    /// say 421 4.3.2 and close.
+    pub fn new(
+        io: S,
+        state: SessionState,
+        ctx: Arc<InboundContext>,
+        listener: Arc<Listener>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Session<S> {
+        let config = ctx.config.get();
+        Session {
+            io,
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            state,
+            ctx,
+            config,
+            listener,
+            shutdown,
+        }
+    }
+
+    /// Runs the dialogue to its end.
+    pub async fn run(mut self) -> Finished<S> {
+        let result = self.dialogue().await;
+        match result {
+            Ok(Flow::StartTls) => {
+                // The 220 must reach the client before the handshake.
+                if self.flush().await.is_err() {
+                    return Finished::Closed;
+                }
+                return Finished::StartTls {
+                    io: self.io,
+                    state: Box::new(self.state),
+                };
+            }
+            Ok(_) | Err(End::Closed) => {}
+            Err(End::Timeout) => {
+                tracing::debug!(peer = %self.state.peer, "session timed out");
+                self.queue_reply(421, "4.4.2", "Timeout, closing connection");
+            }
+            Err(End::Eof) | Err(End::Io) => {}
+        }
+        let _ = self.flush().await;
+        let timeout = self.command_timeout();
+        let _ = tokio::time::timeout(timeout, self.io.shutdown()).await;
+        Finished::Closed
+    }
+
+    async fn dialogue(&mut self) -> Result<Flow, End> {
+        if self.state.state == State::Greeting {
+            if *self.shutdown.borrow() {
+                self.refuse(Reject::shutting_down()).await?;
+            }
+            let greeting = format!("{} ESMTP Petrel ready", self.config.hostname);
+            self.queue_reply(220, "", &greeting);
+            self.state.state = State::Connected;
+        }
+        loop {
+            let idle = self.state.envelope.is_none();
+            let line = match self.read_line(self.command_timeout(), idle).await? {
+                Line::Ok(line) => line,
+                Line::TooLong => {
+                    self.refuse(Reject::new(500, "5.5.6", "line_too_long", "Line too long"))
+                        .await?;
+                    continue;
+                }
+                Line::Shutdown => {
+                    self.refuse(Reject::shutting_down()).await?;
+                    continue;
+                }
+            };
+            match self.dispatch(&line).await {
+                Ok(Flow::Continue) => {}
+                Ok(flow) => return Ok(flow),
+                Err(reject) => self.refuse(reject).await?,
+            }
+        }
+    }
+
+    /// Sends a refusal, counts it, and closes when it says so or when the
+    /// session has made too many errors.
+    pub(super) async fn refuse(&mut self, reject: Reject) -> Result<(), End> {
+        self.ctx
+            .metrics
+            .rejected
+            .with_label_values(&[reject.reason])
+            .inc();
+        tracing::debug!(peer = %self.state.peer, code = reject.code, esc = reject.esc, reason = reject.reason, "refused");
+        self.queue_reply(reject.code, reject.esc, &reject.message);
+        if reject.disconnect {
+            return Err(End::Closed);
+        }
+        // Refusing a recipient for being suppressed or one too many is
+        // normal for a bulk sender (RFC 5321 3.3: send the rest in a new
+        // transaction), not a sign of a broken or hostile client.
+        if matches!(reject.reason, "too_many_recipients" | "suppressed") {
+            return Ok(());
+        }
+        self.state.errors += 1;
+        if self.state.errors >= self.config.limits.max_errors {
+            self.ctx
+                .metrics
+                .rejected
+                .with_label_values(&["too_many_errors"])
+                .inc();
+            self.queue_reply(421, "4.7.0", "Too many errors, closing connection");
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+
+    async fn dispatch(&mut self, line: &[u8]) -> Result<Flow, Reject> {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => return Err(parse_error(e)),
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(host, true).map(|_| Flow::Continue),
+            Request::Helo { host } => self.hello(host, false).map(|_| Flow::Continue),
+            Request::StartTls => self.starttls(),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self
+                .auth(mechanism, initial_response)
+                .await
+                .map(|_| Flow::Continue),
+            Request::Mail { from } => self.mail(from, line).await.map(|_| Flow::Continue),
+            Request::Rcpt { to } => self.rcpt(to, line).await.map(|_| Flow::Continue),
+            Request::Data => self.data().await,
+            Request::Rset => {
+                self.reset_transaction();
+                self.queue_reply(250, "2.0.0", "Reset OK");
+                Ok(Flow::Continue)
+            }
+            Request::Noop { .. } => {
+                self.queue_reply(250, "2.0.0", "OK");
+                Ok(Flow::Continue)
+            }
+            Request::Vrfy { .. } => {
+                self.queue_reply(
+                    252,
+                    "2.1.5",
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                Ok(Flow::Continue)
+            }
+            Request::Help { .. } => {
+                self.queue_reply(
+                    214,
+                    "2.0.0",
+                    "Commands: EHLO HELO STARTTLS AUTH MAIL RCPT DATA BDAT RSET NOOP VRFY HELP QUIT",
+                );
+                Ok(Flow::Continue)
+            }
+            Request::Quit => {
+                self.queue_reply(221, "2.0.0", "Bye");
+                Ok(Flow::Quit)
+            }
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last).await,
+            Request::Lhlo { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => Err(Reject::new(
+                502,
+                "5.5.1",
+                "not_implemented",
+                "Command not implemented",
+            )),
+        }
+    }
+
+    /// Ends the transaction, keeping EHLO and AUTH.
+    pub(super) fn reset_transaction(&mut self) {
+        self.state.envelope = None;
+        if matches!(self.state.state, State::Mail | State::Rcpt) {
+            self.state.state = State::Ready;
+        }
+    }
+
+    pub(super) fn command_timeout(&self) -> Duration {
+        self.config.limits.command_timeout.into()
+    }
+
+    pub(super) fn data_timeout(&self) -> Duration {
+        self.config.limits.data_timeout.into()
+    }
+
+    /// Queues a one-line reply.
+    pub(super) fn queue_reply(&mut self, code: u16, esc: &str, text: &str) {
+        self.wbuf
+            .extend_from_slice(render(code, esc, text).as_bytes());
+    }
+
+    /// Queues a multi-line reply.
+    pub(super) fn queue_multi(&mut self, code: u16, lines: &[String]) {
+        self.wbuf
+            .extend_from_slice(render_multi(code, lines).as_bytes());
+    }
+
+    /// Writes queued replies.
+    pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.command_timeout();
+        let write = async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        };
+        match tokio::time::timeout(timeout, write).await {
+            Ok(Ok(())) => {
+                self.wbuf.clear();
+                Ok(())
+            }
+            Ok(Err(_)) => Err(End::Io),
+            Err(_) => Err(End::Timeout),
+        }
+    }
+
+    /// Reads more input. With `watch_shutdown`, returns `Ok(false)` when the
+    /// relay starts shutting down instead of waiting for the client.
+    pub(super) async fn fill(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> Result<bool, End> {
+        // Read straight into the buffer's spare room: no copy, bounded.
+        self.rbuf.reserve(READ_CHUNK);
+        let mut shutdown = self.shutdown.clone();
+        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf));
+        let result = if watch_shutdown {
+            tokio::select! {
+                r = read => r,
+                true = super::stopping(&mut shutdown) => return Ok(false),
+            }
+        } else {
+            read.await
+        };
+        match result {
+            Err(_) => Err(End::Timeout),
+            Ok(Err(_)) => Err(End::Io),
+            Ok(Ok(0)) => Err(End::Eof),
+            Ok(Ok(_)) => Ok(true),
+        }
+    }
+
+    /// The next line (up to LF, inclusive), bounded by `maxLineLength`.
+    pub(super) async fn read_line(
+        &mut self,
+        timeout: Duration,
+        watch_shutdown: bool,
+    ) -> Result<Line, End> {
+        let max = self.config.limits.max_line_length as usize;
+        let mut skipping = false;
+        // The whole line must arrive in time, not each read: a client
+        // dribbling a byte a second must not hold a session forever.
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(pos) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.rbuf.drain(..=pos).collect();
+                if skipping || line.len() > max {
+                    return Ok(Line::TooLong);
+                }
+                return Ok(Line::Ok(line));
+            }
+            if self.rbuf.len() > max {
+                skipping = true;
+                self.rbuf.clear();
+            }
+            self.flush().await?;
+            if watch_shutdown && *self.shutdown.borrow() {
+                return Ok(Line::Shutdown);
+            }
+            if !self.fill(remaining(deadline)?, watch_shutdown).await? {
+                return Ok(Line::Shutdown);
+            }
+        }
+    }
+
+    /// Skips `n` bytes of input.
+    pub(super) async fn discard_bytes(&mut self, mut n: usize) -> Result<(), End> {
+        loop {
+            let take = n.min(self.rbuf.len());
+            self.rbuf.drain(..take);
+            n -= take;
+            if n == 0 {
+                return Ok(());
+            }
+            self.flush().await?;
+            self.fill_bulk(n).await?;
+        }
+    }
+
+    /// Reads more bulk data (BDAT) when `needed` more bytes are expected:
+    /// within `dataTimeout`, all of them or at least [`BULK_RECORD`] bytes
+    /// must arrive, so a client trickling bytes is cut off like one
+    /// trickling a DATA line.
+    pub(super) async fn fill_bulk(&mut self, needed: usize) -> Result<(), End> {
+        let deadline = Instant::now() + self.data_timeout();
+        let want = self.rbuf.len() + needed.min(BULK_RECORD);
+        while self.rbuf.len() < want {
+            self.fill(remaining(deadline)?, false).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Time left until `deadline`, or a timeout when it has passed.
+pub(super) fn remaining(deadline: Instant) -> Result<Duration, End> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(End::Timeout);
+    }
+    Ok(left)
+}
+
+/// The reply to input smtp-proto could not parse.
+fn parse_error(e: smtp_proto::Error) -> Reject {
+    use smtp_proto::Error as E;
+    match e {
+        E::UnknownCommand => Reject::new(500, "5.5.1", "unknown_command", "Command unrecognized"),
+        E::InvalidSenderAddress => {
+            Reject::new(501, "5.1.7", "bad_address", "Invalid sender address")
+        }
+        E::InvalidRecipientAddress => {
+            Reject::new(501, "5.1.3", "bad_address", "Invalid recipient address")
+        }
+        E::SyntaxError { syntax } => Reject::syntax(format!("Syntax: {syntax}")),
+        E::InvalidParameter { param } => {
+            Reject::new(501, "5.5.4", "syntax", format!("Invalid value for {param}"))
+        }
+        E::UnsupportedParameter { param } => {
+            let param: String = param
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(32)
+                .collect();
+            Reject::new(
+                555,
+                "5.5.4",
+                "syntax",
+                format!("Unsupported parameter {param}"),
+            )
+        }
+        E::ResponseTooLong => Reject::new(500, "5.5.6", "line_too_long", "Line too long"),
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reject::syntax("Syntax error"),
+    }
+}

@@ -1,0 +1,532 @@
+//! `petrel-bench`: Petrel's throughput and latency, side by side with
+//! Postfix and the loopback ceiling, in one run on this machine.
+//!
+//! For every size x recipients combination it runs, each from a fresh state:
+//! the injector straight into the sink (the loopback ceiling), Petrel with N
+//! relays sharing one spawned `redis-server` (AOF everysec), and with
+//! `--postfix` Postfix relaying to the same sink. It prints one table and the
+//! Petrel/Postfix ratios. Figures, never assertions: this is not a test.
+//!
+//! ```text
+//! cargo build --release -p petrel-relay -p petrel-tests --bin petrel-bench
+//! target/release/petrel-bench --messages 20000 --postfix
+//! ```
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow_lite::{Context, Result};
+use clap::{Parser, ValueEnum};
+use petrel_tests::bench::inject::{self, Plan};
+use petrel_tests::bench::postfix::{self, Postfix};
+use petrel_tests::bench::procstat;
+use petrel_tests::bench::relay::{Destination, RelayBuilder, RelayProcess};
+use petrel_tests::bench::sink::Sink;
+use petrel_tests::bench::stats::{fmt_ms, percentile};
+use petrel_tests::dns::DnsServer;
+use petrel_tests::redis::{Persistence, RedisServer};
+
+/// Benchmark Petrel (and Postfix) relaying to a local counting sink.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "petrel-bench", version, about)]
+struct Args {
+    /// Messages per run (M).
+    #[arg(long, default_value_t = 20_000)]
+    messages: u64,
+    /// Concurrent SMTP clients (C).
+    #[arg(long, default_value_t = 50)]
+    concurrency: usize,
+    /// Message sizes, comma-separated, with optional k/m suffix (S).
+    #[arg(long, value_delimiter = ',', default_value = "1k,20k", value_parser = parse_size)]
+    size: Vec<usize>,
+    /// Recipients per message, comma-separated (R).
+    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    recipients: Vec<usize>,
+    /// Relay process counts to try, comma-separated (N).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    relays: Vec<usize>,
+    /// Session modes: `new` connection per message, `kept` sessions, or both.
+    #[arg(long, value_delimiter = ',', default_value = "new")]
+    sessions: Vec<Sessions>,
+    /// Also run Postfix (installed by .ci/install-postfix.sh) on the same load.
+    #[arg(long)]
+    postfix: bool,
+    /// Skip the direct client-to-sink ceiling runs.
+    #[arg(long)]
+    no_ceiling: bool,
+    /// How Petrel delivers: smarthost to the sink, or MX lookups against an
+    /// in-process DNS server whose MX points at the sink.
+    #[arg(long, value_enum, default_value = "smarthost")]
+    transport: TransportArg,
+    /// Delivery workers per relay (`delivery.workers`); relay default when absent.
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Upper bound of one run (injection plus delivery), in seconds.
+    #[arg(long, default_value_t = 300)]
+    run_timeout: u64,
+    /// RUST_LOG of the relays.
+    #[arg(long, default_value = "warn")]
+    relay_log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Sessions {
+    New,
+    Kept,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TransportArg {
+    Smarthost,
+    Mx,
+}
+
+fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let s = s.trim().to_ascii_lowercase();
+    let (digits, mult) = match s.as_bytes().last() {
+        Some(b'k') => (&s[..s.len() - 1], 1024),
+        Some(b'm') => (&s[..s.len() - 1], 1024 * 1024),
+        _ => (&s[..], 1),
+    };
+    digits
+        .parse::<usize>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("{s:?} is not a size like 1024, 1k or 20k"))
+}
+
+/// A tiny anyhow stand-in: the bench reports errors as text and moves on.
+mod anyhow_lite {
+    pub type Result<T> = std::result::Result<T, String>;
+    pub trait Context<T> {
+        fn context(self, what: &str) -> Result<T>;
+    }
+    impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
+        fn context(self, what: &str) -> Result<T> {
+            self.map_err(|e| format!("{what}: {e}"))
+        }
+    }
+}
+
+/// One workload.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    size: usize,
+    recipients: usize,
+    sessions: Sessions,
+}
+
+/// What one system did with one workload.
+#[derive(Debug, Clone, Default)]
+struct Row {
+    system: String,
+    accepted: u64,
+    refused: u64,
+    failed: u64,
+    delivered: u64,
+    accept_rate: f64,
+    delivered_rate: Option<f64>,
+    accept_p50: Option<Duration>,
+    accept_p99: Option<Duration>,
+    e2e_p50: Option<Duration>,
+    e2e_p99: Option<Duration>,
+    rss_mb: Option<f64>,
+    cpu_ms_per_msg: Option<f64>,
+    redis_cpu_ms_per_msg: Option<f64>,
+    note: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("petrel-bench: starting runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(bench(args))
+}
+
+async fn bench(args: Args) -> std::process::ExitCode {
+    let with_postfix = args.postfix && postfix::available();
+    if args.postfix && !with_postfix {
+        eprintln!(
+            "petrel-bench: --postfix given but postfix is not installed: run .ci/install-postfix.sh"
+        );
+    }
+    println!("{}", machine_header(&args));
+    let mut tables = String::new();
+    for &sessions in &args.sessions {
+        for &size in &args.size {
+            for &recipients in &args.recipients {
+                let load = Load {
+                    size,
+                    recipients,
+                    sessions,
+                };
+                let mut rows = Vec::new();
+                if !args.no_ceiling {
+                    rows.push(run_or_note("sink (ceiling)", ceiling(&args, load).await));
+                }
+                for &n in &args.relays {
+                    rows.push(run_or_note(
+                        &format!("petrel x{n}"),
+                        petrel(&args, load, n).await,
+                    ));
+                }
+                if with_postfix {
+                    rows.push(run_or_note("postfix", postfix_run(&args, load).await));
+                }
+                let table = render(&args, load, &rows);
+                println!("{table}");
+                tables.push_str(&table);
+                tables.push('\n');
+            }
+        }
+    }
+    println!("==== summary ====\n{tables}");
+    std::process::ExitCode::SUCCESS
+}
+
+fn run_or_note(system: &str, result: Result<Row>) -> Row {
+    match result {
+        Ok(row) => row,
+        Err(e) => {
+            eprintln!("petrel-bench: {system}: {e}");
+            Row {
+                system: system.to_string(),
+                note: format!("error: {}", e.lines().next().unwrap_or_default()),
+                ..Row::default()
+            }
+        }
+    }
+}
+
+fn plan(args: &Args, load: Load, targets: Vec<SocketAddr>, system: &str) -> Plan {
+    let mut plan = Plan::new(targets, args.messages, args.concurrency);
+    plan.size = load.size;
+    plan.recipients = load.recipients;
+    plan.kept_sessions = load.sessions == Sessions::Kept;
+    plan.deadline = Duration::from_secs(args.run_timeout);
+    plan.run_id = format!(
+        "{}-{}",
+        system.replace([' ', '(', ')'], ""),
+        petrel_tests::bench::message::now_micros()
+    );
+    plan
+}
+
+/// Injects, waits for the sink to have every accepted message, and fills
+/// the figures both sides observe. `observe` samples the system under test
+/// every 100 ms while it runs (for Postfix's summed RSS).
+async fn drive(
+    args: &Args,
+    load: Load,
+    plan: Plan,
+    sink: &Sink,
+    system: &str,
+    mut observe: impl FnMut(),
+) -> Row {
+    let start = Instant::now();
+    let bound = Duration::from_secs(args.run_timeout);
+    let injector = tokio::spawn(inject::run(plan));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let report = {
+        tokio::pin!(injector);
+        loop {
+            tokio::select! {
+                r = &mut injector => break r.unwrap_or_default(),
+                _ = tick.tick() => observe(),
+            }
+        }
+    };
+    let accepted = report.accepted.len() as u64;
+    let want_rcpts = accepted * load.recipients as u64;
+    let mut complete = false;
+    loop {
+        let left = bound.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        let step = left.min(Duration::from_millis(100));
+        if sink.wait_for(accepted, want_rcpts, step).await {
+            complete = true;
+            break;
+        }
+        observe();
+    }
+    let delivered_at = start.elapsed();
+    let mut accept_lat = report.latencies();
+    let mut e2e = sink.take_latencies();
+    let delivered = sink.unique();
+    Row {
+        system: system.to_string(),
+        accepted,
+        refused: (report.transient.len() + report.permanent.len()) as u64,
+        failed: report.failed.len() as u64,
+        delivered,
+        accept_rate: report.accept_rate(),
+        delivered_rate: complete.then(|| delivered as f64 / delivered_at.as_secs_f64()),
+        accept_p50: percentile(&mut accept_lat, 50.0),
+        accept_p99: percentile(&mut accept_lat, 99.0),
+        e2e_p50: percentile(&mut e2e, 50.0),
+        e2e_p99: percentile(&mut e2e, 99.0),
+        note: if complete {
+            String::new()
+        } else {
+            format!(
+                "timeout: {delivered}/{accepted} delivered after {}s",
+                bound.as_secs()
+            )
+        },
+        ..Row::default()
+    }
+}
+
+async fn ceiling(args: &Args, load: Load) -> Result<Row> {
+    let sink = Sink::start().await.context("starting sink")?;
+    let plan = plan(args, load, vec![sink.addr()], "sink");
+    let mut row = drive(args, load, plan, &sink, "sink (ceiling)", || {}).await;
+    row.note = format!("{} injector+sink in-process", row.note)
+        .trim()
+        .to_string();
+    Ok(row)
+}
+
+async fn petrel(args: &Args, load: Load, n: usize) -> Result<Row> {
+    let sink = Sink::start().await.context("starting sink")?;
+    let redis = RedisServer::builder()
+        .persistence(Persistence::Aof)
+        .start()
+        .await
+        .context("starting redis-server")?;
+    let redis_pid = redis_pid(&redis).await;
+    let (destination, _dns) = match args.transport {
+        TransportArg::Smarthost => (Destination::Smarthost(sink.addr()), None),
+        TransportArg::Mx => {
+            let dns = DnsServer::start().await.context("starting DNS server")?;
+            dns.add_mx("example.net", 10, "mx.example.net");
+            dns.add_a("mx.example.net", std::net::Ipv4Addr::LOCALHOST);
+            let d = Destination::Mx {
+                port: sink.addr().port(),
+                nameservers: vec![dns.addr()],
+            };
+            (d, Some(dns))
+        }
+    };
+    let mut relays: Vec<RelayProcess> = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut b = RelayBuilder::new(&redis.url(), &destination)
+            .context("configuring relay")?
+            .log_filter(&args.relay_log);
+        if let Some(w) = args.workers {
+            b.config_mut().delivery.workers = w;
+        }
+        relays.push(b.start().await.context("starting petrel-relay")?);
+    }
+    let pids: Vec<u32> = relays.iter().filter_map(RelayProcess::pid).collect();
+    let cpu_before: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
+    let redis_before = redis_pid.and_then(procstat::cpu_time);
+    let targets = relays.iter().map(RelayProcess::smtp_addr).collect();
+    let system = format!("petrel x{n}");
+    let plan = plan(args, load, targets, &system);
+    let mut row = drive(args, load, plan, &sink, &system, || {}).await;
+    let cpu_after: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
+    let per_msg = |d: Duration| d.as_secs_f64() * 1000.0 / row.delivered.max(1) as f64;
+    row.cpu_ms_per_msg = Some(per_msg(cpu_after.saturating_sub(cpu_before)));
+    if let (Some(pid), Some(before)) = (redis_pid, redis_before) {
+        row.redis_cpu_ms_per_msg =
+            procstat::cpu_time(pid).map(|a| per_msg(a.saturating_sub(before)));
+    }
+    let hwm: u64 = pids
+        .iter()
+        .filter_map(|&p| procstat::status_kb(p, "VmHWM"))
+        .sum();
+    row.rss_mb = Some(hwm as f64 / 1024.0);
+    for (i, r) in relays.iter_mut().enumerate() {
+        if !r.is_running() {
+            row.note = format!("{} relay {i} died: {}", row.note, r.log_tail(3))
+                .trim()
+                .to_string();
+        }
+    }
+    Ok(row)
+}
+
+async fn redis_pid(redis: &RedisServer) -> Option<u32> {
+    let info = redis.raw_command(&["INFO", "server"]).await.ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+async fn postfix_run(args: &Args, load: Load) -> Result<Row> {
+    let sink = Sink::start().await.context("starting sink")?;
+    let pf = Postfix::start(sink.addr())
+        .await
+        .context("starting postfix")?;
+    let master = pf.master_pid().await;
+    let cpu_before = master.and_then(procstat::tree_cpu_time);
+    let plan = plan(args, load, vec![pf.addr()], "postfix");
+    let mut peak_kb = 0u64;
+    let mut row = drive(args, load, plan, &sink, "postfix", || {
+        if let Some(m) = master {
+            peak_kb = peak_kb.max(procstat::tree_pss_kb(m));
+        }
+    })
+    .await;
+    if let (Some(m), Some(before)) = (master, cpu_before)
+        && let Some(after) = procstat::tree_cpu_time(m)
+    {
+        row.cpu_ms_per_msg =
+            Some(after.saturating_sub(before).as_secs_f64() * 1000.0 / row.delivered.max(1) as f64);
+    }
+    row.rss_mb = (peak_kb > 0).then(|| peak_kb as f64 / 1024.0);
+    pf.stop().await;
+    Ok(row)
+}
+
+fn machine_header(args: &Args) -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem_kb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| procstat::parse_status_kb(&t, "MemTotal"))
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "petrel-bench: {cores} cores ({model}), {} MB RAM, Linux {}",
+        mem_kb / 1024,
+        kernel.trim()
+    );
+    let _ = writeln!(
+        s,
+        "M={} messages per run, C={} clients, transport {:?}, Redis AOF everysec, relay log {}",
+        args.messages, args.concurrency, args.transport, args.relay_log
+    );
+    let _ = write!(
+        s,
+        "rss: petrel = sum of VmHWM of its relays; postfix = peak of summed PSS (shared pages once) of all its processes.\n\
+         cpu: ms of CPU per delivered message (= s per 1000) of the relay processes; postfix: master + all children."
+    );
+    s
+}
+
+fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
+    v.map(|v| format!("{v:.decimals$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+/// Table columns: latencies in ms, rates in messages per second, `refus` =
+/// refused or failed at the client, cpu in CPU-seconds per 1000 delivered.
+const COLUMNS: [&str; 13] = [
+    "system",
+    "accepted",
+    "refus",
+    "acc msg/s",
+    "dlv msg/s",
+    "acc p50",
+    "acc p99",
+    "e2e p50",
+    "e2e p99",
+    "rss MB",
+    "cpu s/1k",
+    "redis s/1k",
+    "note",
+];
+
+fn render(args: &Args, load: Load, rows: &[Row]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n## size {} B, {} rcpt/msg, {} sessions, {} messages, {} clients",
+        load.size,
+        load.recipients,
+        match load.sessions {
+            Sessions::New => "new-connection",
+            Sessions::Kept => "kept",
+        },
+        args.messages,
+        args.concurrency
+    );
+    let _ = writeln!(
+        s,
+        "{:<15} {:>7} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
+        COLUMNS[0],
+        COLUMNS[1],
+        COLUMNS[2],
+        COLUMNS[3],
+        COLUMNS[4],
+        COLUMNS[5],
+        COLUMNS[6],
+        COLUMNS[7],
+        COLUMNS[8],
+        COLUMNS[9],
+        COLUMNS[10],
+        COLUMNS[11],
+        COLUMNS[12]
+    );
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "{:<15} {:>8} {:>6} {:>9.0} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
+            r.system,
+            r.accepted,
+            r.refused + r.failed,
+            r.accept_rate,
+            fmt_opt(r.delivered_rate, 0),
+            fmt_ms(r.accept_p50),
+            fmt_ms(r.accept_p99),
+            fmt_ms(r.e2e_p50),
+            fmt_ms(r.e2e_p99),
+            fmt_opt(r.rss_mb, 1),
+            fmt_opt(r.cpu_ms_per_msg, 2),
+            fmt_opt(r.redis_cpu_ms_per_msg, 2),
+            r.note
+        );
+    }
+    let postfix = rows.iter().find(|r| r.system == "postfix");
+    let ceiling = rows.iter().find(|r| r.system == "sink (ceiling)");
+    for r in rows.iter().filter(|r| r.system.starts_with("petrel")) {
+        let mut parts = Vec::new();
+        if let Some(p) = postfix {
+            if let (Some(a), Some(b)) = (r.delivered_rate, p.delivered_rate) {
+                parts.push(format!("delivered rate {:.2}x postfix", a / b));
+            }
+            if p.accept_rate > 0.0 {
+                parts.push(format!("accept rate {:.2}x", r.accept_rate / p.accept_rate));
+            }
+            if let (Some(a), Some(b)) = (r.cpu_ms_per_msg, p.cpu_ms_per_msg) {
+                parts.push(format!("cpu/msg {:.2}x", a / b.max(1e-9)));
+            }
+            if let (Some(a), Some(b)) = (r.e2e_p50, p.e2e_p50) {
+                parts.push(format!(
+                    "e2e p50 {:.2}x",
+                    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+                ));
+            }
+        }
+        if let (Some(c), Some(d)) = (ceiling, r.delivered_rate)
+            && c.accept_rate > 0.0
+        {
+            parts.push(format!(
+                "{:.0}% of loopback ceiling",
+                100.0 * d / c.accept_rate
+            ));
+        }
+        if !parts.is_empty() {
+            let _ = writeln!(s, "  {}: {}", r.system, parts.join(", "));
+        }
+    }
+    s
+}

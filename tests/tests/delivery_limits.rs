@@ -1,0 +1,126 @@
+//! Per-destination connection slots are shared through the queue backend:
+//! while every slot is taken (here by the test, standing in for another
+//! pod), units wait without failing, then go out once a slot frees up.
+
+mod delivery_support;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use petrel_tests::dns::DnsServer;
+use petrel_tests::redis::RedisServer;
+use petrel_tests::smtp_sink::SmtpSink;
+
+use delivery_support::{LIMIT, Relay, message, mx_config, until};
+
+#[tokio::test]
+async fn a_unit_waits_for_a_destination_slot_without_counting_an_attempt() {
+    tokio::time::timeout(LIMIT, async {
+        let redis = RedisServer::start().await.expect("redis");
+        let dns = DnsServer::start().await.expect("dns");
+        dns.add_mx("dest.test", 10, "mx.dest.test");
+        dns.add_a("mx.dest.test", Ipv4Addr::LOCALHOST);
+        let sink = SmtpSink::builder().starttls(false).start().await.unwrap();
+        let mut config = mx_config(&redis.url(), dns.addr(), sink.port());
+        config.delivery.per_destination_concurrency = 1;
+        let relay = Relay::start(config).await;
+        let state = relay.ctx.state.clone();
+
+        // Another pod holds the only connection slot to dest.test.
+        let token = state
+            .acquire_slot("dest:dest.test", 1, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("slot free");
+        relay
+            .ctx
+            .queue
+            .enqueue(message(
+                "m-slot",
+                "sender@example.test",
+                &["user@dest.test"],
+                "slot",
+            ))
+            .await
+            .unwrap();
+        let s = state.clone();
+        assert!(
+            until(Duration::from_secs(20), || {
+                let s = s.clone();
+                async move { s.counter("throttled:m-slot:dest.test").await.unwrap_or(0) >= 2 }
+            })
+            .await,
+            "the unit was handed back at least twice"
+        );
+        assert_eq!(sink.connections(), 0, "no connection beyond the limit");
+        let m = &relay.ctx.metrics;
+        assert_eq!(
+            m.deferred
+                .with_label_values(&["example.test", "other"])
+                .get(),
+            0,
+            "waiting is not a failure"
+        );
+
+        state.release_slot("dest:dest.test", &token).await.unwrap();
+        let got = sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].rcpt_to, vec!["user@dest.test"]);
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn per_destination_rate_paces_without_failing() {
+    tokio::time::timeout(LIMIT, async {
+        let redis = RedisServer::start().await.expect("redis");
+        let dns = DnsServer::start().await.expect("dns");
+        dns.add_mx("dest.test", 10, "mx.dest.test");
+        dns.add_a("mx.dest.test", Ipv4Addr::LOCALHOST);
+        let sink = SmtpSink::builder().starttls(false).start().await.unwrap();
+        let mut config = mx_config(&redis.url(), dns.addr(), sink.port());
+        config.delivery.per_destination_rate = Some(1);
+        let backend = petrel_relay::queue::open(&config.queue).await.unwrap();
+        for i in 0..3 {
+            let rcpt = format!("u{i}@dest.test");
+            backend
+                .queue
+                .enqueue(message(
+                    &format!("m-rate-{i}"),
+                    "sender@example.test",
+                    &[&rcpt],
+                    "rate",
+                ))
+                .await
+                .unwrap();
+        }
+        let relay = Relay::start(config).await;
+        let got = sink.wait_for(3, Duration::from_secs(30)).await;
+        assert_eq!(got.len(), 3, "all delivered in the end");
+        let mut throttled = 0;
+        for i in 0..3 {
+            throttled += relay
+                .ctx
+                .state
+                .counter(&format!("throttled:m-rate-{i}:dest.test"))
+                .await
+                .unwrap();
+        }
+        assert!(
+            throttled >= 2,
+            "at one per second, two of three units had to wait: {throttled}"
+        );
+        let m = &relay.ctx.metrics;
+        assert_eq!(
+            m.deferred
+                .with_label_values(&["example.test", "other"])
+                .get(),
+            0
+        );
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -1,0 +1,1254 @@
+//! One conformance suite for both queue backends (design: "Queue contract").
+//!
+//! Every case in [`cases`] is a function of an opened [`Backend`]; the
+//! `conformance!` macro runs each against a private `redis-server` and
+//! against an embedded redb file in a temp dir. Time is passed explicitly
+//! (`now`), so lease expiry is tested without sleeping. Crash cases (Redis
+//! killed, restarted from its AOF, embedded file reopened) need control of
+//! the store and are written per backend at the end.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use petrel_relay::config::{EmbeddedQueue, QueueConfig, RedisQueue};
+use petrel_relay::queue::{
+    self, Backend, Lease, MessageFlags, Millis, NewMessage, QueueError, Reschedule,
+    SuppressionEntry,
+};
+use petrel_tests::redis::{Persistence, RedisServer};
+
+/// Upper bound of every test.
+const LIMIT: Duration = Duration::from_secs(60);
+/// A fixed "now" far from the real clock: backends must use the `now` given.
+const T: Millis = 1_700_000_000_000;
+const MINUTE: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------- fixtures
+
+/// The store behind one test's backend; dropping it kills or deletes it.
+enum Store {
+    Redis(Box<RedisServer>),
+    Embedded(tempfile::TempDir),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Redis,
+    Embedded,
+}
+
+fn config_for(store: &Store, timeout: Duration) -> QueueConfig {
+    let (redis, embedded) = match store {
+        Store::Redis(server) => (
+            Some(RedisQueue {
+                url: Some(server.url()),
+                url_file: None,
+                key_prefix: "petrel-test".into(),
+                wait_replicas: 0,
+            }),
+            None,
+        ),
+        Store::Embedded(dir) => (
+            None,
+            Some(EmbeddedQueue {
+                path: dir.path().join("spool").join("queue.redb"),
+            }),
+        ),
+    };
+    QueueConfig {
+        redis,
+        embedded,
+        lease: MINUTE.into(),
+        timeout: timeout.into(),
+    }
+}
+
+async fn store(kind: Kind, persistence: Persistence) -> Store {
+    match kind {
+        Kind::Redis => Store::Redis(Box::new(
+            RedisServer::builder()
+                .persistence(persistence)
+                .start()
+                .await
+                .expect("redis-server starts"),
+        )),
+        Kind::Embedded => Store::Embedded(tempfile::tempdir().expect("temp dir")),
+    }
+}
+
+async fn open(config: &QueueConfig) -> Backend {
+    queue::open(config).await.expect("backend opens")
+}
+
+/// Runs one generic case against a fresh store of `kind`, bounded in time.
+async fn run<F, Fut>(kind: Kind, case: F)
+where
+    F: FnOnce(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    tokio::time::timeout(LIMIT, async {
+        let store = store(kind, Persistence::None).await;
+        let backend = open(&config_for(&store, Duration::from_secs(5))).await;
+        case(backend).await;
+        drop(store);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Polls `ping` until the backend answers again (after a Redis restart the
+/// connection manager reconnects in the background; there is no event to
+/// await). Bounded by the test's timeout.
+async fn until_reachable(b: &Backend) {
+    while b.queue.ping().await.is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn message(id: &str, recipients: &[&str], received_at: Millis) -> NewMessage {
+    NewMessage {
+        id: id.to_string(),
+        mail_from: "sender@example.test".into(),
+        recipients: recipients.iter().map(|r| r.to_string()).collect(),
+        data: format!("Message-ID: <{id}@example.test>\r\nSubject: test\r\n\r\nbody of {id}\r\n")
+            .into_bytes(),
+        sending_domain: "example.test".into(),
+        received_at,
+        flags: MessageFlags {
+            smtputf8: false,
+            eight_bit: true,
+            is_dsn: false,
+        },
+    }
+}
+
+fn sorted_domains(leases: &[Lease]) -> Vec<String> {
+    let mut d: Vec<String> = leases.iter().map(|l| l.unit.domain.clone()).collect();
+    d.sort();
+    d
+}
+
+fn later(recipients: Vec<String>, at: Millis) -> Reschedule {
+    Reschedule {
+        recipients,
+        next_attempt_at: at,
+        last_error: "451 4.7.1 greylisted".into(),
+        delay_notified: false,
+    }
+}
+
+// ------------------------------------------------------------------- cases
+
+mod cases {
+    use super::*;
+
+    pub async fn enqueue_splits_into_units_per_domain(b: Backend) {
+        let msg = message("m1", &["a@x.org", "b@Y.org", "c@X.ORG"], T);
+        b.queue.enqueue(msg.clone()).await.unwrap();
+
+        let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        assert_eq!(sorted_domains(&leases), vec!["x.org", "y.org"]);
+        let x = leases.iter().find(|l| l.unit.domain == "x.org").unwrap();
+        assert_eq!(x.unit.recipients, vec!["a@x.org", "c@X.ORG"]);
+        assert_eq!(x.unit.message_id, "m1");
+        assert_eq!(x.unit.mail_from, "sender@example.test");
+        assert_eq!(x.unit.sending_domain, "example.test");
+        assert_eq!(x.unit.received_at, T);
+        assert_eq!(x.unit.attempts, 0);
+        assert!(x.unit.flags.eight_bit);
+        assert_eq!(x.expires_at, T + 60_000);
+        assert_eq!(b.queue.message_data("m1").await.unwrap(), msg.data);
+        assert!(matches!(
+            b.queue.message_data("nope").await,
+            Err(QueueError::NotFound(_))
+        ));
+    }
+
+    pub async fn lease_takes_only_due_units_up_to_max(b: Backend) {
+        b.queue
+            .enqueue(message("early", &["a@x.org", "b@y.org", "c@z.org"], T))
+            .await
+            .unwrap();
+        b.queue
+            .enqueue(message("late", &["a@x.org"], T + 5_000))
+            .await
+            .unwrap();
+
+        assert!(b.queue.lease(T - 1, 10, MINUTE).await.unwrap().is_empty());
+        assert!(b.queue.lease(T, 0, MINUTE).await.unwrap().is_empty());
+        let first = b.queue.lease(T, 2, MINUTE).await.unwrap();
+        assert_eq!(first.len(), 2);
+        let second = b.queue.lease(T + 10, 10, MINUTE).await.unwrap();
+        assert_eq!(second.len(), 1, "only the third unit of `early` is due");
+        assert_eq!(second[0].unit.message_id, "early");
+        let third = b.queue.lease(T + 5_000, 10, MINUTE).await.unwrap();
+        assert_eq!(third.len(), 1);
+        assert_eq!(third[0].unit.message_id, "late");
+    }
+
+    pub async fn expired_lease_makes_the_unit_due_again(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org"], T))
+            .await
+            .unwrap();
+        let lease_for = Duration::from_secs(1);
+
+        let first = b.queue.lease(T, 10, lease_for).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(
+            b.queue
+                .lease(T + 999, 10, lease_for)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let stats = b.queue.stats(T + 1_000).await.unwrap();
+        assert_eq!(
+            (stats.due, stats.leased),
+            (1, 0),
+            "expired lease counts as due"
+        );
+
+        let second = b.queue.lease(T + 1_000, 10, lease_for).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].unit.id, first[0].unit.id);
+        assert_ne!(second[0].token, first[0].token);
+
+        // The slow first worker cannot clobber the one that took over.
+        assert!(matches!(
+            b.queue.complete(&first[0]).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            b.queue
+                .retry(&first[0], later(vec!["a@x.org".into()], T + 5_000))
+                .await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        assert!(matches!(
+            b.queue.fail(&first[0]).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        b.queue.complete(&second[0]).await.unwrap();
+        // Finishing twice is a lost lease too, not a double decrement.
+        assert!(matches!(
+            b.queue.complete(&second[0]).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        assert_eq!(b.queue.stats(T + 1_000).await.unwrap().messages, 0);
+    }
+
+    pub async fn retry_reschedules_the_remaining_recipients(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@x.org", "c@x.org"], T))
+            .await
+            .unwrap();
+        let lease = b.queue.lease(T, 10, MINUTE).await.unwrap().remove(0);
+        b.queue
+            .retry(&lease, later(vec!["b@x.org".into()], T + 300_000))
+            .await
+            .unwrap();
+
+        assert!(
+            b.queue
+                .lease(T + 299_999, 10, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = b
+            .queue
+            .lease(T + 300_000, 10, MINUTE)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(again.unit.id, lease.unit.id);
+        assert_eq!(again.unit.recipients, vec!["b@x.org"]);
+        assert_eq!(again.unit.attempts, 1);
+        assert_eq!(again.unit.next_attempt_at, T + 300_000);
+        assert_eq!(
+            again.unit.last_error.as_deref(),
+            Some("451 4.7.1 greylisted")
+        );
+        assert!(!again.unit.delay_notified);
+
+        let mut r = later(vec!["b@x.org".into()], T + 900_000);
+        r.delay_notified = true;
+        b.queue.retry(&again, r).await.unwrap();
+        let third = b
+            .queue
+            .lease(T + 900_000, 10, MINUTE)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(third.unit.attempts, 2);
+        assert!(third.unit.delay_notified);
+        // The old lease died with the retry.
+        assert!(matches!(
+            b.queue.complete(&again).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        // The message is still there until its last unit goes.
+        assert!(b.queue.message_data("m").await.is_ok());
+    }
+
+    pub async fn retry_with_no_recipients_left_finishes_the_unit(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org"], T))
+            .await
+            .unwrap();
+        let lease = b.queue.lease(T, 10, MINUTE).await.unwrap().remove(0);
+        b.queue.retry(&lease, later(vec![], T + 1)).await.unwrap();
+        assert_eq!(b.queue.stats(T + 10).await.unwrap().messages, 0);
+        assert!(b.queue.lease(T + 10, 10, MINUTE).await.unwrap().is_empty());
+    }
+
+    pub async fn completing_the_last_unit_deletes_the_message(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .await
+            .unwrap();
+        b.queue
+            .enqueue(message("other", &["c@z.org"], T + 1))
+            .await
+            .unwrap();
+        let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        assert_eq!(leases.len(), 2);
+
+        b.queue.complete(&leases[0]).await.unwrap();
+        assert!(b.queue.message_data("m").await.is_ok());
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.oldest_received_at), (2, Some(T)));
+
+        b.queue.complete(&leases[1]).await.unwrap();
+        assert!(matches!(
+            b.queue.message_data("m").await,
+            Err(QueueError::NotFound(_))
+        ));
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.oldest_received_at), (1, Some(T + 1)));
+        assert!(b.queue.message_data("other").await.is_ok());
+    }
+
+    pub async fn fail_removes_the_unit_like_complete(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .await
+            .unwrap();
+        let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        b.queue.fail(&leases[0]).await.unwrap();
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.leased), (1, 1));
+        b.queue.fail(&leases[1]).await.unwrap();
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!(stats, queue::QueueStats::default());
+        assert!(
+            b.queue
+                .lease(T + 3_600_000, 10, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    pub async fn stats_count_units_by_state(b: Backend) {
+        assert_eq!(
+            b.queue.stats(T).await.unwrap(),
+            queue::QueueStats::default()
+        );
+        b.queue
+            .enqueue(message("a", &["1@x.org", "2@y.org", "3@z.org"], T))
+            .await
+            .unwrap();
+        b.queue
+            .enqueue(message("b", &["4@w.org"], T + 100))
+            .await
+            .unwrap();
+
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!(stats.due, 3);
+        assert_eq!(stats.deferred, 1, "b is not due before T+100");
+        assert_eq!(stats.leased, 0);
+        assert_eq!(stats.messages, 2);
+        assert_eq!(stats.oldest_received_at, Some(T));
+
+        let leases = b.queue.lease(T, 2, MINUTE).await.unwrap();
+        b.queue
+            .retry(
+                &leases[0],
+                later(leases[0].unit.recipients.clone(), T + 600_000),
+            )
+            .await
+            .unwrap();
+        let stats = b.queue.stats(T + 100).await.unwrap();
+        assert_eq!((stats.due, stats.deferred, stats.leased), (2, 1, 1));
+        assert!(b.queue.ping().await.is_ok());
+    }
+
+    pub async fn enqueue_of_the_same_id_stores_it_once(b: Backend) {
+        let msg = message("dup", &["a@x.org"], T);
+        b.queue.enqueue(msg.clone()).await.unwrap();
+        b.queue.enqueue(msg).await.unwrap();
+        assert_eq!(b.queue.lease(T, 10, MINUTE).await.unwrap().len(), 1);
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 1);
+    }
+
+    pub async fn suppression_list_adds_expires_and_removes(b: Backend) {
+        let entry = |address: &str, expires_at| SuppressionEntry {
+            address: address.into(),
+            reason: "hard-bounce".into(),
+            remote_reply: Some("550 5.1.1 no such user".into()),
+            created_at: T,
+            expires_at,
+        };
+        b.state.suppress(entry("Bounce@X.org", None)).await.unwrap();
+        b.state
+            .suppress(entry("temp@x.org", Some(T + 1_000)))
+            .await
+            .unwrap();
+
+        let found = b
+            .state
+            .suppressed("bounce@x.ORG", T)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.address, "bounce@x.org");
+        assert_eq!(
+            found.remote_reply.as_deref(),
+            Some("550 5.1.1 no such user")
+        );
+        assert!(
+            b.state
+                .suppressed("temp@x.org", T + 999)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            b.state
+                .suppressed("temp@x.org", T + 1_000)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            b.state
+                .suppressed("other@x.org", T)
+                .await
+                .unwrap()
+                .is_none()
+        );
+
+        let mut listed: Vec<String> = b
+            .state
+            .list_suppressed(T)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.address)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, vec!["bounce@x.org", "temp@x.org"]);
+        assert_eq!(b.state.list_suppressed(T + 1_000).await.unwrap().len(), 1);
+
+        // Replacing an entry keeps one entry, with the new content.
+        let mut manual = entry("temp@x.org", None);
+        manual.reason = "manual".into();
+        b.state.suppress(manual).await.unwrap();
+        let found = b
+            .state
+            .suppressed("temp@x.org", T + 5_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.reason, "manual");
+
+        assert!(b.state.unsuppress("BOUNCE@x.org").await.unwrap());
+        assert!(!b.state.unsuppress("bounce@x.org").await.unwrap());
+        assert!(
+            b.state
+                .suppressed("bounce@x.org", T)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(b.state.list_suppressed(T).await.unwrap().len(), 1);
+    }
+
+    pub async fn counters_add_up_within_their_window(b: Backend) {
+        assert_eq!(b.state.counter("auth:10.0.0.1").await.unwrap(), 0);
+        assert_eq!(
+            b.state
+                .incr_counter("auth:10.0.0.1", 1, MINUTE)
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            b.state
+                .incr_counter("auth:10.0.0.1", 2, MINUTE)
+                .await
+                .unwrap(),
+            3
+        );
+        assert_eq!(b.state.counter("auth:10.0.0.1").await.unwrap(), 3);
+        assert_eq!(b.state.counter("auth:10.0.0.2").await.unwrap(), 0);
+
+        // A short window: the total drops to 0 when it ends, and the next
+        // increment starts a new window. Real time here (the trait takes
+        // none), so poll for the end.
+        let short = Duration::from_millis(100);
+        assert_eq!(b.state.incr_counter("rate:d", 5, short).await.unwrap(), 5);
+        // A later increment does not extend the window.
+        assert_eq!(b.state.incr_counter("rate:d", 1, MINUTE).await.unwrap(), 6);
+        while b.state.counter("rate:d").await.unwrap() != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(b.state.incr_counter("rate:d", 1, MINUTE).await.unwrap(), 1);
+        assert_eq!(b.state.counter("auth:10.0.0.1").await.unwrap(), 3);
+    }
+
+    pub async fn slots_respect_their_limit_and_ttl(b: Backend) {
+        let a = b
+            .state
+            .acquire_slot("mx:x.org", 2, MINUTE)
+            .await
+            .unwrap()
+            .unwrap();
+        let c = b
+            .state
+            .acquire_slot("mx:x.org", 2, MINUTE)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_ne!(a, c);
+        assert!(
+            b.state
+                .acquire_slot("mx:x.org", 2, MINUTE)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Another key has its own slots.
+        assert!(
+            b.state
+                .acquire_slot("mx:y.org", 1, MINUTE)
+                .await
+                .unwrap()
+                .is_some()
+        );
+
+        b.state.release_slot("mx:x.org", &a).await.unwrap();
+        let d = b.state.acquire_slot("mx:x.org", 2, MINUTE).await.unwrap();
+        assert!(d.is_some());
+        assert!(
+            b.state
+                .acquire_slot("mx:x.org", 2, MINUTE)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Releasing an unknown token is harmless.
+        b.state
+            .release_slot("mx:x.org", "not-a-token")
+            .await
+            .unwrap();
+
+        // A dead holder's slot comes back after its ttl.
+        let ttl = Duration::from_millis(100);
+        assert!(
+            b.state
+                .acquire_slot("mx:z.org", 1, ttl)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            b.state
+                .acquire_slot("mx:z.org", 1, ttl)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        while b
+            .state
+            .acquire_slot("mx:z.org", 1, ttl)
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn two_consumers_never_lease_the_same_unit(b: Backend) {
+        const MESSAGES: usize = 60;
+        for i in 0..MESSAGES {
+            let msg = message(&format!("m{i}"), &["a@x.org", "b@y.org"], T);
+            b.queue.enqueue(msg).await.unwrap();
+        }
+        let consumer = |b: Backend| async move {
+            let mut seen = Vec::new();
+            loop {
+                let leases = b.queue.lease(T, 7, MINUTE).await.unwrap();
+                if leases.is_empty() {
+                    return seen;
+                }
+                for lease in leases {
+                    b.queue.complete(&lease).await.unwrap();
+                    seen.push(lease.unit.id);
+                }
+            }
+        };
+        let (one, two) = tokio::join!(
+            tokio::spawn(consumer(b.clone())),
+            tokio::spawn(consumer(b.clone()))
+        );
+        let (one, two) = (one.unwrap(), two.unwrap());
+        let mut all: Vec<String> = one.iter().chain(two.iter()).cloned().collect();
+        let total = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), total, "a unit was leased twice");
+        assert_eq!(total, MESSAGES * 2);
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 0);
+    }
+}
+
+macro_rules! conformance {
+    ($($case:ident),* $(,)?) => {
+        mod redis_backend {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::run(super::Kind::Redis, super::cases::$case).await;
+                }
+            )*
+        }
+        mod embedded_backend {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::run(super::Kind::Embedded, super::cases::$case).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    enqueue_splits_into_units_per_domain,
+    lease_takes_only_due_units_up_to_max,
+    expired_lease_makes_the_unit_due_again,
+    retry_reschedules_the_remaining_recipients,
+    retry_with_no_recipients_left_finishes_the_unit,
+    completing_the_last_unit_deletes_the_message,
+    fail_removes_the_unit_like_complete,
+    stats_count_units_by_state,
+    enqueue_of_the_same_id_stores_it_once,
+    suppression_list_adds_expires_and_removes,
+    counters_add_up_within_their_window,
+    slots_respect_their_limit_and_ttl,
+    two_consumers_never_lease_the_same_unit,
+);
+
+// ------------------------------------------------- crashes and restarts
+
+/// Every unit in the queue, grouped by message id (leases them all).
+async fn units_by_message(b: &Backend, now: Millis) -> HashMap<String, usize> {
+    let mut by_message = HashMap::new();
+    loop {
+        let leases = b.queue.lease(now, 100, MINUTE).await.unwrap();
+        if leases.is_empty() {
+            return by_message;
+        }
+        for lease in leases {
+            *by_message.entry(lease.unit.message_id).or_default() += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_enqueue_fails_while_redis_is_down_and_leaves_nothing_half_written() {
+    tokio::time::timeout(LIMIT, async {
+        let mut server = RedisServer::builder()
+            .persistence(Persistence::AofAlways)
+            .start()
+            .await
+            .unwrap();
+        let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
+        b.queue.ping().await.unwrap();
+
+        // Enqueue in the background while Redis is killed under it.
+        let (first_ok, ok_seen) = tokio::sync::oneshot::channel();
+        let producer = tokio::spawn({
+            let b = b.clone();
+            async move {
+                let mut first_ok = Some(first_ok);
+                let mut acked = Vec::new();
+                let mut refused = 0;
+                // Until Redis is gone: however fast it is, the kill lands
+                // mid-stream.
+                for i in 0.. {
+                    let id = format!("m{i}");
+                    match b
+                        .queue
+                        .enqueue(message(&id, &["a@x.org", "b@y.org", "c@z.org"], T))
+                        .await
+                    {
+                        Ok(()) => {
+                            acked.push(id);
+                            if acked.len() == 20
+                                && let Some(tx) = first_ok.take()
+                            {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Err(QueueError::Unavailable(_) | QueueError::Timeout(_)) => refused += 1,
+                        Err(other) => panic!("unexpected error {other}"),
+                    }
+                    if refused >= 5 {
+                        break;
+                    }
+                }
+                (acked, refused)
+            }
+        });
+        ok_seen.await.unwrap();
+        server.kill().await.unwrap();
+        let (acked, refused) = producer.await.unwrap();
+        assert!(refused > 0, "enqueue kept succeeding with Redis dead");
+        assert!(matches!(
+            b.queue
+                .enqueue(message("while-down", &["a@x.org"], T))
+                .await,
+            Err(QueueError::Unavailable(_) | QueueError::Timeout(_))
+        ));
+        assert!(b.queue.ping().await.is_err());
+
+        server.restart().await.unwrap();
+        until_reachable(&b).await;
+        let units = units_by_message(&b, T).await;
+        for id in &acked {
+            assert_eq!(units.get(id), Some(&3), "acknowledged {id} lost or partial");
+        }
+        for (id, n) in &units {
+            assert_eq!(*n, 3, "{id} is half written");
+        }
+        assert!(!units.contains_key("while-down"));
+        assert_eq!(
+            b.queue.stats(T).await.unwrap().messages as usize,
+            units.len()
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn redis_queue_survives_a_restart_with_aof() {
+    tokio::time::timeout(LIMIT, async {
+        let mut server = RedisServer::builder()
+            .persistence(Persistence::Aof)
+            .start()
+            .await
+            .unwrap();
+        let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
+        let msg = message("m", &["a@x.org", "b@y.org"], T);
+        b.queue.enqueue(msg.clone()).await.unwrap();
+        let leased = b
+            .queue
+            .lease(T, 1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .remove(0);
+        b.state
+            .suppress(SuppressionEntry {
+                address: "gone@x.org".into(),
+                reason: "hard-bounce".into(),
+                remote_reply: None,
+                created_at: T,
+                expires_at: None,
+            })
+            .await
+            .unwrap();
+
+        server.kill().await.unwrap();
+        server.restart().await.unwrap();
+        until_reachable(&b).await;
+
+        assert_eq!(b.queue.message_data("m").await.unwrap(), msg.data);
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.due, stats.leased), (1, 1, 1));
+        // The lease survived too, and expires as it would have.
+        b.queue.complete(&leased).await.unwrap();
+        assert_eq!(b.queue.lease(T, 10, MINUTE).await.unwrap().len(), 1);
+        assert!(b.state.suppressed("gone@x.org", T).await.unwrap().is_some());
+    })
+    .await
+    .expect("test timed out");
+}
+
+fn redis_config(url: &str, wait_replicas: u32, timeout: Duration) -> QueueConfig {
+    QueueConfig {
+        redis: Some(RedisQueue {
+            url: Some(url.to_string()),
+            url_file: None,
+            key_prefix: "petrel-test".into(),
+            wait_replicas,
+        }),
+        embedded: None,
+        lease: MINUTE.into(),
+        timeout: timeout.into(),
+    }
+}
+
+#[tokio::test]
+async fn redis_url_is_read_from_url_file_and_prefix_isolates_queues() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("url");
+        std::fs::write(&file, format!("  {}\n", server.url())).unwrap();
+        let mut config = redis_config("unused", 0, Duration::from_secs(2));
+        let redis = config.redis.as_mut().unwrap();
+        redis.url = None;
+        redis.url_file = Some(file);
+        let a = open(&config).await;
+        a.queue.ping().await.unwrap();
+        a.queue
+            .enqueue(message("m", &["a@x.org"], T))
+            .await
+            .unwrap();
+
+        let mut other = config.clone();
+        other.redis.as_mut().unwrap().key_prefix = "other".into();
+        let b = open(&other).await;
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 0);
+        assert_eq!(a.queue.stats(T).await.unwrap().messages, 1);
+
+        let mut missing = config.clone();
+        missing.redis.as_mut().unwrap().url_file = Some(PathBuf::from("/nonexistent/url"));
+        assert!(matches!(
+            queue::open(&missing).await,
+            Err(QueueError::Unavailable(_))
+        ));
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn redis_wait_replicas_refuses_and_rolls_back_without_enough_replicas() {
+    tokio::time::timeout(LIMIT, async {
+        let primary = RedisServer::builder()
+            .args(["--repl-diskless-sync-delay", "0"])
+            .start()
+            .await
+            .unwrap();
+        let b = open(&redis_config(&primary.url(), 1, Duration::from_secs(2))).await;
+        let result = b.queue.enqueue(message("m", &["a@x.org"], T)).await;
+        assert!(
+            matches!(
+                result,
+                Err(QueueError::NotReplicated {
+                    acked: 0,
+                    wanted: 1
+                })
+            ),
+            "{result:?}"
+        );
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 0, "rolled back");
+
+        // With a replica attached, the same enqueue is acknowledged. The
+        // replica syncs in the background: retry until it has.
+        let port = primary.port().to_string();
+        let _replica = RedisServer::builder()
+            .args(["--replicaof", "127.0.0.1", port.as_str()])
+            .start()
+            .await
+            .unwrap();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let id = format!("r{attempt}");
+            match b.queue.enqueue(message(&id, &["a@x.org"], T)).await {
+                Ok(()) => break,
+                Err(QueueError::NotReplicated { .. }) => continue,
+                Err(other) => panic!("unexpected error {other}"),
+            }
+        }
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 1);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn embedded_queue_survives_a_reopen() {
+    tokio::time::timeout(LIMIT, async {
+        let store = Store::Embedded(tempfile::tempdir().unwrap());
+        let config = config_for(&store, Duration::from_secs(5));
+        let msg = message("m", &["a@x.org", "b@y.org"], T);
+        {
+            let b = open(&config).await;
+            b.queue.enqueue(msg.clone()).await.unwrap();
+            let lease = b.queue.lease(T, 1, MINUTE).await.unwrap().remove(0);
+            b.queue.complete(&lease).await.unwrap();
+            b.state.incr_counter("k", 1, MINUTE).await.unwrap();
+            // Opening the same file twice at once is refused.
+            assert!(matches!(
+                queue::open(&config).await,
+                Err(QueueError::Unavailable(_))
+            ));
+        }
+        let b = open(&config).await;
+        assert_eq!(b.queue.message_data("m").await.unwrap(), msg.data);
+        let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        assert_eq!(leases.len(), 1, "the completed unit stays completed");
+        assert_eq!(leases[0].unit.domain, "y.org");
+        drop(store);
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn open_refuses_a_config_without_exactly_one_backend() {
+    let config = QueueConfig {
+        redis: None,
+        embedded: None,
+        lease: MINUTE.into(),
+        timeout: MINUTE.into(),
+    };
+    assert!(matches!(
+        queue::open(&config).await,
+        Err(QueueError::Unavailable(_))
+    ));
+}
+
+/// Not a test: rough throughput figures, printed (`--ignored --nocapture`).
+/// Timings are never asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run by hand"]
+async fn bench_enqueue_and_lease_round_trip() {
+    for kind in [Kind::Redis, Kind::Embedded] {
+        let persistence = match kind {
+            Kind::Redis => Persistence::Aof,
+            Kind::Embedded => Persistence::None,
+        };
+        let store = store(kind, persistence).await;
+        let b = open(&config_for(&store, Duration::from_secs(10))).await;
+        for size in [1024usize, 20 * 1024] {
+            const CLIENTS: usize = 50;
+            const PER_CLIENT: usize = 40;
+            let started = std::time::Instant::now();
+            let mut tasks = Vec::new();
+            for c in 0..CLIENTS {
+                let b = b.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..PER_CLIENT {
+                        let mut msg = message(&format!("s{size}-c{c}-{i}"), &["a@x.org"], T);
+                        msg.data = vec![b'x'; size];
+                        b.queue.enqueue(msg).await.unwrap();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let total = CLIENTS * PER_CLIENT;
+            let enq = started.elapsed();
+            let started = std::time::Instant::now();
+            let mut done = 0;
+            loop {
+                let leases = b.queue.lease(T, 100, MINUTE).await.unwrap();
+                if leases.is_empty() {
+                    break;
+                }
+                for lease in leases {
+                    b.queue.message_data(&lease.unit.message_id).await.unwrap();
+                    b.queue.complete(&lease).await.unwrap();
+                    done += 1;
+                }
+            }
+            let deq = started.elapsed();
+            assert_eq!(done, total);
+            println!(
+                "{kind:?} {size} B: enqueue {total} with {CLIENTS} concurrent callers in {enq:?} \
+                 ({:.0}/s); lease+data+complete in {deq:?} ({:.0}/s)",
+                total as f64 / enq.as_secs_f64(),
+                total as f64 / deq.as_secs_f64(),
+            );
+        }
+        drop(b);
+        drop(store);
+    }
+}
+
+#[tokio::test]
+async fn redis_undecodable_unit_does_not_stall_the_others() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start().await.unwrap();
+        let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .await
+            .unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::pipe()
+            .hset("{petrel-test}:unit", "bad:x.org", "not json")
+            .zadd("{petrel-test}:due", "bad:x.org", T)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+
+        let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        assert_eq!(sorted_domains(&leases), vec!["x.org", "y.org"]);
+        assert_eq!(b.queue.stats(T).await.unwrap().leased, 3);
+    })
+    .await
+    .expect("test timed out");
+}
+
+// ------------------------------------------------------------ Redis Cluster
+
+/// A free port whose cluster bus port (+10000) is free and valid too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = petrel_tests::ports::free_port();
+        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Three masters, no replicas, slots spread by `redis-cli --cluster create`.
+async fn start_cluster() -> Vec<RedisServer> {
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        let node = RedisServer::builder()
+            .port(cluster_port())
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+            ])
+            .start()
+            .await
+            .expect("cluster node starts");
+        nodes.push(node);
+    }
+    let mut create = tokio::process::Command::new("redis-cli");
+    create.args(["--cluster", "create"]);
+    for node in &nodes {
+        create.arg(format!("127.0.0.1:{}", node.port()));
+    }
+    let out = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .await
+        .expect("redis-cli runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Every node must agree the cluster is up; gossip has no event to await.
+    for node in &nodes {
+        while !node
+            .raw_command(&["CLUSTER", "INFO"])
+            .await
+            .unwrap()
+            .contains("cluster_state:ok")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    nodes
+}
+
+#[tokio::test]
+async fn redis_cluster_passes_the_conformance_cases() {
+    tokio::time::timeout(LIMIT, async {
+        let nodes = start_cluster().await;
+        let seeds: Vec<String> = nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let url = format!("redis+cluster://{}", seeds.join(","));
+        // Each case under its own prefix, so the queues land on different
+        // slots (and nodes) of the one cluster.
+        macro_rules! on_cluster {
+            ($($case:ident),* $(,)?) => {$({
+                let mut config = redis_config(&url, 0, Duration::from_secs(5));
+                config.redis.as_mut().unwrap().key_prefix = stringify!($case).into();
+                cases::$case(open(&config).await).await;
+            })*};
+        }
+        on_cluster!(
+            enqueue_splits_into_units_per_domain,
+            lease_takes_only_due_units_up_to_max,
+            expired_lease_makes_the_unit_due_again,
+            retry_reschedules_the_remaining_recipients,
+            completing_the_last_unit_deletes_the_message,
+            stats_count_units_by_state,
+            enqueue_of_the_same_id_stores_it_once,
+            suppression_list_adds_expires_and_removes,
+            counters_add_up_within_their_window,
+            slots_respect_their_limit_and_ttl,
+            two_consumers_never_lease_the_same_unit,
+        );
+        // The prefixes really were spread over the nodes.
+        let mut used = 0;
+        for node in &nodes {
+            let reply = node.raw_command(&["DBSIZE"]).await.unwrap();
+            if reply.trim() != ":0" {
+                used += 1;
+            }
+        }
+        assert!(used >= 2, "all queues landed on one node");
+    })
+    .await
+    .expect("test timed out");
+}
+
+// ----------------------------------------------------------------- Sentinel
+
+/// A `redis-server --sentinel` watching `master_port` as `mymaster`.
+struct Sentinel {
+    port: u16,
+    _dir: tempfile::TempDir,
+    _child: tokio::process::Child,
+}
+
+impl Sentinel {
+    async fn start(master_port: u16) -> Sentinel {
+        let dir = tempfile::tempdir().unwrap();
+        let port = petrel_tests::ports::free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nlogfile sentinel.log\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds mymaster 500\n\
+                 sentinel failover-timeout mymaster 2000\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server --sentinel runs");
+        let sentinel = Sentinel {
+            port,
+            _dir: dir,
+            _child: child,
+        };
+        // Until it knows the replica (from the primary's INFO); no event
+        // to await from a child process.
+        loop {
+            if let Ok(replicas) = sentinel.replicas().await
+                && !replicas.is_empty()
+            {
+                return sentinel;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn replicas(&self) -> redis::RedisResult<Vec<redis::Value>> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg("mymaster")
+            .query_async(&mut conn)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn redis_sentinel_failover_keeps_replicated_messages() {
+    tokio::time::timeout(LIMIT, async {
+        let mut primary = RedisServer::builder()
+            .args(["--repl-diskless-sync-delay", "0"])
+            .start()
+            .await
+            .unwrap();
+        let port = primary.port().to_string();
+        let replica = RedisServer::builder()
+            .args(["--replicaof", "127.0.0.1", port.as_str()])
+            .start()
+            .await
+            .unwrap();
+        // Online only after the initial sync.
+        while !primary
+            .raw_command(&["INFO", "replication"])
+            .await
+            .unwrap()
+            .contains("state=online")
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let sentinel = Sentinel::start(primary.port()).await;
+        let url = format!("redis+sentinel://127.0.0.1:{}/mymaster", sentinel.port);
+
+        // waitReplicas 1: acknowledged only once the replica has it.
+        let b = open(&redis_config(&url, 1, Duration::from_secs(2))).await;
+        let msg = message("m1", &["a@x.org", "b@y.org"], T);
+        b.queue.enqueue(msg.clone()).await.unwrap();
+
+        primary.kill().await.unwrap();
+        // The Sentinel promotes the replica; the backend finds it again.
+        while b.queue.message_data("m1").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(b.queue.message_data("m1").await.unwrap(), msg.data);
+        assert!(
+            replica
+                .raw_command(&["ROLE"])
+                .await
+                .unwrap()
+                .contains("master")
+        );
+        // No replica is left, so waitReplicas 1 cannot be met now...
+        assert!(matches!(
+            b.queue.enqueue(message("m2", &["a@x.org"], T)).await,
+            Err(QueueError::NotReplicated {
+                acked: 0,
+                wanted: 1
+            })
+        ));
+        // ...but the promoted primary takes writes.
+        let relaxed = open(&redis_config(&url, 0, Duration::from_secs(2))).await;
+        relaxed
+            .queue
+            .enqueue(message("m3", &["c@z.org"], T))
+            .await
+            .unwrap();
+        let units = units_by_message(&relaxed, T).await;
+        assert_eq!(units.get("m1"), Some(&2));
+        assert_eq!(units.get("m3"), Some(&1));
+        assert!(
+            !units.contains_key("m2"),
+            "the unreplicated message was rolled back"
+        );
+    })
+    .await
+    .expect("test timed out");
+}
