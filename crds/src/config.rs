@@ -622,7 +622,10 @@ impl RelayConfig {
             let inner = e.into_inner();
             let mut message = strip_location(&inner);
             // serde_yaml names the path itself for some errors; say it once.
-            if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+            if let Some((prefix, rest)) = message.split_once(": ")
+                && !prefix.is_empty()
+                && path.starts_with(prefix)
+            {
                 message = rest.to_string();
             }
             if let Some(loc) = inner.location() {

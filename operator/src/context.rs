@@ -33,10 +33,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            relay_image: format!(
-                "ghcr.io/petrel-dev/petrel-relay:{}",
-                env!("CARGO_PKG_VERSION")
-            ),
+            relay_image: format!("ghcr.io/petrel-dev/petrel:{}", env!("CARGO_PKG_VERSION")),
             dns_recheck_fast: Duration::from_secs(60),
             dns_recheck_slow: Duration::from_secs(30 * 60),
             resync: Duration::from_secs(10 * 60),

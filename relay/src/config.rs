@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-
 pub use petrel_crds::config::*;
 
 use crate::reload::Reloading;

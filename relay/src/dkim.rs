@@ -329,4 +329,21 @@ mod tests {
             Err(DkimError::BadKey { .. })
         ));
     }
+
+    /// The quick start's committed example key must load and sign.
+    #[test]
+    fn quick_start_example_key_signs() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local/dkim-example.test.key");
+        if !path.exists() {
+            return;
+        }
+        let cfg = DkimConfig {
+            selector: "example".into(),
+            algorithm: DkimAlgorithm::Ed25519,
+            key_file: path,
+        };
+        let header = DkimKeys::new().sign("example.test", &cfg, MSG).unwrap();
+        assert!(header.contains("s=example; d=example.test"), "{header}");
+    }
 }

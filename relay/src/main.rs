@@ -85,7 +85,9 @@ enum ConfigCommand {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -141,7 +143,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn suppression(config: &RelayConfig, command: SuppressionCommand) -> anyhow::Result<ExitCode> {
+async fn suppression(
+    config: &RelayConfig,
+    command: SuppressionCommand,
+) -> anyhow::Result<ExitCode> {
     use petrel_relay::delivery::suppression;
     use petrel_relay::queue::now_millis;
     let backend = petrel_relay::queue::open(&config.queue)
@@ -156,11 +161,27 @@ async fn suppression(config: &RelayConfig, command: SuppressionCommand) -> anyho
                     .map(|t| format!("expires {}", millis_to_rfc3339(t)))
                     .unwrap_or_else(|| "never expires".to_string());
                 let reply = e.remote_reply.as_deref().unwrap_or("-");
-                println!("{}\t{}\t{}\t{expires}\t{reply}", e.address, e.reason, millis_to_rfc3339(e.created_at));
+                println!(
+                    "{}\t{}\t{}\t{expires}\t{reply}",
+                    e.address,
+                    e.reason,
+                    millis_to_rfc3339(e.created_at)
+                );
             }
         }
-        SuppressionCommand::Add { address, reason, ttl } => {
-            let e = suppression::add(state, &address, reason.as_deref(), ttl.map(Into::into), now_millis()).await?;
+        SuppressionCommand::Add {
+            address,
+            reason,
+            ttl,
+        } => {
+            let e = suppression::add(
+                state,
+                &address,
+                reason.as_deref(),
+                ttl.map(Into::into),
+                now_millis(),
+            )
+            .await?;
             println!("suppressed {}", e.address);
         }
         SuppressionCommand::Remove { address } => {

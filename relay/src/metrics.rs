@@ -49,7 +49,12 @@ pub struct RelayMetrics {
 #[error("cannot register metrics: {0}")]
 pub struct MetricsError(#[from] prometheus::Error);
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -59,7 +64,10 @@ impl RelayMetrics {
     /// Creates and registers every metric in `registry`.
     pub fn register(registry: &Registry) -> Result<RelayMetrics, MetricsError> {
         let queue_units = IntGaugeVec::new(
-            Opts::new("petrel_queue_units", "Delivery units in the queue, by state."),
+            Opts::new(
+                "petrel_queue_units",
+                "Delivery units in the queue, by state.",
+            ),
             &["state"],
         )?;
         registry.register(Box::new(queue_units.clone()))?;
@@ -78,7 +86,9 @@ impl RelayMetrics {
                 "petrel_delivery_attempt_duration_seconds",
                 "Duration of one outbound delivery attempt, connect to final reply.",
             )
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]),
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
             &["destination"],
         )?;
         registry.register(Box::new(attempt_duration.clone()))?;
@@ -88,8 +98,8 @@ impl RelayMetrics {
                 "Time from accepting a message (250) to its delivery.",
             )
             .buckets(vec![
-                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0,
-                86400.0,
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                14400.0, 86400.0,
             ]),
             &["domain"],
         )?;
@@ -99,20 +109,67 @@ impl RelayMetrics {
                 "petrel_queue_enqueue_duration_seconds",
                 "Time to make an accepted message durable in the queue.",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ]),
         )?;
         registry.register(Box::new(enqueue_duration.clone()))?;
 
         Ok(RelayMetrics {
-            received: counter(registry, "petrel_messages_received_total", "Messages accepted for delivery.", &["domain"])?,
-            rejected: counter(registry, "petrel_smtp_rejections_total", "Inbound SMTP refusals, by reason.", &["reason"])?,
-            delivered: counter(registry, "petrel_recipients_delivered_total", "Recipients delivered.", &["domain", "destination"])?,
-            deferred: counter(registry, "petrel_recipients_deferred_total", "Recipients deferred after a temporary failure.", &["domain", "destination"])?,
-            bounced: counter(registry, "petrel_recipients_bounced_total", "Recipients bounced, by enhanced status class.", &["domain", "destination", "class"])?,
-            suppressed: counter(registry, "petrel_recipients_suppressed_total", "Recipients refused or dropped as suppressed.", &["domain"])?,
-            dkim_signed: counter(registry, "petrel_dkim_signed_total", "Messages DKIM-signed.", &["domain", "algorithm"])?,
-            outbound_sessions: counter(registry, "petrel_outbound_sessions_total", "Outbound SMTP sessions, by TLS use.", &["destination", "tls"])?,
-            auth_failures: counter(registry, "petrel_auth_failures_total", "Failed SMTP AUTH attempts.", &["listener"])?,
+            received: counter(
+                registry,
+                "petrel_messages_received_total",
+                "Messages accepted for delivery.",
+                &["domain"],
+            )?,
+            rejected: counter(
+                registry,
+                "petrel_smtp_rejections_total",
+                "Inbound SMTP refusals, by reason.",
+                &["reason"],
+            )?,
+            delivered: counter(
+                registry,
+                "petrel_recipients_delivered_total",
+                "Recipients delivered.",
+                &["domain", "destination"],
+            )?,
+            deferred: counter(
+                registry,
+                "petrel_recipients_deferred_total",
+                "Recipients deferred after a temporary failure.",
+                &["domain", "destination"],
+            )?,
+            bounced: counter(
+                registry,
+                "petrel_recipients_bounced_total",
+                "Recipients bounced, by enhanced status class.",
+                &["domain", "destination", "class"],
+            )?,
+            suppressed: counter(
+                registry,
+                "petrel_recipients_suppressed_total",
+                "Recipients refused or dropped as suppressed.",
+                &["domain"],
+            )?,
+            dkim_signed: counter(
+                registry,
+                "petrel_dkim_signed_total",
+                "Messages DKIM-signed.",
+                &["domain", "algorithm"],
+            )?,
+            outbound_sessions: counter(
+                registry,
+                "petrel_outbound_sessions_total",
+                "Outbound SMTP sessions, by TLS use.",
+                &["destination", "tls"],
+            )?,
+            auth_failures: counter(
+                registry,
+                "petrel_auth_failures_total",
+                "Failed SMTP AUTH attempts.",
+                &["listener"],
+            )?,
             queue_units,
             oldest_message_age,
             active_sessions,
@@ -137,7 +194,16 @@ pub fn destination_group(host: &str) -> &'static str {
     let host = host.trim_end_matches('.').to_ascii_lowercase();
     const GROUPS: &[(&str, &[&str])] = &[
         ("gmail", &["gmail.com", "googlemail.com", "google.com"]),
-        ("microsoft", &["outlook.com", "hotmail.com", "live.com", "msn.com", "protection.outlook.com"]),
+        (
+            "microsoft",
+            &[
+                "outlook.com",
+                "hotmail.com",
+                "live.com",
+                "msn.com",
+                "protection.outlook.com",
+            ],
+        ),
         ("yahoo", &["yahoo.com", "yahoodns.net", "aol.com"]),
         ("apple", &["icloud.com", "me.com", "mac.com"]),
         ("proton", &["proton.me", "protonmail.com", "protonmail.ch"]),
@@ -200,8 +266,18 @@ mod tests {
     fn registers_every_metric_once() {
         let (registry, m) = RelayMetrics::standalone();
         m.received.with_label_values(&["example.test"]).inc();
-        let names: Vec<String> = registry.gather().iter().map(|f| f.name().to_string()).collect();
-        assert!(names.contains(&"petrel_messages_received_total".to_string()), "{names:?}");
-        assert!(RelayMetrics::register(&registry).is_err(), "double registration must fail");
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(
+            names.contains(&"petrel_messages_received_total".to_string()),
+            "{names:?}"
+        );
+        assert!(
+            RelayMetrics::register(&registry).is_err(),
+            "double registration must fail"
+        );
     }
 }

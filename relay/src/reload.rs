@@ -56,8 +56,10 @@ impl<T: Send + Sync + 'static> Reloading<T> {
         F: Fn(Option<&T>) -> Option<T> + Send + Sync + 'static,
     {
         let (tx, rx) = watch::channel(Arc::new(initial));
+        // Fingerprint now, not in the task: a change made before the task
+        // first runs must still count as a change.
+        let mut seen = fingerprint(&paths);
         tokio::spawn(async move {
-            let mut seen = fingerprint(&paths);
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -111,11 +113,18 @@ mod tests {
         std::fs::write(&path, "one").unwrap();
         let p = path.clone();
         let read = move |_: Option<&String>| std::fs::read_to_string(&p).ok();
-        let mut r = Reloading::spawn(vec![path.clone()], Duration::from_millis(20), read(None).unwrap(), read);
+        let mut r = Reloading::spawn(
+            vec![path.clone()],
+            Duration::from_millis(20),
+            read(None).unwrap(),
+            read,
+        );
         assert_eq!(*r.get(), "one");
         // Longer content changes the length even when mtime granularity is coarse.
         std::fs::write(&path, "two, longer").unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), r.changed()).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), r.changed())
+            .await
+            .unwrap();
         assert_eq!(*got, "two, longer");
     }
 }

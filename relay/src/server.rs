@@ -107,7 +107,11 @@ pub async fn run_until(
                 max_recipients: current.limits.max_recipients as usize,
             },
         );
-    let http_task = tokio::spawn(http::serve(http_listener, http_state, stopped(stop_rx.clone())));
+    let http_task = tokio::spawn(http::serve(
+        http_listener,
+        http_state,
+        stopped(stop_rx.clone()),
+    ));
     let mut smtp_tasks = tokio::task::JoinSet::new();
     for (socket, listener) in smtp_sockets {
         smtp_tasks.spawn(inbound::listener::serve_on(

@@ -630,3 +630,63 @@ async fn an_unreachable_mx_falls_back_to_the_next_one() {
     .await
     .expect("test timed out");
 }
+
+#[tokio::test]
+async fn smtputf8_message_to_a_server_without_it_bounces_5_6_7() {
+    tokio::time::timeout(LIMIT, async {
+        let w = world(SmtpSink::builder().smtputf8(false).start().await.unwrap()).await;
+        let relay = w.relay().await;
+        let mut msg = message("m-utf8", "sender@example.test", &["josé@dest.test"], "utf8");
+        msg.flags.smtputf8 = true;
+        relay.ctx.queue.enqueue(msg).await.unwrap();
+        let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].mail_from, "", "only the DSN arrives");
+        let (status, _) = dsn_text(&got[0]);
+        assert!(
+            status.contains("Final-Recipient: utf-8; josé@dest.test"),
+            "{status}"
+        );
+        assert!(status.contains("Status: 5.6.7"), "{status}");
+        assert!(
+            relay
+                .ctx
+                .state
+                .suppressed("josé@dest.test", now_millis())
+                .await
+                .unwrap()
+                .is_none(),
+            "not an address failure"
+        );
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn a_domain_without_mx_gets_mail_at_its_address() {
+    tokio::time::timeout(LIMIT, async {
+        let w = world(SmtpSink::start().await.unwrap()).await;
+        // RFC 5321 5.1: no MX, so the domain's own A record is the server.
+        w.dns.add_a("implicit.test", Ipv4Addr::LOCALHOST);
+        let relay = w.relay().await;
+        relay
+            .ctx
+            .queue
+            .enqueue(message(
+                "m-implicit",
+                "sender@example.test",
+                &["user@implicit.test"],
+                "implicit",
+            ))
+            .await
+            .unwrap();
+        let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].rcpt_to, vec!["user@implicit.test"]);
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use petrel_crds::config::Duration as CfgDuration;
 use petrel_tests::bench::client::{Client, ClientError, Reply};
 use petrel_tests::bench::procstat;
 use petrel_tests::bench::scenario::{Scenario, accepted_ids};
@@ -33,7 +34,20 @@ fn corpus() -> Vec<Case> {
         Case { name: "NUL bytes", input: b"EHLO \0\0\0\r\nMAIL FROM:<a\0b@example.test>\r\n\0\0\0\0\r\n".to_vec() },
         Case { name: "invalid UTF-8", input: with(&ehlo, b"MAIL FROM:<\xc3\x28\xff@example.test>\r\nRCPT TO:<\xfe\xfe@example.net>\r\nVRFY \x80\x81\r\n") },
         Case { name: "unknown verbs and empty lines", input: b"\r\n\r\nFOO\r\nEHLO\r\nMAIL\r\nRCPT TO:\r\nDATA\r\n".to_vec() },
-        Case { name: "garbage after PIPELINING", input: with(&ehlo, &with(&mail, b"\x00\xff\xfe garbage \x1b[31m\r\n\x01\x02\r\n")) },
+        Case {
+            name: "garbage after PIPELINING (before DATA)",
+            input: with(
+                &ehlo,
+                b"MAIL FROM:<sender@example.test>\r\nRCPT TO:<r@example.net>\r\n\x00\xff\xfe garbage \x1b[31m\r\n\x01\x02\r\nDATA\r\nSubject: g\r\n\r\nbody\r\n.\r\n",
+            ),
+        },
+        Case {
+            name: "garbage inside pipelined DATA",
+            input: with(
+                &ehlo,
+                &with(&mail, b"\x00\xff\xfe garbage \x1b[31m\r\n\x01\x02\r\n.\r\n"),
+            ),
+        },
         Case { name: "commands pipelined past DATA", input: with(&ehlo, b"MAIL FROM:<sender@example.test>\r\nRCPT TO:<r@example.net>\r\nDATA\r\nRSET\r\nNOOP\r\n.\r\n") },
         Case { name: "huge header (2 MB single line)", input: with(&ehlo, &with(&mail, &[b"Subject: ".as_slice(), &vec![b'h'; 2_000_000], b"\r\n\r\nbody\r\n.\r\n"].concat())) },
         Case { name: "many headers (100k)", input: with(&ehlo, &with(&mail, &[b"X-H: v\r\n".repeat(100_000).as_slice(), b"\r\nbody\r\n.\r\n"].concat())) },
@@ -79,6 +93,9 @@ async fn faults_malformed_input_gets_clear_replies_and_relay_keeps_serving() {
         let mut s = Scenario::start(1, Persistence::None, |c| {
             c.limits.max_message_size = 1024 * 1024;
             c.limits.max_errors = 1000;
+            // A case that leaves the session waiting shows as a 421, fast.
+            c.limits.command_timeout = CfgDuration::from_secs(5);
+            c.limits.data_timeout = CfgDuration::from_secs(5);
         })
         .await
         .expect("scenario");
@@ -88,6 +105,13 @@ async fn faults_malformed_input_gets_clear_replies_and_relay_keeps_serving() {
         for case in corpus() {
             match run_case(addr, &case).await {
                 Ok(replies) => {
+                    let codes: Vec<u16> = replies.iter().map(|r| r.code).collect();
+                    let last = replies
+                        .iter()
+                        .rev()
+                        .find(|r| r.code >= 400)
+                        .map(Reply::to_string);
+                    eprintln!("{}: {codes:?} {}", case.name, last.unwrap_or_default());
                     if !s.relays[0].is_running() {
                         failures.push(format!("{}: relay died", case.name));
                         break;

@@ -912,6 +912,25 @@ mod tests {
         assert!(seen.contains(&"data:..dot".to_string()), "{seen:?}");
     }
 
+    /// Stand-in for a fuzz target: the reply reader and parser take
+    /// whatever a hostile server sends without panicking.
+    #[test]
+    fn garbage_replies_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"0123456789 -.\r\n5abc\xff";
+        for _ in 0..20_000 {
+            let len = rng.random_range(0..40);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
+                .collect();
+            if let Some(n) = complete_reply_len(&bytes) {
+                let _ = parse_reply(&bytes[..n]);
+            }
+            let _ = parse_reply(&bytes);
+        }
+    }
+
     #[tokio::test]
     async fn auth_login_and_plain() {
         let (a, b) = tokio::io::duplex(64 * 1024);

@@ -6,7 +6,12 @@
 //!   -> mx (where) -> client (SMTP, STARTTLS) -> classify (what it means)
 //!   -> complete | retry (when again) | dsn (bounce) + suppression
 //! ```
-//! `maildir` replaces mx + client for the local quick start.
+//! `maildir` replaces mx + client for the local quick start; a smarthost
+//! replaces mx with one fixed server. `limits` paces deliveries through the
+//! queue backend's shared state, so all pods together respect them, and
+//! `suppression` holds the library side of `petrel-relay suppression`.
+//!
+//! Start it with [`DeliveryContext::new`] and [`run`].
 
 pub mod classify;
 pub mod client;

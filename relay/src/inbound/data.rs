@@ -3,12 +3,12 @@
 
 use smtp_proto::request::receiver::{DataReceiver, DummyDataReceiver};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Instant;
 
 use super::accept::{self, Origin};
 use super::headers;
 use super::reply::Reject;
 use super::session::{End, Envelope, Flow, Session, State, remaining};
-use tokio::time::Instant;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// DATA: 354, the message up to `CRLF.CRLF`, then the final reply.

@@ -3,8 +3,10 @@
 //! The session owns a read buffer and a write buffer. Replies are queued
 //! and flushed only when the session needs more input, which is exactly
 //! what PIPELINING needs (RFC 2920: replies to a batch go out together).
-//! Every read is under a timeout (command or data), every buffer bounded
-//! (line length, message size). STARTTLS ends the plaintext session and
+//! Every read is under a deadline: a whole command line within
+//! `commandTimeout`, each DATA line (or 1000 bytes of BDAT) within
+//! `dataTimeout`, so byte-at-a-time clients are cut off too. Every buffer
+//! is bounded (line length, message size). STARTTLS ends the plaintext session and
 //! hands its state back, so the caller can wrap the stream in TLS and
 //! resume with a new `Session` over the TLS stream: no stream enum, and
 //! unit tests can drive a session over `tokio::io::duplex`.
@@ -13,11 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use smtp_proto::Request;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::InboundContext;
 use super::reply::{Reject, render, render_multi};

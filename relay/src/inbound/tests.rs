@@ -511,7 +511,8 @@ async fn limits_on_size_recipients_lines_and_errors() {
             .await;
         c.cmd("NOOP", "250").await;
         c.cmd("FROB", "500").await;
-        // The sixth error is answered, then the session ends.
+        c.cmd("FROB", "500").await;
+        // The sixth error (452 is not one) is answered, then the session ends.
         c.cmd("FROB", "500").await;
         assert!(c.reply().await.starts_with("421 4.7.0"));
         assert_eq!(c.reply().await, "EOF");
@@ -971,6 +972,30 @@ async fn recipient_refusals_of_bulk_senders_are_not_errors() {
         c.cmd("DATA", "354").await;
         c.cmd("Subject: bulk\r\n\r\nhi\r\n.", "250 2.0.0").await;
         assert_eq!(f.messages()[0].recipients, vec!["ok@x.org"]);
+    })
+    .await;
+}
+
+/// SMTP smuggling: a bare-LF dot does not end DATA, so the "smuggled"
+/// commands stay inside the one message (and leave as a dot-stuffed line).
+#[tokio::test]
+async fn bare_lf_dot_does_not_end_data() {
+    bounded(async {
+        let f = fixture("");
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<b@x.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send("Subject: s\r\n\r\nhello\n.\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<victim@x.org>\r\nDATA\r\nsmuggled\r\n.\r\nQUIT\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 2.0.0"));
+        assert!(c.reply().await.starts_with("221"));
+        let msgs = f.messages();
+        assert_eq!(msgs.len(), 1);
+        assert_eq!(msgs[0].recipients, vec!["b@x.org"]);
+        let text = String::from_utf8_lossy(&msgs[0].data);
+        assert!(text.ends_with("hello\r\n.\r\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<victim@x.org>\r\nDATA\r\nsmuggled\r\n"), "{text}");
     })
     .await;
 }
