@@ -28,6 +28,8 @@ pub enum AddressProblem {
     MissingDomain,
     /// Not a syntactically valid address (bad characters, dots, length).
     Syntax,
+    /// A recipient at an address literal (`user@[10.0.0.5]`).
+    AddressLiteral,
 }
 
 impl AddressProblem {
@@ -40,6 +42,7 @@ impl AddressProblem {
                 | AddressProblem::PercentHack
                 | AddressProblem::BangPath
                 | AddressProblem::QuotedTrick
+                | AddressProblem::AddressLiteral
         )
     }
 
@@ -55,6 +58,7 @@ impl AddressProblem {
             AddressProblem::DoubleAt => "address has more than one '@'",
             AddressProblem::MissingDomain => "address needs a local part and a domain",
             AddressProblem::Syntax => "address is not valid",
+            AddressProblem::AddressLiteral => "recipients at address literals are not accepted",
         }
     }
 }
@@ -103,6 +107,13 @@ pub fn check_path(raw: &str) -> Result<&str, AddressProblem> {
     if quoted && local.contains(['@', '%', '!']) {
         return Err(AddressProblem::QuotedTrick);
     }
+    // RFC 5321 4.1.2 qtextSMTP / quoted-pairSMTP: printable characters
+    // only. A CR, NUL or other control character inside quotes would
+    // reach the queue, logs and DSN headers (and the HTTP API has no line
+    // framing to stop a CRLF).
+    if quoted && local.chars().any(char::is_control) {
+        return Err(AddressProblem::Syntax);
+    }
     let Some(domain) = rest.strip_prefix('@') else {
         return Err(if rest.is_empty() {
             AddressProblem::MissingDomain
@@ -135,6 +146,17 @@ pub fn check_path(raw: &str) -> Result<&str, AddressProblem> {
         });
     }
     Ok(raw)
+}
+
+/// [`check_path`] for a recipient, also refusing address literals:
+/// delivery routes by MX only, so such mail could never leave, and a relay
+/// inside a cluster must not be steerable at internal addresses.
+pub fn check_recipient(raw: &str) -> Result<&str, AddressProblem> {
+    let address = check_path(raw)?;
+    if domain_of(address).starts_with('[') {
+        return Err(AddressProblem::AddressLiteral);
+    }
+    Ok(address)
 }
 
 /// RFC 5322 dot-atom (with UTF-8 allowed, RFC 6531).
@@ -316,11 +338,19 @@ mod tests {
             ("user@-bad.example", Err(Syntax)),
             ("user@example..test", Err(Syntax)),
             ("\"unterminated@example.test", Err(Syntax)),
+            ("\"a\rb\"@example.test", Err(Syntax)),
+            ("\"a\r\nRSET\"@example.test", Err(Syntax)),
+            ("\"a\\\u{0}b\"@example.test", Err(Syntax)),
+            ("\"a\u{85}b\"@example.test", Err(Syntax)),
         ];
         for (input, want) in table {
             assert_eq!(check_path(input), *want, "{input}");
         }
         assert!(SourceRoute.is_relay_trick() && !DoubleAt.is_relay_trick());
+        assert_eq!(check_recipient("a@x.org"), Ok("a@x.org"));
+        assert_eq!(check_recipient("a@[10.0.0.5]"), Err(AddressLiteral));
+        assert_eq!(check_recipient("a@[IPv6:::1]"), Err(AddressLiteral));
+        assert_eq!(check_recipient("@a:b@c.org"), Err(SourceRoute));
     }
 
     fn config() -> RelayConfig {

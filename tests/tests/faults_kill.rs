@@ -55,7 +55,16 @@ async fn faults_kill9_one_of_two_relays_mid_delivery_loses_nothing() {
         // dead relay once their 10 s lease expires.
         let n = accepted.len() as u64;
         let all = s.sink.wait_for(n, n, Duration::from_secs(60)).await;
-        let verdict = verify(&accepted, &[], &s.sink.arrivals(), 1, 2);
+        let arrivals = s.sink.arrivals();
+        let verdict = verify(&accepted, &[], &arrivals, 1, 2);
+        eprintln!(
+            "kill -9: {} accepted, {} refused, {} failed at the client; {} delivered, {} twice",
+            accepted.len(),
+            refused_ids(&report).len(),
+            report.failed.len(),
+            arrivals.len(),
+            arrivals.values().filter(|a| a.deliveries > 1).count()
+        );
         assert!(
             all && verdict.is_clean(),
             "after kill -9: {} (sink has {} of {n}); refused {}\n{}",

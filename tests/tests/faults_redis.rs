@@ -71,6 +71,14 @@ async fn faults_redis_restart_keeps_every_accepted_message_and_never_lies() {
         let all = s.sink.wait_for(n, n, Duration::from_secs(60)).await;
         let arrivals = s.sink.arrivals();
         let verdict = verify(&accepted, &[], &arrivals, 1, 2);
+        eprintln!(
+            "redis restart: {} accepted, {} got 4xx, {} failed at the client; {} delivered, {} twice; probes {probe_replies:?}",
+            accepted.len(),
+            report.transient.len(),
+            report.failed.len(),
+            arrivals.len(),
+            arrivals.values().filter(|a| a.deliveries > 1).count()
+        );
         assert!(
             all && verdict.is_clean(),
             "after Redis restart: {}; probes {probe_replies:?}; transient {} failed {}\n{}",

@@ -437,6 +437,33 @@ async fn submission_requires_tls_then_auth_and_refuses_open_relay() {
     .expect("test timed out");
 }
 
+/// RFC 3207 4.2 / 5: commands pipelined after STARTTLS in the same
+/// packet are plaintext a man in the middle could have added; they are
+/// discarded, so the first reply over TLS answers the client's own EHLO.
+#[tokio::test]
+async fn commands_injected_after_starttls_are_discarded() {
+    tokio::time::timeout(LIMIT, async {
+        let relay = Relay::start("").await;
+        let mut c = raw(relay.submission).await;
+        c.cmd("EHLO client.test", "250").await;
+        c.send("STARTTLS\r\nMAIL FROM:<a@example.test>\r\nRCPT TO:<v@far.test>\r\n")
+            .await;
+        let r = c.reply().await;
+        assert!(r.starts_with("220 2.0.0"), "{r}");
+        let connector = tokio_rustls::TlsConnector::from(relay.ca.client_config().unwrap());
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, c.io.into_inner()).await.unwrap();
+        let mut c = Raw {
+            io: BufReader::new(tls),
+        };
+        c.cmd("EHLO client.test", "250-").await;
+        c.cmd("NOOP", "250 2.0.0").await;
+        c.cmd("QUIT", "221").await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn auth_guessing_is_throttled_across_connections_in_redis() {
     tokio::time::timeout(LIMIT, async {

@@ -260,7 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Reject::bad_sequence("Need MAIL before RCPT"));
         };
         let raw = raw_path(line).ok_or_else(|| Reject::syntax("Syntax: RCPT TO:<address>"))?;
-        let address = policy::check_path(raw).map_err(|p| address_reject(p, false))?;
+        let address = policy::check_recipient(raw).map_err(|p| address_reject(p, false))?;
         if !envelope.flags.smtputf8 && !address.is_ascii() {
             return Err(Reject::new(
                 553,

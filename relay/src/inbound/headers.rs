@@ -63,23 +63,27 @@ pub fn received(t: &TraceInfo<'_>) -> String {
     )
 }
 
-/// Turns bare LF line ends into CRLF (clients and BDAT may send them);
-/// queued messages always use CRLF.
+/// Turns bare LF and bare CR line ends into CRLF (clients and BDAT may
+/// send them); queued messages always use CRLF. Bare CR matters as much
+/// as bare LF: a stored `<CR>.<CR>` would leave the outbound side
+/// un-stuffed, and a next hop that treats a lone CR as a line end would
+/// see the end of DATA there (SMTP smuggling).
 pub fn normalize_crlf(data: Vec<u8>) -> Vec<u8> {
-    let bare = data
-        .iter()
-        .enumerate()
-        .filter(|&(i, &b)| b == b'\n' && (i == 0 || data[i - 1] != b'\r'))
+    let bare_lf = |i: usize| data[i] == b'\n' && (i == 0 || data[i - 1] != b'\r');
+    let bare_cr = |i: usize| data[i] == b'\r' && data.get(i + 1) != Some(&b'\n');
+    let bare = (0..data.len())
+        .filter(|&i| bare_lf(i) || bare_cr(i))
         .count();
     if bare == 0 {
         return data;
     }
     let mut out = Vec::with_capacity(data.len() + bare);
     for (i, &b) in data.iter().enumerate() {
-        if b == b'\n' && (i == 0 || data[i - 1] != b'\r') {
-            out.push(b'\r');
+        if bare_lf(i) || bare_cr(i) {
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.push(b);
         }
-        out.push(b);
     }
     out
 }
@@ -210,6 +214,27 @@ mod tests {
 
         let bodyonly = String::from_utf8(prepare(b"hello\r\n".to_vec(), &trace())).unwrap();
         assert!(bodyonly.ends_with("+0000\r\n\r\nhello\r\n"), "{bodyonly}");
+    }
+
+    #[test]
+    fn line_ends_become_crlf() {
+        let table: &[(&[u8], &[u8])] = &[
+            (b"a\r\nb\r\n", b"a\r\nb\r\n"),
+            (b"a\nb\n", b"a\r\nb\r\n"),
+            (b"\n.\n", b"\r\n.\r\n"),
+            (b"a\r.\rb", b"a\r\n.\r\nb"),
+            (b"a\r", b"a\r\n"),
+            (b"\r\r\n", b"\r\n\r\n"),
+            (b"\n\r", b"\r\n\r\n"),
+        ];
+        for (input, want) in table {
+            assert_eq!(
+                normalize_crlf(input.to_vec()),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
     }
 
     #[test]

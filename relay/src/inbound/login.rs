@@ -9,13 +9,38 @@ use super::envelope::bounded;
 use super::reply::Reject;
 use super::session::{Line, Session, State};
 
-/// Key of the shared AUTH failure counter of a client.
+/// Key of the shared AUTH failure counter of a client. An IPv4 client
+/// (also when seen as `::ffff:a.b.c.d` on a dual-stack listener) counts by
+/// its address; an IPv6 client by its /64, the smallest block a host is
+/// given: counting per /128 would let a guesser pick a fresh address from
+/// its own /64 for every few attempts.
 pub fn throttle_key(ip: std::net::IpAddr) -> String {
-    format!("auth-fail:{ip}")
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(v4) => format!("auth-fail:{v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("auth-fail:{v4}"),
+            None => {
+                let net = Ipv6Addr::from(v6.to_bits() & !((1u128 << 64) - 1));
+                format!("auth-fail:{net}/64")
+            }
+        },
+    }
 }
 
 fn sasl_reject(_: SaslError) -> Reject {
     Reject::new(501, "5.5.2", "syntax", "Invalid AUTH response")
+}
+
+/// The throttle counter could not be read or written: RFC 4954's
+/// temporary authentication failure, never a silent pass.
+fn auth_unavailable(_: Reject) -> Reject {
+    Reject::new(
+        454,
+        "4.7.0",
+        "auth_unavailable",
+        "Temporary authentication failure, try again later",
+    )
 }
 
 fn blocked() -> Reject {
@@ -67,10 +92,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let limits = self.config.limits.clone();
         let timeout = self.config.queue.timeout.into();
         let key = throttle_key(self.state.peer.ip());
-        let failures = bounded(timeout, self.ctx.state.counter(&key)).await?;
-        if failures >= u64::from(limits.max_auth_failures) {
-            return Err(blocked());
-        }
 
         let (user, password) = match mechanism {
             AUTH_PLAIN => {
@@ -101,6 +122,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         };
 
+        // The throttle check and the password check share one turn (not
+        // held while the client types: the exchange above is outside it).
+        let ctx = self.ctx.clone();
+        let _turn = ctx.auth_permit(timeout).await?;
+        let failures = bounded(timeout, self.ctx.state.counter(&key))
+            .await
+            .map_err(auth_unavailable)?;
+        if failures >= u64::from(limits.max_auth_failures) {
+            return Err(blocked());
+        }
         let users = self.ctx.users.as_ref().map(|u| u.get());
         let check_user = user.clone();
         let ok = tokio::task::spawn_blocking(move || {
@@ -121,7 +152,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .inc();
         tracing::warn!(peer = %self.state.peer, %user, "AUTH failed");
         let window = limits.auth_block_for.into();
-        let total = bounded(timeout, self.ctx.state.incr_counter(&key, 1, window)).await?;
+        let total = bounded(timeout, self.ctx.state.incr_counter(&key, 1, window))
+            .await
+            .map_err(auth_unavailable)?;
         if total >= u64::from(limits.max_auth_failures) {
             return Err(blocked());
         }
@@ -160,5 +193,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             ));
         }
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_keys_group_ipv6_by_64_and_unmap_ipv4() {
+        let table = [
+            ("192.0.2.9", "auth-fail:192.0.2.9"),
+            ("::ffff:192.0.2.9", "auth-fail:192.0.2.9"),
+            ("2001:db8:1:2::1", "auth-fail:2001:db8:1:2::/64"),
+            (
+                "2001:db8:1:2:ffff:ffff:ffff:ffff",
+                "auth-fail:2001:db8:1:2::/64",
+            ),
+            ("2001:db8:1:3::1", "auth-fail:2001:db8:1:3::/64"),
+            ("::1", "auth-fail:::/64"),
+        ];
+        for (ip, want) in table {
+            assert_eq!(throttle_key(ip.parse().unwrap()), want, "{ip}");
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct InboundContext {
     pub users: Option<Reloading<auth::Users>>,
     /// Open connections, total and per client.
     pub connections: ConnectionLimits,
+    /// Password checks running at once (see [`InboundContext::auth_permit`]).
+    auth_slots: tokio::sync::Semaphore,
 }
 
 impl InboundContext {
@@ -139,8 +141,36 @@ impl InboundContext {
             dkim,
             users,
             connections: ConnectionLimits::default(),
+            auth_slots: tokio::sync::Semaphore::new(auth_slots()),
         })
     }
+
+    /// A turn to check a password, waiting at most `wait`. Each argon2
+    /// verification holds ~19 MiB and a core for tens of milliseconds, so
+    /// without a bound a burst of AUTH attempts (one per allowed
+    /// connection) would exhaust memory on the blocking pool. The caller
+    /// also reads the failure counter inside its turn, so concurrent
+    /// guesses from one client cannot all pass the throttle check before
+    /// any failure is counted. Busy past `wait`: 454 4.7.0 (RFC 4954).
+    pub(crate) async fn auth_permit(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Reject> {
+        match tokio::time::timeout(wait, self.auth_slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) | Err(_) => Err(Reject::new(
+                454,
+                "4.7.0",
+                "auth_busy",
+                "Temporary authentication failure, try again later",
+            )),
+        }
+    }
+}
+
+/// Concurrent password checks: one per core, at least two.
+fn auth_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }
 
 #[cfg(test)]

@@ -47,6 +47,7 @@ impl InboundSubmit {
                 "Too many failed AUTH attempts from your address, try again later",
             )
         };
+        let _turn = self.ctx.auth_permit(timeout).await?;
         if bounded(timeout, self.ctx.state.counter(&key)).await?
             >= u64::from(limits.max_auth_failures)
         {
@@ -130,7 +131,7 @@ impl InboundSubmit {
             ..Envelope::default()
         };
         for rcpt in &s.recipients {
-            let address = policy::check_path(rcpt).map_err(|p| address_reject(p, false))?;
+            let address = policy::check_recipient(rcpt).map_err(|p| address_reject(p, false))?;
             if envelope
                 .recipients
                 .iter()

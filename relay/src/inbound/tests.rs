@@ -84,6 +84,9 @@ impl SharedState for Mem {
         Ok(*v)
     }
     async fn counter(&self, key: &str) -> Result<u64, QueueError> {
+        if *self.fail.lock().unwrap() {
+            return Err(QueueError::Unavailable("down".into()));
+        }
         Ok(self.counters.lock().unwrap().get(key).copied().unwrap_or(0))
     }
     async fn acquire_slot(
@@ -390,6 +393,8 @@ async fn no_open_relay() {
             ("<\"victim@far.test\"@example.test>", "550 5.7.1"),
             ("<victim@far.test@example.test>", "501 5.1.3"),
             ("<victim>", "501 5.1.3"),
+            ("<victim@[10.0.0.5]>", "550 5.7.1"),
+            ("<\"a\rb\"@x.test>", "501 5.1.3"),
             ("<jörg@x.test>", "553 5.6.7"),
         ] {
             c.cmd(&format!("RCPT TO:{rcpt}"), want).await;
@@ -996,6 +1001,104 @@ async fn bare_lf_dot_does_not_end_data() {
         assert_eq!(msgs[0].recipients, vec!["b@x.org"]);
         let text = String::from_utf8_lossy(&msgs[0].data);
         assert!(text.ends_with("hello\r\n.\r\nMAIL FROM:<evil@example.test>\r\nRCPT TO:<victim@x.org>\r\nDATA\r\nsmuggled\r\n"), "{text}");
+    })
+    .await;
+}
+
+/// SMTP smuggling with bare CR: `<CR>.<CR>` does not end DATA and is
+/// stored as CRLF lines, so delivery dot-stuffs it and no next hop that
+/// takes a lone CR for a line end can see an end of DATA in it.
+#[tokio::test]
+async fn bare_cr_dot_is_stored_as_crlf_lines() {
+    bounded(async {
+        let f = fixture("");
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<b@x.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.send("Subject: s\r\n\r\nhello\r.\rMAIL FROM:<evil@example.test>\r\n.\r\nQUIT\r\n")
+            .await;
+        assert!(c.reply().await.starts_with("250 2.0.0"));
+        assert!(c.reply().await.starts_with("221"));
+        let msgs = f.messages();
+        assert_eq!(msgs.len(), 1);
+        let data = &msgs[0].data;
+        let bare = (0..data.len()).any(|i| {
+            (data[i] == b'\r' && data.get(i + 1) != Some(&b'\n'))
+                || (data[i] == b'\n' && (i == 0 || data[i - 1] != b'\r'))
+        });
+        assert!(
+            !bare,
+            "bare CR or LF left in {:?}",
+            String::from_utf8_lossy(data)
+        );
+        let text = String::from_utf8_lossy(data);
+        assert!(
+            text.ends_with("hello\r\n.\r\nMAIL FROM:<evil@example.test>\r\n"),
+            "{text}"
+        );
+    })
+    .await;
+}
+
+/// Guesses sent at once on many connections from one client cannot all
+/// pass the throttle check before the first failure is counted: the check
+/// and the password verification share a bounded turn, so at most one
+/// guess per turn gets through before the client is blocked.
+#[tokio::test]
+async fn concurrent_guesses_cannot_outrun_the_throttle() {
+    bounded(async {
+        let f = fixture("limits: {maxAuthFailures: 1, maxErrors: 100}\n");
+        let mut clients = Vec::new();
+        for port in 0..8 {
+            let mut c = f.connect(&format!("192.0.2.20:{}", 5000 + port)).await;
+            c.cmd("EHLO guesser.test", "250").await;
+            clients.push(c);
+        }
+        for c in clients.iter_mut() {
+            c.send(&format!("AUTH PLAIN {}\r\n", plain("alice", "guess")))
+                .await;
+        }
+        for c in clients.iter_mut() {
+            let r = c.reply().await;
+            assert!(
+                r.starts_with("535 5.7.8") || r.starts_with("421 4.7.0"),
+                "{r}"
+            );
+        }
+        let counted = f
+            .mem
+            .counters
+            .lock()
+            .unwrap()
+            .get("auth-fail:192.0.2.20")
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            (1..=auth_slots() as u64).contains(&counted),
+            "{counted} guesses checked, at most {} expected",
+            auth_slots()
+        );
+    })
+    .await;
+}
+
+/// RFC 4954: when the throttle counter cannot be read, AUTH gets the
+/// temporary authentication failure 454 4.7.0 (never a pass).
+#[tokio::test]
+async fn auth_with_the_backend_down_is_a_temporary_failure() {
+    bounded(async {
+        let f = fixture("");
+        *f.mem.fail.lock().unwrap() = true;
+        let mut c = f.connect("192.0.2.1:4000").await;
+        c.cmd("EHLO outside.test", "250").await;
+        c.cmd(
+            &format!("AUTH PLAIN {}", plain("alice", PASSWORD)),
+            "454 4.7.0",
+        )
+        .await;
+        c.cmd("MAIL FROM:<a@example.test>", "530 5.7.0").await;
     })
     .await;
 }

@@ -347,7 +347,13 @@ impl Queue for RedisBackend {
             // earlier attempt (stored == 0) stays.
             if stored == 1 {
                 let ids: Vec<String> = units.into_iter().map(|u| u.id).collect();
-                self.rollback(&message.id, &ids).await;
+                // In its own task: the caller's deadline (the SMTP session
+                // bounds enqueue by the same timeout) may drop this future
+                // right after WAIT answered, and a rollback cut short would
+                // leave a message stored that its client was told to resend.
+                let this = self.clone();
+                let id = message.id.clone();
+                let _ = tokio::spawn(async move { this.rollback(&id, &ids).await }).await;
             }
             return Err(QueueError::NotReplicated {
                 acked,
