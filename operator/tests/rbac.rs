@@ -21,11 +21,8 @@ fn rbac_covers_every_call_and_no_more() {
     let role = Role::deserialize(docs.next().expect("second document")).expect("Role");
     let rules = cluster_role.rules.expect("rules");
     for (group, resource, verbs) in [
-        (
-            "petrel.dev",
-            "smtprelays",
-            &["get", "list", "watch", "patch"][..],
-        ),
+        ("petrel.dev", "smtprelays", &["get", "list", "watch"][..]),
+        ("petrel.dev", "smtprelays/status", &["patch"][..]),
         ("petrel.dev", "dkimkeys", &["create", "patch"][..]),
         ("petrel.dev", "sendingdomains/status", &["patch"][..]),
         (
@@ -54,6 +51,15 @@ fn rbac_covers_every_call_and_no_more() {
     assert!(rules.iter().all(|r| r.verbs.iter().all(|v| v != "*")));
     assert!(!allows(&rules, "", "pods", "get"));
     assert!(!allows(&rules, "", "configmaps", "delete"));
+    // Users own SmtpRelays and SendingDomains; the operator only writes their status.
+    for resource in ["smtprelays", "sendingdomains"] {
+        for verb in ["create", "patch", "update", "delete"] {
+            assert!(
+                !allows(&rules, "petrel.dev", resource, verb),
+                "{verb} {resource}"
+            );
+        }
+    }
     let lease_rules = role.rules.expect("lease rules");
     assert!(allows(
         &lease_rules,

@@ -124,3 +124,53 @@ async fn per_destination_rate_paces_without_failing() {
     .await
     .expect("test timed out");
 }
+
+/// A unit that can never get a slot is not held forever: once past the
+/// maximum queue lifetime it expires, and the sender gets a DSN.
+#[tokio::test]
+async fn a_unit_held_back_past_its_lifetime_expires_with_a_dsn() {
+    tokio::time::timeout(LIMIT, async {
+        let redis = RedisServer::start().await.expect("redis");
+        let dns = DnsServer::start().await.expect("dns");
+        dns.add_mx("dest.test", 10, "mx.dest.test");
+        dns.add_mx("example.test", 10, "mx.dest.test");
+        dns.add_a("mx.dest.test", Ipv4Addr::LOCALHOST);
+        let sink = SmtpSink::builder().starttls(false).start().await.unwrap();
+        let mut config = mx_config(&redis.url(), dns.addr(), sink.port());
+        config.delivery.per_destination_concurrency = 1;
+        let lifetime = config.delivery.max_queue_lifetime.get();
+        let relay = Relay::start(config).await;
+        let state = relay.ctx.state.clone();
+
+        // Another pod holds the only slot to dest.test for the whole test.
+        state
+            .acquire_slot("dest:dest.test", 1, Duration::from_secs(600))
+            .await
+            .unwrap()
+            .expect("slot free");
+        let mut msg = message(
+            "m-old",
+            "sender@example.test",
+            &["user@dest.test"],
+            "too old",
+        );
+        let age = u64::try_from((lifetime + Duration::from_secs(60)).as_millis()).unwrap();
+        msg.received_at = msg.received_at.saturating_sub(age);
+        relay.ctx.queue.enqueue(msg).await.unwrap();
+
+        let got = sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1, "a DSN, not the message: {got:?}");
+        assert!(got[0].mail_from.is_empty(), "from <>");
+        assert_eq!(got[0].rcpt_to, vec!["sender@example.test"]);
+        let text = String::from_utf8_lossy(&got[0].data);
+        assert!(
+            text.contains("Final-Recipient: rfc822; user@dest.test"),
+            "{text}"
+        );
+        assert!(text.contains("Action: failed"), "{text}");
+        assert!(text.contains("Status: 4.4.7"), "{text}");
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

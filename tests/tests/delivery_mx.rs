@@ -436,6 +436,68 @@ async fn null_mx_and_nxdomain_bounce_at_once() {
     .expect("test timed out");
 }
 
+/// A server refusing the sender at MAIL FROM says nothing about the
+/// recipients' addresses: the message bounces, nobody is suppressed.
+#[tokio::test]
+async fn a_refused_sender_bounces_without_suppressing_the_recipients() {
+    tokio::time::timeout(LIMIT, async {
+        let w = world(SmtpSink::start().await.unwrap()).await;
+        // No enhanced code, as many servers answer: 550 alone must not be
+        // taken for "no such mailbox" when it answers MAIL FROM.
+        w.sink.on_mail(Reply::new(550, "sender rejected"));
+        let relay = w.relay().await;
+        relay
+            .ctx
+            .queue
+            .enqueue(message(
+                "m-sender-refused",
+                "sender@example.test",
+                &["someone@dest.test"],
+                "refused sender",
+            ))
+            .await
+            .unwrap();
+        let q = relay.ctx.queue.clone();
+        assert!(
+            until(Duration::from_secs(20), || {
+                let q = q.clone();
+                async move {
+                    q.stats(now_millis())
+                        .await
+                        .map(|s| s.messages == 0)
+                        .unwrap_or(false)
+                }
+            })
+            .await,
+            "the message and its DSN are settled"
+        );
+        assert!(
+            relay
+                .ctx
+                .metrics
+                .bounced
+                .with_label_values(&["example.test", "other", "5.x"])
+                .get()
+                >= 1
+        );
+        for address in ["someone@dest.test", "sender@example.test"] {
+            assert!(
+                relay
+                    .ctx
+                    .state
+                    .suppressed(address, now_millis())
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "{address} suppressed for a MAIL FROM refusal"
+            );
+        }
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn a_bounce_to_the_null_sender_is_dropped_not_looped() {
     tokio::time::timeout(LIMIT, async {

@@ -70,9 +70,13 @@ async fn faults_redis_restart_keeps_every_accepted_message_and_never_lies() {
         let n = accepted.len() as u64;
         let all = s.sink.wait_for(n, n, Duration::from_secs(60)).await;
         let arrivals = s.sink.arrivals();
-        let verdict = verify(&accepted, &[], &arrivals, 1, 2);
+        // The requirement here is "none lost"; how often a message may be
+        // repeated across a Redis crash is not bounded (at-least-once), so
+        // duplicates are reported, not asserted.
+        let verdict = verify(&accepted, &[], &arrivals, 1, u32::MAX);
+        let most = arrivals.values().map(|a| a.deliveries).max().unwrap_or(0);
         eprintln!(
-            "redis restart: {} accepted, {} got 4xx, {} failed at the client; {} delivered, {} twice; probes {probe_replies:?}",
+            "redis restart: {} accepted, {} got 4xx, {} failed at the client; {} delivered, {} more than once (at most {most}x); probes {probe_replies:?}",
             accepted.len(),
             report.transient.len(),
             report.failed.len(),

@@ -16,6 +16,21 @@ use petrel_crds::status::{DkimAlgorithm, DkimKeyEntry, DkimKeyPhase};
 
 use crate::error::{InvalidSpec, parse_duration};
 
+/// How long a key's file must have been in Secrets before the relay config may
+/// switch to it, and how long a replaced key's file stays after the switch.
+///
+/// The kubelet refreshes a pod's ConfigMap and Secret volumes independently,
+/// each within its sync period (1m by default) plus its cache delay. The
+/// relays' aggregated Secret carries a key from the moment it is generated
+/// (phase Pending), so waiting this long after generation before activating
+/// means the file is mounted before the ConfigMap names it; keeping a retired
+/// key at least this long means no pod still configured for it loses the file.
+/// Without this, a requested rotation with fast DNS (or `verifyDns: false` with
+/// a short `publishAhead`) switched in seconds and the relay answered 451 for
+/// the domain until the Secret volume caught up. `smtp_relay::mounted` guards
+/// the case where the relay could not reconcile between generation and switch.
+pub const MOUNT_GRACE: SignedDuration = SignedDuration::from_secs(180);
+
 /// Rotation timing of one DkimKey, parsed and checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Policy {
@@ -129,7 +144,7 @@ pub fn decide(
             // A retiring key without a timestamp (edited by hand): drop it now.
             return Ok(remove(key));
         };
-        let until = at(retired, policy.retire_after);
+        let until = at(retired, policy.retire_after.max(MOUNT_GRACE));
         if now >= until {
             return Ok(remove(key));
         }
@@ -162,8 +177,14 @@ pub fn decide(
             });
         }
         (Some(active), Some(next)) => {
-            let due = activation_due(active, policy);
-            if requested || now >= due {
+            // A switch never outruns the kubelet: see MOUNT_GRACE.
+            let mounted = at(&next.created_at, MOUNT_GRACE);
+            let due = if requested {
+                mounted
+            } else {
+                activation_due(active, policy).max(mounted)
+            };
+            if now >= due {
                 return Ok(Transition::Activate {
                     selector: next.selector.clone(),
                 });
@@ -504,10 +525,49 @@ mod tests {
         h.run();
         assert_eq!(h.take_log(), ["KeyGenerated"]);
         h.publish_next_in_dns();
+        let wait = h.run();
+        // DNS serves it at once, but the relays' Secret volume may not hold the
+        // file yet: the switch waits for MOUNT_GRACE after generation.
+        assert_eq!(h.take_log(), ["KeyPublished"]);
+        let generated = h.status.next.as_ref().expect("next").created_at.0;
+        let mounted = generated.saturating_add(MOUNT_GRACE).expect("ts");
+        assert_eq!(wait.until, Some(mounted));
+        h.clock
+            .advance(Duration::from_secs(MOUNT_GRACE.as_secs() as u64));
         h.run();
-        assert_eq!(h.take_log(), ["KeyPublished", "KeyActivated"]);
+        assert_eq!(h.take_log(), ["KeyActivated"]);
         assert!(h.status.rotation_requested_at.is_none());
         assert_eq!(h.status.retiring.len(), 1);
+    }
+
+    #[test]
+    fn zero_retire_after_keeps_the_old_file_until_pods_switched() {
+        let spec: DkimKeySpec = serde_yaml::from_str(
+            "{domain: example.com, rotation: {every: 30d, publishAhead: 2d, retireAfter: 0s}}",
+        )
+        .expect("spec");
+        let mut h = Harness::new(true);
+        h.policy = Policy::from_spec(&spec).expect("valid policy");
+        h.run();
+        h.publish_next_in_dns();
+        h.run();
+        h.clock.advance(28 * DAY);
+        h.run();
+        h.publish_next_in_dns();
+        h.take_log();
+        h.clock.advance(2 * DAY);
+        let wait = h.run();
+        assert_eq!(h.take_log(), ["KeyPublished", "KeyActivated"]);
+        // Pods may still read the old selector from a stale ConfigMap volume.
+        assert_eq!(h.status.retiring.len(), 1);
+        assert_eq!(
+            wait.until,
+            Some(h.clock.now().saturating_add(MOUNT_GRACE).expect("ts"))
+        );
+        h.clock
+            .advance(Duration::from_secs(MOUNT_GRACE.as_secs() as u64));
+        h.run();
+        assert_eq!(h.take_log(), ["KeyRemoved"]);
     }
 
     #[test]

@@ -95,8 +95,10 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
         );
         status.observed_generation = generation;
         write_status(&domains, &name, &stored, &status, refresh_before).await?;
-        // A missing relay may appear later; other errors wait for a spec change.
-        return Ok(if relay.is_none() {
+        // A missing relay may appear later and a conflict ends when the older
+        // claim is deleted (neither changes this object, and nothing maps those
+        // events here); other errors wait for a spec change.
+        return Ok(if relay.is_none() || invalid.reason == "DomainConflict" {
             Action::requeue(ctx.settings.dns_recheck_fast)
         } else {
             Action::await_change()

@@ -192,16 +192,61 @@ fn record_kind(value: &str) -> Option<String> {
     matches!(first.as_str(), "v=spf1" | "v=dmarc1" | "v=dkim1").then_some(first)
 }
 
-/// Whitespace-insensitive comparison form: tag order and spacing around `;`
-/// do not matter to receivers, case of tag names does not either.
+/// Comparison form, so a record receivers read the same way as ours verifies:
+/// SPF terms compare case-insensitively with any spacing; DKIM and DMARC are
+/// tag lists (RFC 6376 3.2, RFC 7489 6.3) whose tag order, spacing around `;`
+/// and `=`, a trailing `;` and tags left at their default do not matter. The
+/// DKIM key (`p=`) keeps its case (base64) but not its whitespace.
 fn normalize(value: &str) -> String {
-    value
-        .split_whitespace()
+    let collapsed = || {
+        value
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_ascii_lowercase()
+    };
+    let (defaults, case_kept): (&[(&str, &str)], &[&str]) = match record_kind(value).as_deref() {
+        Some("v=dkim1") => (&[("k", "rsa")], &["p"]),
+        Some("v=dmarc1") => (&[("pct", "100"), ("adkim", "r"), ("aspf", "r")], &[]),
+        // `+` is the default SPF qualifier: `+ip4:x` is `ip4:x`.
+        Some("v=spf1") => {
+            return value
+                .split_whitespace()
+                .map(|t| t.strip_prefix('+').unwrap_or(t))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .to_ascii_lowercase();
+        }
+        _ => return collapsed(),
+    };
+    let mut tags = std::collections::BTreeMap::new();
+    for tag in value.split(';') {
+        let tag: String = tag.split_whitespace().collect();
+        if tag.is_empty() {
+            continue;
+        }
+        let Some((name, val)) = tag.split_once('=') else {
+            return collapsed();
+        };
+        let name = name.to_ascii_lowercase();
+        let val = if case_kept.contains(&name.as_str()) {
+            val.to_string()
+        } else {
+            val.to_ascii_lowercase()
+        };
+        if tags.insert(name, val).is_some() {
+            // A duplicate tag makes the record invalid for receivers.
+            return collapsed();
+        }
+    }
+    for (name, val) in defaults {
+        tags.entry((*name).to_string())
+            .or_insert_with(|| (*val).to_string());
+    }
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
-        .join(" ")
-        .replace("; ", ";")
-        .trim_end_matches(';')
-        .to_ascii_lowercase()
+        .join(";")
 }
 
 #[cfg(test)]
@@ -353,6 +398,10 @@ mod tests {
                 DnsRecordState::Verified,
             ),
             (
+                TxtAnswer::Records(vec!["V=SPF1 +ip4:192.0.2.1   ~ALL".into()]),
+                DnsRecordState::Verified,
+            ),
+            (
                 TxtAnswer::Records(vec!["v=spf1 -all".into()]),
                 DnsRecordState::Mismatch,
             ),
@@ -375,5 +424,50 @@ mod tests {
         };
         let served = TxtAnswer::Records(vec!["v=DMARC1;p=none;adkim=r;aspf=r;".into()]);
         assert_eq!(evaluate(&dmarc, &served).0, DnsRecordState::Verified);
+        // Tag order, spacing, case and tags at their default do not matter to receivers.
+        for same in [
+            "v=DMARC1; p=none",
+            "v=DMARC1 ; aspf=r ; adkim=r ; p=NONE ; pct=100",
+        ] {
+            let served = TxtAnswer::Records(vec![same.into()]);
+            assert_eq!(
+                evaluate(&dmarc, &served).0,
+                DnsRecordState::Verified,
+                "{same}"
+            );
+        }
+        for different in [
+            "v=DMARC1; p=reject",
+            "v=DMARC1; p=none; adkim=s",
+            "v=DMARC1; p=none; p=none",
+        ] {
+            let served = TxtAnswer::Records(vec![different.into()]);
+            assert_eq!(
+                evaluate(&dmarc, &served).0,
+                DnsRecordState::Mismatch,
+                "{different}"
+            );
+        }
+        let dkim = DesiredRecord {
+            name: "s._domainkey.example.com".into(),
+            value: "v=DKIM1; k=rsa; p=MIIBIjANBgkqAbC".into(),
+            purpose: DnsRecordPurpose::Dkim,
+            ..dmarc
+        };
+        for same in [
+            "v=DKIM1;k=rsa;p=MIIBIjANBgkqAbC",
+            "v=DKIM1; p=MIIBIjAN BgkqAbC",
+            "v=DKIM1; K=RSA; p=MIIBIjANBgkqAbC;",
+        ] {
+            let served = TxtAnswer::Records(vec![same.into()]);
+            assert_eq!(
+                evaluate(&dkim, &served).0,
+                DnsRecordState::Verified,
+                "{same}"
+            );
+        }
+        // Base64 is case-sensitive: another key is a mismatch.
+        let served = TxtAnswer::Records(vec!["v=DKIM1; k=rsa; p=miibijanbgkqabc".into()]);
+        assert_eq!(evaluate(&dkim, &served).0, DnsRecordState::Mismatch);
     }
 }

@@ -2,4 +2,5 @@
 //! Deployment, Service, PDB, HPA -> status.
 
 pub mod build;
+pub mod mounted;
 pub mod reconcile;

@@ -19,10 +19,13 @@ use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::{
     CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, SmtpRelay, SmtpRelayStatus,
 };
-use petrel_crds::status::{Condition, ConditionStatus, conditions_equivalent, merge_conditions};
+use petrel_crds::status::{
+    Condition, ConditionStatus, DkimKeyEntry, conditions_equivalent, merge_conditions,
+};
 use serde_json::json;
 
 use super::build::{self, BoundDomain};
+use super::mounted;
 use crate::context::{Context, FIELD_MANAGER};
 use crate::dkim_key::reconcile::{PRIVATE_KEY, apply};
 use crate::error::{Error, InvalidSpec, Result};
@@ -36,6 +39,9 @@ pub struct Bindings {
     pub domains: Vec<BoundDomain>,
     /// Private keys by file name: active, next and retiring keys of each domain.
     pub keys: BTreeMap<String, String>,
+    /// Retiring keys (with their file in `keys`) by domain: they may sign while
+    /// the active key's file is being mounted (see [`mounted`]).
+    pub retiring: BTreeMap<String, Vec<DkimKeyEntry>>,
 }
 
 /// Reconciles one SmtpRelay.
@@ -59,7 +65,22 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
     let stored = relay.status.clone().unwrap_or_default();
     let now = ctx.clock.now_time();
 
-    let bindings = bindings(relay, ctx, &ns).await?;
+    let mut bindings = bindings(relay, ctx, &ns).await?;
+    // When each key file entered the aggregated Secret decides which key signs.
+    let stored_keys = secrets.get_opt(&build::dkim_secret_name(relay)).await?;
+    let since = mounted::files_since(stored_keys.as_ref(), bindings.keys.keys(), now.0);
+    let mut recheck = None;
+    for bound in &mut bindings.domains {
+        let domain = bound.spec.domain.clone();
+        let retiring = bindings
+            .retiring
+            .get(&domain)
+            .map_or(&[][..], Vec::as_slice);
+        let file = |k: &DkimKeyEntry| build::key_file_name(&domain, &k.selector);
+        let (key, at) = mounted::signing_key(&bound.active_key, retiring, &since, &file, now.0);
+        bound.active_key = key;
+        recheck = recheck.into_iter().chain(at).min();
+    }
     let username = smarthost_username(relay, &secrets).await?;
     let config = match build::relay_config(relay, &bindings.domains, username) {
         Ok(config) => config,
@@ -87,16 +108,18 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
 
     let settings = ctx.settings.build();
     let config_map = build::config_map(relay, &config).map_err(Error::Build)?;
+    // Keys first: if this write fails, the config must not already name a key
+    // the Secret lacks (the relay answers 451 for a missing key file).
+    let mut key_secret = build::dkim_secret(relay, &bindings.keys);
+    key_secret.metadata.annotations = Some(BTreeMap::from([(
+        mounted::FILES_SINCE.to_string(),
+        mounted::since_annotation(&since),
+    )]));
+    apply(&secrets, &build::dkim_secret_name(relay), &key_secret).await?;
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
         &build::config_map_name(relay),
         &config_map,
-    )
-    .await?;
-    apply(
-        &secrets,
-        &build::dkim_secret_name(relay),
-        &build::dkim_secret(relay, &bindings.keys),
     )
     .await?;
     let deployment = apply(
@@ -140,9 +163,15 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         .map(|d| d.spec.domain.clone())
         .collect();
     bound.sort();
-    let status = relay_status(relay, &deployment, bound, &stored, now);
+    let status = relay_status(relay, &deployment, bound, &stored, now.clone());
     write_status(&relays, &name, &stored, &status).await?;
-    Ok(Action::requeue(ctx.settings.resync))
+    let after = recheck.map_or(ctx.settings.resync, |at| {
+        let secs = at.duration_since(now.0).as_secs().max(1);
+        ctx.settings
+            .resync
+            .min(std::time::Duration::from_secs(secs.unsigned_abs()))
+    });
+    Ok(Action::requeue(after))
 }
 
 /// The SendingDomains bound to `relay` (not losing a domain conflict) that have
@@ -165,6 +194,21 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
             continue;
         }
         let status = key.status.unwrap_or_default();
+        // The next key's file is in place before the config switches to it, and a
+        // retiring key's file stays until it is removed, so however the kubelet
+        // orders the ConfigMap and Secret updates, the config never names a missing
+        // file (with rotation::MOUNT_GRACE covering the kubelet's sync delay).
+        // A first key is mounted while it waits for DNS, before the domain is bound.
+        let mut retiring = Vec::new();
+        for other in status.next.iter().chain(status.retiring.iter()) {
+            if let Some(pem) = private_key(&secrets, &other.secret_name).await? {
+                out.keys
+                    .insert(build::key_file_name(&sd.spec.domain, &other.selector), pem);
+                if status.retiring.iter().any(|r| r.selector == other.selector) {
+                    retiring.push(other.clone());
+                }
+            }
+        }
         let Some(active) = status.active.clone() else {
             continue;
         };
@@ -177,15 +221,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
             build::key_file_name(&sd.spec.domain, &active.selector),
             active_pem,
         );
-        // The next key's file is in place before the config switches to it, and a
-        // retiring key's file stays until it is removed, so however the kubelet
-        // orders the ConfigMap and Secret updates, the config never names a missing file.
-        for other in status.next.iter().chain(status.retiring.iter()) {
-            if let Some(pem) = private_key(&secrets, &other.secret_name).await? {
-                out.keys
-                    .insert(build::key_file_name(&sd.spec.domain, &other.selector), pem);
-            }
-        }
+        out.retiring.insert(sd.spec.domain.clone(), retiring);
         out.domains.push(BoundDomain {
             spec: sd.spec.clone(),
             active_key: active,

@@ -39,11 +39,19 @@ impl Reply {
     }
 
     /// The status for a DSN: the enhanced code, or one derived from the
-    /// reply code (`5.0.0` / `4.0.0`) when the server sent none.
+    /// reply code (`5.0.0` / `4.0.0`) when the server sent none. Its class
+    /// follows the outcome [`classify`] gave the reply, so a `450 5.1.1`
+    /// (retried) is reported `4.1.1`, never a permanent status on a
+    /// recipient that is still being retried (RFC 3463 section 2).
     pub fn dsn_status(&self) -> String {
-        match self.enhanced() {
-            Some(e) => e,
-            None => format!("{}.0.0", (self.code / 100).clamp(2, 5)),
+        let class = match classify(self) {
+            Outcome::Delivered => 2,
+            Outcome::Temporary => 4,
+            Outcome::Permanent => 5,
+        };
+        match self.esc {
+            Some([_, subject, detail]) => format!("{class}.{subject}.{detail}"),
+            None => format!("{class}.0.0"),
         }
     }
 
@@ -157,6 +165,9 @@ pub enum Fault {
     },
     /// Local delivery (Maildir) failed: disk full, permissions.
     Local(String),
+    /// Held back by a rate or connection limit (named) until the message
+    /// grew too old: temporary, so it ends as an expiry.
+    Throttled(String),
 }
 
 impl Fault {
@@ -170,7 +181,8 @@ impl Fault {
             | Fault::TlsNotOffered
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
-            | Fault::Local(_) => Outcome::Temporary,
+            | Fault::Local(_)
+            | Fault::Throttled(_) => Outcome::Temporary,
             Fault::DnsPermanent { .. } | Fault::Unsendable { .. } => Outcome::Permanent,
         }
     }
@@ -186,6 +198,7 @@ impl Fault {
             Fault::Protocol(_) => "4.5.0",
             Fault::DnsTemporary(_) => "4.4.3",
             Fault::Local(_) => "4.3.0",
+            Fault::Throttled(_) => "4.4.7",
             Fault::DnsPermanent { status, .. } | Fault::Unsendable { status, .. } => status,
         }
         .to_string()
@@ -205,6 +218,10 @@ impl fmt::Display for Fault {
             Fault::DnsPermanent { reason, .. } => f.write_str(reason),
             Fault::Unsendable { reason, .. } => f.write_str(reason),
             Fault::Local(e) => write!(f, "local delivery failed: {e}"),
+            Fault::Throttled(why) => write!(
+                f,
+                "held back ({why}) until the maximum queue lifetime ran out"
+            ),
         }
     }
 }
@@ -212,8 +229,14 @@ impl fmt::Display for Fault {
 /// Why a recipient failed: a reply from the server, or a fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Failure {
-    /// The server answered with this reply.
+    /// The server answered this recipient's RCPT TO with this reply: the
+    /// only reply that speaks about the recipient's address.
     Reply(Reply),
+    /// The server refused the session or the whole transaction (greeting,
+    /// EHLO, MAIL FROM, DATA or its end). Classified like any reply, but
+    /// it says nothing about the recipient's address: `550 5.1.8` to MAIL
+    /// FROM is about the sender, so it must never suppress a recipient.
+    Session(Reply),
     /// Something else went wrong.
     Fault(Fault),
 }
@@ -222,7 +245,7 @@ impl Failure {
     /// Temporary or permanent.
     pub fn outcome(&self) -> Outcome {
         match self {
-            Failure::Reply(r) => classify(r),
+            Failure::Reply(r) | Failure::Session(r) => classify(r),
             Failure::Fault(f) => f.outcome(),
         }
     }
@@ -230,7 +253,7 @@ impl Failure {
     /// Status for a DSN.
     pub fn dsn_status(&self) -> String {
         match self {
-            Failure::Reply(r) => r.dsn_status(),
+            Failure::Reply(r) | Failure::Session(r) => r.dsn_status(),
             Failure::Fault(f) => f.dsn_status(),
         }
     }
@@ -238,7 +261,7 @@ impl Failure {
     /// The remote reply, when there was one.
     pub fn reply(&self) -> Option<&Reply> {
         match self {
-            Failure::Reply(r) => Some(r),
+            Failure::Reply(r) | Failure::Session(r) => Some(r),
             Failure::Fault(_) => None,
         }
     }
@@ -246,7 +269,9 @@ impl Failure {
     /// The metrics class (`5.1`, `5.x`).
     pub fn class(&self) -> String {
         match self {
-            Failure::Reply(r) => crate::metrics::status_class(r.enhanced().as_deref(), r.code),
+            Failure::Reply(r) | Failure::Session(r) => {
+                crate::metrics::status_class(r.enhanced().as_deref(), r.code)
+            }
             Failure::Fault(f) => {
                 let status = f.dsn_status();
                 crate::metrics::status_class(Some(&status), 0)
@@ -258,7 +283,7 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Failure::Reply(r) => r.fmt(f),
+            Failure::Reply(r) | Failure::Session(r) => r.fmt(f),
             Failure::Fault(x) => x.fmt(f),
         }
     }
@@ -268,9 +293,11 @@ impl fmt::Display for Failure {
 /// to it again is pointless and hurts the sender's reputation: enhanced
 /// 5.1.x (bad mailbox, bad domain, null MX), or 550/551/553 from a server
 /// without enhanced codes. 5.7.1 (policy) and 5.2.x (mailbox full, message
-/// too big) are about this message or this sender, not the address.
+/// too big) are about this message or this sender, not the address, and
+/// so is any reply that was not to RCPT TO ([`Failure::Session`]).
 pub fn is_hard_bounce(failure: &Failure) -> bool {
     match failure {
+        Failure::Session(_) => false,
         Failure::Reply(r) => match (r.severity(), r.esc) {
             (Severity::Permanent, Some([5, 1, _])) => true,
             (Severity::Permanent, Some(_)) => false,
@@ -290,7 +317,8 @@ pub fn is_hard_bounce(failure: &Failure) -> bool {
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Unsendable { .. }
-            | Fault::Local(_),
+            | Fault::Local(_)
+            | Fault::Throttled(_),
         ) => false,
     }
 }
@@ -357,6 +385,13 @@ mod tests {
             reason: "no SMTPUTF8".into(),
         };
         assert!(!is_hard_bounce(&Failure::Fault(utf8.clone())));
+        // A refusal of the sender or the session is permanent but says
+        // nothing about the recipient's address: never suppress for it.
+        for (code, esc) in [(550, Some([5, 1, 8])), (550, None), (553, Some([5, 1, 7]))] {
+            let session = Failure::Session(Reply::new(code, esc, "sender rejected"));
+            assert_eq!(session.outcome(), Outcome::Permanent);
+            assert!(!is_hard_bounce(&session), "{code} {esc:?}");
+        }
         assert_eq!(Failure::Fault(utf8).class(), "5.6");
     }
 
@@ -366,5 +401,9 @@ mod tests {
         assert_eq!(r.one_line(), "550 5.1.1 no such user");
         assert_eq!(r.dsn_status(), "5.1.1");
         assert_eq!(Reply::new(554, None, "no").dsn_status(), "5.0.0");
+        // The class follows the reply code, as the outcome does.
+        assert_eq!(Reply::new(450, Some([5, 1, 1]), "x").dsn_status(), "4.1.1");
+        assert_eq!(Reply::new(550, Some([4, 2, 2]), "x").dsn_status(), "5.2.2");
+        assert_eq!(Reply::new(999, None, "x").dsn_status(), "4.0.0");
     }
 }

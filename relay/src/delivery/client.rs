@@ -177,7 +177,11 @@ pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
         if out.ends_with(b"\n") {
             out.pop();
         }
-        out.extend_from_slice(b"\r\n");
+        // A trailing CR gets its LF, not a second CR (no bare CR on the wire).
+        if !out.ends_with(b"\r") {
+            out.push(b'\r');
+        }
+        out.push(b'\n');
     }
     out.extend_from_slice(b".\r\n");
     out
@@ -472,7 +476,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             let host_failure =
                 mail_reply.severity() != Severity::Permanent || mail_reply.code == 421;
             return Ok(Transaction {
-                results: vec![Err(Failure::Reply(mail_reply.clone())); n],
+                results: vec![Err(Failure::Session(mail_reply.clone())); n],
                 host_failure,
                 connection_lost: mail_reply.code == 421,
             });
@@ -514,6 +518,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                     )
                 }
             }
+            // DATA must be answered 354 or refused: a 2xx means the body
+            // was never sent, so it cannot count as a delivery.
+            Some(d) if d.severity() == Severity::Positive => {
+                return Err((
+                    Fault::Protocol(format!("DATA answered {d} instead of 354")),
+                    rcpt_errors(&mail_reply, &rcpt_replies),
+                ));
+            }
             Some(d) => Some(d),
             None => None,
         };
@@ -526,7 +538,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                 }
                 match &final_reply {
                     Some(f) if f.severity() == Severity::Positive => Ok(f.clone()),
-                    Some(f) => Err(Failure::Reply(f.clone())),
+                    Some(f) => Err(Failure::Session(f.clone())),
                     None => Err(Failure::Fault(Fault::Protocol("no reply to DATA".into()))),
                 }
             })
@@ -658,14 +670,41 @@ async fn handshake(
         .map_err(|e| Fault::Tls(e.to_string()))
 }
 
+/// A greeting or EHLO refusal: about the server, never the recipients.
 fn refused(reply: Reply) -> Failure {
-    Failure::Reply(reply)
+    Failure::Session(reply)
 }
 
 /// Connects to `addr` (server `host`), reads the greeting, says EHLO, does
 /// STARTTLS and AUTH per `settings`. Any failure is about this host: the
 /// caller tries the next one.
+///
+/// With `opportunistic` TLS, a server that offers STARTTLS but then refuses
+/// it or fails the handshake (often an old stack speaking only TLS 1.0,
+/// which rustls refuses) gets the mail in plain text on a new connection,
+/// as Postfix's `may` level does: otherwise it would be deferred until the
+/// mail expires. This gives an attacker nothing that stripping STARTTLS
+/// from the EHLO reply does not already; `required` never falls back.
 pub async fn connect(
+    addr: SocketAddr,
+    host: &str,
+    settings: &ConnectSettings,
+) -> Result<Connection, Failure> {
+    match connect_once(addr, host, settings).await {
+        Err(Failure::Fault(Fault::Tls(_) | Fault::Timeout("TLS handshake")))
+            if settings.tls == TlsPolicy::Opportunistic =>
+        {
+            let plain = ConnectSettings {
+                tls: TlsPolicy::Disabled,
+                ..settings.clone()
+            };
+            connect_once(addr, host, &plain).await
+        }
+        other => other,
+    }
+}
+
+async fn connect_once(
     addr: SocketAddr,
     host: &str,
     settings: &ConnectSettings,
@@ -810,6 +849,8 @@ mod tests {
         assert_eq!(dot_stuff(b".\r\nx"), b"..\r\nx\r\n.\r\n");
         assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
         assert_eq!(dot_stuff(b""), b".\r\n");
+        assert_eq!(dot_stuff(b"x\r"), b"x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"x\r\n."), b"x\r\n..\r\n.\r\n");
     }
 
     #[test]
@@ -910,6 +951,161 @@ mod tests {
             "{seen:?}"
         );
         assert!(seen.contains(&"data:..dot".to_string()), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_sender_is_not_a_bad_recipient() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(server(
+            b,
+            vec![
+                ("EHLO", "250 mx\r\n"),
+                ("MAIL FROM:<s@a.test>", "550 sender rejected\r\n"),
+            ],
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        let rcpts = vec!["x@b.test".to_string(), "y@b.test".into()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+        };
+        let t = c.send(&env, b"x\r\n").await;
+        drop(c);
+        srv.await.unwrap();
+        for r in &t.results {
+            let failure = r.as_ref().unwrap_err();
+            assert_eq!(
+                failure.outcome(),
+                super::super::classify::Outcome::Permanent
+            );
+            assert!(
+                !super::super::classify::is_hard_bounce(failure),
+                "a MAIL FROM refusal must not suppress recipients: {failure:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_2xx_reply_to_data_is_not_a_delivery() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(server(
+            b,
+            vec![
+                ("EHLO", "250 mx\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "250 ok\r\n"),
+                ("DATA", "250 ok\r\n"),
+            ],
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+        };
+        let t = c.send(&env, b"x\r\n").await;
+        drop(c);
+        srv.await.unwrap();
+        let failure = t.results[0].as_ref().expect_err("the body was never sent");
+        assert_eq!(
+            failure.outcome(),
+            super::super::classify::Outcome::Temporary
+        );
+        assert!(t.connection_lost);
+    }
+
+    /// A TCP server offering STARTTLS that accepts it and then sends
+    /// garbage instead of a TLS handshake; it counts connections and
+    /// records whether a message arrived in plain text.
+    async fn broken_tls_server() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            // At most two connections: the TLS attempt and a plain one.
+            for _ in 0..2 {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    break;
+                };
+                let (r, mut w) = tcp.into_split();
+                let mut r = BufReader::new(r);
+                w.write_all(b"220 hi\r\n").await.unwrap();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let line = line.trim_end().to_string();
+                    seen.push(line.clone());
+                    if line == "STARTTLS" {
+                        // Wait for the ClientHello, then answer with junk.
+                        w.write_all(b"220 go ahead\r\n").await.unwrap();
+                        let mut hello = [0u8; 512];
+                        let _ = r.read(&mut hello).await;
+                        let _ = w.write_all(b"this is not TLS\r\n").await;
+                        break;
+                    }
+                    let reply: &[u8] = if line.starts_with("EHLO") {
+                        b"250-mx\r\n250 STARTTLS\r\n"
+                    } else if line == "QUIT" {
+                        b"221 bye\r\n"
+                    } else {
+                        b"250 ok\r\n"
+                    };
+                    if w.write_all(reply).await.is_err() || line == "QUIT" {
+                        break;
+                    }
+                }
+            }
+            seen
+        });
+        (addr, task)
+    }
+
+    fn settings(tls: TlsPolicy) -> ConnectSettings {
+        ConnectSettings {
+            ehlo_name: "relay.test".into(),
+            timeouts: timeouts(),
+            tls,
+            tls_config: super::super::tls::unverified().unwrap(),
+            auth: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn opportunistic_tls_falls_back_to_plain_text_after_a_failed_handshake() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let (addr, srv) = broken_tls_server().await;
+            let conn = connect(addr, "mx.test", &settings(TlsPolicy::Opportunistic))
+                .await
+                .expect("plain text after the failed handshake");
+            assert!(!conn.tls);
+            conn.client.quit().await;
+            let seen = srv.await.unwrap();
+            assert_eq!(
+                seen.iter().filter(|l| *l == "STARTTLS").count(),
+                1,
+                "{seen:?}"
+            );
+
+            let (addr, srv) = broken_tls_server().await;
+            let err = connect(addr, "mx.test", &settings(TlsPolicy::Required))
+                .await
+                .err()
+                .expect("required TLS never falls back");
+            assert!(matches!(err, Failure::Fault(Fault::Tls(_))), "{err:?}");
+            srv.abort();
+        })
+        .await
+        .expect("test timed out");
     }
 
     /// Stand-in for a fuzz target: the reply reader and parser take

@@ -37,8 +37,14 @@ const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
-/// The windows that apply to one delivery: the sending domain's rates and
-/// the destination's rate. Pure, so the mapping from config is tested.
+/// The windows that apply to one delivery: the destination's rate, then
+/// the sending domain's rates, shortest first. Pure, so the mapping from
+/// config is tested.
+///
+/// The order matters because [`take_rate`] counts as it goes: a unit held
+/// back by a busy destination must not have spent its sending domain's
+/// hourly or daily budget first, or a slow destination would use up the
+/// domain's whole day in retries.
 pub fn rate_windows(
     sending_domain: &str,
     domain_limits: Option<&RateLimits>,
@@ -46,6 +52,14 @@ pub fn rate_windows(
     per_destination_rate: Option<u32>,
 ) -> Vec<RateWindow> {
     let mut out = Vec::new();
+    if let Some(limit) = per_destination_rate {
+        out.push(RateWindow {
+            key: format!("rate:dest:{destination}:1s"),
+            limit,
+            window: SECOND,
+            wait: SECOND,
+        });
+    }
     if let Some(limits) = domain_limits {
         let domain = sending_domain.to_ascii_lowercase();
         for (limit, name, window, wait) in [
@@ -63,14 +77,6 @@ pub fn rate_windows(
             }
         }
     }
-    if let Some(limit) = per_destination_rate {
-        out.push(RateWindow {
-            key: format!("rate:dest:{destination}:1s"),
-            limit,
-            window: SECOND,
-            wait: SECOND,
-        });
-    }
     out
 }
 
@@ -78,11 +84,19 @@ pub fn rate_windows(
 /// window it exceeds (the delivery must wait), `None` when it may go.
 ///
 /// Counting first and comparing after keeps pods from overshooting together:
-/// of N concurrent increments exactly `limit` see a total within it.
+/// of N concurrent increments exactly `limit` see a total within it. A
+/// window already full is read first, without counting, for every window
+/// but the first: otherwise a unit waiting on the daily limit would spend
+/// the shorter windows' budget each time it came back.
 pub async fn take_rate(
     state: &dyn SharedState,
     windows: &[RateWindow],
 ) -> Result<Option<Duration>, QueueError> {
+    for w in windows.iter().skip(1) {
+        if state.counter(&w.key).await? >= u64::from(w.limit) {
+            return Ok(Some(w.wait));
+        }
+    }
     for w in windows {
         let total = state.incr_counter(&w.key, 1, w.window).await?;
         if total > u64::from(w.limit) {
@@ -140,14 +154,51 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "rate:dest:dest.test:1s",
                 "rate:from:example.test:1s",
                 "rate:from:example.test:1d",
-                "rate:dest:dest.test:1s"
             ]
         );
-        assert_eq!(w[1].limit, 1000);
-        assert_eq!(w[1].window, DAY);
+        assert_eq!(w[2].limit, 1000);
+        assert_eq!(w[2].window, DAY);
         assert!(rate_windows("a", None, "b", None).is_empty());
+    }
+
+    async fn embedded() -> (tempfile::TempDir, crate::queue::embedded::EmbeddedBackend) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = petrel_crds::config::EmbeddedQueue {
+            path: dir.path().join("q.redb"),
+        };
+        let backend =
+            crate::queue::embedded::EmbeddedBackend::open(&config, Duration::from_secs(5))
+                .await
+                .unwrap();
+        (dir, backend)
+    }
+
+    #[tokio::test]
+    async fn a_unit_held_back_spends_no_budget_of_the_other_windows() {
+        let (_dir, backend) = embedded().await;
+        let window = |key: &str, limit| RateWindow {
+            key: key.into(),
+            limit,
+            window: DAY,
+            wait: SECOND,
+        };
+        // Held back by the destination: the domain's budget is untouched.
+        let dest_first = [window("dest", 1), window("from", 100)];
+        assert_eq!(take_rate(&backend, &dest_first).await.unwrap(), None);
+        for _ in 0..5 {
+            assert!(take_rate(&backend, &dest_first).await.unwrap().is_some());
+        }
+        assert_eq!(backend.counter("from").await.unwrap(), 1);
+        // Held back by a later, full window: the earlier one is not spent.
+        let day_full = [window("hour", 100), window("day", 1)];
+        assert_eq!(take_rate(&backend, &day_full).await.unwrap(), None);
+        for _ in 0..5 {
+            assert!(take_rate(&backend, &day_full).await.unwrap().is_some());
+        }
+        assert_eq!(backend.counter("hour").await.unwrap(), 1);
     }
 
     #[tokio::test]

@@ -172,7 +172,10 @@ fn millis(d: Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Hands a unit back for `wait` because of a limit; not an attempt.
+/// Hands a unit back for `wait` because of a limit; not an attempt. A
+/// unit past the maximum queue lifetime is not handed back but expires,
+/// with a DSN, as after a temporary failure: a limit too tight for the
+/// volume must not keep mail forever without telling the sender.
 async fn throttle(
     ctx: &DeliveryContext,
     cfg: &RelayConfig,
@@ -181,6 +184,11 @@ async fn throttle(
     why: &str,
 ) {
     let unit = &lease.unit;
+    if now_millis() >= policy(cfg).expires_at(unit.received_at) {
+        let route = Route::Fail(Fault::Throttled(why.to_string()));
+        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease).await;
+        return;
+    }
     let lifetime = cfg.delivery.max_queue_lifetime.get();
     if let Err(error) = limits::note_throttled(ctx.state.as_ref(), &unit.id, lifetime).await {
         tracing::warn!(%error, unit = %unit.id, "cannot record throttle");
@@ -265,13 +273,18 @@ async fn route(ctx: &DeliveryContext, cfg: &RelayConfig, domain: &str) -> Route 
     }
 }
 
-fn connect_settings(ctx: &DeliveryContext, cfg: &RelayConfig) -> Result<ConnectSettings, Fault> {
+async fn connect_settings(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+) -> Result<ConnectSettings, Fault> {
     let timeouts = client::Timeouts::from(&cfg.delivery.timeouts);
     match (cfg.delivery.transport, &cfg.delivery.smarthost) {
         (Transport::Smarthost, Some(sh)) => {
             let auth = match (&sh.username, &sh.password_file) {
                 (Some(user), Some(file)) => {
-                    let password = std::fs::read_to_string(file).map_err(|e| {
+                    // Read per group (a rotated Secret is picked up), off
+                    // the async threads: a slow volume must not stall them.
+                    let password = tokio::fs::read_to_string(file).await.map_err(|e| {
                         Fault::Local(format!("cannot read smarthost password file: {e}"))
                     })?;
                     Some((
@@ -339,7 +352,11 @@ async fn deliver_group(
             .acquire_slot(&slot_key, limit, cfg.queue.lease.get())
             .await
         {
-            Ok(Some(token)) => Some(token),
+            Ok(Some(token)) => Some(SlotGuard {
+                state: ctx.state.clone(),
+                key: slot_key.clone(),
+                token: Some(token),
+            }),
             Ok(None) => {
                 for lease in &leases {
                     throttle(
@@ -388,7 +405,7 @@ async fn deliver_group(
 
     if !ready.is_empty() {
         let route = match route(&ctx, &cfg, &domain).await {
-            Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg) {
+            Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg).await {
                 Ok(settings) => Route::Ready(hosts, port, Box::new(settings)),
                 Err(fault) => Route::Fail(fault),
             },
@@ -418,10 +435,45 @@ async fn deliver_group(
         }
     }
 
-    if let Some(token) = slot
-        && let Err(error) = ctx.state.release_slot(&slot_key, &token).await
-    {
-        tracing::warn!(%error, destination = %domain, "cannot release a connection slot; it expires with its ttl");
+    if let Some(slot) = slot {
+        slot.release().await;
+    }
+}
+
+/// A destination's connection slot, given back when dropped too, so a group
+/// that panics, or is aborted when the shutdown grace runs out, does not
+/// hold the slot until its TTL (a lease long) and starve the destination.
+struct SlotGuard {
+    state: Arc<dyn crate::queue::SharedState>,
+    key: String,
+    token: Option<String>,
+}
+
+impl SlotGuard {
+    /// Gives the slot back and waits for the backend to confirm.
+    async fn release(mut self) {
+        if let Some(token) = self.token.take()
+            && let Err(error) = self.state.release_slot(&self.key, &token).await
+        {
+            tracing::warn!(%error, slot = %self.key, "cannot release a connection slot; it expires with its ttl");
+        }
+    }
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        let Some(token) = self.token.take() else {
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let state = self.state.clone();
+            let key = std::mem::take(&mut self.key);
+            handle.spawn(async move {
+                if let Err(error) = state.release_slot(&key, &token).await {
+                    tracing::warn!(%error, slot = %key, "cannot release a connection slot; it expires with its ttl");
+                }
+            });
+        }
     }
 }
 
@@ -919,44 +971,87 @@ async fn settle(
     }
 
     // The queue operation.
-    let result = if dsn_failed {
+    let op = if dsn_failed {
         // Keep every undelivered recipient so the bounce is made again.
         let mut recipients: Vec<String> = deferred.iter().map(|(r, _, _)| r.clone()).collect();
         recipients.extend(bounced.iter().map(|(r, _, _)| r.clone()));
-        ctx.queue
-            .retry(
-                lease,
-                Reschedule {
-                    recipients,
-                    next_attempt_at: now.saturating_add(millis(DATA_RETRY)),
-                    last_error: "bounce could not be queued".into(),
-                    delay_notified,
-                },
-            )
-            .await
+        SettleOp::Retry(Reschedule {
+            recipients,
+            next_attempt_at: now.saturating_add(millis(DATA_RETRY)),
+            last_error: "bounce could not be queued".into(),
+            delay_notified,
+        })
     } else if let Some(at) = retry_at.filter(|_| !deferred.is_empty()) {
         let last_error = deferred
             .last()
             .map(|(_, f, _)| f.to_string())
             .unwrap_or_default();
-        ctx.queue
-            .retry(
-                lease,
-                Reschedule {
-                    recipients: deferred.iter().map(|(r, _, _)| r.clone()).collect(),
-                    next_attempt_at: at,
-                    last_error,
-                    delay_notified,
-                },
-            )
-            .await
+        SettleOp::Retry(Reschedule {
+            recipients: deferred.iter().map(|(r, _, _)| r.clone()).collect(),
+            next_attempt_at: at,
+            last_error,
+            delay_notified,
+        })
     } else if !bounced.is_empty() {
-        ctx.queue.fail(lease).await
+        SettleOp::Fail
     } else {
-        ctx.queue.complete(lease).await
+        SettleOp::Complete
     };
+    let result = record(ctx, lease, &op).await;
     if let Err(error) = result {
         tracing::warn!(%error, unit = %unit.id, "cannot record the outcome in the queue; the unit may be delivered again");
+    }
+}
+
+/// How a lease ends.
+enum SettleOp {
+    /// Some recipients are left: try them again later.
+    Retry(Reschedule),
+    /// Every recipient left bounced (the DSN is queued).
+    Fail,
+    /// Every recipient was delivered.
+    Complete,
+}
+
+/// Pauses before recording an outcome again while the backend is down.
+const RECORD_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(250),
+    Duration::from_secs(1),
+    Duration::from_secs(4),
+];
+
+/// Records `op` in the queue, trying again for a few seconds while the
+/// backend is unreachable (a Redis failover, say) and the lease has time
+/// left. Giving up at once would let the lease run out, and the next worker
+/// would deliver the message again, or bounce it again after the DSN went
+/// out. The operations are guarded by the lease token, so a retry after a
+/// timeout that did apply fails harmlessly instead of applying twice.
+async fn record(
+    ctx: &DeliveryContext,
+    lease: &Lease,
+    op: &SettleOp,
+) -> Result<(), crate::queue::QueueError> {
+    use crate::queue::QueueError;
+    let mut pauses = RECORD_BACKOFF.iter();
+    loop {
+        let result = match op {
+            SettleOp::Retry(r) => ctx.queue.retry(lease, r.clone()).await,
+            SettleOp::Fail => ctx.queue.fail(lease).await,
+            SettleOp::Complete => ctx.queue.complete(lease).await,
+        };
+        let transient = matches!(
+            result,
+            Err(QueueError::Unavailable(_) | QueueError::Timeout(_))
+        );
+        match pauses.next() {
+            Some(pause)
+                if transient && now_millis().saturating_add(millis(*pause)) < lease.expires_at =>
+            {
+                tracing::debug!(unit = %lease.unit.id, ?pause, "queue unavailable; recording the outcome again");
+                tokio::time::sleep(*pause).await;
+            }
+            Some(_) | None => return result,
+        }
     }
 }
 
@@ -998,5 +1093,176 @@ mod tests {
             .map(|(d, l)| (d.as_str(), l.iter().map(|l| l.unit.id.as_str()).collect()))
             .collect();
         assert_eq!(ids, vec![("a.test", vec!["2"]), ("b.test", vec!["1", "3"])]);
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::metrics::RelayMetrics;
+    use crate::queue::embedded::EmbeddedBackend;
+    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError, QueueStats};
+    use crate::reload::Reloading;
+
+    /// The embedded queue, refusing the next `down` settling operations as
+    /// if the backend were unreachable.
+    struct Flaky {
+        inner: Arc<EmbeddedBackend>,
+        down: AtomicU32,
+    }
+
+    impl Flaky {
+        fn gate(&self) -> Result<(), QueueError> {
+            let left = self.down.load(Ordering::SeqCst);
+            if left == 0 {
+                return Ok(());
+            }
+            self.down.store(left - 1, Ordering::SeqCst);
+            Err(QueueError::Unavailable("backend down (test)".into()))
+        }
+    }
+
+    #[async_trait]
+    impl Queue for Flaky {
+        async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
+            self.inner.enqueue(message).await
+        }
+        async fn lease(
+            &self,
+            now: Millis,
+            max: usize,
+            lease_for: Duration,
+        ) -> Result<Vec<Lease>, QueueError> {
+            self.inner.lease(now, max, lease_for).await
+        }
+        async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
+            self.inner.message_data(message_id).await
+        }
+        async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
+            self.gate()?;
+            self.inner.complete(lease).await
+        }
+        async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
+            self.gate()?;
+            self.inner.retry(lease, reschedule).await
+        }
+        async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
+            self.gate()?;
+            self.inner.fail(lease).await
+        }
+        async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
+            self.inner.stats(now).await
+        }
+        async fn ping(&self) -> Result<(), QueueError> {
+            self.inner.ping().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dropped_slot_guard_gives_the_slot_back() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let dir = tempfile::tempdir().unwrap();
+            let config = petrel_crds::config::EmbeddedQueue {
+                path: dir.path().join("q.redb"),
+            };
+            let state: Arc<dyn crate::queue::SharedState> = Arc::new(
+                EmbeddedBackend::open(&config, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+            let hour = Duration::from_secs(3600);
+            let token = state.acquire_slot("dest:x", 1, hour).await.unwrap();
+            let guard = SlotGuard {
+                state: state.clone(),
+                key: "dest:x".into(),
+                token,
+            };
+            assert!(
+                state
+                    .acquire_slot("dest:x", 1, hour)
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            // As when the task holding it panics or is aborted.
+            drop(guard);
+            loop {
+                if state
+                    .acquire_slot("dest:x", 1, hour)
+                    .await
+                    .unwrap()
+                    .is_some()
+                {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the slot never came back");
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_recorded_through_a_short_backend_outage() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("q.redb");
+            let yaml = format!(
+                "hostname: relay.test\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:2525\n\
+                 domains: []\nqueue:\n  embedded:\n    path: \"{}\"\n",
+                path.display()
+            );
+            let cfg = RelayConfig::from_yaml(&yaml).expect("test config");
+            let config = petrel_crds::config::EmbeddedQueue { path };
+            let inner = Arc::new(
+                EmbeddedBackend::open(&config, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+            let flaky = Arc::new(Flaky {
+                inner: inner.clone(),
+                down: AtomicU32::new(2),
+            });
+            let (_registry, metrics) = RelayMetrics::standalone();
+            let backend = Backend {
+                queue: flaky.clone(),
+                state: inner.clone(),
+            };
+            let ctx =
+                DeliveryContext::new(Reloading::fixed(cfg.clone()), backend, metrics).unwrap();
+            flaky
+                .enqueue(NewMessage {
+                    id: "m1".into(),
+                    mail_from: "s@example.test".into(),
+                    recipients: vec!["a@dest.test".into()],
+                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+                    sending_domain: "example.test".into(),
+                    received_at: now_millis(),
+                    flags: MessageFlags::default(),
+                })
+                .await
+                .unwrap();
+            let leases = flaky
+                .lease(now_millis(), 10, Duration::from_secs(60))
+                .await
+                .unwrap();
+            assert_eq!(leases.len(), 1);
+            let delivered = RcptOutcome {
+                result: Ok(Reply::new(250, Some([2, 0, 0]), "ok")),
+                remote: None,
+                tls: false,
+            };
+            settle(&ctx, &cfg, &leases[0], b"", vec![delivered]).await;
+            // Without retries the outcome is lost, the unit stays leased
+            // and is delivered again once the lease runs out.
+            let stats = flaky.stats(now_millis()).await.unwrap();
+            assert_eq!(stats.messages, 0, "{stats:?}");
+        })
+        .await
+        .expect("test timed out");
     }
 }

@@ -150,7 +150,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .auth_failures
             .with_label_values(&[&self.listener.name])
             .inc();
-        tracing::warn!(peer = %self.state.peer, %user, "AUTH failed");
+        // Debug-escaped: a failed user name is the client's text and must
+        // not forge log lines.
+        tracing::warn!(peer = %self.state.peer, user = ?user, "AUTH failed");
         let window = limits.auth_block_for.into();
         let total = bounded(timeout, self.ctx.state.incr_counter(&key, 1, window))
             .await

@@ -393,7 +393,7 @@ async fn no_open_relay() {
             ("<\"victim@far.test\"@example.test>", "550 5.7.1"),
             ("<victim@far.test@example.test>", "501 5.1.3"),
             ("<victim>", "501 5.1.3"),
-            ("<victim@[10.0.0.5]>", "550 5.7.1"),
+            ("<victim@[10.0.0.5]>", "501 5.1.3"),
             ("<\"a\rb\"@x.test>", "501 5.1.3"),
             ("<jörg@x.test>", "553 5.6.7"),
         ] {
@@ -890,6 +890,24 @@ async fn http_submissions_take_the_same_path() {
             ),
             (550, "5.1.1".into())
         );
+        // The HTTP API has no SMTP parser in front of it: CRLF and control
+        // characters in a quoted local part, and address literals, are
+        // refused by the policy checks themselves.
+        for (rcpt, want) in [
+            ("\"a\r\nRSET\"@x.org", (501, "5.1.3".into())),
+            ("\"a\u{0}b\"@x.org", (501, "5.1.3".into())),
+            ("v@[10.0.0.5]", (550, "5.7.1".into())),
+        ] {
+            assert_eq!(
+                code(
+                    submit
+                        .submit(sub("10.1.2.3", None, "a@example.test", &[rcpt]))
+                        .await
+                ),
+                want,
+                "{rcpt:?}"
+            );
+        }
         let id = submit
             .submit(sub(
                 "192.0.2.1",
