@@ -40,7 +40,7 @@ async fn deferred_then_delivered(behavior: Behavior, run_id: &str) {
 
     // Let the relay hit the failure at least twice (first try + a retry).
     assert!(
-        s.sink.wait_connections(2, Duration::from_secs(30)).await,
+        s.sink.wait_attempts(2, Duration::from_secs(30)).await,
         "relay never tried the destination:\n{}",
         s.logs()
     );

@@ -80,6 +80,7 @@ struct Shared {
     recipients: AtomicU64,
     transactions: AtomicU64,
     connections: AtomicU64,
+    attempts: AtomicU64,
     changed: Notify,
 }
 
@@ -113,6 +114,7 @@ impl Sink {
             recipients: AtomicU64::new(0),
             transactions: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
             changed: Notify::new(),
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
@@ -192,13 +194,21 @@ impl Sink {
 }
 
 impl Sink {
-    /// Waits until at least `n` connections have been accepted in total
-    /// (e.g. the relay tried, and was refused); false on timeout.
-    pub async fn wait_connections(&self, n: u64, timeout: Duration) -> bool {
+    /// Delivery attempts so far: every MAIL command, and every connection
+    /// turned away by a 421 greeting. (Connections alone do not count
+    /// attempts: a relay may send several transactions over one.)
+    pub fn attempts(&self) -> u64 {
+        self.shared.attempts.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` delivery attempts (see
+    /// [`attempts`](Self::attempts)) were made, whatever their outcome;
+    /// false on timeout.
+    pub async fn wait_attempts(&self, n: u64, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, async {
             loop {
                 let notified = self.shared.changed.notified();
-                if self.connections() >= n {
+                if self.attempts() >= n {
                     return;
                 }
                 notified.await;
@@ -247,6 +257,8 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut writer = BufWriter::with_capacity(4096, w);
     let behavior = || Behavior::from_u8(shared.behavior.load(Ordering::SeqCst));
     if behavior() == Behavior::Greeting421 {
+        shared.attempts.fetch_add(1, Ordering::SeqCst);
+        shared.changed.notify_waiters();
         writer
             .write_all(b"421 4.3.2 sink.test busy, try later\r\n")
             .await?;
@@ -272,6 +284,8 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             b"EHLO" => b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 ENHANCEDSTATUSCODES\r\n",
             b"HELO" => b"250 sink.test\r\n",
             b"MAIL" => {
+                shared.attempts.fetch_add(1, Ordering::SeqCst);
+                shared.changed.notify_waiters();
                 txn = Txn::default();
                 b"250 2.1.0 ok\r\n"
             }

@@ -402,12 +402,16 @@ fn machine_header(args: &Args) -> String {
         .and_then(|t| procstat::parse_status_kb(&t, "MemTotal"))
         .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    // Other work on the machine moves every figure: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "petrel-bench: {cores} cores ({model}), {} MB RAM, Linux {}",
+        "petrel-bench: {cores} cores ({model}), {} MB RAM, Linux {}, load average {} at start",
         mem_kb / 1024,
-        kernel.trim()
+        kernel.trim(),
+        load.join(" ")
     );
     let _ = writeln!(
         s,
