@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::keygen;
 use super::rotation::{self, Policy, Transition, Wait};
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, apply_status};
 use crate::error::{Error, Result};
 use crate::sending_domain::records::{DesiredRecord, evaluate};
 
@@ -407,18 +407,7 @@ async fn write_status(
     if unchanged {
         return Ok(());
     }
-    let patch = json!({
-        "apiVersion": "petrel.dev/v1alpha1",
-        "kind": "DkimKey",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    apply_status(api, name, status).await
 }
 
 fn requeue(wait: Option<Wait>, now: k8s_openapi::jiff::Timestamp, ctx: &Context) -> Action {

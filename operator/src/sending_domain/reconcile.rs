@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
@@ -19,11 +19,10 @@ use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
     Condition, ConditionStatus, DnsRecord, DnsRecordState, conditions_equivalent, merge_conditions,
 };
-use serde_json::json;
 
 use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate};
 use super::validate::{owned_dkim_key_spec, validate};
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, apply_status};
 use crate::dkim_key::reconcile::apply;
 use crate::error::{Error, InvalidSpec, Result};
 
@@ -367,16 +366,5 @@ async fn write_status(
     {
         return Ok(());
     }
-    let patch = json!({
-        "apiVersion": "petrel.dev/v1alpha1",
-        "kind": "SendingDomain",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    apply_status(api, name, status).await
 }

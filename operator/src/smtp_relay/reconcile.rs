@@ -22,11 +22,10 @@ use petrel_crds::smtp_relay::{
 use petrel_crds::status::{
     Condition, ConditionStatus, DkimKeyEntry, conditions_equivalent, merge_conditions,
 };
-use serde_json::json;
 
 use super::build::{self, BoundDomain};
 use super::mounted;
-use crate::context::{Context, FIELD_MANAGER};
+use crate::context::{Context, FIELD_MANAGER, apply_status};
 use crate::dkim_key::reconcile::{PRIVATE_KEY, apply};
 use crate::error::{Error, InvalidSpec, Result};
 use crate::sending_domain::reconcile::dkim_key_name;
@@ -417,16 +416,5 @@ async fn write_status(
     {
         return Ok(());
     }
-    let patch = json!({
-        "apiVersion": "petrel.dev/v1alpha1",
-        "kind": "SmtpRelay",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
+    apply_status(api, name, status).await
 }
