@@ -36,6 +36,13 @@ impl Queue for Mem {
     async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
         Ok(vec![])
     }
+    async fn renew(&self, lease: &Lease, now: Millis, d: Duration) -> Result<Lease, QueueError> {
+        let expires_at = now.saturating_add(d.as_millis() as u64);
+        Ok(Lease {
+            expires_at,
+            ..lease.clone()
+        })
+    }
     async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
         Err(QueueError::NotFound(id.into()))
     }

@@ -240,6 +240,122 @@ mod cases {
         assert_eq!(b.queue.stats(T + 1_000).await.unwrap().messages, 0);
     }
 
+    pub async fn renew_extends_the_lease_past_its_old_expiry(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org"], T))
+            .await
+            .unwrap();
+        let lease_for = Duration::from_secs(1);
+        let first = b.queue.lease(T, 10, lease_for).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].expires_at, T + 1_000);
+
+        let renewed = b.queue.renew(&first[0], T + 500, lease_for).await.unwrap();
+        assert_eq!(renewed.expires_at, T + 1_500);
+        assert_eq!(renewed.token, first[0].token);
+        assert_eq!(renewed.unit, first[0].unit);
+        // At the old expiry the unit is still held, so no one else gets it.
+        assert!(
+            b.queue
+                .lease(T + 1_000, 10, lease_for)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let stats = b.queue.stats(T + 1_000).await.unwrap();
+        assert_eq!((stats.due, stats.leased), (0, 1));
+        // Renewing again, from the renewed lease or the original (same
+        // token), keeps extending it.
+        let again = b
+            .queue
+            .renew(&first[0], T + 1_200, lease_for)
+            .await
+            .unwrap();
+        assert_eq!(again.expires_at, T + 2_200);
+        assert!(
+            b.queue
+                .lease(T + 2_199, 10, lease_for)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // The new expiry still ends the lease: the unit is due again then.
+        let taken = b.queue.lease(T + 2_200, 10, lease_for).await.unwrap();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].unit.id, first[0].unit.id);
+    }
+
+    pub async fn renew_of_an_expired_or_taken_over_lease_is_lost(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org"], T))
+            .await
+            .unwrap();
+        let lease_for = Duration::from_secs(1);
+        let first = b.queue.lease(T, 10, lease_for).await.unwrap();
+        assert_eq!(first.len(), 1);
+
+        // Expired at `now`, even before anyone leased the unit again.
+        assert!(matches!(
+            b.queue.renew(&first[0], T + 1_000, lease_for).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        // A failed renewal changes nothing: the unit is due at the old expiry.
+        let second = b.queue.lease(T + 1_000, 10, lease_for).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert_ne!(second[0].token, first[0].token);
+
+        // The stale token cannot renew the new owner's lease, even though
+        // the unit is leased and unexpired.
+        assert!(matches!(
+            b.queue.renew(&first[0], T + 1_100, lease_for).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        // And the new owner's expiry was not moved by it.
+        let stats = b.queue.stats(T + 2_000).await.unwrap();
+        assert_eq!((stats.due, stats.leased), (1, 0));
+
+        // Nor can a finished unit be renewed.
+        b.queue.complete(&second[0]).await.unwrap();
+        assert!(matches!(
+            b.queue.renew(&second[0], T + 1_100, lease_for).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+    }
+
+    pub async fn complete_after_renew_uses_the_same_token(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .await
+            .unwrap();
+        let lease_for = Duration::from_secs(1);
+        let mut leases = b.queue.lease(T, 10, lease_for).await.unwrap();
+        leases.sort_by(|a, b| a.unit.domain.cmp(&b.unit.domain));
+        assert_eq!(sorted_domains(&leases), vec!["x.org", "y.org"]);
+
+        // After renewals the original lease (same token) still settles
+        // the unit.
+        b.queue.renew(&leases[0], T + 900, lease_for).await.unwrap();
+        b.queue.renew(&leases[1], T + 900, lease_for).await.unwrap();
+        b.queue.complete(&leases[0]).await.unwrap();
+        b.queue
+            .retry(&leases[1], later(vec!["b@y.org".into()], T + 5_000))
+            .await
+            .unwrap();
+        let stats = b.queue.stats(T + 1_500).await.unwrap();
+        assert_eq!((stats.due, stats.deferred, stats.leased), (0, 1, 0));
+        assert_eq!(stats.messages, 1);
+        // The retried unit comes back once, with the same token rules.
+        let again = b.queue.lease(T + 5_000, 10, lease_for).await.unwrap();
+        assert_eq!(again.len(), 1);
+        let renewed = b
+            .queue
+            .renew(&again[0], T + 5_500, lease_for)
+            .await
+            .unwrap();
+        b.queue.complete(&renewed).await.unwrap();
+        assert_eq!(b.queue.stats(T + 6_000).await.unwrap().messages, 0);
+    }
+
     pub async fn retry_reschedules_the_remaining_recipients(b: Backend) {
         b.queue
             .enqueue(message("m", &["a@x.org", "b@x.org", "c@x.org"], T))
@@ -643,6 +759,9 @@ conformance!(
     enqueue_splits_into_units_per_domain,
     lease_takes_only_due_units_up_to_max,
     expired_lease_makes_the_unit_due_again,
+    renew_extends_the_lease_past_its_old_expiry,
+    renew_of_an_expired_or_taken_over_lease_is_lost,
+    complete_after_renew_uses_the_same_token,
     retry_reschedules_the_remaining_recipients,
     retry_with_no_recipients_left_finishes_the_unit,
     completing_the_last_unit_deletes_the_message,
@@ -1098,6 +1217,8 @@ async fn redis_cluster_passes_the_conformance_cases() {
             enqueue_splits_into_units_per_domain,
             lease_takes_only_due_units_up_to_max,
             expired_lease_makes_the_unit_due_again,
+            renew_extends_the_lease_past_its_old_expiry,
+            renew_of_an_expired_or_taken_over_lease_is_lost,
             retry_reschedules_the_remaining_recipients,
             completing_the_last_unit_deletes_the_message,
             stats_count_units_by_state,

@@ -425,6 +425,7 @@ async fn deliver_group(
                 throttle(&ctx, &cfg, lease, Duration::ZERO, "lease running out").await;
                 continue;
             }
+            let _renewing = Renewer::start(&ctx.queue, lease, cfg.queue.lease.get());
             deliver_unit(&ctx, &cfg, &domain, &route, &mut session, lease).await;
         }
         if let Some(s) = session {
@@ -438,6 +439,63 @@ async fn deliver_group(
     if let Some(slot) = slot {
         slot.release().await;
     }
+}
+
+/// Keeps one unit's lease renewed while it is being delivered, so SMTP
+/// timeouts that add up past the lease do not let another worker take the
+/// unit over and deliver it again. Stops when dropped: after the delivery,
+/// and on every early exit (panic, or the group aborted at shutdown).
+///
+/// The delivery keeps its original [`Lease`]: renewal keeps the token, so
+/// settling with it works; only its `expires_at` is stale, which makes
+/// `record`'s retry window err on the short side.
+struct Renewer(tokio::task::JoinHandle<()>);
+
+impl Renewer {
+    fn start(queue: &Arc<dyn crate::queue::Queue>, lease: &Lease, lease_for: Duration) -> Self {
+        Renewer(tokio::spawn(keep_renewed(
+            queue.clone(),
+            lease.clone(),
+            lease_for,
+        )))
+    }
+}
+
+impl Drop for Renewer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Renews `lease` until aborted or lost. A lost lease is only logged: the
+/// delivery goes on, and recording its outcome reports the loss.
+async fn keep_renewed(queue: Arc<dyn crate::queue::Queue>, mut lease: Lease, lease_for: Duration) {
+    use crate::queue::QueueError;
+    while let Some(wait) = renew_wait(lease.expires_at, now_millis(), lease_for) {
+        tokio::time::sleep(wait).await;
+        match queue.renew(&lease, now_millis(), lease_for).await {
+            Ok(renewed) => lease = renewed,
+            Err(QueueError::LeaseLost(_)) => {
+                tracing::warn!(unit = %lease.unit.id, "lease lost during delivery; another worker may deliver the unit too");
+                return;
+            }
+            // Tried again sooner next time: the wait halves what is left.
+            Err(error) => {
+                tracing::warn!(%error, unit = %lease.unit.id, "cannot renew a lease; trying again");
+            }
+        }
+    }
+    tracing::warn!(unit = %lease.unit.id, "lease expired during delivery; another worker may deliver the unit too");
+}
+
+/// How long to wait before renewing a lease expiring at `expires_at`:
+/// every third of a lease, or sooner, at half the time left, so a lease
+/// that is already short (or a renewal that failed) is renewed before it
+/// runs out. `None` once it has expired: there is nothing left to renew.
+fn renew_wait(expires_at: Millis, now: Millis, lease_for: Duration) -> Option<Duration> {
+    let left = expires_at.checked_sub(now).filter(|&l| l > 0)?;
+    let third = millis(lease_for) / 3;
+    Some(Duration::from_millis(third.min(left / 2)))
 }
 
 /// A destination's connection slot, given back when dropped too, so a group
@@ -1082,6 +1140,21 @@ mod tests {
     }
 
     #[test]
+    fn leases_are_renewed_every_third_or_before_they_run_out() {
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            renew_wait(1_060_000, 1_000_000, minute),
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(
+            renew_wait(1_010_000, 1_000_000, minute),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(renew_wait(1_000_000, 1_000_000, minute), None);
+        assert_eq!(renew_wait(999_999, 1_000_000, minute), None);
+    }
+
+    #[test]
     fn groups_by_destination_in_lease_order() {
         let groups = group_by_destination(vec![
             lease("b.test", "1"),
@@ -1138,6 +1211,14 @@ mod record_tests {
             lease_for: Duration,
         ) -> Result<Vec<Lease>, QueueError> {
             self.inner.lease(now, max, lease_for).await
+        }
+        async fn renew(
+            &self,
+            lease: &Lease,
+            now: Millis,
+            lease_for: Duration,
+        ) -> Result<Lease, QueueError> {
+            self.inner.renew(lease, now, lease_for).await
         }
         async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
             self.inner.message_data(message_id).await
@@ -1204,6 +1285,73 @@ mod record_tests {
         })
         .await
         .expect("the slot never came back");
+    }
+
+    #[tokio::test]
+    async fn a_renewed_lease_outlives_its_expiry_until_the_renewer_is_dropped() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let dir = tempfile::tempdir().unwrap();
+            let config = petrel_crds::config::EmbeddedQueue {
+                path: dir.path().join("q.redb"),
+            };
+            let queue: Arc<dyn Queue> = Arc::new(
+                EmbeddedBackend::open(&config, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+            queue
+                .enqueue(NewMessage {
+                    id: "m1".into(),
+                    mail_from: "s@example.test".into(),
+                    recipients: vec!["a@renewed.test".into(), "b@idle.test".into()],
+                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+                    sending_domain: "example.test".into(),
+                    received_at: now_millis(),
+                    flags: MessageFlags::default(),
+                })
+                .await
+                .unwrap();
+            // Long enough that a renewal every third of it is not missed
+            // on a loaded machine.
+            let lease_for = Duration::from_secs(3);
+            let leases = queue.lease(now_millis(), 10, lease_for).await.unwrap();
+            let renewed = leases
+                .iter()
+                .find(|l| l.unit.domain == "renewed.test")
+                .unwrap();
+            let idle = leases
+                .iter()
+                .find(|l| l.unit.domain == "idle.test")
+                .unwrap();
+            let renewer = Renewer::start(&queue, renewed, lease_for);
+
+            // Past the original expiry only the unit nobody renewed is due.
+            let past = renewed.expires_at + 300;
+            tokio::time::sleep(Duration::from_millis(past.saturating_sub(now_millis()))).await;
+            let due = queue.lease(now_millis(), 10, lease_for).await.unwrap();
+            assert_eq!(due.len(), 1);
+            assert_eq!(due[0].unit.id, idle.unit.id);
+            queue.complete(&due[0]).await.unwrap();
+
+            // Dropped (the delivery ended without settling): renewal stops
+            // and the unit comes back once its last renewal runs out.
+            drop(renewer);
+            let back = loop {
+                let due = queue.lease(now_millis(), 10, lease_for).await.unwrap();
+                if let Some(lease) = due.into_iter().next() {
+                    break lease;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert_eq!(back.unit.id, renewed.unit.id);
+            // The first lease was taken over, so it cannot settle any more.
+            assert!(matches!(
+                queue.complete(renewed).await,
+                Err(QueueError::LeaseLost(_))
+            ));
+        })
+        .await
+        .expect("test timed out");
     }
 
     #[tokio::test]

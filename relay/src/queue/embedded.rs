@@ -317,6 +317,43 @@ impl Queue for EmbeddedBackend {
         .await
     }
 
+    async fn renew(
+        &self,
+        lease: &Lease,
+        now: Millis,
+        lease_for: Duration,
+    ) -> Result<Lease, QueueError> {
+        let lease = lease.clone();
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        self.run(move |db| {
+            let mut txn = db.begin_write()?;
+            // Like a lease: losing it in a crash only makes the unit due.
+            relaxed(&mut txn)?;
+            {
+                let id = lease.unit.id.as_str();
+                let mut leases = txn.open_table(LEASES)?;
+                let expiry = leases.get(id)?.and_then(|v| {
+                    let (expiry, token) = v.value();
+                    (token == lease.token).then_some(expiry)
+                });
+                // Expired at `now` as in `lease`: an expiry <= now is due.
+                let Some(expiry) = expiry.filter(|&at| at > now) else {
+                    return Err(QueueError::LeaseLost(id.to_string()));
+                };
+                leases.insert(id, (expires_at, lease.token.as_str()))?;
+                let mut index = txn.open_table(LEASE_EXPIRY)?;
+                index.remove((expiry, id))?;
+                index.insert((expires_at, id), ())?;
+            }
+            txn.commit()?;
+            Ok(Lease {
+                expires_at,
+                ..lease
+            })
+        })
+        .await
+    }
+
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
         let id = message_id.to_string();
         self.run(move |db| {

@@ -235,6 +235,18 @@ pub trait Queue: Send + Sync + 'static {
         lease_for: Duration,
     ) -> Result<Vec<Lease>, QueueError>;
 
+    /// Extends a lease to `now + lease_for`, so a delivery slower than one
+    /// lease is not taken over and repeated by another worker. Returns the
+    /// lease with its new `expires_at`. Atomic; [`QueueError::LeaseLost`]
+    /// when `lease`'s token no longer owns the unit or the lease has
+    /// expired at `now` (another worker may have taken it over already).
+    async fn renew(
+        &self,
+        lease: &Lease,
+        now: Millis,
+        lease_for: Duration,
+    ) -> Result<Lease, QueueError>;
+
     /// The stored message bytes.
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError>;
 

@@ -405,6 +405,30 @@ impl Queue for RedisBackend {
             .collect())
     }
 
+    async fn renew(
+        &self,
+        lease: &Lease,
+        now: Millis,
+        lease_for: Duration,
+    ) -> Result<Lease, QueueError> {
+        let k = &self.keys;
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        let mut inv = scripts::RENEW.prepare_invoke();
+        inv.key(&k.leased)
+            .key(&k.token)
+            .arg(&lease.unit.id)
+            .arg(&lease.token)
+            .arg(now)
+            .arg(expires_at);
+        let mut conn = self.connection(&self.conn).await?;
+        let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        lease_held(done, &lease.unit.id)?;
+        Ok(Lease {
+            expires_at,
+            ..lease.clone()
+        })
+    }
+
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let data: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.data, message_id)).await?;

@@ -137,6 +137,24 @@ return 1
     )
 });
 
+/// Extends a lease still held by `token` and not expired at `now` (the
+/// same boundary as [`LEASE`]: a lease expiring at `now` is expired).
+///
+/// KEYS: leased, token.
+/// ARGV: unit id, token, now, new expiry.
+/// Returns 1 when extended, 0 when the lease was lost.
+pub static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry or tonumber(expiry) <= tonumber(ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+return 1
+"#,
+    )
+});
+
 /// Fixed-window counter: the window starts with the first increment.
 ///
 /// KEYS: counter. ARGV: by, window ms. Returns the new total.
