@@ -36,8 +36,23 @@ const BACKEND_PAUSE: Duration = Duration::from_secs(1);
 const MAX_BATCH: usize = 100;
 /// How often queue gauges are refreshed.
 const STATS_EVERY: Duration = Duration::from_secs(10);
-/// Wait for a unit whose message data could not be read.
+/// Wait for a unit whose message data is missing or unreadable.
 const DATA_RETRY: Duration = Duration::from_secs(60);
+/// Wait for a unit whose message data could not be fetched because the
+/// backend was briefly away (a Redis restart): it is there, so try soon.
+const DATA_RETRY_TRANSIENT: Duration = Duration::from_secs(2);
+
+/// How long to wait before reading a unit's message data again.
+fn data_retry_delay(error: &crate::queue::QueueError) -> Duration {
+    use crate::queue::QueueError;
+    match error {
+        QueueError::Unavailable(_) | QueueError::Timeout(_) => DATA_RETRY_TRANSIENT,
+        QueueError::NotFound(_)
+        | QueueError::Corrupt { .. }
+        | QueueError::LeaseLost(_)
+        | QueueError::NotReplicated { .. } => DATA_RETRY,
+    }
+}
 
 /// Runs the delivery workers until `shutdown` completes, then lets
 /// deliveries in progress finish for up to `limits.shutdownGrace` (their
@@ -657,7 +672,7 @@ async fn deliver_unit(
             tracing::error!(%error, unit = %unit.id, "cannot read message data; retrying later");
             let reschedule = Reschedule {
                 recipients: unit.recipients.clone(),
-                next_attempt_at: now_millis().saturating_add(millis(DATA_RETRY)),
+                next_attempt_at: now_millis().saturating_add(millis(data_retry_delay(&error))),
                 last_error: format!("queue: {error}"),
                 delay_notified: unit.delay_notified,
             };
@@ -1137,6 +1152,24 @@ mod tests {
             token: "t".into(),
             expires_at: 0,
         }
+    }
+
+    #[test]
+    fn unreadable_data_is_retried_soon_only_when_the_backend_was_away() {
+        use crate::queue::QueueError;
+        // A Redis restart must not park a stored message for a minute.
+        assert_eq!(
+            data_retry_delay(&QueueError::Unavailable("reset".into())),
+            DATA_RETRY_TRANSIENT
+        );
+        assert_eq!(
+            data_retry_delay(&QueueError::Timeout(Duration::from_secs(2))),
+            DATA_RETRY_TRANSIENT
+        );
+        assert_eq!(
+            data_retry_delay(&QueueError::NotFound("m1".into())),
+            DATA_RETRY
+        );
     }
 
     #[test]
