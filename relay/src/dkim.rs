@@ -12,13 +12,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
 
 use crate::config::{DkimAlgorithm, DkimConfig};
+use crate::reload::{FileFingerprint as Fingerprint, file_fingerprint as fingerprint};
 
 /// Headers signed when present (RFC 6376 5.4.1 recommendations plus the
 /// list headers mailbox providers look at).
@@ -79,8 +79,6 @@ enum Signer {
     Rsa(DkimSigner<RsaKey<Sha256>, Done>),
 }
 
-type Fingerprint = (Option<SystemTime>, u64, u64);
-
 struct Entry {
     config: DkimConfig,
     fingerprint: Fingerprint,
@@ -92,15 +90,6 @@ struct Entry {
 #[derive(Default)]
 pub struct DkimKeys {
     cache: Mutex<HashMap<String, Arc<Entry>>>,
-}
-
-fn fingerprint(path: &Path) -> std::io::Result<Fingerprint> {
-    let meta = std::fs::metadata(path)?;
-    #[cfg(unix)]
-    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-    #[cfg(not(unix))]
-    let ino = 0;
-    Ok((meta.modified().ok(), meta.len(), ino))
 }
 
 /// Reads a PEM private key file.

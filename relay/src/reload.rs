@@ -15,34 +15,40 @@ use tokio::sync::watch;
 
 /// What identifies a file's content cheaply: modification time, length
 /// and inode (a swapped symlink changes the inode even when mtime does not).
+pub(crate) type FileFingerprint = (Option<SystemTime>, u64, u64);
+
+/// The [`FileFingerprint`] of `path` (following symlinks), one `stat`.
+pub(crate) fn file_fingerprint(path: &std::path::Path) -> std::io::Result<FileFingerprint> {
+    let meta = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let ino = 0;
+    Ok((meta.modified().ok(), meta.len(), ino))
+}
+
+/// Fingerprints of several files; a missing file is `None`, so its
+/// appearance counts as a change too.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Fingerprint(Vec<Option<(SystemTime, u64, u64)>>);
+struct Fingerprint(Vec<Option<FileFingerprint>>);
 
 fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
-    Fingerprint(
-        paths
-            .iter()
-            .map(|p| {
-                let meta = std::fs::metadata(p).ok()?;
-                #[cfg(unix)]
-                let ino = std::os::unix::fs::MetadataExt::ino(&meta);
-                #[cfg(not(unix))]
-                let ino = 0;
-                Some((meta.modified().ok()?, meta.len(), ino))
-            })
-            .collect(),
-    )
+    Fingerprint(paths.iter().map(|p| file_fingerprint(p).ok()).collect())
 }
 
 /// A value parsed from files, kept current by a background task.
 pub struct Reloading<T> {
     current: watch::Receiver<Arc<T>>,
+    /// The sender of a [`Reloading::fixed`] value, kept so `changed()`
+    /// waits forever instead of reporting a closed channel.
+    _fixed: Option<Arc<watch::Sender<Arc<T>>>>,
 }
 
 impl<T> Clone for Reloading<T> {
     fn clone(&self) -> Self {
         Reloading {
             current: self.current.clone(),
+            _fixed: self._fixed.clone(),
         }
     }
 }
@@ -78,15 +84,19 @@ impl<T: Send + Sync + 'static> Reloading<T> {
                 }
             }
         });
-        Reloading { current: rx }
+        Reloading {
+            current: rx,
+            _fixed: None,
+        }
     }
 
     /// A value that never changes (tests, and files that are not watched).
     pub fn fixed(value: T) -> Reloading<T> {
         let (tx, rx) = watch::channel(Arc::new(value));
-        // Keep the sender alive so `changed()` never reports closure.
-        std::mem::forget(tx);
-        Reloading { current: rx }
+        Reloading {
+            current: rx,
+            _fixed: Some(Arc::new(tx)),
+        }
     }
 
     /// The latest value.
