@@ -12,35 +12,8 @@ use kube::{Resource, ResourceExt};
 use crate::clock::Clock;
 use crate::dns::TxtLookup;
 use crate::metrics::Metrics;
-use crate::smtp_relay::build::BuildSettings;
 
-/// The field manager of every server-side apply.
-pub const FIELD_MANAGER: &str = "petrel-operator";
-
-/// Writes `status` of the object `name` by server-side apply on the status
-/// subresource, with the operator's one field manager. Callers decide first
-/// whether anything a reader sees changed, so timestamps alone never patch.
-pub async fn apply_status<K>(
-    api: &kube::Api<K>,
-    name: &str,
-    status: &impl serde::Serialize,
-) -> crate::error::Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-        &kube::api::Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
+pub use crate::apply::{FIELD_MANAGER, apply, apply_status};
 
 /// Operator-wide settings.
 #[derive(Clone, Debug)]
@@ -73,6 +46,13 @@ impl Settings {
             relay_image: self.relay_image.clone(),
         }
     }
+}
+
+/// Operator-wide settings the SmtpRelay builders need.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Relay image when the SmtpRelay does not set one.
+    pub relay_image: String,
 }
 
 /// Shared state of the controllers.

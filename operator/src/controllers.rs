@@ -21,11 +21,8 @@ use serde::de::DeserializeOwned;
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::sending_domain::reconcile::dkim_key_name;
+use crate::names::{MANAGED_SELECTOR as MANAGED, dkim_key_name};
 use crate::{dkim_key, sending_domain, smtp_relay};
-
-/// Label selecting the objects the operator manages.
-const MANAGED: &str = "app.kubernetes.io/managed-by=petrel-operator";
 
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
 where

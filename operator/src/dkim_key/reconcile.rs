@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -24,22 +24,15 @@ use serde_json::json;
 
 use super::keygen;
 use super::rotation::{self, Policy, Transition, Wait};
-use crate::context::{Context, FIELD_MANAGER, apply_status};
+use crate::apply::{FIELD_MANAGER, apply, apply_status, delete};
+use crate::context::Context;
+use crate::dns_record::{DesiredRecord, evaluate};
 use crate::error::{Error, Result};
-use crate::sending_domain::records::{DesiredRecord, evaluate};
-
-/// Key of the private key in each key's Secret.
-pub const PRIVATE_KEY: &str = "private.pem";
-/// Label on key Secrets naming their DkimKey.
-pub const KEY_LABEL: &str = "petrel.dev/dkim-key";
+pub use crate::names::{KEY_LABEL, PRIVATE_KEY, record_name};
+use crate::names::{MANAGED_BY, SELECTOR_LABEL, api_spelling};
 
 /// Most transitions one reconcile performs (a full bootstrap takes three).
 const MAX_STEPS: usize = 6;
-
-/// The DNS name of a key's record.
-pub fn record_name(domain: &str, selector: &str) -> String {
-    format!("{selector}._domainkey.{}", domain.trim_end_matches('.'))
-}
 
 /// Reconciles one DkimKey.
 pub async fn reconcile(key: Arc<DkimKey>, ctx: Arc<Context>) -> Result<Action> {
@@ -116,7 +109,7 @@ async fn reconcile_inner(key: &DkimKey, ctx: &Context) -> Result<Action> {
         let generated = match &transition {
             Transition::Generate => Some(generate_key(key, &status, &secrets, now).await?),
             Transition::Remove { secret_name, .. } => {
-                delete_secret(&secrets, secret_name).await?;
+                delete(&secrets, secret_name).await?;
                 None
             }
             _ => None,
@@ -213,11 +206,8 @@ async fn generate_key(
             namespace: key.namespace(),
             labels: Some(BTreeMap::from([
                 (KEY_LABEL.to_string(), key.name_any()),
-                ("petrel.dev/selector".to_string(), selector.clone()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    FIELD_MANAGER.to_string(),
-                ),
+                (SELECTOR_LABEL.to_string(), selector.clone()),
+                (MANAGED_BY.to_string(), FIELD_MANAGER.to_string()),
             ])),
             owner_references: key.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
@@ -237,25 +227,6 @@ async fn generate_key(
         material.dns_value,
         now,
     ))
-}
-
-/// Server-side apply of a child object.
-pub async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<K>
-where
-    K: Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
-    K::DynamicType: Default,
-{
-    let mut value = serde_json::to_value(obj).map_err(|e| Error::Build(e.to_string()))?;
-    let dt = K::DynamicType::default();
-    value["apiVersion"] = json!(K::api_version(&dt));
-    value["kind"] = json!(K::kind(&dt));
-    Ok(api
-        .patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&value),
-        )
-        .await?)
 }
 
 /// Deletes key Secrets this DkimKey owns but its status no longer lists: a key
@@ -283,18 +254,10 @@ async fn remove_orphans(
                 .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref());
         if ours && !listed.contains(secret.name_any().as_str()) {
             tracing::info!(secret = %secret.name_any(), dkim_key = %name, "deleting orphaned key Secret");
-            delete_secret(secrets, &secret.name_any()).await?;
+            delete(secrets, &secret.name_any()).await?;
         }
     }
     Ok(())
-}
-
-async fn delete_secret(secrets: &Api<Secret>, name: &str) -> Result<()> {
-    match secrets.delete(name, &DeleteParams::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
-        Err(err) => Err(err.into()),
-    }
 }
 
 fn describe(transition: &Transition, key: &DkimKey, generated: Option<&DkimKeyEntry>) -> String {
@@ -303,8 +266,8 @@ fn describe(transition: &Transition, key: &DkimKey, generated: Option<&DkimKeyEn
         Transition::Generate => {
             let selector = generated.map(|g| g.selector.as_str()).unwrap_or("?");
             format!(
-                "generated {:?} key {selector}; publish TXT {}",
-                key.spec.algorithm,
+                "generated {} key {selector}; publish TXT {}",
+                api_spelling(&key.spec.algorithm),
                 record_name(domain, selector)
             )
         }

@@ -22,21 +22,11 @@ use petrel_crds::status::{
 
 use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate};
 use super::validate::{owned_dkim_key_spec, validate};
-use crate::context::{Context, FIELD_MANAGER, apply_status};
-use crate::dkim_key::reconcile::apply;
+use crate::apply::{FIELD_MANAGER, apply, apply_status};
+use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
-
-/// Label on operator-created DkimKeys naming the relay their domain uses.
-pub const RELAY_LABEL: &str = "petrel.dev/relay";
-
-/// The DkimKey a SendingDomain signs with: its `keyRef`, or one named like it.
-pub fn dkim_key_name(sd: &SendingDomain) -> String {
-    sd.spec
-        .dkim
-        .key_ref
-        .clone()
-        .unwrap_or_else(|| sd.name_any())
-}
+use crate::names::{MANAGED_BY, api_spelling};
+pub use crate::names::{RELAY_LABEL, dkim_key_name};
 
 /// Reconciles one SendingDomain.
 pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action> {
@@ -183,10 +173,7 @@ async fn ensure_dkim_key(
             namespace: sd.namespace(),
             labels: Some(BTreeMap::from([
                 (RELAY_LABEL.to_string(), relay.name_any()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    FIELD_MANAGER.to_string(),
-                ),
+                (MANAGED_BY.to_string(), FIELD_MANAGER.to_string()),
             ])),
             owner_references: sd.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
@@ -260,7 +247,14 @@ pub fn conditions(
         };
         let detail: Vec<String> = not_ok
             .iter()
-            .map(|r| format!("{:?} {} {:?}", r.state, r.name, r.type_).to_lowercase())
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    api_spelling(&r.state),
+                    r.name,
+                    api_spelling(&r.type_)
+                )
+            })
             .collect();
         Condition::new(
             CONDITION_DNS_VERIFIED,
@@ -330,7 +324,7 @@ fn record_metrics(ctx: &Context, ns: &str, domain: &str, records: &[DnsRecord]) 
     for state in ["pending", "verified", "missing", "mismatch", "unknown"] {
         let count = records
             .iter()
-            .filter(|r| format!("{:?}", r.state).eq_ignore_ascii_case(state))
+            .filter(|r| api_spelling(&r.state) == state)
             .count();
         ctx.metrics
             .dns_records

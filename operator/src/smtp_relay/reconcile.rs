@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use petrel_crds::dkim_key::DkimKey;
@@ -25,11 +25,11 @@ use petrel_crds::status::{
 
 use super::build::{self, BoundDomain};
 use super::mounted;
-use crate::context::{Context, FIELD_MANAGER, apply_status};
-use crate::dkim_key::reconcile::{PRIVATE_KEY, apply};
+use crate::apply::{apply, apply_optional, apply_status, delete};
+use crate::claims::conflicting_owner;
+use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
-use crate::sending_domain::reconcile::dkim_key_name;
-use crate::sending_domain::validate::conflicting_owner;
+use crate::names::{PRIVATE_KEY, dkim_key_name};
 
 /// What the relay signs for, and the key files its pods need.
 #[derive(Debug, Default)]
@@ -144,14 +144,7 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         Some(hpa) => {
             apply(&hpas, &build::base_name(relay), &hpa).await?;
         }
-        None => match hpas
-            .delete(&build::base_name(relay), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(err) => return Err(err.into()),
-        },
+        None => delete(&hpas, &build::base_name(relay)).await?,
     }
 
     apply_service_monitor(relay, ctx, &ns).await?;
@@ -241,40 +234,26 @@ async fn apply_service_monitor(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Re
         kind: "ServiceMonitor".into(),
         plural: "servicemonitors".into(),
     };
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
-    let name = build::base_name(relay);
-    let result = match build::service_monitor(relay) {
-        Some(sm) => api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&sm),
-            )
-            .await
-            .map(|_| ()),
-        None => api
-            .delete(&name, &DeleteParams::default())
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ok(()),
-        // No such object (nothing to delete) or no such CRD.
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            if relay.spec.monitoring.service_monitor {
-                ctx.event(
-                    relay,
-                    EventType::Warning,
-                    "ServiceMonitorUnavailable",
-                    "Monitor",
-                    "spec.monitoring.serviceMonitor is set but the ServiceMonitor CRD (prometheus-operator) is not installed".into(),
-                )
-                .await;
-            }
-            Ok(())
-        }
-        Err(err) => Err(err.into()),
+    let desired = build::service_monitor(relay);
+    let applied = apply_optional(
+        &ctx.client,
+        ns,
+        &resource,
+        &build::base_name(relay),
+        desired.as_ref(),
+    )
+    .await?;
+    if !applied {
+        ctx.event(
+            relay,
+            EventType::Warning,
+            "ServiceMonitorUnavailable",
+            "Monitor",
+            "spec.monitoring.serviceMonitor is set but the ServiceMonitor CRD (prometheus-operator) is not installed".into(),
+        )
+        .await;
     }
+    Ok(())
 }
 
 async fn private_key(secrets: &Api<Secret>, name: &str) -> Result<Option<String>> {
