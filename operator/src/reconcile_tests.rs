@@ -23,9 +23,9 @@ use serde_json::json;
 use crate::clock::{Clock, FakeClock};
 use crate::context::{Context, Settings};
 use crate::dns::StaticTxt;
+use crate::dns_record::TxtAnswer;
 use crate::fake_api::{FakeApi, path};
 use crate::metrics::Metrics;
-use crate::sending_domain::records::TxtAnswer;
 use crate::{dkim_key, sending_domain, smtp_relay};
 
 const NS: &str = "mail";
@@ -583,6 +583,121 @@ async fn only_one_replica_leads() {
         let spec = lease.spec.expect("spec");
         assert_eq!(spec.holder_identity.as_deref(), Some("b"));
         assert_eq!(spec.lease_transitions, Some(1));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn leader_rides_out_a_failed_renewal_and_hands_over_on_release() {
+    use crate::leader::{Leadership, LeaseLock};
+    use k8s_openapi::api::coordination::v1::Lease;
+    bounded(async {
+        let w = World::new();
+        let lock = |identity: &str| LeaseLock {
+            api: kube::Api::<Lease>::namespaced(w.ctx.client.clone(), "petrel-system"),
+            name: "petrel-operator".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let (a, b) = (lock("a"), lock("b"));
+        let at = |secs: i64| {
+            w.clock
+                .now()
+                .saturating_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
+                .expect("ts")
+        };
+        let (mut sa, mut sb) = (Leadership::default(), Leadership::default());
+        assert!(a.step(&mut sa, at(0)).await, "a acquires");
+        assert!(!b.step(&mut sb, at(0)).await, "b follows");
+
+        // One renewal fails (the API server answers 500): a keeps leading.
+        w.api.fail_next("PUT", "leases/petrel-operator", 500);
+        assert!(
+            a.step(&mut sa, at(5)).await,
+            "still leading after one failed renewal"
+        );
+        assert!(
+            w.api
+                .requests()
+                .iter()
+                .any(|r| r.starts_with("PUT") && r.contains("leases")),
+            "the renewal was attempted"
+        );
+        assert!(a.step(&mut sa, at(9)).await, "the next renewal succeeds");
+        assert!(
+            !b.step(&mut sb, at(9)).await,
+            "b still follows a live lease"
+        );
+
+        // Failures past the renew deadline (10 s of 15 s): a steps down before the
+        // Lease expires for b.
+        w.api.fail_next("GET", "leases/petrel-operator", 500);
+        assert!(a.step(&mut sa, at(14)).await);
+        w.api.fail_next("GET", "leases/petrel-operator", 500);
+        assert!(
+            !a.step(&mut sa, at(19)).await,
+            "stepped down at the renew deadline"
+        );
+        assert!(
+            !b.step(&mut sb, at(19)).await,
+            "the Lease has not expired yet"
+        );
+        assert!(
+            a.step(&mut sa, at(20)).await,
+            "a, still the holder, renews again"
+        );
+
+        // Shutdown: a releases the Lease and b leads at once, long before expiry.
+        assert!(a.release(at(21)).await.expect("release"));
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(
+            lease.spec.as_ref().and_then(|s| s.holder_identity.clone()),
+            None
+        );
+        assert!(
+            b.step(&mut sb, at(22)).await,
+            "b acquires the released Lease at once"
+        );
+        // A replica that does not hold the Lease releases nothing.
+        assert!(!a.release(at(23)).await.expect("release"));
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity).as_deref(),
+            Some("b")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_renewal_loop_releases_the_lease_when_stopped() {
+    use crate::leader::LeaseLock;
+    use k8s_openapi::api::coordination::v1::Lease;
+    bounded(async {
+        let w = World::new();
+        let lock = LeaseLock {
+            api: kube::Api::<Lease>::namespaced(w.ctx.client.clone(), "petrel-system"),
+            name: "petrel-operator".into(),
+            identity: "a".into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(lock.run(leader_tx, Duration::from_secs(3600), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+        leader_rx.wait_for(|l| *l).await.expect("leads");
+        stop_tx.send(true).expect("stop");
+        task.await.expect("loop ends");
+        assert!(!*leader_rx.borrow(), "reports not leading after release");
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
     })
     .await;
 }
