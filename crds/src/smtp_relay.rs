@@ -19,6 +19,26 @@ pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: something is wrong that needs a person (bad spec, missing Secret, failed apply).
 pub const CONDITION_DEGRADED: &str = "Degraded";
 
+/// Degraded reason: a Secret the relay references does not exist.
+pub const REASON_SECRET_MISSING: &str = "SecretMissing";
+/// Degraded reason: a referenced Secret lacks a key, or a key's value is empty or malformed.
+pub const REASON_SECRET_INVALID: &str = "SecretInvalid";
+/// Degraded and Progressing reason: the Deployment did not progress within its
+/// `progressDeadlineSeconds` (the Deployment controller's own reason).
+pub const REASON_PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+/// Degraded reason when nothing is wrong.
+pub const REASON_AS_EXPECTED: &str = "AsExpected";
+/// Progressing reason: the Deployment is rolling out or scaling.
+pub const REASON_ROLLING_OUT: &str = "RollingOut";
+/// Progressing reason: every pod runs the current template and is available.
+pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+/// Available reason: at least the minimum of relay pods is available.
+pub const REASON_MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+/// Available reason: fewer relay pods are available than the minimum.
+pub const REASON_MINIMUM_REPLICAS_UNAVAILABLE: &str = "MinimumReplicasUnavailable";
+/// Available reason: no relay pod is ready.
+pub const REASON_NO_READY_REPLICAS: &str = "NoReadyReplicas";
+
 /// Replicas used when neither `replicas` nor `autoscaling` is set.
 pub const DEFAULT_REPLICAS: i32 = 2;
 

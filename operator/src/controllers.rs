@@ -242,14 +242,5 @@ where
 
 /// Whether a relay's pods or config depend on the Secret `name`.
 pub fn references_secret(relay: &SmtpRelay, name: &str) -> bool {
-    let spec = &relay.spec;
-    spec.redis.url_secret_ref.name == name
-        || spec.tls_secret_name.as_deref() == Some(name)
-        || spec.auth_users_secret_name.as_deref() == Some(name)
-        || spec
-            .delivery
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.credentials_secret_ref.as_ref())
-            .is_some_and(|c| c.name == name)
+    smtp_relay::secrets::references(relay, name)
 }

@@ -387,7 +387,8 @@ async fn relay_children_spec_changes_and_deletion() {
         // The kubelet reports two ready pods.
         w.api.merge(
             &deploy_path,
-            json!({"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}),
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2,
+                              "updatedReplicas": 2, "availableReplicas": 2}}),
         );
         w.reconcile_relay().await;
         let status = w.relay().status.expect("status");
@@ -431,6 +432,216 @@ async fn relay_children_spec_changes_and_deletion() {
         w.api.delete(&relay_path);
         let left: Vec<String> = w.api.paths().into_iter().filter(|p| p.contains("petrel-main")).collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    })
+    .await;
+}
+
+/// A Secret as the API server returns it (data base64-encoded).
+fn secret_json(name: &str, type_: &str, data: &[(&str, &str)]) -> serde_json::Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_string(),
+                json!(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
+           "metadata": {"name": name, "namespace": NS}, "data": data})
+}
+
+/// Deployment status shapes as kube-controller-manager writes them.
+fn deployment_status(shape: &str) -> serde_json::Value {
+    let cond = |type_: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": type_, "status": status, "reason": reason, "message": message,
+               "lastUpdateTime": "2026-12-01T21:00:00Z", "lastTransitionTime": "2026-12-01T21:00:00Z"})
+    };
+    let unavailable = cond(
+        "Available",
+        "False",
+        "MinimumReplicasUnavailable",
+        "Deployment does not have minimum availability.",
+    );
+    match shape {
+        // Pods stuck in ContainerCreating: a Secret volume cannot be mounted.
+        "stuck" => json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "unavailableReplicas": 2, "conditions": [unavailable,
+            cond("Progressing", "True", "ReplicaSetUpdated", "ReplicaSet \"petrel-main-6d5f\" is progressing.")]}}),
+        // progressDeadlineSeconds (600) later.
+        "deadline" => {
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "unavailableReplicas": 2, "conditions": [unavailable,
+            cond("Progressing", "False", "ProgressDeadlineExceeded", "ReplicaSet \"petrel-main-6d5f\" has timed out progressing.")]}})
+        }
+        // Both pods up.
+        "complete" => {
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "readyReplicas": 2, "availableReplicas": 2, "conditions": [
+            cond("Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability."),
+            cond("Progressing", "True", "NewReplicaSetAvailable", "ReplicaSet \"petrel-main-6d5f\" has successfully progressed.")]}})
+        }
+        other => panic!("no shape {other}"),
+    }
+}
+
+const TEST_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n";
+
+#[tokio::test]
+async fn degraded_names_broken_secrets_and_conditions_follow_the_rollout() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("petrel-main-tls");
+        spec["listeners"] = json!([{"name": "submission", "port": 587, "tls": "starttls"}]);
+        w.add_relay(spec);
+        w.api.insert(
+            &path::<Secret>(NS, "redis"),
+            secret_json("redis", "Opaque", &[("url", "redis://redis:6379")]),
+        );
+        let deploy_path = path::<Deployment>(NS, "petrel-main");
+        let conditions = |w: &World| w.relay().status.expect("status").conditions;
+        let get = |w: &World, t: &str| {
+            find_condition(&conditions(w), t)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {t} condition"))
+        };
+
+        // The TLS Secret does not exist; the Deployment was just created.
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(degraded.is_true(), "{degraded:?}");
+        assert_eq!(degraded.reason, "SecretMissing");
+        assert!(
+            degraded.message.contains(
+                "Secret mail/petrel-main-tls does not exist (named by spec.tlsSecretName)"
+            ),
+            "{}",
+            degraded.message
+        );
+        assert!(get(&w, "Progressing").is_true());
+        let available = get(&w, "Available");
+        assert!(!available.is_true());
+        assert_eq!(available.reason, "NoReadyReplicas");
+        assert!(
+            w.api.get(&deploy_path).is_some(),
+            "children are applied anyway"
+        );
+
+        // The pods cannot mount it: the rollout is in progress, nothing is available.
+        w.api.merge(&deploy_path, deployment_status("stuck"));
+        w.reconcile_relay().await;
+        let progressing = get(&w, "Progressing");
+        assert!(progressing.is_true());
+        assert_eq!(progressing.reason, "RollingOut");
+        assert_eq!(
+            progressing.message,
+            "0 of 2 updated relay pods are available"
+        );
+        assert!(!get(&w, "Available").is_true());
+
+        // Someone creates it, malformed: the certificate is not PEM and the key is absent.
+        w.api.insert(
+            &path::<Secret>(NS, "petrel-main-tls"),
+            secret_json(
+                "petrel-main-tls",
+                "kubernetes.io/tls",
+                &[("tls.crt", "not a certificate")],
+            ),
+        );
+        w.api.merge(&deploy_path, deployment_status("deadline"));
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(degraded.is_true());
+        assert_eq!(degraded.reason, "SecretInvalid");
+        for part in [
+            "Secret mail/petrel-main-tls key tls.crt is not PEM",
+            "Secret mail/petrel-main-tls key tls.key is missing",
+            "has timed out progressing",
+        ] {
+            assert!(
+                degraded.message.contains(part),
+                "{part}: {}",
+                degraded.message
+            );
+        }
+        let progressing = get(&w, "Progressing");
+        assert!(!progressing.is_true());
+        assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
+        let degraded_since = degraded.last_transition_time.clone();
+
+        // Fixed, and the pods come up.
+        w.clock.advance(Duration::from_secs(60));
+        w.api.insert(
+            &path::<Secret>(NS, "petrel-main-tls"),
+            secret_json(
+                "petrel-main-tls",
+                "kubernetes.io/tls",
+                &[("tls.crt", TEST_PEM), ("tls.key", TEST_PEM)],
+            ),
+        );
+        w.api.merge(&deploy_path, deployment_status("complete"));
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(!degraded.is_true());
+        assert_eq!(degraded.reason, "AsExpected");
+        assert_ne!(
+            degraded.last_transition_time, degraded_since,
+            "flipped: new transition time"
+        );
+        let progressing = get(&w, "Progressing");
+        assert!(!progressing.is_true());
+        assert_eq!(progressing.reason, "RolloutComplete");
+        let available = get(&w, "Available");
+        assert!(available.is_true());
+        assert_eq!(available.message, "2 of 2 relay pods available");
+
+        // Nothing changed but the time: no status write, transition times kept.
+        w.clock.advance(Duration::from_secs(60));
+        let before = w.api.requests().len();
+        w.reconcile_relay().await;
+        let status_writes = w.api.requests()[before..]
+            .iter()
+            .filter(|r| r.contains("smtprelays/main/status"))
+            .count();
+        assert_eq!(status_writes, 0, "{:?}", &w.api.requests()[before..]);
+        assert_eq!(
+            get(&w, "Available").last_transition_time,
+            available.last_transition_time
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smarthost_users_and_redis_secrets_are_checked_too() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["authUsersSecretName"] = json!("users");
+        spec["delivery"] = json!({"transport": "smarthost",
+            "smarthost": {"host": "smtp.example.net", "credentialsSecretRef": {"name": "smarthost"}}});
+        w.add_relay(spec);
+        w.api.insert(&path::<Secret>(NS, "redis"), secret_json("redis", "Opaque", &[("uri", "x")]));
+        w.api.insert(&path::<Secret>(NS, "smarthost"), secret_json("smarthost", "Opaque", &[("username", "app")]));
+        w.reconcile_relay().await;
+        let status = w.relay().status.expect("status");
+        let degraded = find_condition(&status.conditions, "Degraded").expect("Degraded");
+        assert_eq!(degraded.reason, "SecretMissing");
+        for part in [
+            "Secret mail/redis key url is missing (named by spec.redis.urlSecretRef)",
+            "Secret mail/users does not exist (named by spec.authUsersSecretName)",
+            "Secret mail/smarthost key password is missing (named by spec.delivery.smarthost.credentialsSecretRef)",
+        ] {
+            assert!(degraded.message.contains(part), "{part}: {}", degraded.message);
+        }
+        // The username still reaches the rendered config.
+        assert_eq!(
+            w.rendered_config().delivery.smarthost.and_then(|s| s.username).as_deref(),
+            Some("app")
+        );
     })
     .await;
 }

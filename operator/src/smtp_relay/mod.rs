@@ -4,3 +4,5 @@
 pub mod build;
 pub mod mounted;
 pub mod reconcile;
+pub mod rollout;
+pub mod secrets;

@@ -17,14 +17,18 @@ use kube::runtime::events::EventType;
 use petrel_crds::dkim_key::DkimKey;
 use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::{
-    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, SmtpRelay, SmtpRelayStatus,
+    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, REASON_AS_EXPECTED,
+    REASON_MINIMUM_REPLICAS_AVAILABLE, REASON_MINIMUM_REPLICAS_UNAVAILABLE,
+    REASON_NO_READY_REPLICAS, REASON_PROGRESS_DEADLINE_EXCEEDED, REASON_ROLLING_OUT,
+    REASON_ROLLOUT_COMPLETE, SmtpRelay, SmtpRelayStatus,
 };
 use petrel_crds::status::{
     Condition, ConditionStatus, DkimKeyEntry, conditions_equivalent, merge_conditions,
 };
 
 use super::build::{self, BoundDomain};
-use super::mounted;
+use super::rollout::{self, Rollout};
+use super::{mounted, secrets};
 use crate::apply::{apply, apply_optional, apply_status, delete};
 use crate::claims::conflicting_owner;
 use crate::context::Context;
@@ -59,14 +63,14 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
     let name = relay.name_any();
     let client = ctx.client.clone();
     let relays: Api<SmtpRelay> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let generation = relay.metadata.generation;
     let stored = relay.status.clone().unwrap_or_default();
     let now = ctx.clock.now_time();
 
     let mut bindings = bindings(relay, ctx, &ns).await?;
     // When each key file entered the aggregated Secret decides which key signs.
-    let stored_keys = secrets.get_opt(&build::dkim_secret_name(relay)).await?;
+    let stored_keys = secrets_api.get_opt(&build::dkim_secret_name(relay)).await?;
     let since = mounted::files_since(stored_keys.as_ref(), bindings.keys.keys(), now.0);
     let mut recheck = None;
     for bound in &mut bindings.domains {
@@ -80,30 +84,40 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         bound.active_key = key;
         recheck = recheck.into_iter().chain(at).min();
     }
-    let username = smarthost_username(relay, &secrets).await?;
-    let config = match build::relay_config(relay, &bindings.domains, username) {
-        Ok(config) => config,
-        Err(invalid) => {
-            let status = SmtpRelayStatus {
-                conditions: merge_conditions(
-                    &stored.conditions,
-                    vec![degraded(Some(&invalid), generation, now)],
-                ),
-                observed_generation: generation,
-                ..stored.clone()
-            };
-            write_status(&relays, &name, &stored, &status).await?;
-            ctx.event(
-                relay,
-                EventType::Warning,
-                invalid.reason,
-                "Render",
-                invalid.message,
-            )
-            .await;
-            return Ok(Action::await_change());
+    // The user's Secrets are read when needed, never cached: the operator may
+    // not hold every Secret of the cluster in memory (see controllers.rs).
+    let refs = secrets::referenced_secrets(relay);
+    let mut found = BTreeMap::new();
+    for r in &refs {
+        if !found.contains_key(&r.name) {
+            found.insert(r.name.clone(), secrets_api.get_opt(&r.name).await?);
         }
-    };
+    }
+    let secret_problem = secrets::degraded(&ns, &secrets::check(&refs, &found));
+    let config =
+        match build::relay_config(relay, &bindings.domains, smarthost_username(relay, &found)) {
+            Ok(config) => config,
+            Err(invalid) => {
+                let status = SmtpRelayStatus {
+                    conditions: merge_conditions(
+                        &stored.conditions,
+                        vec![degraded(Some(&invalid), generation, now)],
+                    ),
+                    observed_generation: generation,
+                    ..stored.clone()
+                };
+                write_status(&relays, &name, &stored, &status).await?;
+                ctx.event(
+                    relay,
+                    EventType::Warning,
+                    invalid.reason,
+                    "Render",
+                    invalid.message,
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+        };
 
     let settings = ctx.settings.build();
     let config_map = build::config_map(relay, &config).map_err(Error::Build)?;
@@ -114,7 +128,7 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         mounted::FILES_SINCE.to_string(),
         mounted::since_annotation(&since),
     )]));
-    apply(&secrets, &build::dkim_secret_name(relay), &key_secret).await?;
+    apply(&secrets_api, &build::dkim_secret_name(relay), &key_secret).await?;
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
         &build::config_map_name(relay),
@@ -155,7 +169,14 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         .map(|d| d.spec.domain.clone())
         .collect();
     bound.sort();
-    let status = relay_status(relay, &deployment, bound, &stored, now.clone());
+    let status = relay_status(
+        relay,
+        &deployment,
+        bound,
+        &stored,
+        now.clone(),
+        secret_problem,
+    );
     write_status(&relays, &name, &stored, &status).await?;
     let after = recheck.map_or(ctx.settings.resync, |at| {
         let secs = at.duration_since(now.0).as_secs().max(1);
@@ -266,23 +287,24 @@ async fn private_key(secrets: &Api<Secret>, name: &str) -> Result<Option<String>
         .and_then(|b| String::from_utf8(b.0).ok()))
 }
 
-async fn smarthost_username(relay: &SmtpRelay, secrets: &Api<Secret>) -> Result<Option<String>> {
-    let Some(creds) = relay
+fn smarthost_username(
+    relay: &SmtpRelay,
+    found: &BTreeMap<String, Option<Secret>>,
+) -> Option<String> {
+    let creds = relay
         .spec
         .delivery
         .smarthost
         .as_ref()
-        .and_then(|s| s.credentials_secret_ref.as_ref())
-    else {
-        return Ok(None);
-    };
-    Ok(secrets
-        .get_opt(&creds.name)
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|mut d| d.remove("username"))
-        .and_then(|b| String::from_utf8(b.0).ok())
-        .map(|u| u.trim().to_string()))
+        .and_then(|s| s.credentials_secret_ref.as_ref())?;
+    found
+        .get(&creds.name)?
+        .as_ref()?
+        .data
+        .as_ref()?
+        .get("username")
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .map(|u| u.trim().to_string())
 }
 
 fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -> Condition {
@@ -298,7 +320,7 @@ fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -
         None => Condition::new(
             CONDITION_DEGRADED,
             ConditionStatus::False,
-            "AsExpected",
+            REASON_AS_EXPECTED,
             "",
             generation,
             now,
@@ -306,74 +328,110 @@ fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -
     }
 }
 
-/// Status from the applied Deployment (pure).
+/// Status from the applied Deployment and what is wrong with the referenced
+/// Secrets (pure): Available only with enough ready pods, Progressing while
+/// the Deployment rolls out, Degraded naming each broken Secret or a stalled
+/// rollout.
 pub fn relay_status(
     relay: &SmtpRelay,
     deployment: &Deployment,
     bound_domains: Vec<String>,
     stored: &SmtpRelayStatus,
     now: Time,
+    secret_problem: Option<(&'static str, String)>,
 ) -> SmtpRelayStatus {
     let generation = relay.metadata.generation;
     let ds = deployment.status.clone().unwrap_or_default();
-    let ready = ds.ready_replicas.unwrap_or(0);
-    let replicas = ds.replicas.unwrap_or(0);
-    let desired = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(replicas);
-    let rolled_out = ds.observed_generation >= deployment.metadata.generation
-        && ds.updated_replicas.unwrap_or(0) >= desired
-        && replicas == desired;
-    let available = if ready > 0 {
+    let pods = rollout::availability(deployment);
+    let available = if pods.is_available() {
         Condition::new(
             CONDITION_AVAILABLE,
             ConditionStatus::True,
-            "MinimumReplicasAvailable",
-            format!("{ready} of {desired} relay pods ready"),
-            generation,
-            now.clone(),
-        )
-    } else {
-        Condition::new(
-            CONDITION_AVAILABLE,
-            ConditionStatus::False,
-            "NoReadyReplicas",
-            "no relay pod is ready yet; see `kubectl describe deployment` for scheduling, image and Secret mount problems",
-            generation,
-            now.clone(),
-        )
-    };
-    let progressing = if rolled_out {
-        Condition::new(
-            CONDITION_PROGRESSING,
-            ConditionStatus::False,
-            "RolloutComplete",
-            "",
-            generation,
-            now.clone(),
-        )
-    } else {
-        Condition::new(
-            CONDITION_PROGRESSING,
-            ConditionStatus::True,
-            "RollingOut",
+            REASON_MINIMUM_REPLICAS_AVAILABLE,
             format!(
-                "{} of {desired} pods updated",
-                ds.updated_replicas.unwrap_or(0)
+                "{} of {} relay pods available",
+                pods.available, pods.desired
+            ),
+            generation,
+            now.clone(),
+        )
+    } else if pods.ready == 0 {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::False,
+            REASON_NO_READY_REPLICAS,
+            format!(
+                "0 of {} relay pods ready; see `kubectl describe deployment {}` for scheduling, image and Secret mount problems",
+                pods.desired,
+                build::base_name(relay)
+            ),
+            generation,
+            now.clone(),
+        )
+    } else {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::False,
+            REASON_MINIMUM_REPLICAS_UNAVAILABLE,
+            format!(
+                "{} of {} relay pods available, {} needed",
+                pods.available, pods.desired, pods.minimum
             ),
             generation,
             now.clone(),
         )
     };
+    let state = rollout::rollout(deployment);
+    let progressing = match &state {
+        Rollout::Complete => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            REASON_ROLLOUT_COMPLETE,
+            "",
+            generation,
+            now.clone(),
+        ),
+        Rollout::InProgress(message) => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::True,
+            REASON_ROLLING_OUT,
+            message.clone(),
+            generation,
+            now.clone(),
+        ),
+        Rollout::Stalled(message) => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            REASON_PROGRESS_DEADLINE_EXCEEDED,
+            message.clone(),
+            generation,
+            now.clone(),
+        ),
+    };
+    let stalled = match state {
+        Rollout::Stalled(message) => Some(message),
+        _ => None,
+    };
+    // A broken Secret usually is why a rollout stalls: name it first.
+    let problem = match (secret_problem, stalled) {
+        (Some((reason, message)), Some(stalled)) => {
+            Some(InvalidSpec::new(reason, format!("{message}; {stalled}")))
+        }
+        (Some((reason, message)), None) => Some(InvalidSpec::new(reason, message)),
+        (None, Some(stalled)) => Some(InvalidSpec::new(REASON_PROGRESS_DEADLINE_EXCEEDED, stalled)),
+        (None, None) => None,
+    };
     SmtpRelayStatus {
         conditions: merge_conditions(
             &stored.conditions,
-            vec![available, progressing, degraded(None, generation, now)],
+            vec![
+                available,
+                progressing,
+                degraded(problem.as_ref(), generation, now),
+            ],
         ),
-        ready_replicas: ready,
-        replicas,
+        ready_replicas: ds.ready_replicas.unwrap_or(0),
+        replicas: ds.replicas.unwrap_or(0),
         endpoints: build::endpoints(relay),
         bound_domains,
         observed_generation: generation,
