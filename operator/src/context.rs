@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 use crate::clock::Clock;
 use crate::dns::TxtLookup;
 use crate::metrics::Metrics;
+use crate::stores::{Stores, Writers};
 
 pub use crate::apply::{FIELD_MANAGER, apply, apply_status};
 
@@ -69,6 +70,10 @@ pub struct Context {
     pub settings: Settings,
     /// DNS TXT lookups for record verification.
     pub dns: Arc<dyn TxtLookup>,
+    /// Caches of related objects, read instead of listing from the API.
+    pub stores: Stores,
+    /// The caches' write side, until the controllers take it to run the watches.
+    writers: Mutex<Option<Writers>>,
     /// Consecutive failed reconciles per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -89,6 +94,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        let (stores, writers) = Stores::new();
         Self {
             client,
             recorder,
@@ -96,8 +102,19 @@ impl Context {
             clock,
             settings,
             dns,
+            stores,
+            writers: Mutex::new(Some(writers)),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The caches' write side, once: whoever takes it feeds the caches (the
+    /// controllers' watches, or a test).
+    pub fn take_writers(&self) -> Option<Writers> {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Delay before retrying `key` after one more failure: 5s doubling up to 5 minutes.

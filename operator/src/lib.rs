@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod names;
 pub mod sending_domain;
 pub mod smtp_relay;
+pub mod stores;
 
 #[cfg(test)]
 mod fake_api;

@@ -26,7 +26,9 @@ use crate::dns::StaticTxt;
 use crate::dns_record::TxtAnswer;
 use crate::fake_api::{FakeApi, path};
 use crate::metrics::Metrics;
+use crate::stores::Writers;
 use crate::{dkim_key, sending_domain, smtp_relay};
+use kube::core::DeserializeGuard;
 
 const NS: &str = "mail";
 const DAY: Duration = Duration::from_secs(86400);
@@ -36,6 +38,9 @@ struct World {
     ctx: Arc<Context>,
     clock: Arc<FakeClock>,
     dns: Arc<StaticTxt>,
+    /// The caches' write side: tests play the watches, filling the stores
+    /// from the fake API's objects before each reconcile.
+    writers: std::sync::Mutex<Writers>,
 }
 
 impl World {
@@ -52,12 +57,54 @@ impl World {
             Settings::default(),
             dns.clone(),
         ));
+        let writers = std::sync::Mutex::new(ctx.take_writers().expect("writers"));
         Self {
             api,
             ctx,
             clock,
             dns,
+            writers,
         }
+    }
+
+    /// Objects of kind `K` the fake API holds, as a watch would list them.
+    fn listed<K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned>(
+        &self,
+        filter: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<K> {
+        let prefix = format!("{}/", K::url_path(&(), Some(NS)));
+        self.api
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+            .filter_map(|p| self.api.get(&p))
+            .filter(|o| filter(o))
+            .map(|o| serde_json::from_value(o).expect("stored object"))
+            .collect()
+    }
+
+    /// Brings the stores up to date with the fake API, as the watches would.
+    fn sync(&self) {
+        let mut w = self.writers.lock().expect("writers");
+        Writers::replace(
+            &mut w.relays,
+            self.listed::<DeserializeGuard<SmtpRelay>>(|_| true),
+        );
+        Writers::replace(
+            &mut w.domains,
+            self.listed::<DeserializeGuard<SendingDomain>>(|_| true),
+        );
+        Writers::replace(
+            &mut w.keys,
+            self.listed::<DeserializeGuard<DkimKey>>(|_| true),
+        );
+        // Only the operator's own Secrets are cached (the managed-by label).
+        Writers::replace(
+            &mut w.owned_secrets,
+            self.listed::<Secret>(|o| {
+                o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "petrel-operator"
+            }),
+        );
     }
 
     fn add_relay(&self, spec: serde_json::Value) {
@@ -89,18 +136,21 @@ impl World {
     }
 
     async fn reconcile_relay(&self) -> Action {
+        self.sync();
         smtp_relay::reconcile::reconcile(Arc::new(self.relay()), self.ctx.clone())
             .await
             .expect("relay reconciles")
     }
 
     async fn reconcile_domain(&self, name: &str) -> Action {
+        self.sync();
         sending_domain::reconcile::reconcile(Arc::new(self.domain(name)), self.ctx.clone())
             .await
             .expect("domain reconciles")
     }
 
     async fn reconcile_key(&self, name: &str) -> Action {
+        self.sync();
         dkim_key::reconcile::reconcile(Arc::new(self.key(name)), self.ctx.clone())
             .await
             .expect("key reconciles")
@@ -646,6 +696,86 @@ async fn smarthost_users_and_redis_secrets_are_checked_too() {
     .await;
 }
 
+/// Whether a request lists a collection (no object name after the plural).
+fn is_list(request: &str) -> bool {
+    let path = request.trim_start_matches("GET ");
+    request.starts_with("GET ")
+        && ["/smtprelays", "/sendingdomains", "/dkimkeys", "/secrets"]
+            .iter()
+            .any(|plural| path.ends_with(plural))
+}
+
+#[tokio::test]
+async fn reconcilers_read_related_objects_from_the_stores() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.settle("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        assert_eq!(w.rendered_config().domains.len(), 1, "bound through the stores");
+        let requests = w.api.requests();
+        let lists: Vec<&String> = requests.iter().filter(|r| is_list(r)).collect();
+        assert!(lists.is_empty(), "listed from the API: {lists:?}");
+        // Only the user's Secret (the Redis URL) is read from the API; DkimKeys,
+        // SendingDomains and the key Secrets come from the caches.
+        let gets: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.starts_with("GET "))
+            .collect();
+        assert!(
+            gets.iter().all(|r| r.ends_with("/secrets/redis")),
+            "{gets:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secret_events_map_to_the_relays_that_use_them() {
+    use crate::controllers::{relays_for_owned_secret, relays_for_user_secret};
+    use kube::core::PartialObjectMeta;
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("tls");
+        w.add_relay(spec);
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.sync();
+        let stores = &w.ctx.stores;
+        let names = |refs: Vec<kube::runtime::reflector::ObjectRef<DeserializeGuard<SmtpRelay>>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        let meta = |name: &str| -> PartialObjectMeta<Secret> {
+            serde_json::from_value(json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": name, "namespace": NS}}))
+            .expect("metadata")
+        };
+        assert_eq!(names(relays_for_user_secret(stores, &meta("tls"))), ["main"]);
+        assert_eq!(names(relays_for_user_secret(stores, &meta("redis"))), ["main"]);
+        assert!(relays_for_user_secret(stores, &meta("helm-release")).is_empty());
+        let key_secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "example-petrel-1", "namespace": NS,
+                         "labels": {"petrel.dev/dkim-key": "example"}}}))
+        .expect("secret");
+        assert_eq!(names(relays_for_owned_secret(stores, &key_secret)), ["main"]);
+        let aggregated: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "petrel-main-dkim", "namespace": NS, "ownerReferences": [
+                {"apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay", "name": "main",
+                 "uid": "u", "controller": true}]}}))
+        .expect("secret");
+        assert_eq!(names(relays_for_owned_secret(stores, &aggregated)), ["main"]);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn invalid_specs_become_conditions() {
     bounded(async {
@@ -713,6 +843,7 @@ async fn api_conflict_is_a_transient_error() {
         let w = World::new();
         w.add_relay(relay_spec());
         w.api.fail_next("PATCH", "deployments", 409);
+        w.sync();
         let err = smtp_relay::reconcile::reconcile(Arc::new(w.relay()), w.ctx.clone())
             .await
             .expect_err("conflict surfaces");
@@ -925,6 +1056,7 @@ async fn malformed_object_is_skipped_not_fatal() {
         }))
         .expect("the guard always deserializes");
         assert!(bad.0.is_err());
+        w.sync();
         let action = crate::controllers::guarded(
             Arc::new(bad),
             w.ctx.clone(),
@@ -956,7 +1088,8 @@ async fn orphaned_key_secrets_are_removed() {
                    "spec": {"domain": "example.org", "algorithm": "ed25519", "verifyDns": false}}),
         );
         let owned = |name: &str| json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name, "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"},
+            "metadata": {"name": name, "namespace": NS, "labels": {"petrel.dev/dkim-key": "k",
+                                                              "app.kubernetes.io/managed-by": "petrel-operator"},
                          "ownerReferences": [{"apiVersion": "petrel.dev/v1alpha1", "kind": "DkimKey",
                                               "name": "k", "uid": "key-uid", "controller": true}]}});
         w.api.insert(&path::<Secret>(NS, "k-orphan"), owned("k-orphan"));
@@ -964,7 +1097,8 @@ async fn orphaned_key_secrets_are_removed() {
         w.api.insert(
             &path::<Secret>(NS, "unrelated"),
             json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "unrelated", "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"}}}),
+                   "metadata": {"name": "unrelated", "namespace": NS, "labels": {"petrel.dev/dkim-key": "k",
+                                                                  "app.kubernetes.io/managed-by": "petrel-operator"}}}),
         );
         w.reconcile_key("k").await;
         let active = w.key("k").status.and_then(|s| s.active).expect("active");

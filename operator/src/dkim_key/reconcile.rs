@@ -9,7 +9,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -126,7 +126,7 @@ async fn reconcile_inner(key: &DkimKey, ctx: &Context) -> Result<Action> {
     status.observed_generation = generation;
     write_status(&keys, &name, &stored, &status).await?;
 
-    remove_orphans(key, &status, &secrets).await?;
+    remove_orphans(key, &status, ctx, &secrets).await?;
 
     if rotate_requested {
         // Recorded in status: drop the annotation so the rotation happens once.
@@ -235,6 +235,7 @@ async fn generate_key(
 async fn remove_orphans(
     key: &DkimKey,
     status: &DkimKeyStatus,
+    ctx: &Context,
     secrets: &Api<Secret>,
 ) -> Result<()> {
     let name = key.name_any();
@@ -243,10 +244,8 @@ async fn remove_orphans(
         .published_keys()
         .map(|k| k.secret_name.as_str())
         .collect();
-    let owned = secrets
-        .list(&ListParams::default().labels(&format!("{KEY_LABEL}={name}")))
-        .await?;
-    for secret in owned.items {
+    let ns = key.namespace().unwrap_or_default();
+    for secret in ctx.stores.owned_secrets_labelled(&ns, KEY_LABEL, &name) {
         let ours = secret.labels().get(KEY_LABEL) == Some(&name)
             && secret
                 .owner_references()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
@@ -43,7 +43,6 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     let ns = sd.namespace().ok_or(Error::Malformed("namespace"))?;
     let name = sd.name_any();
     let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
-    let relays: Api<SmtpRelay> = Api::namespaced(ctx.client.clone(), &ns);
     let keys: Api<DkimKey> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = sd.metadata.generation;
     let stored = sd.status.clone().unwrap_or_default();
@@ -56,8 +55,8 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
         )
         .unwrap_or(now.0);
 
-    let all = domains.list(&ListParams::default()).await?.items;
-    let relay = relays.get_opt(&sd.spec.relay_ref.name).await?;
+    let all = ctx.stores.domains(&ns);
+    let relay = ctx.stores.relay(&ns, &sd.spec.relay_ref.name);
     let blocked = validate(sd, &all).err().or_else(|| {
         relay.is_none().then(|| {
             InvalidSpec::new(
@@ -95,7 +94,7 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     }
     let relay = relay.ok_or(Error::Malformed("relay"))?;
 
-    let key = match ensure_dkim_key(sd, &keys, &relay).await? {
+    let key = match ensure_dkim_key(sd, ctx, &keys, &relay).await? {
         Ok(key) => key,
         Err(invalid) => {
             let mut status = stored.clone();
@@ -141,12 +140,14 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
 /// The operator-owned DkimKey (applied) or the referenced one (checked).
 async fn ensure_dkim_key(
     sd: &SendingDomain,
+    ctx: &Context,
     keys: &Api<DkimKey>,
     relay: &SmtpRelay,
 ) -> Result<Result<DkimKey, InvalidSpec>> {
     let name = dkim_key_name(sd);
     if sd.spec.dkim.key_ref.is_some() {
-        return Ok(match keys.get_opt(&name).await? {
+        let ns = sd.namespace().unwrap_or_default();
+        return Ok(match ctx.stores.key(&ns, &name) {
             None => Err(InvalidSpec::new(
                 "DkimKeyNotFound",
                 format!("spec.dkim.keyRef: DkimKey {name} does not exist"),

@@ -11,11 +11,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, ListParams};
+use kube::api::{Api, ApiResource};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use petrel_crds::dkim_key::DkimKey;
-use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::{
     CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, REASON_AS_EXPECTED,
     REASON_MINIMUM_REPLICAS_AVAILABLE, REASON_MINIMUM_REPLICAS_UNAVAILABLE,
@@ -34,6 +32,7 @@ use crate::claims::conflicting_owner;
 use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
 use crate::names::{PRIVATE_KEY, dkim_key_name};
+use crate::stores::Stores;
 
 /// What the relay signs for, and the key files its pods need.
 #[derive(Debug, Default)]
@@ -68,10 +67,12 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
     let stored = relay.status.clone().unwrap_or_default();
     let now = ctx.clock.now_time();
 
-    let mut bindings = bindings(relay, ctx, &ns).await?;
+    let mut bindings = bindings(relay, &ctx.stores, &ns);
     // When each key file entered the aggregated Secret decides which key signs.
-    let stored_keys = secrets_api.get_opt(&build::dkim_secret_name(relay)).await?;
-    let since = mounted::files_since(stored_keys.as_ref(), bindings.keys.keys(), now.0);
+    let stored_keys = ctx
+        .stores
+        .owned_secret(&ns, &build::dkim_secret_name(relay));
+    let since = mounted::files_since(stored_keys.as_deref(), bindings.keys.keys(), now.0);
     let mut recheck = None;
     for bound in &mut bindings.domains {
         let domain = bound.spec.domain.clone();
@@ -189,18 +190,16 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
 
 /// The SendingDomains bound to `relay` (not losing a domain conflict) that have
 /// an active key, and the private keys the pods need.
-pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bindings> {
-    let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), ns);
-    let keys: Api<DkimKey> = Api::namespaced(ctx.client.clone(), ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let all = domains.list(&ListParams::default()).await?.items;
+pub fn bindings(relay: &SmtpRelay, stores: &Stores, ns: &str) -> Bindings {
+    let all = stores.domains(ns);
+    let private_key = |name: &str| private_key(stores, ns, name);
     let mut out = Bindings::default();
     for sd in all
         .iter()
         .filter(|sd| sd.spec.relay_ref.name == relay.name_any())
         .filter(|sd| conflicting_owner(sd, &all).is_none())
     {
-        let Some(key) = keys.get_opt(&dkim_key_name(sd)).await? else {
+        let Some(key) = stores.key(ns, &dkim_key_name(sd)) else {
             continue;
         };
         if !key.spec.domain.eq_ignore_ascii_case(&sd.spec.domain) {
@@ -214,7 +213,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
         // A first key is mounted while it waits for DNS, before the domain is bound.
         let mut retiring = Vec::new();
         for other in status.next.iter().chain(status.retiring.iter()) {
-            if let Some(pem) = private_key(&secrets, &other.secret_name).await? {
+            if let Some(pem) = private_key(&other.secret_name) {
                 out.keys
                     .insert(build::key_file_name(&sd.spec.domain, &other.selector), pem);
                 if status.retiring.iter().any(|r| r.selector == other.selector) {
@@ -225,7 +224,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
         let Some(active) = status.active.clone() else {
             continue;
         };
-        let Some(active_pem) = private_key(&secrets, &active.secret_name).await? else {
+        let Some(active_pem) = private_key(&active.secret_name) else {
             // The key's Secret is gone: better not to sign than to reference a missing file.
             tracing::warn!(domain = %sd.spec.domain, secret = %active.secret_name, "active DKIM key Secret missing");
             continue;
@@ -242,7 +241,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
     }
     out.domains
         .sort_by(|a, b| a.spec.domain.cmp(&b.spec.domain));
-    Ok(out)
+    out
 }
 
 /// Applies (or removes) the ServiceMonitor. Without the prometheus-operator
@@ -277,14 +276,14 @@ async fn apply_service_monitor(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Re
     Ok(())
 }
 
-async fn private_key(secrets: &Api<Secret>, name: &str) -> Result<Option<String>> {
-    let Some(secret) = secrets.get_opt(name).await? else {
-        return Ok(None);
-    };
-    Ok(secret
+/// The PEM in a DkimKey's key Secret (operator-created, so cached).
+fn private_key(stores: &Stores, ns: &str, name: &str) -> Option<String> {
+    stores
+        .owned_secret(ns, name)?
         .data
-        .and_then(|mut d| d.remove(PRIVATE_KEY))
-        .and_then(|b| String::from_utf8(b.0).ok()))
+        .as_ref()?
+        .get(PRIVATE_KEY)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
 fn smarthost_username(
