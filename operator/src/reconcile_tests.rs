@@ -698,7 +698,7 @@ async fn smarthost_users_and_redis_secrets_are_checked_too() {
 
 /// Whether a request lists a collection (no object name after the plural).
 fn is_list(request: &str) -> bool {
-    let path = request.trim_start_matches("GET ");
+    let path = request.split_whitespace().nth(1).unwrap_or_default();
     request.starts_with("GET ")
         && ["/smtprelays", "/sendingdomains", "/dkimkeys", "/secrets"]
             .iter()
@@ -772,6 +772,123 @@ async fn secret_events_map_to_the_relays_that_use_them() {
                  "uid": "u", "controller": true}]}}))
         .expect("secret");
         assert_eq!(names(relays_for_owned_secret(stores, &aggregated)), ["main"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn controllers_run_on_shared_watches_and_secrets_are_listed_as_metadata() {
+    bounded(async {
+        let (client, api) = FakeApi::start();
+        let clock = Arc::new(FakeClock::new(
+            Timestamp::from_second(1_790_000_000).expect("timestamp"),
+        ));
+        let ctx = Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::new().expect("metrics")),
+            clock,
+            Settings::default(),
+            Arc::new(StaticTxt::default()),
+        ));
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("petrel-main-tls");
+        api.insert(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay",
+                   "metadata": {"name": "main", "namespace": NS}, "spec": spec}),
+        );
+        api.insert(
+            &path::<Secret>(NS, "redis"),
+            secret_json("redis", "Opaque", &[("url", "redis://redis:6379")]),
+        );
+        // A large Secret nobody references: never fetched with its data.
+        api.insert(
+            &path::<Secret>(NS, "sh.helm.release.v1.app.v1"),
+            secret_json(
+                "sh.helm.release.v1.app.v1",
+                "helm.sh/release.v1",
+                &[("release", &"x".repeat(100_000))],
+            ),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = move || {
+            let mut rx = stop_rx.clone();
+            Box::pin(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>
+        };
+        let run = tokio::spawn(crate::controllers::run(
+            ctx.clone(),
+            Some(NS.into()),
+            shutdown,
+        ));
+
+        // The relay is reconciled from the initial lists: children applied and
+        // Degraded naming the missing TLS Secret.
+        let relay_path = path::<SmtpRelay>(NS, "main");
+        api.wait_for(|api| {
+            api.get(&relay_path).is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Degraded" && c["reason"] == "SecretMissing")
+                })
+            })
+        })
+        .await;
+        assert!(api.get(&path::<Deployment>(NS, "petrel-main")).is_some());
+        let relay: SmtpRelay = api.typed(&relay_path);
+        let degraded = find_condition(&relay.status.expect("status").conditions, "Degraded")
+            .cloned()
+            .expect("Degraded");
+        assert!(
+            degraded
+                .message
+                .contains("Secret mail/petrel-main-tls does not exist")
+        );
+
+        let requests = api.requests();
+        let secret_lists: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/namespaces/mail/secrets "))
+            .collect();
+        // Two Secret lists: the operator's own (full objects, by label) and
+        // everything else as metadata only.
+        assert!(
+            secret_lists.iter().any(|r| !r.contains("metadata-only")
+                && r.contains("labels app.kubernetes.io/managed-by=petrel-operator")),
+            "{secret_lists:?}"
+        );
+        assert!(
+            secret_lists.iter().any(|r| r.contains("metadata-only")
+                && r.contains("labels app.kubernetes.io/managed-by!=petrel-operator")),
+            "{secret_lists:?}"
+        );
+        assert!(
+            secret_lists.iter().all(|r| r.contains("labels ")),
+            "no Secret list without a selector: {secret_lists:?}"
+        );
+        assert!(
+            !requests.iter().any(|r| r.contains("sh.helm.release")),
+            "the unreferenced Secret was never read"
+        );
+        for plural in ["smtprelays", "sendingdomains", "dkimkeys"] {
+            let lists = requests
+                .iter()
+                .filter(|r| {
+                    r.starts_with("GET ")
+                        && r.split_whitespace()
+                            .nth(1)
+                            .is_some_and(|p| p.ends_with(plural))
+                })
+                .count();
+            assert_eq!(
+                lists, 1,
+                "{plural} listed once for all controllers: {requests:?}"
+            );
+        }
+
+        stop_tx.send(true).expect("stop");
+        run.await.expect("controllers stop");
     })
     .await;
 }
