@@ -19,9 +19,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod redis_url;
+mod startup;
 mod validate;
 
 pub use duration::Duration;
+pub use redis_url::{RedisTarget, parse_redis_url};
+pub use startup::{StartupConfig, StartupDelivery, StartupHttp, StartupListener, StartupQueue};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -154,6 +158,25 @@ pub struct SendingDomain {
     /// Sending rate limits, shared by all relay pods.
     #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
     pub rate_limits: RateLimits,
+    /// Whether the message's RFC 5322 From (and Sender) must be a sending
+    /// domain the client may use, checked at the end of DATA for mail
+    /// whose envelope sender is in this domain. `enforce` keeps DKIM `d=`
+    /// aligned with From for DMARC and stops a user allowed only this
+    /// domain from writing `From: ceo@bank.test`.
+    #[serde(default)]
+    pub from_header: FromHeaderPolicy,
+}
+
+/// Whether the header From is bound to the sending domains of the client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FromHeaderPolicy {
+    /// From and Sender must name sending domains the client may use;
+    /// otherwise 550 5.7.1 at the end of DATA (HTTP 403).
+    #[default]
+    Enforce,
+    /// No check (mail forwarded on behalf of other domains).
+    Off,
 }
 
 /// DKIM signing key of a domain.
@@ -246,7 +269,8 @@ fn default_queue_timeout() -> Duration {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisQueue {
-    /// `redis://` or `rediss://` URL. One of `url` and `urlFile`.
+    /// Queue URL: `redis://host:port[/db]`, `redis+sentinel://s1:port,s2:port/<master>[/db]`
+    /// or `redis+cluster://n1:port,n2:port`. One of `url` and `urlFile`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     /// File holding the URL (a mounted Secret), so passwords stay out of
@@ -532,6 +556,12 @@ pub struct Limits {
     /// Grace period for sessions in progress at shutdown.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
+    /// Longest wait for an inbound TLS handshake (implicit TLS or after
+    /// STARTTLS). Short, unlike `commandTimeout`: a client that connects and
+    /// never sends its ClientHello would otherwise hold a connection slot
+    /// for minutes.
+    #[serde(default = "default_tls_handshake_timeout")]
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -548,6 +578,7 @@ impl Default for Limits {
             max_auth_failures: default_max_auth_failures(),
             auth_block_for: default_auth_block_for(),
             shutdown_grace: default_shutdown_grace(),
+            tls_handshake_timeout: default_tls_handshake_timeout(),
         }
     }
 }
@@ -592,6 +623,10 @@ fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)
 }
 
+fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
 /// HTTP server: `/metrics`, `/healthz`, `/readyz`, send API.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -599,14 +634,45 @@ pub struct HttpConfig {
     /// Listen address, `ip:port`.
     #[serde(default = "default_http_address")]
     pub address: SocketAddr,
+    /// Accept Basic credentials on the send API over plain HTTP from
+    /// clients outside `trustedNetworks`. Off by default: the password
+    /// would cross the network in clear.
+    #[serde(default)]
+    pub allow_insecure_auth: bool,
+    /// Send API requests in flight in this pod; more get 429 before their
+    /// body is read. `/healthz`, `/readyz` and `/metrics` are not counted.
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u32,
+    /// Send API requests in flight from one client IP.
+    #[serde(default = "default_max_concurrent_requests_per_client")]
+    pub max_concurrent_requests_per_client: u32,
+    /// Longest time a client may take to send a send API request body.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             address: default_http_address(),
+            allow_insecure_auth: false,
+            max_concurrent_requests: default_max_concurrent_requests(),
+            max_concurrent_requests_per_client: default_max_concurrent_requests_per_client(),
+            request_timeout: default_request_timeout(),
         }
     }
+}
+
+fn default_max_concurrent_requests() -> u32 {
+    64
+}
+
+fn default_max_concurrent_requests_per_client() -> u32 {
+    16
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_http_address() -> SocketAddr {

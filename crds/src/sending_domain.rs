@@ -111,6 +111,23 @@ pub struct SendingDomainSpec {
     /// What the relay does with mail to suppressed (hard-bounced) recipients.
     #[serde(default)]
     pub suppression: SuppressionSpec,
+
+    /// `enforce` (default): the message's From header (and Sender, when present) must be a
+    /// sending domain the client may use, or the relay answers 550 5.7.1 at the end of DATA
+    /// (HTTP 403); DKIM `d=` then always aligns with From for DMARC. `off`: no check.
+    #[serde(default)]
+    pub from_header: FromHeaderPolicy,
+}
+
+/// Whether the From header must be a sending domain the client may use.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FromHeaderPolicy {
+    /// From and Sender must be sending domains the client may use.
+    #[default]
+    Enforce,
+    /// No check.
+    Off,
 }
 
 /// Reference to an SmtpRelay in the same namespace.

@@ -283,7 +283,7 @@ pub struct SecretRef {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// Secret key holding the Redis URL, for example `redis://:password@redis:6379/0` or `rediss://...`.
+    /// Secret key holding the Redis URL, for example `redis://:password@redis:6379/0`, `redis+sentinel://s1:26379,s2:26379/mymaster` or `redis+cluster://n1:6379,n2:6379`.
     pub url_secret_ref: SecretKeyRef,
     /// Prefix of every queue key, so several relays can share one Redis. Keys carry hash tags,
     /// so Redis Cluster works.

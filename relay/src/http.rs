@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,7 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::metrics::RelayMetrics;
+use crate::refusal::Refusal;
+
+mod slots;
 use crate::queue::{Millis, Queue, QueueError, QueueStats, now_millis};
+pub use slots::{Busy, RequestSlots};
 
 /// How long `/readyz` waits for the queue backend before calling it unreachable;
 /// below the kubelet's default probe timeout so the probe gets a clear answer.
@@ -168,13 +171,30 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
-/// A message built from a send API request, ready for the accept path.
+/// Who is asking, known before the request body is read.
 #[derive(Clone, Debug)]
-pub struct Submission {
+pub struct HttpClient {
     /// The client address, for trusted-network checks and logs.
     pub peer: IpAddr,
     /// Basic-auth credentials, when sent.
     pub credentials: Option<Credentials>,
+    /// Whether the request came over TLS.
+    pub tls: bool,
+}
+
+/// A client the accept path let in: trusted, or authenticated as `user`.
+/// Only [`Submit::authorize`] makes one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authorized {
+    /// The client address.
+    pub peer: IpAddr,
+    /// The AUTH user, when the client authenticated.
+    pub user: Option<String>,
+}
+
+/// A message built from a send API request, ready for the accept path.
+#[derive(Clone, Debug)]
+pub struct Submission {
     /// Envelope sender (the From address).
     pub mail_from: String,
     /// Envelope recipients: to, cc and bcc, deduplicated.
@@ -183,39 +203,56 @@ pub struct Submission {
     pub data: Vec<u8>,
 }
 
-/// What the accept path answered: an SMTP reply as a value, so the HTTP
-/// status follows the same decision SMTP would have made.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    /// SMTP reply code (4xx temporary, 5xx permanent).
-    pub code: u16,
-    /// Enhanced status code, for example `5.7.1`.
-    pub enhanced: String,
-    /// Human-readable reason.
-    pub message: String,
-}
-
-/// The accept path shared with SMTP: policy, DKIM signing, durable enqueue.
-/// Returns the queue id once the message is durable.
+/// The accept path shared with SMTP: credentials, policy, DKIM signing,
+/// durable enqueue. Refusals are [`Refusal`]s, so the HTTP status follows
+/// the same decision SMTP would have made.
 #[async_trait]
 pub trait Submit: Send + Sync + 'static {
-    /// Accepts the message or refuses it with an SMTP reply.
-    async fn submit(&self, submission: Submission) -> Result<String, Refusal>;
+    /// Checks the client (trusted network, credentials, AUTH throttle)
+    /// before the body is read, so an unauthorised upload costs nothing.
+    async fn authorize(&self, client: HttpClient) -> Result<Authorized, Refusal>;
+    /// Accepts the message or refuses it. Returns the queue id once the
+    /// message is durable.
+    async fn submit(&self, client: Authorized, submission: Submission) -> Result<String, Refusal>;
+    /// The send API limits as the current config has them.
+    fn limits(&self) -> SendLimits;
 }
 
 /// Limits of the send API, from the relay config.
 #[derive(Clone, Copy, Debug)]
 pub struct SendLimits {
-    /// Largest request body accepted, in bytes.
+    /// Largest request body accepted, in bytes; a larger one gets 413 as
+    /// soon as its `Content-Length` or its bytes so far say so.
     pub max_body_bytes: usize,
     /// Most envelope recipients per request.
     pub max_recipients: usize,
+    /// Requests in flight in this process; more get 429.
+    pub max_requests: u32,
+    /// Requests in flight from one client IP; more get 429.
+    pub max_requests_per_client: u32,
+    /// Longest time to receive a request body; slower clients get 408.
+    pub request_timeout: Duration,
+}
+
+impl SendLimits {
+    /// The send API limits of `config`: a request body up to
+    /// `limits.maxMessageSize` (the message built from it is held to that
+    /// size again by the accept path).
+    pub fn of(config: &crate::config::RelayConfig) -> SendLimits {
+        SendLimits {
+            max_body_bytes: usize::try_from(config.limits.max_message_size).unwrap_or(usize::MAX),
+            max_recipients: config.limits.max_recipients as usize,
+            max_requests: config.http.max_concurrent_requests,
+            max_requests_per_client: config.http.max_concurrent_requests_per_client,
+            request_timeout: config.http.request_timeout.into(),
+        }
+    }
 }
 
 #[derive(Clone)]
 struct SendApi {
     submit: Arc<dyn Submit>,
-    limits: SendLimits,
+    slots: RequestSlots,
 }
 
 /// Everything the HTTP handlers need. Cheap to clone.
@@ -247,25 +284,26 @@ impl HttpState {
     }
 
     /// Enables `POST /v1/send`, handing messages to `submit`.
-    pub fn with_send_api(mut self, submit: Arc<dyn Submit>, limits: SendLimits) -> HttpState {
-        self.send = Some(SendApi { submit, limits });
+    pub fn with_send_api(mut self, submit: Arc<dyn Submit>) -> HttpState {
+        self.send = Some(SendApi {
+            submit,
+            slots: RequestSlots::default(),
+        });
         self
     }
 }
 
 /// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled, `/v1/send`.
+///
+/// `/v1/send` takes a request slot (total and per client) before anything
+/// else; the probes and `/metrics` never do, so the kubelet gets its
+/// answers however busy the send API is.
 pub fn router(state: HttpState) -> Router {
-    let body_limit = state
-        .send
-        .as_ref()
-        .map(|s| s.limits.max_body_bytes)
-        .unwrap_or(64 * 1024);
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/send", post(send_handler))
-        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -598,20 +636,6 @@ pub fn build_message(
     })
 }
 
-/// The HTTP status for an SMTP refusal: temporary failures ask the client to
-/// retry (429 for rate limits, 503 otherwise), permanent ones say why.
-pub fn http_status_for(refusal: &Refusal) -> StatusCode {
-    let enhanced = refusal.enhanced.as_str();
-    match refusal.code {
-        530 | 535 | 538 => StatusCode::UNAUTHORIZED,
-        552 => StatusCode::PAYLOAD_TOO_LARGE,
-        500..=599 if enhanced.starts_with("5.7.") => StatusCode::FORBIDDEN,
-        500..=599 => StatusCode::UNPROCESSABLE_ENTITY,
-        450..=452 if enhanced == "4.7.1" || enhanced == "4.5.3" => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
 /// The label of a refusal in `petrel_http_send_requests_total`.
 fn refusal_result(status: StatusCode) -> &'static str {
     match status {
@@ -660,8 +684,8 @@ fn error_response(status: StatusCode, message: &str, refusal: Option<&Refusal>) 
     let body = ErrorBody {
         error: ErrorDetail {
             message,
-            code: refusal.map(|r| r.code),
-            enhanced: refusal.map(|r| r.enhanced.as_str()),
+            code: refusal.map(Refusal::code),
+            enhanced: refusal.map(Refusal::esc),
         },
     };
     let mut response = (status, axum::Json(body)).into_response();
@@ -679,11 +703,22 @@ fn error_response(status: StatusCode, message: &str, refusal: Option<&Refusal>) 
     response
 }
 
+/// The one place a send API refusal becomes a response: status and JSON
+/// body from the [`Refusal`], counted by result.
+fn refusal_response(metrics: &HttpMetrics, refusal: &Refusal) -> Response {
+    let status =
+        StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    metrics
+        .send_requests
+        .with_label_values(&[refusal_result(status)])
+        .inc();
+    error_response(status, &refusal.text(), Some(refusal))
+}
+
 async fn send_handler(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: Bytes,
+    request: axum::extract::Request,
 ) -> Response {
     let Some(api) = &state.send else {
         return error_response(
@@ -707,7 +742,26 @@ async fn send_handler(
             None,
         );
     }
-    let Ok(credentials) = basic_credentials(&headers) else {
+    let limits = api.submit.limits();
+    // Everything below happens before a byte of the body is read: the
+    // slot, the credentials, the size the client announces.
+    let _slot = match api.slots.try_take(
+        peer.ip(),
+        limits.max_requests,
+        limits.max_requests_per_client,
+    ) {
+        Ok(slot) => slot,
+        Err(busy) => {
+            counter("deferred");
+            let why = match busy {
+                Busy::Total => "too many requests in flight; retry",
+                Busy::Client => "too many requests in flight from your address; retry",
+            };
+            return error_response(StatusCode::TOO_MANY_REQUESTS, why, None);
+        }
+    };
+    let (parts, body) = request.into_parts();
+    let Ok(credentials) = basic_credentials(&parts.headers) else {
         counter("unauthorized");
         return error_response(
             StatusCode::UNAUTHORIZED,
@@ -715,9 +769,56 @@ async fn send_handler(
             None,
         );
     };
-    let built = serde_json::from_slice::<SendRequest>(&body)
-        .map_err(|e| InvalidRequest::Json(e.to_string()))
-        .and_then(|request| build_message(&request, api.limits.max_recipients));
+    let client = HttpClient {
+        peer: peer.ip(),
+        credentials,
+        tls: parts.extensions.get::<OverTls>().is_some(),
+    };
+    let authorized = match api.submit.authorize(client).await {
+        Ok(authorized) => authorized,
+        Err(refusal) => return refusal_response(&state.metrics, &refusal),
+    };
+    let announced = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        counter("invalid");
+        return too_large(limits.max_body_bytes);
+    }
+    let read =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limits.max_body_bytes));
+    let body = match tokio::time::timeout(limits.request_timeout, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) => {
+            counter("invalid");
+            if error
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return too_large(limits.max_body_bytes);
+            }
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "cannot read the request body",
+                None,
+            );
+        }
+        Err(_) => {
+            counter("invalid");
+            return error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+                None,
+            );
+        }
+    };
+    let parsed = serde_json::from_slice::<SendRequest>(&body)
+        .map_err(|e| InvalidRequest::Json(e.to_string()));
+    // The raw body is not needed once parsed: hold one copy, not two.
+    drop(body);
+    let built = parsed.and_then(|request| build_message(&request, limits.max_recipients));
     let BuiltMessage {
         mail_from,
         recipients,
@@ -731,13 +832,11 @@ async fn send_handler(
         }
     };
     let submission = Submission {
-        peer: peer.ip(),
-        credentials,
         mail_from,
         recipients,
         data,
     };
-    match api.submit.submit(submission).await {
+    match api.submit.submit(authorized, submission).await {
         Ok(id) => {
             counter("accepted");
             (
@@ -746,13 +845,21 @@ async fn send_handler(
             )
                 .into_response()
         }
-        Err(refusal) => {
-            let status = http_status_for(&refusal);
-            counter(refusal_result(status));
-            error_response(status, &refusal.message, Some(&refusal))
-        }
+        Err(refusal) => refusal_response(&state.metrics, &refusal),
     }
 }
+
+fn too_large(max: usize) -> Response {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body over the limit of {max} bytes"),
+        None,
+    )
+}
+
+/// Request extension marking a request that arrived over TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct OverTls;
 
 /// Sets the queue gauges from [`QueueStats`] taken at `now`.
 pub fn record_queue_stats(metrics: &RelayMetrics, stats: &QueueStats, now: Millis) {
@@ -863,20 +970,65 @@ mod tests {
         }
     }
 
-    /// Records submissions and answers with a scripted result.
+    /// Records submissions and answers with a scripted result. Only
+    /// `app:s3cret` authenticates; anyone else without credentials is
+    /// refused with 530 5.7.0, as from an untrusted network. `hold`
+    /// keeps `authorize` waiting until the test releases it.
     struct RecordingSubmit {
-        seen: Mutex<Vec<Submission>>,
+        seen: Mutex<Vec<(Authorized, Submission)>>,
         answer: Result<String, Refusal>,
+        anonymous_ok: bool,
+        limits: SendLimits,
+        hold: Option<Arc<tokio::sync::Semaphore>>,
+        authorizing: tokio::sync::Semaphore,
+    }
+
+    impl RecordingSubmit {
+        fn new(answer: Result<String, Refusal>) -> RecordingSubmit {
+            RecordingSubmit {
+                seen: Mutex::default(),
+                answer,
+                anonymous_ok: true,
+                limits: SendLimits {
+                    max_body_bytes: 4096,
+                    max_recipients: 3,
+                    max_requests: 8,
+                    max_requests_per_client: 4,
+                    request_timeout: Duration::from_secs(30),
+                },
+                hold: None,
+                authorizing: tokio::sync::Semaphore::new(0),
+            }
+        }
     }
 
     #[async_trait]
     impl Submit for RecordingSubmit {
-        async fn submit(&self, submission: Submission) -> Result<String, Refusal> {
+        async fn authorize(&self, client: HttpClient) -> Result<Authorized, Refusal> {
+            self.authorizing.add_permits(1);
+            if let Some(hold) = &self.hold {
+                let _ = hold.acquire().await;
+            }
+            let user = match client.credentials {
+                Some(c) if c.username == "app" && c.password == "s3cret" => Some(c.username),
+                Some(_) => return Err(Refusal::AuthFailed),
+                None if self.anonymous_ok => None,
+                None => return Err(Refusal::Denied(crate::policy::Denied::AuthRequired)),
+            };
+            Ok(Authorized {
+                peer: client.peer,
+                user,
+            })
+        }
+        async fn submit(&self, who: Authorized, submission: Submission) -> Result<String, Refusal> {
             self.seen
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push(submission);
+                .push((who, submission));
             self.answer.clone()
+        }
+        fn limits(&self) -> SendLimits {
+            self.limits
         }
     }
 
@@ -902,13 +1054,7 @@ mod tests {
         let queue = Arc::new(FakeQueue::default());
         let mut state = HttpState::new(registry, health.clone(), queue.clone()).unwrap();
         if let Some(submit) = submit {
-            state = state.with_send_api(
-                submit,
-                SendLimits {
-                    max_body_bytes: 4096,
-                    max_recipients: 3,
-                },
-            );
+            state = state.with_send_api(submit);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1091,10 +1237,7 @@ mod tests {
 
     #[tokio::test]
     async fn send_api_builds_the_message_and_hands_it_to_the_accept_path() {
-        let submit = Arc::new(RecordingSubmit {
-            seen: Mutex::default(),
-            answer: Ok("q-1".into()),
-        });
+        let submit = Arc::new(RecordingSubmit::new(Ok("q-1".into())));
         let server = start(Some(submit.clone())).await;
         let auth = format!(
             "Authorization: Basic {}\r\nContent-Type: application/json\r\n",
@@ -1106,14 +1249,11 @@ mod tests {
         assert_eq!(accepted.id, "q-1");
         assert!(accepted.message_id.ends_with("@example.com"));
 
-        let sub = submit.seen.lock().unwrap()[0].clone();
+        let (who, sub) = submit.seen.lock().unwrap()[0].clone();
         assert_eq!(sub.mail_from, "shop@example.com");
         assert_eq!(sub.recipients, vec!["a@x.org", "b@y.org", "c@z.org"]);
-        assert_eq!(
-            sub.credentials.as_ref().map(|c| c.username.as_str()),
-            Some("app")
-        );
-        assert_eq!(sub.peer, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(who.user.as_deref(), Some("app"));
+        assert_eq!(who.peer, IpAddr::from([127, 0, 0, 1]));
         let parsed = mail_parser::MessageParser::default()
             .parse(&sub.data)
             .expect("message parses");
@@ -1139,15 +1279,8 @@ mod tests {
 
     #[tokio::test]
     async fn send_api_maps_refusals_and_bad_requests() {
-        let refusal = Refusal {
-            code: 550,
-            enhanced: "5.7.1".into(),
-            message: "not a sending domain".into(),
-        };
-        let submit = Arc::new(RecordingSubmit {
-            seen: Mutex::default(),
-            answer: Err(refusal),
-        });
+        let refusal = Refusal::Denied(crate::policy::Denied::UnknownDomain("bank.test".into()));
+        let submit = Arc::new(RecordingSubmit::new(Err(refusal)));
         let server = start(Some(submit.clone())).await;
         let (status, _, body) = request(server.addr, "POST", "/v1/send", "", SEND).await;
         assert_eq!(status, 403);
@@ -1194,6 +1327,153 @@ mod tests {
         assert_eq!(submit.seen.lock().unwrap().len(), 1);
     }
 
+    /// Sends a request head announcing `length` body bytes, then `sent`
+    /// of them, and reads the answer without sending the rest: the server
+    /// must decide on what it has. (status, head, body).
+    async fn partial(
+        addr: SocketAddr,
+        extra: &str,
+        length: &str,
+        sent: &[u8],
+    ) -> (u16, String, String) {
+        let exchange = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!("POST /v1/send HTTP/1.1\r\nHost: relay\r\n{extra}{length}\r\n");
+            stream.write_all(req.as_bytes()).await.unwrap();
+            stream.write_all(sent).await.unwrap();
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Until the head and the whole JSON body are in.
+            loop {
+                let n = stream.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                raw.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&raw).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let want = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().parse::<usize>().unwrap())
+                        })
+                        .unwrap_or(0);
+                    if body.len() >= want {
+                        break;
+                    }
+                }
+            }
+            String::from_utf8(raw).unwrap()
+        };
+        let raw = tokio::time::timeout(Duration::from_secs(10), exchange)
+            .await
+            .expect("the server answered without the rest of the body");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head.to_string(), body.to_string())
+    }
+
+    #[tokio::test]
+    async fn send_api_answers_credentials_and_size_before_reading_the_body() {
+        let mut submit = RecordingSubmit::new(Ok("q-1".into()));
+        submit.anonymous_ok = false;
+        let submit = Arc::new(submit);
+        let server = start(Some(submit.clone())).await;
+        let basic = |creds: &str| {
+            format!(
+                "Authorization: Basic {}\r\n",
+                base64::engine::general_purpose::STANDARD.encode(creds)
+            )
+        };
+        // 20 MB announced, nothing sent: the answer cannot depend on it.
+        let big = "Content-Length: 20000000\r\n";
+        let (status, head, body) = partial(server.addr, "", big, b"").await;
+        assert_eq!(status, 401, "{head}");
+        assert!(body.contains("\"enhanced\":\"5.7.0\""), "{body}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: basic"),
+            "{head}"
+        );
+        let (status, _, body) = partial(server.addr, &basic("app:wrong"), big, b"{").await;
+        assert_eq!(status, 401);
+        assert!(body.contains("\"enhanced\":\"5.7.8\""), "{body}");
+        // Authenticated, but announcing more than the limit: 413 at once.
+        let (status, _, _) = partial(server.addr, &basic("app:s3cret"), big, b"").await;
+        assert_eq!(status, 413);
+        // Chunked, no length announced: cut off when the bytes cross the
+        // limit, not after buffering all of them.
+        let chunk = format!("{:x}\r\n{}\r\n", 5000, "a".repeat(5000));
+        let (status, _, _) = partial(
+            server.addr,
+            &basic("app:s3cret"),
+            "Transfer-Encoding: chunked\r\n",
+            chunk.as_bytes(),
+        )
+        .await;
+        assert_eq!(status, 413);
+        assert!(submit.seen.lock().unwrap().is_empty());
+        let (_, metrics) = get(server.addr, "/metrics").await;
+        assert!(
+            metrics.contains("petrel_http_send_requests_total{result=\"unauthorized\"} 2"),
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_api_times_out_a_body_that_does_not_arrive() {
+        let mut submit = RecordingSubmit::new(Ok("q-1".into()));
+        submit.limits.request_timeout = Duration::from_millis(300);
+        let server = start(Some(Arc::new(submit))).await;
+        let (status, _, body) =
+            partial(server.addr, "", "Content-Length: 100\r\n", b"{\"from\":").await;
+        assert_eq!(status, 408, "{body}");
+    }
+
+    #[tokio::test]
+    async fn send_api_bounds_requests_in_flight_and_probes_keep_answering() {
+        let hold = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut submit = RecordingSubmit::new(Ok("q-1".into()));
+        submit.hold = Some(hold.clone());
+        let submit = Arc::new(submit);
+        let server = start(Some(submit.clone())).await;
+        server.health.set_config_loaded(true);
+        let per_client = submit.limits.max_requests_per_client as usize;
+        let mut waiting = Vec::new();
+        for _ in 0..per_client {
+            let addr = server.addr;
+            waiting.push(tokio::spawn(async move {
+                request(addr, "POST", "/v1/send", "", SEND).await.0
+            }));
+        }
+        // Every slot of this client is taken by a request inside authorize.
+        let _all_in = tokio::time::timeout(
+            Duration::from_secs(10),
+            submit.authorizing.acquire_many(per_client as u32),
+        )
+        .await
+        .expect("requests reached authorize")
+        .unwrap();
+        let (status, head, body) = request(server.addr, "POST", "/v1/send", "", SEND).await;
+        assert_eq!(status, 429, "{body}");
+        assert!(head.to_ascii_lowercase().contains("retry-after"), "{head}");
+        assert!(body.contains("from your address"), "{body}");
+        // The probes have their own budget.
+        assert_eq!(get(server.addr, "/healthz").await.0, 200);
+        assert_eq!(get(server.addr, "/readyz").await.0, 200);
+        hold.add_permits(per_client);
+        for w in waiting {
+            assert_eq!(w.await.unwrap(), 202);
+        }
+        // Slots were given back.
+        assert_eq!(
+            request(server.addr, "POST", "/v1/send", "", SEND).await.0,
+            202
+        );
+    }
+
     #[tokio::test]
     async fn send_api_is_off_unless_enabled() {
         let server = start(None).await;
@@ -1201,28 +1481,6 @@ mod tests {
             request(server.addr, "POST", "/v1/send", "", SEND).await.0,
             404
         );
-    }
-
-    #[test]
-    fn refusal_status_mapping() {
-        let r = |code, enhanced: &str| Refusal {
-            code,
-            enhanced: enhanced.into(),
-            message: String::new(),
-        };
-        for (refusal, status) in [
-            (r(550, "5.7.1"), StatusCode::FORBIDDEN),
-            (r(530, "5.7.0"), StatusCode::UNAUTHORIZED),
-            (r(535, "5.7.8"), StatusCode::UNAUTHORIZED),
-            (r(552, "5.3.4"), StatusCode::PAYLOAD_TOO_LARGE),
-            (r(550, "5.1.1"), StatusCode::UNPROCESSABLE_ENTITY),
-            (r(451, "4.7.1"), StatusCode::TOO_MANY_REQUESTS),
-            (r(452, "4.5.3"), StatusCode::TOO_MANY_REQUESTS),
-            (r(451, "4.3.0"), StatusCode::SERVICE_UNAVAILABLE),
-            (r(421, "4.3.2"), StatusCode::SERVICE_UNAVAILABLE),
-        ] {
-            assert_eq!(http_status_for(&refusal), status, "{refusal:?}");
-        }
     }
 
     #[test]

@@ -15,5 +15,6 @@ pub mod inbound;
 pub mod metrics;
 pub mod policy;
 pub mod queue;
+pub mod refusal;
 pub mod reload;
 pub mod server;

@@ -373,6 +373,7 @@ mod tests {
                 on_suppressed: SuppressedAction::Refuse,
                 return_path_domain: None,
                 rate_limits: RateLimits::default(),
+                from_header: Default::default(),
             });
         }
         c

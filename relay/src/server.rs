@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::delivery::{self, DeliveryContext, DeliveryError};
-use crate::http::{self, Health, HttpError, HttpState, SendLimits};
+use crate::http::{self, Health, HttpError, HttpState};
 use crate::inbound::{self, InboundContext, InboundError, InboundSubmit};
 use crate::metrics::{MetricsError, RelayMetrics};
 use crate::queue::{self, QueueError};
@@ -59,10 +59,12 @@ pub async fn run_until(
     config_path: &Path,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let config = crate::config::watch(config_path)?;
+    let registry = prometheus::Registry::new();
+    let config_metrics =
+        crate::config::ConfigMetrics::register(&registry).map_err(MetricsError::from)?;
+    let config = crate::config::watch(config_path, config_metrics)?;
     let current = config.get();
     let backend = queue::open(&current.queue).await?;
-    let registry = prometheus::Registry::new();
     let metrics = RelayMetrics::register(&registry)?;
     let health = Health::new();
 
@@ -99,14 +101,7 @@ pub async fn run_until(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_state = HttpState::new(registry, health.clone(), backend.queue.clone())?
-        .with_send_api(
-            Arc::new(InboundSubmit::new(inbound_ctx.clone())),
-            SendLimits {
-                // JSON and base64 inflate a message; leave room for both.
-                max_body_bytes: (current.limits.max_message_size as usize).saturating_mul(2),
-                max_recipients: current.limits.max_recipients as usize,
-            },
-        );
+        .with_send_api(Arc::new(InboundSubmit::new(inbound_ctx.clone())));
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state,

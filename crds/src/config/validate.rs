@@ -241,11 +241,9 @@ impl RelayConfig {
                         "url and urlFile are exclusive: set one",
                     )),
                     (Some(url), None) => {
-                        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                            errors.push(FieldError::new(
-                                "queue.redis.url",
-                                format!("{url:?} must start with redis:// or rediss://"),
-                            ));
+                        // The queue's own parser: what passes here connects.
+                        if let Err(why) = super::parse_redis_url(url) {
+                            errors.push(FieldError::new("queue.redis.url", why));
                         }
                     }
                     (None, Some(_)) => {}
@@ -574,6 +572,46 @@ http:
             );
         }
         assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn queue_urls_are_checked_by_the_queue_parser() {
+        let url = |u: &str| VALID.replace("redis://127.0.0.1:6379", u);
+        // A config file naming a cluster (and one naming Sentinels) loads.
+        let path = std::env::temp_dir().join(format!("petrel-cluster-{}.yaml", std::process::id()));
+        std::fs::write(&path, url("redis+cluster://:pw@r1:7000,r2:7001")).unwrap();
+        let loaded = RelayConfig::load(&path);
+        let _ = std::fs::remove_file(&path);
+        let loaded = loaded.unwrap();
+        assert_eq!(
+            loaded.queue.redis.unwrap().url.as_deref(),
+            Some("redis+cluster://:pw@r1:7000,r2:7001")
+        );
+        assert_eq!(
+            errors_of(&url("redis+sentinel://s1:26379,s2:26379/mymaster")),
+            Vec::<String>::new()
+        );
+        for (bad, why) in [
+            (
+                "redis+cluster://r1:7000/1",
+                "queue.redis.url: a cluster URL takes no path",
+            ),
+            (
+                "redis+sentinel://s1:26379",
+                "queue.redis.url: a sentinel URL needs the master name",
+            ),
+            (
+                "rediss://r:6380",
+                "queue.redis.url: rediss:// (TLS to Redis) is not supported",
+            ),
+            ("http://x", "queue.redis.url: must start with redis://"),
+        ] {
+            let errors = errors_of(&url(bad));
+            assert!(
+                errors.len() == 1 && errors[0].starts_with(why),
+                "{bad}: {errors:?}"
+            );
+        }
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! Service, PodDisruptionBudget and HorizontalPodAutoscaler.
 //!
 //! Config and keys reach running pods through their mounted volumes (the relay
-//! re-reads them); only what needs a new process (image, ports, resources)
-//! goes into the pod template's restart-hash annotation.
+//! re-reads them); only what needs a new process (image, resources, the startup
+//! part of the rendered config, listener AUTH policy) goes into the pod template's
+//! restart-hash annotation.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -28,9 +29,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use petrel_crds::config as rc;
-use petrel_crds::sending_domain::{OnSuppressed, SendingDomainSpec};
+use petrel_crds::sending_domain::SendingDomainSpec;
 use petrel_crds::smtp_relay::{self as sr, SmtpRelay};
-use petrel_crds::status::{DkimAlgorithm, DkimKeyEntry};
+use petrel_crds::status::DkimKeyEntry;
 
 use crate::error::InvalidSpec;
 
@@ -101,14 +102,6 @@ pub fn endpoints(relay: &SmtpRelay) -> Vec<String> {
         .collect()
 }
 
-fn tls_mode(mode: sr::TlsMode) -> rc::TlsMode {
-    match mode {
-        sr::TlsMode::None => rc::TlsMode::None,
-        sr::TlsMode::Starttls => rc::TlsMode::Starttls,
-        sr::TlsMode::Implicit => rc::TlsMode::Implicit,
-    }
-}
-
 fn duration(field: &str, value: &str) -> Result<rc::Duration, InvalidSpec> {
     rc::Duration::from_str(value)
         .map_err(|e| InvalidSpec::new("InvalidDuration", format!("{field}: {e}")))
@@ -137,12 +130,8 @@ pub fn relay_config(
                 [0, 0, 0, 0],
                 u16::try_from(l.effective_target_port()).unwrap_or(0),
             )),
-            tls: tls_mode(l.tls),
-            auth: match l.auth {
-                sr::AuthMode::None => rc::AuthMode::None,
-                sr::AuthMode::Optional => rc::AuthMode::Optional,
-                sr::AuthMode::Required => rc::AuthMode::Required,
-            },
+            tls: l.tls.into(),
+            auth: l.auth.into(),
             allow_insecure_auth: l.allow_insecure_auth,
         })
         .collect();
@@ -164,7 +153,7 @@ pub fn relay_config(
         (sr::Transport::Smarthost, Some(s)) => Some(rc::Smarthost {
             host: s.host.clone(),
             port: u16::try_from(s.port).unwrap_or(587),
-            tls: tls_mode(s.tls),
+            tls: s.tls.into(),
             username: smarthost_username,
             password_file: s
                 .credentials_secret_ref
@@ -186,20 +175,14 @@ pub fn relay_config(
         .map(|(i, d)| duration(&format!("spec.delivery.retrySchedule[{i}]"), d))
         .collect::<Result<Vec<_>, _>>()?;
     let delivery = rc::DeliveryConfig {
-        transport: match delivery_spec.transport {
-            sr::Transport::Mx => rc::Transport::Mx,
-            sr::Transport::Smarthost => rc::Transport::Smarthost,
-        },
+        transport: delivery_spec.transport.into(),
         smarthost,
         retry_schedule,
         max_queue_lifetime: duration(
             "spec.delivery.maxQueueLifetime",
             &delivery_spec.max_queue_lifetime,
         )?,
-        outbound_tls: match delivery_spec.outbound_tls {
-            sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
-            sr::OutboundTls::Required => rc::OutboundTls::Required,
-        },
+        outbound_tls: delivery_spec.outbound_tls.into(),
         per_destination_concurrency: non_negative(
             "spec.delivery.perDestinationConcurrency",
             delivery_spec.per_destination_concurrency.into(),
@@ -231,20 +214,15 @@ pub fn relay_config(
             domain: d.spec.domain.clone(),
             dkim: rc::DkimConfig {
                 selector: key.selector.clone(),
-                algorithm: match key.algorithm {
-                    DkimAlgorithm::Ed25519 => rc::DkimAlgorithm::Ed25519,
-                    DkimAlgorithm::Rsa2048 => rc::DkimAlgorithm::Rsa2048,
-                },
+                algorithm: key.algorithm.into(),
                 key_file: PathBuf::from(format!(
                     "{DKIM_DIR}/{}",
                     key_file_name(&d.spec.domain, &key.selector)
                 )),
             },
             allowed_users: d.spec.allowed_users.clone(),
-            on_suppressed: match d.spec.suppression.on_suppressed {
-                OnSuppressed::Refuse => rc::SuppressedAction::Refuse,
-                OnSuppressed::Drop => rc::SuppressedAction::Drop,
-            },
+            on_suppressed: d.spec.suppression.on_suppressed.into(),
+            from_header: d.spec.from_header.into(),
             return_path_domain: d.spec.return_path_domain.clone(),
             rate_limits: rc::RateLimits {
                 per_second: to_u32(limits.per_second),
@@ -290,6 +268,7 @@ pub fn relay_config(
         limits,
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
+            ..Default::default()
         },
     };
     config.validate().map_err(|e| {
@@ -336,18 +315,35 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Hash of exactly what needs a new relay process: image, listener ports, resources.
+/// Hash of what rolls the relay pods: the image, the resources, and the
+/// startup part of the rendered config ([`rc::RelayConfig::startup`], the
+/// same function the relay uses to decide that a reload needs a restart,
+/// so the two cannot drift). Listener AUTH policy (`auth`,
+/// `allowInsecureAuth`) is live in the relay too, but is hashed as well: a
+/// change of who may relay should not wait for the kubelet to sync the
+/// ConfigMap, and a rollout is how the operator can report (Progressing)
+/// when every pod enforces it.
 pub fn restart_hash(relay: &SmtpRelay, settings: &BuildSettings) -> String {
-    let ports: Vec<(i32, i32)> = relay
-        .spec
-        .listeners
-        .iter()
-        .map(|l| (l.port, l.effective_target_port()))
-        .collect();
+    // The startup part depends on the SmtpRelay alone, not on the bound
+    // domains or the smarthost user name.
+    let rendered = relay_config(relay, &[], None);
+    let (startup, policy) = match &rendered {
+        Ok(config) => (
+            serde_json::to_value(config.startup()).unwrap_or_default(),
+            config
+                .listeners
+                .iter()
+                .map(|l| serde_json::json!([l.name, l.auth, l.allow_insecure_auth]))
+                .collect(),
+        ),
+        // No config, no Deployment worth rolling; keep the hash stable.
+        Err(e) => (serde_json::json!({ "invalid": e.to_string() }), Vec::new()),
+    };
     let input = serde_json::json!({
         "image": image(relay, settings),
-        "ports": ports,
         "resources": relay.spec.resources,
+        "startup": startup,
+        "listenerAuth": policy,
     });
     format!("{:016x}", fnv1a(input.to_string().as_bytes()))
 }
@@ -704,7 +700,7 @@ pub(crate) mod fixtures {
                 .expect("domain fixture"),
             active_key: DkimKeyEntry {
                 selector: selector.into(),
-                algorithm: DkimAlgorithm::Ed25519,
+                algorithm: petrel_crds::status::DkimAlgorithm::Ed25519,
                 secret_name: format!("{domain}-{selector}"),
                 dns_value: "v=DKIM1; k=ed25519; p=x".into(),
                 phase: petrel_crds::status::DkimKeyPhase::Active,
@@ -848,6 +844,30 @@ mod tests {
         let mut ports = base.clone();
         ports.spec.listeners[0].port = 2525;
         assert_ne!(restart_hash(&ports, &settings()), hash);
+        // Startup settings of the rendered config: the key prefix.
+        let mut prefix = base.clone();
+        prefix.spec.redis.key_prefix = "other".into();
+        assert_ne!(restart_hash(&prefix, &settings()), hash);
+    }
+
+    #[test]
+    fn an_auth_change_rolls_the_deployment() {
+        let template_hash = |relay: &SmtpRelay| {
+            deployment(relay, &settings())
+                .spec
+                .and_then(|s| s.template.metadata)
+                .and_then(|m| m.annotations)
+                .and_then(|a| a.get(RESTART_HASH_ANNOTATION).cloned())
+                .expect("pod template carries the restart hash")
+        };
+        let base = relay(SPEC);
+        let mut optional = base.clone();
+        optional.spec.listeners[1].auth = sr::AuthMode::Optional;
+        assert_ne!(template_hash(&optional), template_hash(&base));
+        let mut insecure = base.clone();
+        insecure.spec.listeners[1].allow_insecure_auth = true;
+        assert_ne!(template_hash(&insecure), template_hash(&base));
+        assert_eq!(template_hash(&base.clone()), template_hash(&base));
     }
 
     #[test]

@@ -9,11 +9,11 @@ use std::time::Duration;
 use super::InboundContext;
 use super::envelope::{backend_reject, quota_key};
 use super::headers::{self, TraceInfo};
-use super::reply::Reject;
 use super::session::Envelope;
 use crate::config::RelayConfig;
 use crate::dkim::algorithm_label;
 use crate::queue::{NewMessage, now_millis};
+use crate::refusal::Refusal;
 
 /// Where a message came from, for its Received header and logs.
 #[derive(Clone, Debug)]
@@ -39,7 +39,7 @@ pub async fn accept(
     envelope: Envelope,
     raw: Vec<u8>,
     origin: &Origin<'_>,
-) -> Result<Option<String>, Reject> {
+) -> Result<Option<String>, Refusal> {
     let domain = envelope.sending_domain.clone();
     if envelope.recipients.is_empty() {
         tracing::info!(
@@ -51,11 +51,13 @@ pub async fn accept(
         return Ok(None);
     }
     let Some(sending) = config.domain(&domain) else {
-        return Err(Reject::temporary(
-            "domain_removed",
-            "Sending domain no longer configured, try again later",
-        ));
+        return Err(Refusal::DomainRemoved);
     };
+    let client = crate::policy::Client {
+        ip: origin.ip,
+        user: origin.user,
+    };
+    super::from_header::check(config, &client, &domain, &raw)?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let date = chrono::Utc::now().to_rfc2822();
     let trace = TraceInfo {
@@ -86,17 +88,11 @@ pub async fn accept(
         Ok(Ok(d)) => d,
         Ok(Err(error)) => {
             tracing::error!(%error, %domain, "cannot DKIM-sign; refusing rather than sending unsigned");
-            return Err(Reject::temporary(
-                "dkim_key",
-                format!("Cannot sign for {domain} now, try again later"),
-            ));
+            return Err(Refusal::DkimUnavailable(Some(domain)));
         }
         Err(error) => {
             tracing::error!(%error, "DKIM signing task failed");
-            return Err(Reject::temporary(
-                "dkim_key",
-                "Cannot sign now, try again later",
-            ));
+            return Err(Refusal::DkimUnavailable(None));
         }
     };
     ctx.metrics

@@ -7,18 +7,18 @@ use tokio::time::Instant;
 
 use super::accept::{self, Origin};
 use super::headers;
-use super::reply::Reject;
 use super::session::{End, Envelope, Flow, Session, State, remaining};
+use crate::refusal::Refusal;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// DATA: 354, the message up to `CRLF.CRLF`, then the final reply.
-    pub(super) async fn data(&mut self) -> Result<Flow, Reject> {
+    pub(super) async fn data(&mut self) -> Result<Flow, Refusal> {
         match self.state.state {
             State::Greeting | State::Connected => {
-                return Err(Reject::bad_sequence("Send EHLO or HELO first"));
+                return Err(Refusal::BadSequence("Send EHLO or HELO first"));
             }
-            State::Ready => return Err(Reject::bad_sequence("Need MAIL before DATA")),
-            State::Mail => return Err(Reject::bad_sequence("Need RCPT before DATA")),
+            State::Ready => return Err(Refusal::BadSequence("Need MAIL before DATA")),
+            State::Mail => return Err(Refusal::BadSequence("Need RCPT before DATA")),
             State::Rcpt => {}
         }
         if self
@@ -27,47 +27,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .as_ref()
             .is_some_and(|e| e.chunks.is_some())
         {
-            return Err(Reject::bad_sequence("DATA not allowed after BDAT"));
+            return Err(Refusal::BadSequence("DATA not allowed after BDAT"));
         }
         self.queue_reply(354, "", "Start mail input; end with <CRLF>.<CRLF>");
         let received = match self.receive_data().await {
             Ok(r) => r,
             Err(End::Timeout) => {
                 self.reset_transaction();
-                return Err(Reject::new(
-                    421,
-                    "4.4.2",
-                    "timeout",
-                    "Timeout waiting for data, closing",
-                )
-                .and_disconnect());
+                return Err(Refusal::Timeout("Timeout waiting for data, closing"));
             }
             Err(_) => {
                 self.reset_transaction();
-                return Err(
-                    Reject::new(421, "4.4.2", "connection_lost", "Connection lost")
-                        .and_disconnect(),
-                );
+                return Err(Refusal::ConnectionLost);
             }
         };
         let envelope = self.state.envelope.take();
         self.reset_transaction();
         let Some(envelope) = envelope else {
-            return Err(Reject::bad_sequence("Need MAIL before DATA"));
+            return Err(Refusal::BadSequence("Need MAIL before DATA"));
         };
         let Some(raw) = received else {
-            return Err(Reject::new(
-                552,
-                "5.3.4",
-                "too_big",
-                "Message size exceeds fixed maximum message size",
-            ));
+            return Err(Refusal::TooBig);
         };
         let shutting_down = *self.shutdown.borrow();
         let result = self.accept(envelope, raw).await;
         if shutting_down {
             // The message was handled; now tell the client to go away.
-            return result.and(Err(Reject::shutting_down()));
+            return result.and(Err(Refusal::ShuttingDown));
         }
         result.map(|_| Flow::Continue)
     }
@@ -75,9 +61,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// BDAT (RFC 3030): exactly `size` bytes follow the command, whatever
     /// they contain; they are read (or skipped) before any reply so the
     /// dialogue stays in step even when the chunk is refused.
-    pub(super) async fn bdat(&mut self, size: usize, last: bool) -> Result<Flow, Reject> {
-        let lost =
-            |_| Reject::new(421, "4.4.2", "connection_lost", "Connection lost").and_disconnect();
+    pub(super) async fn bdat(&mut self, size: usize, last: bool) -> Result<Flow, Refusal> {
+        let lost = |_| Refusal::ConnectionLost;
         if self.state.state != State::Rcpt {
             self.discard_bytes(size).await.map_err(lost)?;
             let why = match self.state.state {
@@ -85,7 +70,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 State::Ready => "Need MAIL before BDAT",
                 _ => "Send EHLO or HELO first",
             };
-            return Err(Reject::bad_sequence(why));
+            return Err(Refusal::BadSequence(why));
         }
         let max = usize::try_from(self.config.limits.max_message_size).unwrap_or(usize::MAX);
         let have = self
@@ -119,21 +104,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let envelope = self.state.envelope.take();
         self.reset_transaction();
         let Some(mut envelope) = envelope else {
-            return Err(Reject::bad_sequence("Need MAIL before BDAT"));
+            return Err(Refusal::BadSequence("Need MAIL before BDAT"));
         };
         if envelope.oversize {
-            return Err(Reject::new(
-                552,
-                "5.3.4",
-                "too_big",
-                "Message size exceeds fixed maximum message size",
-            ));
+            return Err(Refusal::TooBig);
         }
         let raw = envelope.chunks.take().unwrap_or_default();
         let shutting_down = *self.shutdown.borrow();
         let result = self.accept(envelope, raw).await;
         if shutting_down {
-            return result.and(Err(Reject::shutting_down()));
+            return result.and(Err(Refusal::ShuttingDown));
         }
         result.map(|_| Flow::Continue)
     }
@@ -195,7 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// Hands the message to the shared accept path and queues the reply.
-    async fn accept(&mut self, envelope: Envelope, raw: Vec<u8>) -> Result<(), Reject> {
+    async fn accept(&mut self, envelope: Envelope, raw: Vec<u8>) -> Result<(), Refusal> {
         let config = self.config.clone();
         let tls = self
             .state

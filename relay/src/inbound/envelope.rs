@@ -8,11 +8,11 @@ use smtp_proto::{
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::InboundContext;
-use super::reply::Reject;
 use super::session::{Envelope, Session, State};
 use crate::config::{RelayConfig, SendingDomain, SuppressedAction};
-use crate::policy::{self, AddressProblem, Client, Denied};
+use crate::policy::{self, AddressProblem, Client};
 use crate::queue::{MessageFlags, QueueError, now_millis};
+use crate::refusal::Refusal;
 
 /// The raw path between `<` and `>` of a MAIL/RCPT line, as sent (quotes
 /// respected), before smtp-proto normalises it.
@@ -35,55 +35,30 @@ pub fn raw_path(line: &[u8]) -> Option<&str> {
     None
 }
 
-pub(super) fn address_reject(problem: AddressProblem, sender: bool) -> Reject {
+pub(super) fn address_reject(problem: AddressProblem, sender: bool) -> Refusal {
     if problem.is_relay_trick() {
-        Reject::new(
-            550,
-            "5.7.1",
-            "address_trick",
-            format!("Relaying denied: {}", problem.describe()),
-        )
+        Refusal::AddressTrick(problem.describe().to_string())
     } else if sender {
-        Reject::new(
-            501,
-            "5.1.7",
-            "bad_address",
-            format!("Bad sender address: {}", problem.describe()),
-        )
+        Refusal::BadSender(format!("Bad sender address: {}", problem.describe()).into())
     } else {
-        Reject::new(
-            501,
-            "5.1.3",
-            "bad_address",
-            format!("Bad recipient address: {}", problem.describe()),
-        )
-    }
-}
-
-pub(super) fn denied_reject(denied: Denied) -> Reject {
-    match denied {
-        Denied::AuthRequired => Reject::new(530, "5.7.0", denied.reason(), denied.describe()),
-        _ => Reject::new(550, "5.7.1", denied.reason(), denied.describe()),
+        Refusal::BadRecipient(format!("Bad recipient address: {}", problem.describe()).into())
     }
 }
 
 /// Backend failure on the way to a decision: temporary, never a silent yes.
-pub(super) fn backend_reject(error: Option<QueueError>) -> Reject {
+pub(super) fn backend_reject(error: Option<QueueError>) -> Refusal {
     match error {
         Some(e) => tracing::warn!(error = %e, "queue backend error during SMTP session"),
         None => tracing::warn!("queue backend timed out during SMTP session"),
     }
-    Reject::temporary(
-        "queue_unavailable",
-        "Temporary failure, please try again later",
-    )
+    Refusal::QueueUnavailable
 }
 
 /// Runs a backend call under the queue timeout.
 pub(super) async fn bounded<T>(
     timeout: Duration,
     call: impl Future<Output = Result<T, QueueError>>,
-) -> Result<T, Reject> {
+) -> Result<T, Refusal> {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(backend_reject(Some(e))),
@@ -106,7 +81,7 @@ pub(super) async fn check_quota(
     ctx: &InboundContext,
     config: &RelayConfig,
     sending: &SendingDomain,
-) -> Result<(), Reject> {
+) -> Result<(), Refusal> {
     let Some(quota) = sending.rate_limits.daily_quota else {
         return Ok(());
     };
@@ -116,15 +91,7 @@ pub(super) async fn check_quota(
     )
     .await?;
     if used >= u64::from(quota) {
-        return Err(Reject::new(
-            451,
-            "4.7.1",
-            "quota_exhausted",
-            format!(
-                "Daily sending quota of {} exhausted, try again later",
-                sending.domain
-            ),
-        ));
+        return Err(Refusal::QuotaExhausted(sending.domain.clone()));
     }
     Ok(())
 }
@@ -136,7 +103,7 @@ pub(super) async fn add_recipient(
     config: &RelayConfig,
     envelope: &mut Envelope,
     address: String,
-) -> Result<(), Reject> {
+) -> Result<(), Refusal> {
     let lower = address.to_lowercase();
     let suppressed = bounded(
         config.queue.timeout.into(),
@@ -154,15 +121,10 @@ pub(super) async fn add_recipient(
         .map(|d| d.on_suppressed)
         .unwrap_or_default()
     {
-        SuppressedAction::Refuse => Err(Reject::new(
-            550,
-            "5.1.1",
-            "suppressed",
-            format!(
-                "Recipient {address} is on the suppression list ({})",
-                entry.reason
-            ),
-        )),
+        SuppressedAction::Refuse => Err(Refusal::Suppressed {
+            address,
+            reason: entry.reason,
+        }),
         SuppressedAction::Drop => {
             tracing::info!(
                 event = "suppressed_dropped",
@@ -177,10 +139,10 @@ pub(super) async fn add_recipient(
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    fn need_hello(&self) -> Result<(), Reject> {
+    fn need_hello(&self) -> Result<(), Refusal> {
         match self.state.state {
             State::Greeting | State::Connected => {
-                Err(Reject::bad_sequence("Send EHLO or HELO first"))
+                Err(Refusal::BadSequence("Send EHLO or HELO first"))
             }
             _ => Ok(()),
         }
@@ -188,14 +150,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// MAIL FROM: who may relay, as whom, how big, and whether the domain
     /// still has quota.
-    pub(super) async fn mail(&mut self, from: MailFrom<String>, line: &[u8]) -> Result<(), Reject> {
+    pub(super) async fn mail(
+        &mut self,
+        from: MailFrom<String>,
+        line: &[u8],
+    ) -> Result<(), Refusal> {
         self.need_hello()?;
         if self.state.envelope.is_some() {
-            return Err(Reject::bad_sequence("Nested MAIL command"));
+            return Err(Refusal::BadSequence("Nested MAIL command"));
         }
         self.config = self.ctx.config.get();
         let config = self.config.clone();
-        let raw = raw_path(line).ok_or_else(|| Reject::syntax("Syntax: MAIL FROM:<address>"))?;
+        let raw =
+            raw_path(line).ok_or_else(|| Refusal::Syntax("Syntax: MAIL FROM:<address>".into()))?;
         let address = if raw.is_empty() {
             ""
         } else {
@@ -206,32 +173,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             user: self.state.user.as_deref(),
         };
         policy::may_relay(&client, self.listener.auth, &config.trusted_networks)
-            .map_err(denied_reject)?;
-        let sending = policy::check_sender(&client, address, &config).map_err(denied_reject)?;
+            .map_err(Refusal::Denied)?;
+        let sending = policy::check_sender(&client, address, &config).map_err(Refusal::Denied)?;
         if from.size as u64 > config.limits.max_message_size {
-            return Err(Reject::new(
-                552,
-                "5.3.4",
-                "too_big",
-                "Message size exceeds fixed maximum message size",
-            ));
+            return Err(Refusal::TooBig);
         }
         if from.flags & (MAIL_BODY_BINARYMIME | MAIL_REQUIRETLS) != 0 {
-            return Err(Reject::new(
-                555,
-                "5.5.4",
-                "syntax",
-                "Parameter not supported",
+            return Err(Refusal::UnsupportedParameter(
+                "Parameter not supported".into(),
             ));
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
         if !smtputf8 && !address.is_ascii() {
-            return Err(Reject::new(
-                553,
-                "5.6.7",
-                "bad_address",
-                "Non-ASCII address requires SMTPUTF8",
-            ));
+            return Err(Refusal::NeedsSmtpUtf8);
         }
         check_quota(&self.ctx, &config, sending).await?;
         self.state.envelope = Some(Envelope {
@@ -253,21 +207,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 
     /// RCPT TO: syntax and tricks, the recipient limit, the suppression list.
-    pub(super) async fn rcpt(&mut self, _to: RcptTo<String>, line: &[u8]) -> Result<(), Reject> {
+    pub(super) async fn rcpt(&mut self, _to: RcptTo<String>, line: &[u8]) -> Result<(), Refusal> {
         self.need_hello()?;
         let config = self.config.clone();
         let Some(envelope) = self.state.envelope.as_ref() else {
-            return Err(Reject::bad_sequence("Need MAIL before RCPT"));
+            return Err(Refusal::BadSequence("Need MAIL before RCPT"));
         };
-        let raw = raw_path(line).ok_or_else(|| Reject::syntax("Syntax: RCPT TO:<address>"))?;
+        let raw =
+            raw_path(line).ok_or_else(|| Refusal::Syntax("Syntax: RCPT TO:<address>".into()))?;
         let address = policy::check_recipient(raw).map_err(|p| address_reject(p, false))?;
         if !envelope.flags.smtputf8 && !address.is_ascii() {
-            return Err(Reject::new(
-                553,
-                "5.6.7",
-                "bad_address",
-                "Non-ASCII address requires SMTPUTF8",
-            ));
+            return Err(Refusal::NeedsSmtpUtf8);
         }
         if envelope
             .recipients
@@ -279,16 +229,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Ok(());
         }
         if envelope.accepted() >= config.limits.max_recipients as usize {
-            return Err(Reject::new(
-                452,
-                "4.5.3",
-                "too_many_recipients",
-                "Too many recipients",
-            ));
+            return Err(Refusal::TooManyRecipients);
         }
         let address = address.to_string();
         let Some(envelope) = self.state.envelope.as_mut() else {
-            return Err(Reject::bad_sequence("Need MAIL before RCPT"));
+            return Err(Refusal::BadSequence("Need MAIL before RCPT"));
         };
         add_recipient(&self.ctx, &config, envelope, address).await?;
         self.state.state = State::Rcpt;

@@ -2,14 +2,14 @@
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::reply::Reject;
 use super::session::{Flow, Session, State};
 use crate::config::{AuthMode, TlsMode};
+use crate::refusal::Refusal;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// EHLO/HELO: resets any transaction (RFC 5321 4.1.4) and lists the
     /// extensions this connection may use.
-    pub(super) fn hello(&mut self, host: String, esmtp: bool) -> Result<(), Reject> {
+    pub(super) fn hello(&mut self, host: String, esmtp: bool) -> Result<(), Refusal> {
         self.config = self.ctx.config.get();
         self.state.envelope = None;
         self.state.helo = Some(
@@ -63,20 +63,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// STARTTLS: 220, then the caller runs the handshake. Input pipelined
     /// after STARTTLS is discarded (RFC 3207 4.2: it could be injected by
     /// a man in the middle).
-    pub(super) fn starttls(&mut self) -> Result<Flow, Reject> {
+    pub(super) fn starttls(&mut self) -> Result<Flow, Refusal> {
         if self.state.tls.is_some() {
-            return Err(Reject::bad_sequence("TLS already active"));
+            return Err(Refusal::BadSequence("TLS already active"));
         }
         if !self.starttls_offered() {
-            return Err(Reject::new(
-                502,
-                "5.5.1",
-                "not_implemented",
-                "STARTTLS not offered here",
-            ));
+            return Err(Refusal::NotImplemented("STARTTLS not offered here"));
         }
         if matches!(self.state.state, State::Mail | State::Rcpt) {
-            return Err(Reject::bad_sequence(
+            return Err(Refusal::BadSequence(
                 "STARTTLS not allowed during a mail transaction",
             ));
         }

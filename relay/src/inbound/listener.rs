@@ -19,10 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::reply::Reject;
 use super::session::{Finished, Session, SessionState};
 use super::{InboundContext, InboundError, tls};
-use crate::config::{Listener, TlsMode};
+use crate::config::{Listener, RelayConfig, TlsMode};
+use crate::refusal::Refusal;
 
 /// Open connections, in total and per client IP.
 #[derive(Debug, Default)]
@@ -44,26 +44,14 @@ impl ConnectionLimits {
     }
 
     /// Takes a connection slot for `ip`, or says why not.
-    pub fn try_acquire(&self, ip: IpAddr, max_total: u32, max_per_ip: u32) -> Result<(), Reject> {
+    pub fn try_acquire(&self, ip: IpAddr, max_total: u32, max_per_ip: u32) -> Result<(), Refusal> {
         let mut c = self.lock();
         if c.total >= max_total {
-            return Err(Reject::new(
-                421,
-                "4.7.0",
-                "too_many_connections",
-                "Too many connections, try again later",
-            )
-            .and_disconnect());
+            return Err(Refusal::TooManyConnections);
         }
         let n = c.per_ip.entry(ip).or_insert(0);
         if *n >= max_per_ip {
-            return Err(Reject::new(
-                421,
-                "4.7.0",
-                "too_many_connections_from_client",
-                "Too many connections from your address, try again later",
-            )
-            .and_disconnect());
+            return Err(Refusal::TooManyConnectionsFromClient);
         }
         *n += 1;
         c.total += 1;
@@ -214,7 +202,7 @@ pub async fn serve_on(
             accepted = socket.accept() => if let Ok((mut tcp, _)) = accepted {
                 ctx.metrics.rejected.with_label_values(&["shutdown"]).inc();
                 tokio::spawn(async move {
-                    let reply = Reject::shutting_down().render();
+                    let reply = Refusal::ShuttingDown.render();
                     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(reply.as_bytes())).await;
                 });
             },
@@ -223,6 +211,21 @@ pub async fn serve_on(
     while sessions.join_next().await.is_some() {}
     tracing::info!(name = %listener.name, "SMTP listener stopped");
     Ok(())
+}
+
+/// The listener as the current config has it. Its socket and TLS mode are
+/// fixed at start (see [`crate::config::StartupConfig`]); the rest, AUTH
+/// policy included, follows reloads. A listener renamed or removed by a
+/// reload keeps the settings it started with until the restart.
+pub fn live_listener(config: &RelayConfig, started: Arc<Listener>) -> Arc<Listener> {
+    match config.listeners.iter().find(|l| l.name == started.name) {
+        Some(live) if *live != *started => Arc::new(Listener {
+            address: started.address,
+            tls: started.tls,
+            ..live.clone()
+        }),
+        _ => started,
+    }
 }
 
 /// One client connection, from limits to the last byte.
@@ -243,9 +246,9 @@ async fn connection(
     ) {
         ctx.metrics
             .rejected
-            .with_label_values(&[reject.reason])
+            .with_label_values(&[reject.label()])
             .inc();
-        tracing::info!(%peer, reason = reject.reason, "connection refused");
+        tracing::info!(%peer, reason = reject.label(), "connection refused");
         let timeout: Duration = limits.command_timeout.into();
         let _ = tokio::time::timeout(timeout, tcp.write_all(reject.render().as_bytes())).await;
         return;
@@ -260,7 +263,10 @@ async fn connection(
         listener: listener.name.clone(),
     };
     let _ = tcp.set_nodelay(true);
-    let handshake_timeout: Duration = limits.command_timeout.into();
+    let handshake_timeout: Duration = limits.tls_handshake_timeout.into();
+    // AUTH and TLS policy are live: a reloaded `auth` or
+    // `allowInsecureAuth` applies from the next connection on.
+    let listener = live_listener(&config, listener);
     let Some(acceptor) = ctx.tls.clone().filter(|_| listener.tls != TlsMode::None) else {
         Session::new(
             tcp,
@@ -328,12 +334,12 @@ mod tests {
         assert!(limits.try_acquire(a, 3, 2).is_ok());
         assert!(limits.try_acquire(a, 3, 2).is_ok());
         let per_ip = limits.try_acquire(a, 3, 2).unwrap_err();
-        assert_eq!((per_ip.code, per_ip.esc), (421, "4.7.0"));
-        assert!(per_ip.message.contains("from your address"));
+        assert_eq!((per_ip.code(), per_ip.esc()), (421, "4.7.0"));
+        assert!(per_ip.text().contains("from your address"));
         assert!(limits.try_acquire(b, 3, 2).is_ok());
         assert_eq!(
-            limits.try_acquire(b, 3, 2).unwrap_err().reason,
-            "too_many_connections"
+            limits.try_acquire(b, 3, 2).unwrap_err(),
+            Refusal::TooManyConnections
         );
         limits.release(a);
         assert!(limits.try_acquire(b, 3, 2).is_ok());

@@ -5,9 +5,8 @@ use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::auth::{self, SaslError};
-use super::envelope::bounded;
-use super::reply::Reject;
 use super::session::{Line, Session, State};
+use crate::refusal::Refusal;
 
 /// Key of the shared AUTH failure counter of a client. An IPv4 client
 /// (also when seen as `::ffff:a.b.c.d` on a dual-stack listener) counts by
@@ -28,70 +27,36 @@ pub fn throttle_key(ip: std::net::IpAddr) -> String {
     }
 }
 
-fn sasl_reject(_: SaslError) -> Reject {
-    Reject::new(501, "5.5.2", "syntax", "Invalid AUTH response")
-}
-
-/// The throttle counter could not be read or written: RFC 4954's
-/// temporary authentication failure, never a silent pass.
-fn auth_unavailable(_: Reject) -> Reject {
-    Reject::new(
-        454,
-        "4.7.0",
-        "auth_unavailable",
-        "Temporary authentication failure, try again later",
-    )
-}
-
-fn blocked() -> Reject {
-    Reject::new(
-        421,
-        "4.7.0",
-        "auth_blocked",
-        "Too many failed AUTH attempts from your address, try again later",
-    )
-    .and_disconnect()
+fn sasl_reject(_: SaslError) -> Refusal {
+    Refusal::InvalidAuthResponse
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// AUTH mechanism [initial-response].
-    pub(super) async fn auth(&mut self, mechanism: u64, initial: String) -> Result<(), Reject> {
+    pub(super) async fn auth(&mut self, mechanism: u64, initial: String) -> Result<(), Refusal> {
         match self.state.state {
             State::Greeting | State::Connected => {
-                return Err(Reject::bad_sequence("Send EHLO first"));
+                return Err(Refusal::BadSequence("Send EHLO first"));
             }
             State::Mail | State::Rcpt => {
-                return Err(Reject::bad_sequence(
+                return Err(Refusal::BadSequence(
                     "AUTH not allowed during a mail transaction",
                 ));
             }
             State::Ready => {}
         }
         if self.state.user.is_some() {
-            return Err(Reject::bad_sequence("Already authenticated"));
+            return Err(Refusal::BadSequence("Already authenticated"));
         }
         if !self.auth_offered() {
             if self.listener.auth != crate::config::AuthMode::None
                 && self.state.tls.is_none()
                 && !self.listener.allow_insecure_auth
             {
-                return Err(Reject::new(
-                    530,
-                    "5.7.0",
-                    "auth_needs_tls",
-                    "Must issue a STARTTLS command first",
-                ));
+                return Err(Refusal::AuthNeedsTls);
             }
-            return Err(Reject::new(
-                502,
-                "5.5.1",
-                "not_implemented",
-                "AUTH not offered here",
-            ));
+            return Err(Refusal::NotImplemented("AUTH not offered here"));
         }
-        let limits = self.config.limits.clone();
-        let timeout = self.config.queue.timeout.into();
-        let key = throttle_key(self.state.peer.ip());
 
         let (user, password) = match mechanism {
             AUTH_PLAIN => {
@@ -113,86 +78,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 (user, auth::decode_login(&password).map_err(sasl_reject)?)
             }
             _ => {
-                return Err(Reject::new(
-                    504,
-                    "5.5.4",
-                    "syntax",
-                    "Mechanism not supported, use PLAIN or LOGIN",
-                ));
+                return Err(Refusal::MechanismNotSupported);
             }
         };
 
-        // The throttle check and the password check share one turn (not
-        // held while the client types: the exchange above is outside it).
-        let ctx = self.ctx.clone();
-        let _turn = ctx.auth_permit(timeout).await?;
-        let failures = bounded(timeout, self.ctx.state.counter(&key))
-            .await
-            .map_err(auth_unavailable)?;
-        if failures >= u64::from(limits.max_auth_failures) {
-            return Err(blocked());
-        }
-        let users = self.ctx.users.as_ref().map(|u| u.get());
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            users.is_some_and(|u| auth::verify(&u, &check_user, &password))
-        })
-        .await
-        .unwrap_or(false);
-        if ok {
-            tracing::info!(peer = %self.state.peer, %user, "authenticated");
-            self.state.user = Some(user);
-            self.queue_reply(235, "2.7.0", "Authentication successful");
-            return Ok(());
-        }
-        self.ctx
-            .metrics
-            .auth_failures
-            .with_label_values(&[&self.listener.name])
-            .inc();
-        // Debug-escaped: a failed user name is the client's text and must
-        // not forge log lines.
-        tracing::warn!(peer = %self.state.peer, user = ?user, "AUTH failed");
-        let window = limits.auth_block_for.into();
-        let total = bounded(timeout, self.ctx.state.incr_counter(&key, 1, window))
-            .await
-            .map_err(auth_unavailable)?;
-        if total >= u64::from(limits.max_auth_failures) {
-            return Err(blocked());
-        }
-        Err(Reject::new(
-            535,
-            "5.7.8",
-            "auth_failed",
-            "Authentication credentials invalid",
-        ))
+        super::credentials::check(
+            &self.ctx,
+            self.state.peer.ip(),
+            &user,
+            password,
+            &self.listener.name,
+        )
+        .await?;
+        tracing::info!(peer = %self.state.peer, %user, "authenticated");
+        self.state.user = Some(user);
+        self.queue_reply(235, "2.7.0", "Authentication successful");
+        Ok(())
     }
 
     /// Sends `334 text` and reads the client's answer; `*` cancels.
-    async fn challenge(&mut self, text: &str) -> Result<String, Reject> {
+    async fn challenge(&mut self, text: &str) -> Result<String, Refusal> {
         self.wbuf
             .extend_from_slice(format!("334 {text}\r\n").as_bytes());
         let line = match self.read_line(self.command_timeout(), false).await {
             Ok(Line::Ok(line)) => line,
             Ok(Line::TooLong) => {
-                return Err(Reject::new(500, "5.5.6", "line_too_long", "Line too long"));
+                return Err(Refusal::LineTooLong);
             }
-            Ok(Line::Shutdown) => return Err(Reject::shutting_down()),
+            Ok(Line::Shutdown) => return Err(Refusal::ShuttingDown),
             Err(_) => {
-                return Err(
-                    Reject::new(421, "4.4.2", "timeout", "Timeout, closing").and_disconnect()
-                );
+                return Err(Refusal::Timeout("Timeout, closing"));
             }
         };
         let text = String::from_utf8(line).map_err(|_| sasl_reject(SaslError::Utf8))?;
         let text = text.trim_end_matches(['\r', '\n']).to_string();
         if text == "*" {
-            return Err(Reject::new(
-                501,
-                "5.0.0",
-                "auth_cancelled",
-                "Authentication cancelled",
-            ));
+            return Err(Refusal::AuthCancelled);
         }
         Ok(text)
     }

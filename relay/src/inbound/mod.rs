@@ -32,12 +32,15 @@ use crate::config::RelayConfig;
 use crate::dkim::DkimKeys;
 use crate::metrics::RelayMetrics;
 use crate::queue::{Queue, SharedState};
+use crate::refusal::Refusal;
 use crate::reload::Reloading;
 
 mod accept;
 pub mod auth;
+pub mod credentials;
 mod data;
 pub mod envelope;
+pub mod from_header;
 pub mod headers;
 mod hello;
 pub mod listener;
@@ -48,7 +51,6 @@ pub mod submit;
 pub mod tls;
 
 pub use listener::{ConnectionLimits, bind_all, serve, serve_all};
-pub use reply::Reject;
 pub use session::{Finished, Session, SessionState, State};
 pub use submit::InboundSubmit;
 
@@ -155,15 +157,10 @@ impl InboundContext {
     pub(crate) async fn auth_permit(
         &self,
         wait: std::time::Duration,
-    ) -> Result<tokio::sync::SemaphorePermit<'_>, Reject> {
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, Refusal> {
         match tokio::time::timeout(wait, self.auth_slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) | Err(_) => Err(Reject::new(
-                454,
-                "4.7.0",
-                "auth_busy",
-                "Temporary authentication failure, try again later",
-            )),
+            Ok(Err(_)) | Err(_) => Err(Refusal::AuthBusy),
         }
     }
 }

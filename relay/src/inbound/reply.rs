@@ -1,78 +1,7 @@
-//! SMTP replies as values: a refusal is a [`Reject`], not a string, so the
-//! code, enhanced status and whether to hang up travel together and tests
-//! can compare them.
+//! Rendering SMTP replies. Refusals are [`crate::refusal::Refusal`] values;
+//! this module only turns codes and text into safe reply lines.
 
 use std::fmt::Write as _;
-
-/// A refusal: what the client is told, and whether the session ends.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reject {
-    /// Reply code (4xx temporary, 5xx permanent).
-    pub code: u16,
-    /// Enhanced status code (RFC 3463), e.g. `5.7.1`.
-    pub esc: &'static str,
-    /// Human-readable text, one line.
-    pub message: String,
-    /// Close the connection after replying.
-    pub disconnect: bool,
-    /// Bounded label for the rejection metric.
-    pub reason: &'static str,
-}
-
-impl Reject {
-    /// A refusal that keeps the session open.
-    pub fn new(
-        code: u16,
-        esc: &'static str,
-        reason: &'static str,
-        message: impl Into<String>,
-    ) -> Reject {
-        Reject {
-            code,
-            esc,
-            message: message.into(),
-            disconnect: false,
-            reason,
-        }
-    }
-
-    /// The same refusal, closing the connection afterwards.
-    pub fn and_disconnect(mut self) -> Reject {
-        self.disconnect = true;
-        self
-    }
-
-    /// 503 5.5.1: command out of sequence.
-    pub fn bad_sequence(message: impl Into<String>) -> Reject {
-        Reject::new(503, "5.5.1", "bad_sequence", message)
-    }
-
-    /// 501 5.5.2: syntax error in parameters.
-    pub fn syntax(message: impl Into<String>) -> Reject {
-        Reject::new(501, "5.5.2", "syntax", message)
-    }
-
-    /// 451 4.3.0: something on our side failed; try again later.
-    pub fn temporary(reason: &'static str, message: impl Into<String>) -> Reject {
-        Reject::new(451, "4.3.0", reason, message)
-    }
-
-    /// 421 4.3.2: the relay is shutting down.
-    pub fn shutting_down() -> Reject {
-        Reject::new(
-            421,
-            "4.3.2",
-            "shutdown",
-            "Service shutting down, try again later",
-        )
-        .and_disconnect()
-    }
-
-    /// The reply line(s), CRLF terminated.
-    pub fn render(&self) -> String {
-        render(self.code, self.esc, &self.message)
-    }
-}
 
 /// Formats a one-line reply `code esc text\r\n`. Control characters in the
 /// text (which could forge extra reply lines) are replaced.
@@ -105,10 +34,6 @@ mod tests {
     #[test]
     fn renders_replies() {
         assert_eq!(
-            Reject::bad_sequence("Need MAIL first").render(),
-            "503 5.5.1 Need MAIL first\r\n"
-        );
-        assert_eq!(
             render(250, "", "ok\r\n550 forged"),
             "250 ok  550 forged\r\n"
         );
@@ -119,6 +44,5 @@ mod tests {
             ),
             "250-relay.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
         );
-        assert!(Reject::shutting_down().disconnect);
     }
 }

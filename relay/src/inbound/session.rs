@@ -21,10 +21,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::InboundContext;
-use super::reply::{Reject, render, render_multi};
+use super::reply::{render, render_multi};
 use super::tls::TlsInfo;
 use crate::config::{Listener, RelayConfig};
 use crate::queue::MessageFlags;
+use crate::refusal::Refusal;
 
 /// Where a session is in the SMTP dialogue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,7 +235,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn dialogue(&mut self) -> Result<Flow, End> {
         if self.state.state == State::Greeting {
             if *self.shutdown.borrow() {
-                self.refuse(Reject::shutting_down()).await?;
+                self.refuse(Refusal::ShuttingDown).await?;
             }
             let greeting = format!("{} ESMTP Petrel ready", self.config.hostname);
             self.queue_reply(220, "", &greeting);
@@ -245,12 +246,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let line = match self.read_line(self.command_timeout(), idle).await? {
                 Line::Ok(line) => line,
                 Line::TooLong => {
-                    self.refuse(Reject::new(500, "5.5.6", "line_too_long", "Line too long"))
-                        .await?;
+                    self.refuse(Refusal::LineTooLong).await?;
                     continue;
                 }
                 Line::Shutdown => {
-                    self.refuse(Reject::shutting_down()).await?;
+                    self.refuse(Refusal::ShuttingDown).await?;
                     continue;
                 }
             };
@@ -264,37 +264,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Sends a refusal, counts it, and closes when it says so or when the
     /// session has made too many errors.
-    pub(super) async fn refuse(&mut self, reject: Reject) -> Result<(), End> {
-        self.ctx
-            .metrics
-            .rejected
-            .with_label_values(&[reject.reason])
-            .inc();
-        tracing::debug!(peer = %self.state.peer, code = reject.code, esc = reject.esc, reason = reject.reason, "refused");
-        self.queue_reply(reject.code, reject.esc, &reject.message);
-        if reject.disconnect {
+    ///
+    /// The one place an SMTP refusal becomes a reply: metrics (and
+    /// anything else that records refusals) hook in here.
+    pub(super) async fn refuse(&mut self, refusal: Refusal) -> Result<(), End> {
+        self.reply_refusal(&refusal);
+        if refusal.disconnects() {
             return Err(End::Closed);
         }
-        // Refusing a recipient for being suppressed or one too many is
-        // normal for a bulk sender (RFC 5321 3.3: send the rest in a new
-        // transaction), not a sign of a broken or hostile client.
-        if matches!(reject.reason, "too_many_recipients" | "suppressed") {
+        if !refusal.counts_as_error() {
             return Ok(());
         }
         self.state.errors += 1;
         if self.state.errors >= self.config.limits.max_errors {
-            self.ctx
-                .metrics
-                .rejected
-                .with_label_values(&["too_many_errors"])
-                .inc();
-            self.queue_reply(421, "4.7.0", "Too many errors, closing connection");
+            self.reply_refusal(&Refusal::TooManyErrors);
             return Err(End::Closed);
         }
         Ok(())
     }
 
-    async fn dispatch(&mut self, line: &[u8]) -> Result<Flow, Reject> {
+    /// Counts, logs and queues the reply of one refusal.
+    fn reply_refusal(&mut self, refusal: &Refusal) {
+        self.ctx
+            .metrics
+            .rejected
+            .with_label_values(&[refusal.label()])
+            .inc();
+        tracing::debug!(peer = %self.state.peer, code = refusal.code(), esc = refusal.esc(), reason = refusal.label(), "refused");
+        self.queue_reply(refusal.code(), refusal.esc(), &refusal.text());
+    }
+
+    async fn dispatch(&mut self, line: &[u8]) -> Result<Flow, Refusal> {
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
             Err(e) => return Err(parse_error(e)),
@@ -350,12 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             | Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
-            | Request::Burl { .. } => Err(Reject::new(
-                502,
-                "5.5.1",
-                "not_implemented",
-                "Command not implemented",
-            )),
+            | Request::Burl { .. } => Err(Refusal::NotImplemented("Command not implemented")),
         }
     }
 
@@ -505,34 +500,25 @@ pub(super) fn remaining(deadline: Instant) -> Result<Duration, End> {
 }
 
 /// The reply to input smtp-proto could not parse.
-fn parse_error(e: smtp_proto::Error) -> Reject {
+fn parse_error(e: smtp_proto::Error) -> Refusal {
     use smtp_proto::Error as E;
     match e {
-        E::UnknownCommand => Reject::new(500, "5.5.1", "unknown_command", "Command unrecognized"),
-        E::InvalidSenderAddress => {
-            Reject::new(501, "5.1.7", "bad_address", "Invalid sender address")
-        }
-        E::InvalidRecipientAddress => {
-            Reject::new(501, "5.1.3", "bad_address", "Invalid recipient address")
-        }
-        E::SyntaxError { syntax } => Reject::syntax(format!("Syntax: {syntax}")),
-        E::InvalidParameter { param } => {
-            Reject::new(501, "5.5.4", "syntax", format!("Invalid value for {param}"))
-        }
+        E::UnknownCommand => Refusal::UnknownCommand,
+        E::InvalidSenderAddress => Refusal::BadSender("Invalid sender address".into()),
+        E::InvalidRecipientAddress => Refusal::BadRecipient("Invalid recipient address".into()),
+        E::SyntaxError { syntax } => Refusal::Syntax(format!("Syntax: {syntax}").into()),
+        E::InvalidParameter { param } => Refusal::InvalidParameter(param.to_string()),
         E::UnsupportedParameter { param } => {
             let param: String = param
                 .chars()
                 .filter(|c| c.is_ascii_graphic())
                 .take(32)
                 .collect();
-            Reject::new(
-                555,
-                "5.5.4",
-                "syntax",
-                format!("Unsupported parameter {param}"),
-            )
+            Refusal::UnsupportedParameter(format!("Unsupported parameter {param}").into())
         }
-        E::ResponseTooLong => Reject::new(500, "5.5.6", "line_too_long", "Line too long"),
-        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => Reject::syntax("Syntax error"),
+        E::ResponseTooLong => Refusal::LineTooLong,
+        E::NeedsMoreData { .. } | E::InvalidResponse { .. } => {
+            Refusal::Syntax("Syntax error".into())
+        }
     }
 }

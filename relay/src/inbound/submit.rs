@@ -3,22 +3,20 @@
 //! tricks, quota, suppression, DKIM, durable enqueue), so a message cannot
 //! get through HTTP that SMTP would refuse.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use super::InboundContext;
 use super::accept::{self, Origin};
-use super::auth;
-use super::envelope::{add_recipient, address_reject, bounded, check_quota, denied_reject};
-use super::login::throttle_key;
-use super::reply::Reject;
+use super::credentials;
+use super::envelope::{add_recipient, address_reject, check_quota};
 use super::session::Envelope;
 use crate::config::AuthMode;
-use crate::http::{Credentials, Refusal, Submission, Submit};
+use crate::http::{Authorized, HttpClient, SendLimits, Submission, Submit};
 use crate::policy::{self, Client};
 use crate::queue::MessageFlags;
+use crate::refusal::Refusal;
 
 /// [`Submit`] over an [`InboundContext`].
 #[derive(Clone)]
@@ -32,92 +30,51 @@ impl InboundSubmit {
         InboundSubmit { ctx }
     }
 
-    /// Checks Basic-auth credentials like SMTP AUTH, with the same per-IP
-    /// failure counter.
-    async fn authenticate(&self, ip: IpAddr, credentials: Credentials) -> Result<String, Reject> {
+    /// Who may submit: Basic credentials (checked like SMTP AUTH, with the
+    /// same throttle), never in clear from outside the trusted networks
+    /// unless `http.allowInsecureAuth`; without credentials only trusted
+    /// networks. HTTP behaves like an `auth: optional` listener.
+    async fn authorize_inner(&self, client: HttpClient) -> Result<Authorized, Refusal> {
         let config = self.ctx.config.get();
-        let limits = &config.limits;
-        let timeout = config.queue.timeout.into();
-        let key = throttle_key(ip);
-        let blocked = || {
-            Reject::new(
-                421,
-                "4.7.0",
-                "auth_blocked",
-                "Too many failed AUTH attempts from your address, try again later",
-            )
-        };
-        let _turn = self.ctx.auth_permit(timeout).await?;
-        if bounded(timeout, self.ctx.state.counter(&key)).await?
-            >= u64::from(limits.max_auth_failures)
-        {
-            return Err(blocked());
-        }
-        let users = self.ctx.users.as_ref().map(|u| u.get());
-        let Credentials { username, password } = credentials;
-        let user = username.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            users.is_some_and(|u| auth::verify(&u, &user, &password))
-        })
-        .await
-        .unwrap_or(false);
-        if ok {
-            return Ok(username);
-        }
-        self.ctx
-            .metrics
-            .auth_failures
-            .with_label_values(&["http"])
-            .inc();
-        let total = bounded(
-            timeout,
-            self.ctx
-                .state
-                .incr_counter(&key, 1, limits.auth_block_for.into()),
-        )
-        .await?;
-        if total >= u64::from(limits.max_auth_failures) {
-            return Err(blocked());
-        }
-        Err(Reject::new(
-            535,
-            "5.7.8",
-            "auth_failed",
-            "Authentication credentials invalid",
-        ))
-    }
-
-    async fn submit_inner(&self, s: Submission) -> Result<String, Reject> {
-        let config = self.ctx.config.get();
-        let user = match s.credentials {
-            Some(c) => Some(self.authenticate(s.peer, c).await?),
+        let trusted = policy::is_trusted(client.peer, &config.trusted_networks);
+        let user = match client.credentials {
+            Some(c) => {
+                if !client.tls && !trusted && !config.http.allow_insecure_auth {
+                    return Err(Refusal::PlaintextCredentials);
+                }
+                credentials::check(&self.ctx, client.peer, &c.username, c.password, "http").await?;
+                Some(c.username)
+            }
             None => None,
         };
-        let client = Client {
-            ip: s.peer,
+        let who = Client {
+            ip: client.peer,
             user: user.as_deref(),
         };
-        // HTTP behaves like an `auth: optional` listener: trusted networks
-        // or authenticated users.
+        policy::may_relay(&who, AuthMode::Optional, &config.trusted_networks)
+            .map_err(Refusal::Denied)?;
+        Ok(Authorized {
+            peer: client.peer,
+            user,
+        })
+    }
+
+    async fn submit_inner(&self, who: Authorized, s: Submission) -> Result<String, Refusal> {
+        let config = self.ctx.config.get();
+        let user = who.user;
+        let client = Client {
+            ip: who.peer,
+            user: user.as_deref(),
+        };
         policy::may_relay(&client, AuthMode::Optional, &config.trusted_networks)
-            .map_err(denied_reject)?;
+            .map_err(Refusal::Denied)?;
         let from = policy::check_path(&s.mail_from).map_err(|p| address_reject(p, true))?;
-        let sending = policy::check_sender(&client, from, &config).map_err(denied_reject)?;
+        let sending = policy::check_sender(&client, from, &config).map_err(Refusal::Denied)?;
         if s.data.len() as u64 > config.limits.max_message_size {
-            return Err(Reject::new(
-                552,
-                "5.3.4",
-                "too_big",
-                "Message size exceeds fixed maximum message size",
-            ));
+            return Err(Refusal::TooBig);
         }
         if s.recipients.len() > config.limits.max_recipients as usize {
-            return Err(Reject::new(
-                452,
-                "4.5.3",
-                "too_many_recipients",
-                "Too many recipients",
-            ));
+            return Err(Refusal::TooManyRecipients);
         }
         check_quota(&self.ctx, &config, sending).await?;
         let mut envelope = Envelope {
@@ -143,16 +100,11 @@ impl InboundSubmit {
             add_recipient(&self.ctx, &config, &mut envelope, address.to_string()).await?;
         }
         if envelope.accepted() == 0 {
-            return Err(Reject::new(
-                554,
-                "5.5.1",
-                "no_recipients",
-                "No valid recipients",
-            ));
+            return Err(Refusal::NoRecipients);
         }
         let origin = Origin {
             helo: "http",
-            ip: s.peer,
+            ip: who.peer,
             protocol: if user.is_some() { "HTTPA" } else { "HTTP" },
             tls: None,
             user: user.as_deref(),
@@ -163,22 +115,36 @@ impl InboundSubmit {
     }
 }
 
+impl InboundSubmit {
+    /// The one place a send API refusal is recorded (metrics; anything
+    /// else that records refusals hooks in here too).
+    fn refused(&self, refusal: Refusal) -> Refusal {
+        self.ctx
+            .metrics
+            .rejected
+            .with_label_values(&[refusal.label()])
+            .inc();
+        refusal
+    }
+}
+
 #[async_trait]
 impl Submit for InboundSubmit {
+    async fn authorize(&self, client: HttpClient) -> Result<Authorized, Refusal> {
+        self.authorize_inner(client)
+            .await
+            .map_err(|r| self.refused(r))
+    }
+
     /// Returns the queue id, or `dropped` when every recipient was on the
     /// suppression list of a domain with `onSuppressed: drop`.
-    async fn submit(&self, submission: Submission) -> Result<String, Refusal> {
-        self.submit_inner(submission).await.map_err(|r| {
-            self.ctx
-                .metrics
-                .rejected
-                .with_label_values(&[r.reason])
-                .inc();
-            Refusal {
-                code: r.code,
-                enhanced: r.esc.to_string(),
-                message: r.message,
-            }
-        })
+    async fn submit(&self, client: Authorized, submission: Submission) -> Result<String, Refusal> {
+        self.submit_inner(client, submission)
+            .await
+            .map_err(|r| self.refused(r))
+    }
+
+    fn limits(&self) -> SendLimits {
+        SendLimits::of(&self.ctx.config.get())
     }
 }

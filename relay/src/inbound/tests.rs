@@ -818,83 +818,107 @@ async fn bdat_chunks_make_one_message() {
 
 #[tokio::test]
 async fn http_submissions_take_the_same_path() {
-    use crate::http::{Credentials, Submission, Submit};
+    use crate::http::{Credentials, HttpClient, Submission, Submit};
+    use crate::refusal::Refusal;
     bounded(async {
         let f = fixture("");
         suppress(&f, "gone@x.org");
         let submit = InboundSubmit::new(f.ctx.clone());
-        let sub =
-            |peer: &str, creds: Option<(&str, &str)>, from: &str, rcpts: &[&str]| Submission {
+        // Over TLS unless said otherwise: plaintext credentials are a
+        // case of their own below.
+        let send = async |peer: &str,
+                          creds: Option<(&str, &str)>,
+                          tls: bool,
+                          from: &str,
+                          rcpts: &[&str]|
+               -> Result<String, Refusal> {
+            let client = HttpClient {
                 peer: peer.parse().unwrap(),
                 credentials: creds.map(|(u, p)| Credentials {
                     username: u.into(),
                     password: p.into(),
                 }),
+                tls,
+            };
+            let who = submit.authorize(client).await?;
+            let submission = Submission {
                 mail_from: from.into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 data: b"From: a@example.test\r\nSubject: api\r\n\r\nhello\r\n".to_vec(),
             };
-        let id = submit
-            .submit(sub(
-                "10.1.2.3",
-                None,
-                "a@example.test",
-                &["b@x.org", "b@x.org"],
-            ))
-            .await
-            .unwrap();
+            submit.submit(who, submission).await
+        };
+        let id = send(
+            "10.1.2.3",
+            None,
+            false,
+            "a@example.test",
+            &["b@x.org", "b@x.org"],
+        )
+        .await
+        .unwrap();
         let m = &f.messages()[0];
         assert_eq!(m.id, id);
         assert_eq!(m.recipients, vec!["b@x.org"]);
         assert!(String::from_utf8_lossy(&m.data).contains("with HTTP\r\n"));
         verify_ed25519(&m.data, &f.public_key).await;
 
-        let code = |r: Result<String, crate::http::Refusal>| {
-            r.map_err(|e| (e.code, e.enhanced)).unwrap_err()
+        let code = |r: Result<String, Refusal>| {
+            let e = r.unwrap_err();
+            (e.code(), e.esc().to_string())
         };
         assert_eq!(
-            code(
-                submit
-                    .submit(sub("192.0.2.1", None, "a@example.test", &["b@x.org"]))
-                    .await
-            ),
+            code(send("192.0.2.1", None, false, "a@example.test", &["b@x.org"]).await),
             (530, "5.7.0".into())
         );
         assert_eq!(
             code(
-                submit
-                    .submit(sub(
-                        "192.0.2.1",
-                        Some(("alice", "nope")),
-                        "a@example.test",
-                        &["b@x.org"]
-                    ))
-                    .await
+                send(
+                    "192.0.2.1",
+                    Some(("alice", "nope")),
+                    true,
+                    "a@example.test",
+                    &["b@x.org"]
+                )
+                .await
             ),
             (535, "5.7.8".into())
         );
+        // Basic credentials in clear from outside the trusted networks are
+        // refused before the password is looked at (no failure counted).
+        let failures = f
+            .ctx
+            .metrics
+            .auth_failures
+            .with_label_values(&["http"])
+            .get();
+        let plain = send(
+            "192.0.2.1",
+            Some(("alice", PASSWORD)),
+            false,
+            "a@example.test",
+            &["b@x.org"],
+        )
+        .await;
+        assert_eq!(plain.unwrap_err(), Refusal::PlaintextCredentials);
         assert_eq!(
-            code(
-                submit
-                    .submit(sub("10.1.2.3", None, "a@bank.test", &["b@x.org"]))
-                    .await
-            ),
+            f.ctx
+                .metrics
+                .auth_failures
+                .with_label_values(&["http"])
+                .get(),
+            failures
+        );
+        assert_eq!(
+            code(send("10.1.2.3", None, false, "a@bank.test", &["b@x.org"]).await),
             (550, "5.7.1".into())
         );
         assert_eq!(
-            code(
-                submit
-                    .submit(sub("10.1.2.3", None, "a@example.test", &["v%far@x.org"]))
-                    .await
-            ),
+            code(send("10.1.2.3", None, false, "a@example.test", &["v%far@x.org"]).await),
             (550, "5.7.1".into())
         );
         assert_eq!(
-            code(
-                submit
-                    .submit(sub("10.1.2.3", None, "a@example.test", &["gone@x.org"]))
-                    .await
-            ),
+            code(send("10.1.2.3", None, false, "a@example.test", &["gone@x.org"]).await),
             (550, "5.1.1".into())
         );
         // The HTTP API has no SMTP parser in front of it: CRLF and control
@@ -906,24 +930,21 @@ async fn http_submissions_take_the_same_path() {
             ("v@[10.0.0.5]", (550, "5.7.1".into())),
         ] {
             assert_eq!(
-                code(
-                    submit
-                        .submit(sub("10.1.2.3", None, "a@example.test", &[rcpt]))
-                        .await
-                ),
+                code(send("10.1.2.3", None, false, "a@example.test", &[rcpt]).await),
                 want,
                 "{rcpt:?}"
             );
         }
-        let id = submit
-            .submit(sub(
-                "192.0.2.1",
-                Some(("alice", PASSWORD)),
-                "a@corp.test",
-                &["gone@x.org"],
-            ))
-            .await
-            .unwrap();
+        // From a trusted network, credentials in clear are fine.
+        let id = send(
+            "10.1.2.3",
+            Some(("alice", PASSWORD)),
+            false,
+            "a@corp.test",
+            &["gone@x.org"],
+        )
+        .await
+        .unwrap();
         assert_eq!(id, "dropped");
         assert_eq!(f.messages().len(), 1);
     })

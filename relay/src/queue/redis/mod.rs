@@ -42,12 +42,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::AsyncCommands;
 
-use self::conn::{Conn, Connector, Target, parse_target};
+use self::conn::{Conn, Connector, Target};
 use super::{
     DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule,
     SharedState, SuppressionEntry, units_of,
 };
 use crate::config::RedisQueue;
+use crate::config::parse_redis_url;
 
 /// Expired leases moved back to due per [`Queue::lease`] call: bounds the
 /// work of one script after an outage (the rest follow on later calls).
@@ -124,7 +125,7 @@ impl RedisBackend {
     pub async fn open(config: &RedisQueue, timeout: Duration) -> Result<Self, QueueError> {
         check_prefix(&config.key_prefix)?;
         let url = read_url(config.url.as_deref(), config.url_file.as_deref()).await?;
-        let target = parse_target(&url)
+        let target = parse_redis_url(&url)
             .map_err(|e| QueueError::Unavailable(format!("invalid redis url: {e}")))?;
         let connector = || {
             Connector::new(&target, timeout)
