@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use mail_auth::common::crypto::Ed25519Key;
 use petrel_relay::config::RelayConfig;
-use petrel_relay::http::{Health, HttpState, SendLimits, serve, spawn_queue_gauges};
+use petrel_relay::http::{Health, HttpState, serve, spawn_queue_gauges};
 use petrel_relay::inbound::{InboundContext, InboundSubmit, listener::serve_on};
 use petrel_relay::metrics::RelayMetrics;
 use petrel_relay::queue;
@@ -99,13 +99,7 @@ http:
     // The send API goes through the same accept path as SMTP.
     let state = HttpState::new(registry, health.clone(), backend.queue.clone())
         .expect("http state")
-        .with_send_api(
-            Arc::new(InboundSubmit::new(ctx)),
-            SendLimits {
-                max_body_bytes: 1 << 20,
-                max_recipients: 10,
-            },
-        );
+        .with_send_api(Arc::new(InboundSubmit::new(ctx)));
     let (http_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve(http_socket, state, async move {
         let _ = stopped.await;
