@@ -70,7 +70,7 @@ pub fn selector_labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     ])
 }
 
-fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
+pub(crate) fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     let mut labels = selector_labels(relay);
     labels.insert(
         crate::names::MANAGED_BY.into(),
@@ -632,7 +632,11 @@ pub fn pdb(relay: &SmtpRelay) -> PodDisruptionBudget {
 
 /// The HPA, when `autoscaling` is set.
 pub fn hpa(relay: &SmtpRelay) -> Option<HorizontalPodAutoscaler> {
-    let scaling = relay.spec.autoscaling.as_ref()?;
+    let scaling = relay
+        .spec
+        .autoscaling
+        .as_ref()
+        .filter(|a| a.engine == sr::AutoscalingEngine::Hpa)?;
     Some(HorizontalPodAutoscaler {
         metadata: meta(relay, base_name(relay)),
         spec: Some(HorizontalPodAutoscalerSpec {
