@@ -10,6 +10,7 @@ mod k8s_yaml;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
     CustomResourceDefinition, JSONSchemaProps,
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_yaml::{documents, parse_strict, validate_schema, workspace};
 use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::SmtpRelay;
@@ -37,6 +38,22 @@ fn crd_schema(file: &str, version: &str) -> JSONSchemaProps {
         .unwrap_or_else(|| panic!("{file}: no schema for {version}"))
 }
 
+/// Checks `object` the way the API server does: `metadata` as an ObjectMeta
+/// (a CRD's schema cannot constrain it beyond name), everything else against
+/// the CRD's schema.
+fn validate(object: &Value, schema: &JSONSchemaProps, kind: &str) -> Vec<String> {
+    let mut rest = object.clone();
+    let meta = rest
+        .as_object_mut()
+        .and_then(|o| o.remove("metadata"))
+        .unwrap_or(Value::Null);
+    let mut errors = validate_schema(&rest, schema, kind);
+    if let Err(e) = parse_strict::<ObjectMeta>(&meta) {
+        errors.push(format!("{kind}.metadata: {e}"));
+    }
+    errors
+}
+
 fn relay(autoscaling: &str) -> SmtpRelay {
     serde_yaml::from_str(&format!(
         "apiVersion: petrel.dev/v1alpha1\nkind: SmtpRelay\nmetadata: {{name: main, namespace: mail, uid: u-1}}\n\
@@ -54,7 +71,7 @@ fn scaled_object_satisfies_kedas_crd() {
           prometheus: {serverAddress: 'https://prom:9090', query: 'sum(petrel_queue_units{state=\"due\"})'}}",
     ] {
         let so = keda::scaled_object(&relay(autoscaling)).expect("engine keda");
-        let errors = validate_schema(&so, &schema, "ScaledObject");
+        let errors = validate(&so, &schema, "ScaledObject");
         assert!(errors.is_empty(), "{autoscaling}: {errors:#?}");
         // CEL: minReplicaCount <= maxReplicaCount.
         assert!(so["spec"]["minReplicaCount"].as_i64() <= so["spec"]["maxReplicaCount"].as_i64());
@@ -68,7 +85,7 @@ fn scaled_object_satisfies_kedas_crd() {
     .expect("keda");
     bad["spec"]["triggers"][0]["metadata"]["threshold"] = Value::from(5);
     bad["spec"]["minReplicas"] = Value::from(1);
-    let errors = validate_schema(&bad, &schema, "ScaledObject");
+    let errors = validate(&bad, &schema, "ScaledObject");
     assert_eq!(errors.len(), 2, "{errors:#?}");
 }
 
@@ -110,7 +127,7 @@ fn dns_endpoint_satisfies_external_dns_crd() {
         "10 feedback.example.net.".into(),
     ));
     let endpoint = dns_endpoint::dns_endpoint(&sd, &records).expect("asked for");
-    let errors = validate_schema(&endpoint, &schema, "DNSEndpoint");
+    let errors = validate(&endpoint, &schema, "DNSEndpoint");
     assert!(errors.is_empty(), "{errors:#?}");
     let endpoints = endpoint["spec"]["endpoints"].as_array().expect("endpoints");
     for e in endpoints {
@@ -134,5 +151,5 @@ fn dns_endpoint_satisfies_external_dns_crd() {
     // The check is not vacuous: an unknown record type fails it.
     let mut bad = endpoint.clone();
     bad["spec"]["endpoints"][0]["recordType"] = Value::from("SPF");
-    assert_eq!(validate_schema(&bad, &schema, "DNSEndpoint").len(), 1);
+    assert_eq!(validate(&bad, &schema, "DNSEndpoint").len(), 1);
 }
