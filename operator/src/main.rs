@@ -110,9 +110,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let dns = HickoryTxtLookup::new(&args.dns_servers, Duration::from_secs(5))
         .context("building the DNS resolver")?;
-    let mut settings = Settings::default();
-    settings.keda = args.keda;
-    settings.external_dns = args.external_dns;
+    let mut settings = Settings {
+        keda: args.keda,
+        external_dns: args.external_dns,
+        ..Settings::default()
+    };
     if let Some(image) = args.relay_image.clone() {
         settings.relay_image = image;
     }
