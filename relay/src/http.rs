@@ -214,6 +214,16 @@ pub struct SendLimits {
     pub max_recipients: usize,
 }
 
+/// The admin API (`/admin/v1/...`): what it serves and the config its
+/// guard ([`crate::admin`]) reads trusted networks and the token file from.
+#[derive(Clone)]
+pub struct AdminApi {
+    /// The event outbox, for `GET /admin/v1/events`.
+    pub events: Arc<dyn crate::events::EventLog>,
+    /// The relay config.
+    pub config: crate::reload::Reloading<crate::config::RelayConfig>,
+}
+
 #[derive(Clone)]
 struct SendApi {
     submit: Arc<dyn Submit>,
@@ -228,6 +238,7 @@ pub struct HttpState {
     queue: Arc<dyn Queue>,
     metrics: HttpMetrics,
     send: Option<SendApi>,
+    admin: Option<AdminApi>,
 }
 
 impl HttpState {
@@ -245,7 +256,15 @@ impl HttpState {
             queue,
             metrics,
             send: None,
+            admin: None,
         })
+    }
+
+    /// Enables the admin API (guarded: loopback, trusted networks or the
+    /// admin bearer token).
+    pub fn with_admin(mut self, admin: AdminApi) -> HttpState {
+        self.admin = Some(admin);
+        self
     }
 
     /// Enables `POST /v1/send`, handing messages to `submit`.
@@ -267,6 +286,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/send", post(send_handler))
+        .route("/admin/v1/events", get(admin_events))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
@@ -282,6 +302,58 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// Query of `GET /admin/v1/events`.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Events after this position (from the oldest retained when absent).
+    after: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `GET /admin/v1/events?after=SEQ&limit=N`: a page of the outbox, for
+/// `petrel-relay events tail` while the relay holds the embedded file.
+async fn admin_events(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: axum::extract::Query<EventsQuery>,
+) -> Response {
+    let Some(admin) = &state.admin else {
+        return error_response(StatusCode::NOT_FOUND, "admin API not enabled", None);
+    };
+    let config = admin.config.get();
+    if let Err(denied) = crate::admin::check(
+        peer.ip(),
+        &headers,
+        &config.trusted_networks,
+        config.http.admin_token_file.as_deref(),
+    )
+    .await
+    {
+        let mut response = error_response(denied.status(), &denied.to_string(), None);
+        if denied.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        return response;
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    match admin.events.read(query.after.as_ref(), limit).await {
+        Ok(events) => axum::Json(crate::events::tail::EventPage {
+            events: events.into_iter().map(Into::into).collect(),
+        })
+        .into_response(),
+        Err(QueueError::Corrupt { reason, .. }) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("bad after: {reason}"),
+            None,
+        ),
+        Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string(), None),
+    }
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> Response {

@@ -15,6 +15,7 @@ pub mod emit;
 pub mod event;
 pub mod outbox;
 pub mod tags;
+pub mod tail;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
 
