@@ -117,7 +117,13 @@ mod tests {
             bearer("s3cret"),
             bearer(""),
         );
-        let table: Vec<(&str, &HeaderMap, Option<&str>, Result<(), AdminDenied>)> = vec![
+        type Case<'a> = (
+            &'a str,
+            &'a HeaderMap,
+            Option<&'a str>,
+            Result<(), AdminDenied>,
+        );
+        let table: Vec<Case> = vec![
             ("127.0.0.1", &none, None, Ok(())),
             ("::1", &none, None, Ok(())),
             ("::ffff:10.1.2.3", &none, None, Ok(())),

@@ -10,6 +10,9 @@
 
 use std::collections::BTreeMap;
 
+/// A message's tags.
+pub type Tags = BTreeMap<String, String>;
+
 /// The header SMTP clients set tags with.
 pub const HEADER: &str = "X-Petrel-Tags";
 /// Most tags per message.
@@ -104,7 +107,7 @@ fn header_end(data: &[u8]) -> usize {
 /// header of `data` and returns the message without it and the tags it
 /// named (merged; a key in two fields is a [`TagError::Duplicate`]).
 /// `None` when there was no such header.
-pub fn take_header(data: &[u8]) -> Result<(Vec<u8>, Option<BTreeMap<String, String>>), TagError> {
+pub fn take_header(data: &[u8]) -> Result<(Vec<u8>, Option<Tags>), TagError> {
     let end = header_end(data);
     let mut out = Vec::with_capacity(data.len());
     let mut values: Vec<String> = Vec::new();
