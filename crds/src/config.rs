@@ -19,9 +19,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod events;
 mod validate;
 
 pub use duration::Duration;
+pub use events::{EVENT_TYPES, EventsConfig, Webhook};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -70,6 +72,10 @@ pub struct RelayConfig {
     /// The HTTP server for metrics, health and the send API.
     #[serde(default)]
     pub http: HttpConfig,
+
+    /// The event log (retention) and the webhooks events are sent to.
+    #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
+    pub events: EventsConfig,
 }
 
 fn default_hostname() -> String {

@@ -10,7 +10,9 @@
 pub mod config;
 pub mod delivery;
 pub mod dkim;
+pub mod events;
 pub mod http;
+pub mod http_client;
 pub mod inbound;
 pub mod metrics;
 pub mod policy;
