@@ -255,4 +255,9 @@ pub fn references_secret(relay: &SmtpRelay, name: &str) -> bool {
             .as_ref()
             .and_then(|s| s.credentials_secret_ref.as_ref())
             .is_some_and(|c| c.name == name)
+        || spec
+            .events
+            .iter()
+            .flat_map(|e| &e.webhooks)
+            .any(|w| w.secret_ref.name == name)
 }
