@@ -33,6 +33,19 @@ pub fn group_name(webhook: &str) -> String {
     format!("webhook:{webhook}")
 }
 
+/// This process's consumer name: the pod name (`$HOSTNAME`, else the
+/// configured hostname) plus a random suffix, so a restarted container does
+/// not inherit the claims of the one that died (those are taken over after
+/// their reclaim time, by whichever pod claims first).
+pub fn consumer_name(configured_hostname: &str) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .unwrap_or_else(|| configured_hostname.to_string());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
 /// What every dispatcher of this pod shares.
 pub struct Dispatch {
     /// The event log of the queue backend.
