@@ -1001,7 +1001,7 @@ async fn settle(
             });
         }
         if let Some(message) = dsn::build(&dsn_ctx(None), &report) {
-            if let Err(error) = ctx.queue.enqueue(message).await {
+            if let Err(error) = ctx.queue.enqueue(message, Vec::new()).await {
                 tracing::error!(%error, unit = %unit.id, "cannot queue the bounce; the unit will be retried");
                 dsn_failed = true;
             }
@@ -1032,7 +1032,7 @@ async fn settle(
             .collect();
         let until = policy.expires_at(unit.received_at);
         match dsn::build(&dsn_ctx(Some(until)), &report) {
-            Some(message) => match ctx.queue.enqueue(message).await {
+            Some(message) => match ctx.queue.enqueue(message, Vec::new()).await {
                 Ok(()) => delay_notified = true,
                 Err(error) => {
                     tracing::warn!(%error, unit = %unit.id, "cannot queue the delay warning")
@@ -1148,6 +1148,8 @@ mod tests {
                 next_attempt_at: 0,
                 last_error: None,
                 delay_notified: false,
+                tags: Default::default(),
+                header_message_id: None,
             },
             token: "t".into(),
             expires_at: 0,
@@ -1204,75 +1206,24 @@ mod tests {
 
 #[cfg(test)]
 mod record_tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use async_trait::async_trait;
-
     use super::*;
     use crate::metrics::RelayMetrics;
     use crate::queue::embedded::EmbeddedBackend;
-    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError, QueueStats};
+    use crate::queue::memory::MemoryBackend;
+    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError};
     use crate::reload::Reloading;
 
-    /// The embedded queue, refusing the next `down` settling operations as
-    /// if the backend were unreachable.
-    struct Flaky {
-        inner: Arc<EmbeddedBackend>,
-        down: AtomicU32,
-    }
-
-    impl Flaky {
-        fn gate(&self) -> Result<(), QueueError> {
-            let left = self.down.load(Ordering::SeqCst);
-            if left == 0 {
-                return Ok(());
-            }
-            self.down.store(left - 1, Ordering::SeqCst);
-            Err(QueueError::Unavailable("backend down (test)".into()))
-        }
-    }
-
-    #[async_trait]
-    impl Queue for Flaky {
-        async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-            self.inner.enqueue(message).await
-        }
-        async fn lease(
-            &self,
-            now: Millis,
-            max: usize,
-            lease_for: Duration,
-        ) -> Result<Vec<Lease>, QueueError> {
-            self.inner.lease(now, max, lease_for).await
-        }
-        async fn renew(
-            &self,
-            lease: &Lease,
-            now: Millis,
-            lease_for: Duration,
-        ) -> Result<Lease, QueueError> {
-            self.inner.renew(lease, now, lease_for).await
-        }
-        async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
-            self.inner.message_data(message_id).await
-        }
-        async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.complete(lease).await
-        }
-        async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.retry(lease, reschedule).await
-        }
-        async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.fail(lease).await
-        }
-        async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
-            self.inner.stats(now).await
-        }
-        async fn ping(&self) -> Result<(), QueueError> {
-            self.inner.ping().await
+    fn message(id: &str, recipients: &[&str]) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            mail_from: "s@example.test".into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            sending_domain: "example.test".into(),
+            received_at: now_millis(),
+            flags: MessageFlags::default(),
+            tags: Default::default(),
+            header_message_id: None,
         }
     }
 
@@ -1333,15 +1284,10 @@ mod record_tests {
                     .unwrap(),
             );
             queue
-                .enqueue(NewMessage {
-                    id: "m1".into(),
-                    mail_from: "s@example.test".into(),
-                    recipients: vec!["a@renewed.test".into(), "b@idle.test".into()],
-                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-                    sending_domain: "example.test".into(),
-                    received_at: now_millis(),
-                    flags: MessageFlags::default(),
-                })
+                .enqueue(
+                    message("m1", &["a@renewed.test", "b@idle.test"]),
+                    Vec::new(),
+                )
                 .await
                 .unwrap();
             // Long enough that a renewal every third of it is not missed
@@ -1398,33 +1344,17 @@ mod record_tests {
                 path.display()
             );
             let cfg = RelayConfig::from_yaml(&yaml).expect("test config");
-            let config = petrel_crds::config::EmbeddedQueue { path };
-            let inner = Arc::new(
-                EmbeddedBackend::open(&config, Duration::from_secs(5))
-                    .await
-                    .unwrap(),
-            );
-            let flaky = Arc::new(Flaky {
-                inner: inner.clone(),
-                down: AtomicU32::new(2),
-            });
+            let flaky = Arc::new(MemoryBackend::default());
+            flaky.fail_next_settles(2);
             let (_registry, metrics) = RelayMetrics::standalone();
-            let backend = Backend {
-                queue: flaky.clone(),
-                state: inner.clone(),
-            };
-            let ctx =
-                DeliveryContext::new(Reloading::fixed(cfg.clone()), backend, metrics).unwrap();
+            let ctx = DeliveryContext::new(
+                Reloading::fixed(cfg.clone()),
+                Backend::of(flaky.clone()),
+                metrics,
+            )
+            .unwrap();
             flaky
-                .enqueue(NewMessage {
-                    id: "m1".into(),
-                    mail_from: "s@example.test".into(),
-                    recipients: vec!["a@dest.test".into()],
-                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-                    sending_domain: "example.test".into(),
-                    received_at: now_millis(),
-                    flags: MessageFlags::default(),
-                })
+                .enqueue(message("m1", &["a@dest.test"]), Vec::new())
                 .await
                 .unwrap();
             let leases = flaky

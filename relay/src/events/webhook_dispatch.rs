@@ -266,15 +266,22 @@ impl Dispatcher {
                 .cloned()
                 .chain(self.pending.iter().map(|e| e.seq.clone()))
                 .collect();
-            if let Err(error) = self
+            match self
                 .dispatch
                 .log
                 .renew(&self.group, &self.dispatch.consumer, &seqs)
                 .await
             {
+                Ok(held) if held < seqs.len() as u64 => tracing::warn!(
+                    webhook = %self.name,
+                    held,
+                    claimed = seqs.len(),
+                    "another consumer took over some retrying events; they may be sent twice"
+                ),
+                Ok(_) => {}
                 // Not fatal: at worst another pod sends these too, and
                 // receivers dedupe by event id.
-                tracing::warn!(webhook = %self.name, %error, "cannot renew the claim of retrying events");
+                Err(error) => tracing::warn!(webhook = %self.name, %error, "cannot renew the claim of retrying events"),
             }
             if left.is_zero() {
                 return true;
