@@ -324,3 +324,136 @@ fn backend_pause(errors: u32) -> Duration {
 pub(super) async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+
+    use axum::http::StatusCode;
+
+    use super::*;
+    use crate::events::{Event, EventType};
+    use crate::queue::memory::MemoryBackend;
+
+    /// A receiver answering `status` and counting requests.
+    async fn receiver(status: Arc<AtomicU16>, hits: Arc<AtomicUsize>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                let (status, hits) = (status.clone(), hits.clone());
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap()
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    }
+
+    fn hook(url: &str, secret: &std::path::Path, retry_for: Duration) -> Webhook {
+        let mut w = Webhook::new("app", url, secret);
+        w.retry_initial_backoff = Duration::from_millis(20).into();
+        w.retry_max_backoff = Duration::from_millis(50).into();
+        w.retry_for = retry_for.into();
+        w
+    }
+
+    async fn until(what: &str, check: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !check() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    async fn acked(log: &MemoryBackend) {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while log.backlog("webhook:app").await.unwrap().pending != 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("timed out waiting for the ack");
+    }
+
+    #[tokio::test]
+    async fn a_batch_given_up_after_retry_for_is_acked_counted_and_never_silent() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let status = Arc::new(AtomicU16::new(503));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let url = receiver(status.clone(), hits.clone()).await;
+        let log = Arc::new(MemoryBackend::default());
+        let events: Vec<Event> = (0..3)
+            .map(|i| Event::new(EventType::Delivered, "relay", 1_000 + i))
+            .collect();
+        log.publish(&events).await.unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = WebhookMetrics::register(&registry).unwrap();
+        let dispatch = Arc::new(Dispatch {
+            log: log.clone(),
+            metrics: metrics.clone(),
+            consumer: "pod-a".into(),
+        });
+        let (_hook_tx, hook_rx) = watch::channel(Arc::new(hook(&url, &secret, Duration::from_millis(200))));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(dispatch, hook_rx, stop_rx));
+        let dropped = || metrics.requests.with_label_values(&["app", "dropped"]).get();
+        until("the drop", || dropped() == 1).await;
+        assert!(hits.load(Ordering::SeqCst) >= 2, "retried before dropping");
+        assert_eq!(
+            metrics.requests.with_label_values(&["app", "http_error"]).get() as usize,
+            hits.load(Ordering::SeqCst)
+        );
+        assert_eq!(metrics.dropped_events.with_label_values(&["app"]).get(), 3);
+        // Dropped means acked: nothing is owed any more.
+        acked(&log).await;
+        stop_tx.send_replace(true);
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn refused_batches_are_retried_until_accepted_then_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "s").unwrap();
+        let status = Arc::new(AtomicU16::new(500));
+        let hits = Arc::new(AtomicUsize::new(0));
+        let url = receiver(status.clone(), hits.clone()).await;
+        let log = Arc::new(MemoryBackend::default());
+        let events: Vec<Event> = (0..5)
+            .map(|i| Event::new(EventType::Bounced, "relay", 1_000 + i))
+            .collect();
+        log.publish(&events).await.unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = WebhookMetrics::register(&registry).unwrap();
+        let dispatch = Arc::new(Dispatch {
+            log: log.clone(),
+            metrics: metrics.clone(),
+            consumer: "pod-a".into(),
+        });
+        let (_hook_tx, hook_rx) = watch::channel(Arc::new(hook(&url, &secret, Duration::from_secs(3600))));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(dispatch, hook_rx, stop_rx));
+        until("three refusals", || hits.load(Ordering::SeqCst) >= 3).await;
+        // While it retries, the batch stays claimed by this consumer:
+        // another one finds nothing to take over.
+        let other = log
+            .claim("webhook:app", "pod-b", 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(other.is_empty(), "{} events taken over from a live dispatcher", other.len());
+        status.store(200, Ordering::SeqCst);
+        acked(&log).await;
+        assert_eq!(metrics.requests.with_label_values(&["app", "success"]).get(), 1);
+        assert_eq!(metrics.requests.with_label_values(&["app", "dropped"]).get(), 0);
+        stop_tx.send_replace(true);
+        task.await.unwrap();
+    }
+}
