@@ -22,4 +22,15 @@ pub mod webhook_sign;
 pub mod webhook_supervisor;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
+
+/// The name events carry in `relay`: the pod name (`POD_NAME`, else
+/// `HOSTNAME`, which Kubernetes sets to it), else the configured hostname.
+pub fn relay_name(hostname: &str) -> String {
+    ["POD_NAME", "HOSTNAME"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
+        .unwrap_or_else(|| hostname.to_string())
+}
 pub use outbox::{Backlog, EventLog, EventSeq, StoredEvent, TrimReport};
