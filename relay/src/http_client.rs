@@ -129,7 +129,10 @@ impl HttpClient {
 
     /// Sends `request` and reads the response, all within the request
     /// timeout and the body limit.
-    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<HttpResponse, HttpClientError> {
+    pub async fn send(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<HttpResponse, HttpClientError> {
         let timeout = self.options.request_timeout;
         let limit = self.options.max_response_bytes;
         let exchange = async {
@@ -142,7 +145,9 @@ impl HttpClient {
             })?;
             let (parts, body) = response.into_parts();
             let body = Limited::new(body, limit).collect().await.map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
                     HttpClientError::BodyTooLarge(limit)
                 } else {
                     HttpClientError::Request(e.to_string())

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::delivery::{self, DeliveryContext, DeliveryError};
-use crate::http::{self, Health, HttpError, HttpState, SendLimits};
-use crate::inbound::{self, InboundContext, InboundError, InboundSubmit};
 use crate::events::webhook_dispatch::{Dispatch, consumer_name};
 use crate::events::{retention, webhook_supervisor};
+use crate::http::{self, Health, HttpError, HttpState, SendLimits};
+use crate::inbound::{self, InboundContext, InboundError, InboundSubmit};
 use crate::metrics::{MetricsError, RelayMetrics, WebhookMetrics};
 use crate::queue::{self, QueueError};
 

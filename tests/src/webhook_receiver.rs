@@ -187,14 +187,20 @@ pub fn verify(key: &hmac::Key, header: &str, body: &[u8], now_secs: u64) -> Resu
     }
     let t = t.ok_or("no t=")?;
     if t.abs_diff(now_secs) > TOLERANCE_SECS {
-        return Err(format!("t={t} is more than {TOLERANCE_SECS}s from now ({now_secs})"));
+        return Err(format!(
+            "t={t} is more than {TOLERANCE_SECS}s from now ({now_secs})"
+        ));
     }
     let mut signed = format!("{t}.").into_bytes();
     signed.extend_from_slice(body);
-    let ok = v1.iter().any(|hex| {
-        decode_hex(hex).is_some_and(|tag| hmac::verify(key, &signed, &tag).is_ok())
-    });
-    if ok { Ok(()) } else { Err("no v1 signature matches".into()) }
+    let ok = v1
+        .iter()
+        .any(|hex| decode_hex(hex).is_some_and(|tag| hmac::verify(key, &signed, &tag).is_ok()));
+    if ok {
+        Ok(())
+    } else {
+        Err("no v1 signature matches".into())
+    }
 }
 
 fn decode_hex(hex: &str) -> Option<Vec<u8>> {
@@ -229,7 +235,8 @@ fn answer(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> StatusCode {
         shared.bad_signatures.fetch_add(1, Ordering::SeqCst);
         return StatusCode::UNAUTHORIZED;
     }
-    let status = StatusCode::from_u16(shared.status.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK);
+    let status =
+        StatusCode::from_u16(shared.status.load(Ordering::SeqCst)).unwrap_or(StatusCode::OK);
     if !status.is_success() {
         shared.refused.fetch_add(1, Ordering::SeqCst);
         return status;
@@ -267,7 +274,8 @@ mod tests {
         // Same known answer as the relay's signing test (openssl dgst).
         let key = hmac::Key::new(hmac::HMAC_SHA256, b"whsec_test");
         let body = br#"[{"id":"e1"}]"#;
-        let good = "t=1700000000,v1=deed8f23c4bf6ec8f91ef00e83532840aff216f763db777f9fe35c503898d820";
+        let good =
+            "t=1700000000,v1=deed8f23c4bf6ec8f91ef00e83532840aff216f763db777f9fe35c503898d820";
         assert_eq!(verify(&key, good, body, 1_700_000_100), Ok(()));
         assert!(verify(&key, good, br#"[{"id":"e2"}]"#, 1_700_000_100).is_err());
         assert!(verify(&key, good, body, 1_700_000_000 + TOLERANCE_SECS + 1).is_err());

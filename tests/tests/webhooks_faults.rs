@@ -25,7 +25,11 @@ async fn send(relay: &RelayProcess, run: &str, n: u64) -> Vec<String> {
     plan.run_id = run.into();
     plan.io_timeout = Duration::from_secs(10);
     let report = inject::run(plan).await;
-    assert!(report.failed.is_empty(), "client failures: {:?}", report.failed.first());
+    assert!(
+        report.failed.is_empty(),
+        "client failures: {:?}",
+        report.failed.first()
+    );
     accepted_ids(&report)
 }
 
@@ -34,7 +38,9 @@ async fn refuse_kill_recover(mut relay: RelayProcess, receiver: WebhookReceiver,
     receiver.set_status(500);
     let mut accepted = send(&relay, "first", 20).await;
     assert!(
-        receiver.wait_until(Duration::from_secs(30), |r| r.refused() >= 3).await,
+        receiver
+            .wait_until(Duration::from_secs(30), |r| r.refused() >= 3)
+            .await,
         "the relay never retried against the refusing receiver:\n{}",
         relay.log_tail(40)
     );
@@ -43,16 +49,25 @@ async fn refuse_kill_recover(mut relay: RelayProcess, receiver: WebhookReceiver,
     accepted.extend(send(&relay, "second", 20).await);
     let refused = receiver.refused();
     assert!(
-        receiver.wait_until(Duration::from_secs(30), |r| r.refused() >= refused + 3).await,
+        receiver
+            .wait_until(Duration::from_secs(30), |r| r.refused() >= refused + 3)
+            .await,
         "the restarted relay never retried:\n{}",
         relay.log_tail(40)
     );
-    assert!(sink.wait_for(40, 40, Duration::from_secs(60)).await, "mail flows while the webhook fails");
+    assert!(
+        sink.wait_for(40, 40, Duration::from_secs(60)).await,
+        "mail flows while the webhook fails"
+    );
     assert_eq!(receiver.unique(), 0, "nothing recorded while refusing");
     receiver.set_status(200);
     // The dead process's claimed batch comes back after its reclaim time.
     let missing = wait_for_events(&receiver, &accepted, TYPES, Duration::from_secs(90)).await;
-    assert!(missing.is_empty(), "lost events: {missing:?}\n{}", relay.log_tail(60));
+    assert!(
+        missing.is_empty(),
+        "lost events: {missing:?}\n{}",
+        relay.log_tail(60)
+    );
     assert_eq!(receiver.bad_signatures(), 0);
     assert!(
         delivered_per_message(&receiver).values().all(|n| *n == 1),
@@ -125,9 +140,11 @@ async fn webhooks_two_relays_on_one_redis_send_every_event() {
         let secret = secret_file(dir.path());
         let receiver = WebhookReceiver::start(SECRET).await.unwrap();
         let hook = webhook("app", &receiver, &secret);
-        let s = Scenario::start(2, Persistence::None, |c| c.events.webhooks = vec![hook.clone()])
-            .await
-            .expect("scenario");
+        let s = Scenario::start(2, Persistence::None, |c| {
+            c.events.webhooks = vec![hook.clone()]
+        })
+        .await
+        .expect("scenario");
         let report = s.send("two", 100, 8, 1).await;
         let accepted = accepted_ids(&report);
         assert_eq!(accepted.len(), 100, "{:?}", report.failed.first());
@@ -145,7 +162,10 @@ async fn webhooks_two_relays_on_one_redis_send_every_event() {
             duplicates,
             receiver.requests()
         );
-        assert!(duplicates <= 20, "{duplicates} duplicate copies of 200 events");
+        assert!(
+            duplicates <= 20,
+            "{duplicates} duplicate copies of 200 events"
+        );
     })
     .await
     .expect("test timed out");

@@ -221,7 +221,10 @@ pub(super) fn check(events: &EventsConfig, errors: &mut Vec<FieldError>) {
                 if !EVENT_TYPES.contains(&t.as_str()) {
                     errors.push(FieldError::new(
                         format!("{at}.types[{j}]"),
-                        format!("unknown event type {t:?}; one of {}", EVENT_TYPES.join(", ")),
+                        format!(
+                            "unknown event type {t:?}; one of {}",
+                            EVENT_TYPES.join(", ")
+                        ),
                     ));
                 }
             }
@@ -229,7 +232,10 @@ pub(super) fn check(events: &EventsConfig, errors: &mut Vec<FieldError>) {
         if w.batch_max_events == 0 || w.batch_max_events > MAX_BATCH_EVENTS {
             errors.push(FieldError::new(
                 format!("{at}.batchMaxEvents"),
-                format!("{} is not between 1 and {MAX_BATCH_EVENTS}", w.batch_max_events),
+                format!(
+                    "{} is not between 1 and {MAX_BATCH_EVENTS}",
+                    w.batch_max_events
+                ),
             ));
         }
         if !(MIN_BATCH_BYTES..=MAX_BATCH_BYTES).contains(&w.batch_max_bytes) {
@@ -303,7 +309,9 @@ pub fn check_url(url: &str) -> Result<(), String> {
     } else if let Some(rest) = url.strip_prefix("http://") {
         (false, rest)
     } else {
-        return Err(format!("{url:?} must start with https:// (or http:// in-cluster)"));
+        return Err(format!(
+            "{url:?} must start with https:// (or http:// in-cluster)"
+        ));
     };
     let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if authority.contains('@') {
@@ -444,7 +452,10 @@ mod tests {
             "events.webhooks[2].name: \"app\" is already used by events.webhooks[1]",
         ];
         for e in expect {
-            assert!(got.iter().any(|g| g.starts_with(e)), "missing {e:?} in {got:#?}");
+            assert!(
+                got.iter().any(|g| g.starts_with(e)),
+                "missing {e:?} in {got:#?}"
+            );
         }
         assert_eq!(got.len(), expect.len(), "{got:#?}");
     }

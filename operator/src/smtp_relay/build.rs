@@ -20,8 +20,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, HTTPGetAction, KeyToPath, PodAffinityTerm, PodAntiAffinity,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeProjection, WeightedPodAffinityTerm,
+    Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -859,13 +859,19 @@ mod tests {
         assert_eq!(hooks.len(), 2);
         assert_eq!(hooks[0].name, "app");
         assert_eq!(hooks[0].url, "https://hooks.example.com/petrel");
-        assert_eq!(hooks[0].secret_file, PathBuf::from("/etc/petrel/webhooks/app"));
+        assert_eq!(
+            hooks[0].secret_file,
+            PathBuf::from("/etc/petrel/webhooks/app")
+        );
         assert_eq!(
             hooks[0].types,
             Some(vec!["delivered".to_string(), "bounced".to_string()])
         );
         assert_eq!(hooks[1].types, None);
-        assert_eq!(hooks[1].secret_file, PathBuf::from("/etc/petrel/webhooks/crm"));
+        assert_eq!(
+            hooks[1].secret_file,
+            PathBuf::from("/etc/petrel/webhooks/crm")
+        );
         let yaml = config.to_yaml().expect("serializes");
         assert_eq!(
             rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
@@ -890,14 +896,19 @@ mod tests {
             .flatten()
             .find(|v| v.name == "webhooks")
             .expect("webhooks volume");
-        let sources = volume.projected.as_ref().and_then(|p| p.sources.clone()).unwrap();
+        let sources = volume
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .unwrap();
         let files: Vec<(String, String, String)> = sources
             .iter()
             .filter_map(|s| s.secret.as_ref())
             .flat_map(|s| {
-                s.items.iter().flatten().map(move |i| {
-                    (s.name.clone(), i.key.clone(), i.path.clone())
-                })
+                s.items
+                    .iter()
+                    .flatten()
+                    .map(move |i| (s.name.clone(), i.key.clone(), i.path.clone()))
             })
             .collect();
         assert_eq!(
@@ -928,7 +939,11 @@ mod tests {
         );
         let err = relay_config(&relay, &[], None).expect_err("invalid");
         assert_eq!(err.reason, "InvalidRelayConfig");
-        assert!(err.message.contains("events.webhooks[0].url"), "{}", err.message);
+        assert!(
+            err.message.contains("events.webhooks[0].url"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

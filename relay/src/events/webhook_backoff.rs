@@ -46,12 +46,23 @@ mod tests {
     #[test]
     fn backoff_schedule_doubles_to_the_cap_and_stays_within_jitter_bounds() {
         // jitter 0 gives the lower bound d/2, jitter ~1 the upper bound d.
-        let table = [(1, 5), (2, 10), (3, 20), (4, 40), (5, 80), (8, 600), (40, 600)];
+        let table = [
+            (1, 5),
+            (2, 10),
+            (3, 20),
+            (4, 40),
+            (5, 80),
+            (8, 600),
+            (40, 600),
+        ];
         for (failures, full) in table {
             let low = backoff(failures, S(5), S(600), 0.0);
             let high = backoff(failures, S(5), S(600), 0.999_999);
             assert_eq!(low, S(full) / 2, "failures {failures}");
-            assert!(high < S(full) && high > S(full) * 99 / 100, "failures {failures}: {high:?}");
+            assert!(
+                high < S(full) && high > S(full) * 99 / 100,
+                "failures {failures}: {high:?}"
+            );
         }
         // Out-of-range jitter is clamped, not trusted.
         assert_eq!(backoff(1, S(4), S(60), -3.0), S(2));

@@ -168,7 +168,9 @@ mod tests {
 
     #[test]
     fn batches_are_bounded_in_bytes_but_a_big_event_still_goes_alone() {
-        let one = serde_json::to_vec(&stored(0, EventType::Delivered).event).unwrap().len();
+        let one = serde_json::to_vec(&stored(0, EventType::Delivered).event)
+            .unwrap()
+            .len();
         let mut pending = queue(&[EventType::Delivered; 5]);
         // Room for two events (plus brackets and a comma) but not three.
         let bounds = Bounds {
@@ -177,7 +179,12 @@ mod tests {
         };
         let mut sizes = Vec::new();
         while let Some(b) = plan(&mut pending, |_| true, bounds, "app").batch {
-            assert!(b.body.len() <= bounds.max_bytes, "{} > {}", b.body.len(), bounds.max_bytes);
+            assert!(
+                b.body.len() <= bounds.max_bytes,
+                "{} > {}",
+                b.body.len(),
+                bounds.max_bytes
+            );
             sizes.push(b.seqs.len());
         }
         assert_eq!(sizes, [2, 2, 1]);

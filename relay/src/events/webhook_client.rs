@@ -90,7 +90,10 @@ impl WebhookClient {
         };
         let request = Request::post(hook.url.as_str())
             .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, concat!("petrel-relay/", env!("CARGO_PKG_VERSION")))
+            .header(
+                header::USER_AGENT,
+                concat!("petrel-relay/", env!("CARGO_PKG_VERSION")),
+            )
             .header(SIGNATURE_HEADER, signature(&secret, now_secs, &batch.body))
             .header(WEBHOOK_ID_HEADER, batch.id.as_str())
             .body(Full::new(Bytes::from(batch.body.clone())));
@@ -112,7 +115,10 @@ impl WebhookClient {
     fn client(&mut self, hook: &Webhook) -> Result<HttpClient, HttpClientError> {
         let key = ClientKey {
             ca_file: hook.ca_file.clone(),
-            ca_fingerprint: hook.ca_file.as_deref().and_then(|p| file_fingerprint(p).ok()),
+            ca_fingerprint: hook
+                .ca_file
+                .as_deref()
+                .and_then(|p| file_fingerprint(p).ok()),
             timeout: hook.request_timeout.get(),
         };
         if let Some((built, client)) = &self.client

@@ -243,7 +243,10 @@ impl Dispatcher {
                 retry_in = ?wait,
                 "webhook request failed; retrying"
             );
-            if !self.pause_renewing(wait, batch, hook.request_timeout.get()).await {
+            if !self
+                .pause_renewing(wait, batch, hook.request_timeout.get())
+                .await
+            {
                 return Sent::Stopped;
             }
         }
@@ -281,7 +284,9 @@ impl Dispatcher {
                 Ok(_) => {}
                 // Not fatal: at worst another pod sends these too, and
                 // receivers dedupe by event id.
-                Err(error) => tracing::warn!(webhook = %self.name, %error, "cannot renew the claim of retrying events"),
+                Err(error) => {
+                    tracing::warn!(webhook = %self.name, %error, "cannot renew the claim of retrying events")
+                }
             }
             if left.is_zero() {
                 return true;
@@ -317,7 +322,12 @@ impl Dispatcher {
 }
 
 fn backend_pause(errors: u32) -> Duration {
-    backoff(errors, BACKEND_PAUSE, BACKEND_PAUSE_MAX, rand::random::<f64>())
+    backoff(
+        errors,
+        BACKEND_PAUSE,
+        BACKEND_PAUSE_MAX,
+        rand::random::<f64>(),
+    )
 }
 
 /// Completes once the stop flag turns true.
@@ -401,14 +411,23 @@ mod tests {
             metrics: metrics.clone(),
             consumer: "pod-a".into(),
         });
-        let (_hook_tx, hook_rx) = watch::channel(Arc::new(hook(&url, &secret, Duration::from_millis(200))));
+        let (_hook_tx, hook_rx) =
+            watch::channel(Arc::new(hook(&url, &secret, Duration::from_millis(200))));
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(dispatch, hook_rx, stop_rx));
-        let dropped = || metrics.requests.with_label_values(&["app", "dropped"]).get();
+        let dropped = || {
+            metrics
+                .requests
+                .with_label_values(&["app", "dropped"])
+                .get()
+        };
         until("the drop", || dropped() == 1).await;
         assert!(hits.load(Ordering::SeqCst) >= 2, "retried before dropping");
         assert_eq!(
-            metrics.requests.with_label_values(&["app", "http_error"]).get() as usize,
+            metrics
+                .requests
+                .with_label_values(&["app", "http_error"])
+                .get() as usize,
             hits.load(Ordering::SeqCst)
         );
         assert_eq!(metrics.dropped_events.with_label_values(&["app"]).get(), 3);
@@ -438,7 +457,8 @@ mod tests {
             metrics: metrics.clone(),
             consumer: "pod-a".into(),
         });
-        let (_hook_tx, hook_rx) = watch::channel(Arc::new(hook(&url, &secret, Duration::from_secs(3600))));
+        let (_hook_tx, hook_rx) =
+            watch::channel(Arc::new(hook(&url, &secret, Duration::from_secs(3600))));
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(dispatch, hook_rx, stop_rx));
         until("three refusals", || hits.load(Ordering::SeqCst) >= 3).await;
@@ -448,11 +468,27 @@ mod tests {
             .claim("webhook:app", "pod-b", 10, Duration::from_secs(60))
             .await
             .unwrap();
-        assert!(other.is_empty(), "{} events taken over from a live dispatcher", other.len());
+        assert!(
+            other.is_empty(),
+            "{} events taken over from a live dispatcher",
+            other.len()
+        );
         status.store(200, Ordering::SeqCst);
         acked(&log).await;
-        assert_eq!(metrics.requests.with_label_values(&["app", "success"]).get(), 1);
-        assert_eq!(metrics.requests.with_label_values(&["app", "dropped"]).get(), 0);
+        assert_eq!(
+            metrics
+                .requests
+                .with_label_values(&["app", "success"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            metrics
+                .requests
+                .with_label_values(&["app", "dropped"])
+                .get(),
+            0
+        );
         stop_tx.send_replace(true);
         task.await.unwrap();
     }

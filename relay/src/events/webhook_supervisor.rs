@@ -27,13 +27,22 @@ struct Running {
 }
 
 /// Runs the webhooks of `config` (as it changes) until `stop` turns true.
-pub async fn run(config: Reloading<RelayConfig>, dispatch: Arc<Dispatch>, stop: watch::Receiver<bool>) {
+pub async fn run(
+    config: Reloading<RelayConfig>,
+    dispatch: Arc<Dispatch>,
+    stop: watch::Receiver<bool>,
+) {
     let mut changes = config.clone();
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
     let mut backlog = tokio::time::interval(BACKLOG_EVERY);
     backlog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        reconcile(&mut running, &config.get().events.webhooks, &dispatch, &stop);
+        reconcile(
+            &mut running,
+            &config.get().events.webhooks,
+            &dispatch,
+            &stop,
+        );
         tokio::select! {
             _ = changes.changed() => {}
             _ = backlog.tick() => refresh_backlog(&dispatch, running.keys()).await,
@@ -102,7 +111,9 @@ async fn refresh_backlog<'a>(dispatch: &Dispatch, names: impl Iterator<Item = &'
                     .with_label_values(&[&name])
                     .set(age as i64);
             }
-            Err(error) => tracing::warn!(webhook = %name, %error, "cannot read the webhook backlog"),
+            Err(error) => {
+                tracing::warn!(webhook = %name, %error, "cannot read the webhook backlog")
+            }
         }
     }
 }

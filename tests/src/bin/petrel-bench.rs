@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow_lite::{Context, Result};
 use clap::{Parser, ValueEnum};
+use petrel_crds::config::Webhook;
 use petrel_tests::bench::inject::{self, Plan};
 use petrel_tests::bench::postfix::{self, Postfix};
 use petrel_tests::bench::procstat;
@@ -27,7 +28,6 @@ use petrel_tests::bench::stats::{fmt_ms, percentile};
 use petrel_tests::dns::DnsServer;
 use petrel_tests::redis::{Persistence, RedisServer};
 use petrel_tests::webhook_receiver::WebhookReceiver;
-use petrel_crds::config::Webhook;
 
 /// Benchmark Petrel (and Postfix) relaying to a local counting sink.
 #[derive(Parser, Debug, Clone)]

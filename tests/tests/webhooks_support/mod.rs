@@ -55,12 +55,7 @@ pub fn missing(receiver: &WebhookReceiver, accepted: &[String], types: &[&str]) 
     let have: BTreeSet<(String, String)> = receiver
         .events()
         .values()
-        .filter_map(|r| {
-            Some((
-                r.event["type"].as_str()?.to_string(),
-                bench_id(&r.event)?,
-            ))
-        })
+        .filter_map(|r| Some((r.event["type"].as_str()?.to_string(), bench_id(&r.event)?)))
         .collect();
     let mut missing = Vec::new();
     for id in accepted {
@@ -90,7 +85,9 @@ pub async fn wait_for_events(
 /// `delivered` events per bench id: a message is delivered once, so each
 /// must have exactly one (at-least-once sending may repeat the event, never
 /// make a second one).
-pub fn delivered_per_message(receiver: &WebhookReceiver) -> std::collections::BTreeMap<String, usize> {
+pub fn delivered_per_message(
+    receiver: &WebhookReceiver,
+) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for r in receiver.events().values() {
         if r.event["type"] == "delivered"
