@@ -170,3 +170,66 @@ async fn webhooks_two_relays_on_one_redis_send_every_event() {
     .await
     .expect("test timed out");
 }
+
+/// `EventLog::renew` on both real backends: it keeps only what the caller
+/// still holds, so a dispatcher that lost its claim does not take it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_renew_keeps_only_the_callers_claims_on_both_backends() {
+    use petrel_crds::config::{EmbeddedQueue, QueueConfig, RedisQueue};
+    use petrel_relay::events::{Event, EventType};
+    tokio::time::timeout(LIMIT, async {
+        let redis = RedisServer::start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let configs = [
+            (
+                Some(RedisQueue {
+                    url: Some(redis.url()),
+                    url_file: None,
+                    key_prefix: "petrel-renew".into(),
+                    wait_replicas: 0,
+                }),
+                None,
+            ),
+            (
+                None,
+                Some(EmbeddedQueue {
+                    path: dir.path().join("queue.redb"),
+                }),
+            ),
+        ];
+        for (redis_queue, embedded_queue) in configs {
+            let which = if redis_queue.is_some() { "redis" } else { "embedded" };
+            let backend = petrel_relay::queue::open(&QueueConfig {
+                redis: redis_queue,
+                embedded: embedded_queue,
+                lease: Duration::from_secs(60).into(),
+                timeout: Duration::from_secs(5).into(),
+            })
+            .await
+            .expect("backend opens");
+            let log = backend.events;
+            log.ensure_group("webhook:app").await.unwrap();
+            let events: Vec<Event> = (0..3)
+                .map(|i| Event::new(EventType::Delivered, "relay", 1_000 + i))
+                .collect();
+            log.publish(&events).await.unwrap();
+            let hour = Duration::from_secs(3600);
+            let a = log.claim("webhook:app", "pod-a", 10, hour).await.unwrap();
+            assert_eq!(a.len(), 3, "{which}");
+            let seqs: Vec<String> = a.iter().map(|e| e.seq.clone()).collect();
+            assert_eq!(log.renew("webhook:app", "pod-a", &seqs).await.unwrap(), 3, "{which}");
+            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 0, "{which}");
+            // pod-b takes over (as after pod-a's silence): pod-a's renewal
+            // must not take them back.
+            let b = log.claim("webhook:app", "pod-b", 10, Duration::ZERO).await.unwrap();
+            assert_eq!(b.len(), 3, "{which}");
+            assert_eq!(log.renew("webhook:app", "pod-a", &seqs).await.unwrap(), 0, "{which}");
+            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 3, "{which}");
+            log.ack("webhook:app", &seqs).await.unwrap();
+            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 0, "{which}: acked");
+            assert_eq!(log.backlog("webhook:app").await.unwrap().pending, 0, "{which}");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
