@@ -314,7 +314,9 @@ pub fn relay_config(
         limits,
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
+            admin_token_file: None,
         },
+        events: rc::EventsConfig::default(),
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();

@@ -11,8 +11,10 @@
 //!
 //! Names follow the events contract (`EVENTS-CONTRACT.md`) unchanged.
 
+pub mod emit;
 pub mod event;
 pub mod outbox;
+pub mod tags;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
 
