@@ -605,12 +605,20 @@ pub struct HttpConfig {
     /// Listen address, `ip:port`.
     #[serde(default = "default_http_address")]
     pub address: SocketAddr,
+    /// A file holding the bearer token for the admin API
+    /// (`/admin/v1/...`, e.g. `events tail` against a running relay).
+    /// Without it only loopback and `trustedNetworks` peers may use it;
+    /// with it, any peer presenting `Authorization: Bearer <token>`, and
+    /// loopback and trusted peers still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             address: default_http_address(),
+            admin_token_file: None,
         }
     }
 }

@@ -181,6 +181,8 @@ pub struct Submission {
     pub recipients: Vec<String>,
     /// The message, CRLF line endings, not yet DKIM-signed.
     pub data: Vec<u8>,
+    /// The request's tags (validated), for every event of the message.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// What the accept path answered: an SMTP reply as a value, so the HTTP
@@ -398,6 +400,11 @@ pub struct SendRequest {
     /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The app's tags, returned in every event of the message: at most 10,
+    /// keys `[A-Za-z0-9_.-]{1,64}`, values printable ASCII up to 256
+    /// characters (see [`crate::events::tags`]).
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The answer to an accepted send request.
@@ -434,6 +441,9 @@ pub enum InvalidRequest {
     /// A value with a line break (header injection).
     #[error("{0} must not contain line breaks or control characters")]
     LineBreak(String),
+    /// A tag that breaks the tag rules; the text names it.
+    #[error("invalid tags: {0}")]
+    Tags(#[from] crate::events::tags::TagError),
 }
 
 /// Headers the builder or the relay owns.
@@ -501,6 +511,8 @@ pub struct BuiltMessage {
     pub message_id: String,
     /// The message bytes, CRLF line endings.
     pub data: Vec<u8>,
+    /// The request's tags, validated.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// Validates a send request and builds its message.
@@ -510,6 +522,7 @@ pub fn build_message(
     max_recipients: usize,
 ) -> Result<BuiltMessage, InvalidRequest> {
     check_mailbox(&request.from)?;
+    crate::events::tags::validate(&request.tags)?;
     let mut recipients: Vec<String> = Vec::new();
     for mailbox in request.to.iter().chain(&request.cc).chain(&request.bcc) {
         check_mailbox(mailbox)?;
@@ -595,6 +608,7 @@ pub fn build_message(
         recipients,
         message_id,
         data,
+        tags: request.tags.clone(),
     })
 }
 
@@ -723,6 +737,7 @@ async fn send_handler(
         recipients,
         message_id,
         data,
+        tags,
     } = match built {
         Ok(built) => built,
         Err(invalid) => {
@@ -736,6 +751,7 @@ async fn send_handler(
         mail_from,
         recipients,
         data,
+        tags,
     };
     match api.submit.submit(submission).await {
         Ok(id) => {

@@ -375,6 +375,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn retention_defaults_to_three_days() {
+        let empty: EventsConfig = serde_yaml::from_str("{}").unwrap();
+        assert_eq!(empty.retention.as_secs(), 3 * 24 * 3600);
+        let set: EventsConfig = serde_yaml::from_str("retention: 12h").unwrap();
+        assert_eq!(set.retention.as_secs(), 12 * 3600);
+        assert!(serde_yaml::from_str::<EventsConfig>("retension: 1d").is_err());
+    }
+
+    #[test]
     fn url_validation_table() {
         for (url, ok) in [
             ("https://hooks.example.com/petrel", true),

@@ -371,6 +371,7 @@ pub fn relay_config(
         limits,
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
+            admin_token_file: None,
         },
         events: events_config(spec.events.as_ref())?,
     };

@@ -11,6 +11,7 @@
 //!
 //! Names follow the events contract (`EVENTS-CONTRACT.md`) unchanged.
 
+pub mod emit;
 pub mod event;
 pub mod outbox;
 pub mod retention;
@@ -20,6 +21,7 @@ pub mod webhook_client;
 pub mod webhook_dispatch;
 pub mod webhook_sign;
 pub mod webhook_supervisor;
+pub mod tags;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
 
