@@ -211,6 +211,12 @@ mod tests {
     }
 
     #[test]
+    fn the_config_knows_exactly_the_relays_event_types() {
+        let relay: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        assert_eq!(relay, crate::config::EVENT_TYPES);
+    }
+
+    #[test]
     fn nothing_wanted_means_no_batch() {
         let mut pending = queue(&[EventType::Accepted; 4]);
         let p = plan(&mut pending, |_| false, ROOMY, "app");
