@@ -198,7 +198,11 @@ async fn webhooks_renew_keeps_only_the_callers_claims_on_both_backends() {
             ),
         ];
         for (redis_queue, embedded_queue) in configs {
-            let which = if redis_queue.is_some() { "redis" } else { "embedded" };
+            let which = if redis_queue.is_some() {
+                "redis"
+            } else {
+                "embedded"
+            };
             let backend = petrel_relay::queue::open(&QueueConfig {
                 redis: redis_queue,
                 embedded: embedded_queue,
@@ -217,17 +221,44 @@ async fn webhooks_renew_keeps_only_the_callers_claims_on_both_backends() {
             let a = log.claim("webhook:app", "pod-a", 10, hour).await.unwrap();
             assert_eq!(a.len(), 3, "{which}");
             let seqs: Vec<String> = a.iter().map(|e| e.seq.clone()).collect();
-            assert_eq!(log.renew("webhook:app", "pod-a", &seqs).await.unwrap(), 3, "{which}");
-            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 0, "{which}");
+            assert_eq!(
+                log.renew("webhook:app", "pod-a", &seqs).await.unwrap(),
+                3,
+                "{which}"
+            );
+            assert_eq!(
+                log.renew("webhook:app", "pod-b", &seqs).await.unwrap(),
+                0,
+                "{which}"
+            );
             // pod-b takes over (as after pod-a's silence): pod-a's renewal
             // must not take them back.
-            let b = log.claim("webhook:app", "pod-b", 10, Duration::ZERO).await.unwrap();
+            let b = log
+                .claim("webhook:app", "pod-b", 10, Duration::ZERO)
+                .await
+                .unwrap();
             assert_eq!(b.len(), 3, "{which}");
-            assert_eq!(log.renew("webhook:app", "pod-a", &seqs).await.unwrap(), 0, "{which}");
-            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 3, "{which}");
+            assert_eq!(
+                log.renew("webhook:app", "pod-a", &seqs).await.unwrap(),
+                0,
+                "{which}"
+            );
+            assert_eq!(
+                log.renew("webhook:app", "pod-b", &seqs).await.unwrap(),
+                3,
+                "{which}"
+            );
             log.ack("webhook:app", &seqs).await.unwrap();
-            assert_eq!(log.renew("webhook:app", "pod-b", &seqs).await.unwrap(), 0, "{which}: acked");
-            assert_eq!(log.backlog("webhook:app").await.unwrap().pending, 0, "{which}");
+            assert_eq!(
+                log.renew("webhook:app", "pod-b", &seqs).await.unwrap(),
+                0,
+                "{which}: acked"
+            );
+            assert_eq!(
+                log.backlog("webhook:app").await.unwrap().pending,
+                0,
+                "{which}"
+            );
         }
     })
     .await

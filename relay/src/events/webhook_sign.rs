@@ -13,7 +13,7 @@ pub const WEBHOOK_ID_HEADER: &str = "Petrel-Webhook-Id";
 
 /// The `Petrel-Signature` value for `body` sent at `timestamp` (Unix seconds).
 pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
-    format!("t={timestamp},v1={}", hex(&mac(secret, timestamp, body)))
+    format!("t={timestamp},v1={}", hex(mac(secret, timestamp, body)))
 }
 
 fn mac(secret: &[u8], timestamp: u64, body: &[u8]) -> hmac::Tag {
