@@ -111,6 +111,22 @@ pub struct SendingDomainSpec {
     /// What the relay does with mail to suppressed (hard-bounced) recipients.
     #[serde(default)]
     pub suppression: SuppressionSpec,
+
+    /// Publish `status.dnsRecords` through a DNS controller instead of by hand.
+    #[serde(default)]
+    pub dns_publish: DnsPublishSpec,
+}
+
+/// How the operator publishes the domain's DNS records.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsPublishSpec {
+    /// Keep an external-dns `DNSEndpoint` (externaldns.k8s.io/v1alpha1) with every record of
+    /// `status.dnsRecords`, owned by this SendingDomain and deleted when turned off. Needs
+    /// external-dns running with `--source=crd --managed-record-types=TXT,MX` and the operator's
+    /// DNSEndpoint RBAC (chart value `externalDns.enabled`). Verification still reports what DNS serves.
+    #[serde(default)]
+    pub external_dns: bool,
 }
 
 /// Reference to an SmtpRelay in the same namespace.
