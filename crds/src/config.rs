@@ -23,7 +23,7 @@ mod events;
 mod validate;
 
 pub use duration::Duration;
-pub use events::EventsConfig;
+pub use events::{EVENT_TYPES, EventsConfig, Webhook};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -73,8 +73,8 @@ pub struct RelayConfig {
     #[serde(default)]
     pub http: HttpConfig,
 
-    /// The event outbox: retention (and the webhooks that read it).
-    #[serde(default)]
+    /// The event log (retention) and the webhooks events are sent to.
+    #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
     pub events: EventsConfig,
 }
 

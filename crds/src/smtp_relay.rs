@@ -188,6 +188,60 @@ pub struct SmtpRelaySpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub hostname: Option<String>,
+
+    /// The event log and the signed webhooks every relay pod sends events to (delivered, bounced,
+    /// deferred, ...). Each event reaches each webhook at least once, from one pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSpec>,
+}
+
+/// Event retention and webhooks.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = Rule::new("self.webhooks.all(w, self.webhooks.exists_one(x, x.name == w.name))").message("webhook names must be unique").field_path(".webhooks"))]
+#[serde(rename_all = "camelCase")]
+pub struct EventsSpec {
+    /// How long events are kept in Redis, for example `3d` (the default). Events a webhook has not
+    /// acknowledged yet are kept longer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(s|m|h|d|w))+$"))]
+    pub retention: Option<String>,
+
+    /// HTTP endpoints that receive events as signed JSON batches (`Petrel-Signature` header).
+    #[serde(default)]
+    #[schemars(length(max = 16))]
+    pub webhooks: Vec<WebhookSpec>,
+}
+
+/// One webhook endpoint.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// Unique name of the webhook (a DNS label). Labels its metrics; renaming it sends the
+    /// retained events again.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+
+    /// Where batches are POSTed: `https://...`, or `http://` to an in-cluster Service
+    /// (`*.svc`, `*.svc.cluster.local`).
+    #[schemars(length(min = 8, max = 2048), regex(pattern = r"^https?://[^\s]+$"))]
+    pub url: String,
+
+    /// Event types to send, for example `[delivered, bounced, complained]`. All types when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 12),
+        inner(regex(
+            pattern = r"^(accepted|rejected|delivered|deferred|delayed|bounced|suppressed|dsn|complained|unsubscribed|opened|clicked)$"
+        ))
+    )]
+    pub types: Option<Vec<String>>,
+
+    /// Secret key holding the HMAC-SHA256 signing secret shared with the receiver. Mounted into
+    /// the relay pods; a changed Secret is picked up without a restart.
+    pub secret_ref: SecretKeyRef,
 }
 
 fn default_listeners() -> Vec<ListenerSpec> {

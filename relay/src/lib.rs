@@ -13,6 +13,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod events;
 pub mod http;
+pub mod http_client;
 pub mod inbound;
 pub mod metrics;
 pub mod policy;

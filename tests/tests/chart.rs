@@ -880,6 +880,7 @@ async fn alerts_cover_the_issue_and_name_only_defined_metrics() {
         "PetrelDkimKeyRotationOverdue",
         "PetrelAuthFailureSpike",
         "PetrelRelayNotAvailable",
+        "PetrelWebhookBacklog",
     ] {
         assert!(
             names.contains(wanted),
@@ -915,6 +916,15 @@ async fn alerts_cover_the_issue_and_name_only_defined_metrics() {
         .expect("oldest")
         .1;
     assert!(oldest.contains("> 3600"), "{oldest}");
+    let webhook = &alerts
+        .iter()
+        .find(|(a, _)| a == "PetrelWebhookBacklog")
+        .expect("webhook backlog")
+        .1;
+    assert!(
+        webhook.contains("petrel_webhook_oldest_pending_seconds") && webhook.contains("> 900"),
+        "{webhook}"
+    );
 }
 
 #[tokio::test]

@@ -14,8 +14,15 @@
 pub mod emit;
 pub mod event;
 pub mod outbox;
+pub mod retention;
 pub mod tags;
 pub mod tail;
+pub mod webhook_backoff;
+pub mod webhook_batch;
+pub mod webhook_client;
+pub mod webhook_dispatch;
+pub mod webhook_sign;
+pub mod webhook_supervisor;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
 

@@ -75,6 +75,17 @@ pub trait EventLog: Send + Sync + 'static {
     /// Acknowledges (done with) events of `group`.
     async fn ack(&self, group: &str, seqs: &[EventSeq]) -> Result<(), QueueError>;
 
+    /// Renews `consumer`'s claim of `seqs` in `group` (restarts their
+    /// `reclaim_after` clock), so a live consumer retrying a batch for hours
+    /// keeps it; events claimed by another consumer meanwhile, acked or
+    /// trimmed are left alone. Returns how many are still `consumer`'s.
+    async fn renew(
+        &self,
+        group: &str,
+        consumer: &str,
+        seqs: &[EventSeq],
+    ) -> Result<u64, QueueError>;
+
     /// Unacked backlog of `group` (claimed-unacked plus not yet read) and
     /// the time its oldest event was stored.
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError>;

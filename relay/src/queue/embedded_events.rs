@@ -230,6 +230,45 @@ impl EventLog for EmbeddedBackend {
         .await
     }
 
+    async fn renew(
+        &self,
+        group: &str,
+        consumer: &str,
+        seqs: &[EventSeq],
+    ) -> Result<u64, QueueError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let group = group.to_string();
+        let consumer = consumer.to_string();
+        let seqs = seqs
+            .iter()
+            .map(|s| parse_seq(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.run(move |db| {
+            let now = now_millis();
+            let mut txn = db.begin_write()?;
+            // Like claims: a lost renewal only lets a claim lapse sooner.
+            relaxed(&mut txn)?;
+            let mut renewed = 0;
+            {
+                let mut pending = txn.open_table(EVENT_PENDING)?;
+                for n in seqs {
+                    let ours = pending
+                        .get((group.as_str(), n))?
+                        .is_some_and(|v| v.value().1 == consumer);
+                    if ours {
+                        pending.insert((group.as_str(), n), (now, consumer.as_str()))?;
+                        renewed += 1;
+                    }
+                }
+            }
+            txn.commit()?;
+            Ok(renewed)
+        })
+        .await
+    }
+
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError> {
         let group = group.to_string();
         self.run(move |db| {

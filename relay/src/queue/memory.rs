@@ -483,6 +483,32 @@ impl EventLog for MemoryBackend {
         Ok(())
     }
 
+    async fn renew(
+        &self,
+        group: &str,
+        consumer: &str,
+        seqs: &[EventSeq],
+    ) -> Result<u64, QueueError> {
+        self.gate()?;
+        let seqs = seqs
+            .iter()
+            .map(|s| parse_seq(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let now = now_millis();
+        let mut renewed = 0;
+        if let Some((_, pending)) = self.store().groups.get_mut(group) {
+            for n in seqs {
+                if let Some((at, who)) = pending.get_mut(&n)
+                    && who == consumer
+                {
+                    *at = now;
+                    renewed += 1;
+                }
+            }
+        }
+        Ok(renewed)
+    }
+
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError> {
         self.gate()?;
         let store = self.store();

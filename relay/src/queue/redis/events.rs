@@ -184,6 +184,26 @@ impl RedisBackend {
     }
 }
 
+/// `EventLog::renew`: resets the idle time (`XCLAIM ... 0 JUSTID`) of the
+/// entries `ARGV[2]` still holds in group `ARGV[1]`, checking each owner
+/// first (`XPENDING` of that one id), so a claim another consumer took over
+/// is not taken back. Returns how many were renewed.
+static RENEW: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = 0
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if p[1] and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    n = n + 1
+  end
+end
+return n
+",
+    )
+});
+
 #[async_trait]
 impl EventLog for RedisBackend {
     async fn publish(&self, events: &[Event]) -> Result<(), QueueError> {
@@ -301,6 +321,24 @@ impl EventLog for RedisBackend {
             )
             .await?;
         Ok(())
+    }
+
+    async fn renew(
+        &self,
+        group: &str,
+        consumer: &str,
+        seqs: &[EventSeq],
+    ) -> Result<u64, QueueError> {
+        if seqs.is_empty() {
+            return Ok(0);
+        }
+        let mut inv = RENEW.prepare_invoke();
+        inv.key(&self.keys.events).arg(group).arg(consumer);
+        for seq in seqs {
+            inv.arg(seq);
+        }
+        let mut conn = self.connection(&self.conn).await?;
+        self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError> {
