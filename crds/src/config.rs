@@ -19,11 +19,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod events;
 mod redis_url;
 mod startup;
 mod validate;
 
 pub use duration::Duration;
+pub use events::{EVENT_TYPES, EventsConfig, Webhook};
 pub use redis_url::{RedisTarget, parse_redis_url};
 pub use startup::{StartupConfig, StartupDelivery, StartupHttp, StartupListener, StartupQueue};
 pub use validate::{ConfigError, FieldError};
@@ -74,6 +76,10 @@ pub struct RelayConfig {
     /// The HTTP server for metrics, health and the send API.
     #[serde(default)]
     pub http: HttpConfig,
+
+    /// The event log (retention) and the webhooks events are sent to.
+    #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
+    pub events: EventsConfig,
 }
 
 fn default_hostname() -> String {
@@ -649,6 +655,13 @@ pub struct HttpConfig {
     /// Longest time a client may take to send a send API request body.
     #[serde(default = "default_request_timeout")]
     pub request_timeout: Duration,
+    /// A file holding the bearer token for the admin API
+    /// (`/admin/v1/...`, e.g. `events tail` against a running relay).
+    /// Without it only loopback and `trustedNetworks` peers may use it;
+    /// with it, any peer presenting `Authorization: Bearer <token>`, and
+    /// loopback and trusted peers still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
@@ -659,6 +672,7 @@ impl Default for HttpConfig {
             max_concurrent_requests: default_max_concurrent_requests(),
             max_concurrent_requests_per_client: default_max_concurrent_requests_per_client(),
             request_timeout: default_request_timeout(),
+            admin_token_file: None,
         }
     }
 }

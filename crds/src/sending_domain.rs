@@ -117,6 +117,10 @@ pub struct SendingDomainSpec {
     /// (HTTP 403); DKIM `d=` then always aligns with From for DMARC. `off`: no check.
     #[serde(default)]
     pub from_header: FromHeaderPolicy,
+
+    /// Publish `status.dnsRecords` through a DNS controller instead of by hand.
+    #[serde(default)]
+    pub dns_publish: DnsPublishSpec,
 }
 
 /// Whether the From header must be a sending domain the client may use.
@@ -128,6 +132,18 @@ pub enum FromHeaderPolicy {
     Enforce,
     /// No check.
     Off,
+}
+
+/// How the operator publishes the domain's DNS records.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsPublishSpec {
+    /// Keep an external-dns `DNSEndpoint` (externaldns.k8s.io/v1alpha1) with every record of
+    /// `status.dnsRecords`, owned by this SendingDomain and deleted when turned off. Needs
+    /// external-dns running with `--source=crd --managed-record-types=TXT,MX` and the operator's
+    /// DNSEndpoint RBAC (chart value `externalDns.enabled`). Verification still reports what DNS serves.
+    #[serde(default)]
+    pub external_dns: bool,
 }
 
 /// Reference to an SmtpRelay in the same namespace.

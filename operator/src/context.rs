@@ -27,6 +27,11 @@ pub struct Settings {
     pub dns_recheck_slow: Duration,
     /// Safety-net requeue after a successful reconcile.
     pub resync: Duration,
+    /// KEDA support (`--keda`): render, own and watch ScaledObjects. Off, the
+    /// operator never touches keda.sh objects (it may lack the RBAC and the CRD).
+    pub keda: bool,
+    /// external-dns support (`--external-dns`): render, own and watch DNSEndpoints.
+    pub external_dns: bool,
 }
 
 impl Default for Settings {
@@ -36,6 +41,8 @@ impl Default for Settings {
             dns_recheck_fast: Duration::from_secs(60),
             dns_recheck_slow: Duration::from_secs(30 * 60),
             resync: Duration::from_secs(10 * 60),
+            keda: false,
+            external_dns: false,
         }
     }
 }

@@ -39,6 +39,18 @@ where
     }
 }
 
+/// The API of a kind known only at runtime (another project's CRD).
+pub(crate) fn dynamic_api(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    resource: &kube::api::ApiResource,
+) -> Api<kube::api::DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
+    }
+}
+
 fn object_key<K: Resource>(obj: &K) -> String {
     format!(
         "{}/{}/{}",
@@ -252,7 +264,14 @@ where
             ctx.clone(),
         );
 
-    let domains = Controller::for_shared_stream(domains_for_domains, stores.domains.clone())
+    let domains_ctrl = Controller::for_shared_stream(domains_for_domains, stores.domains.clone());
+    let domains_ctrl = if ctx.settings.external_dns {
+        let ep = sending_domain::dns_endpoint::resource();
+        domains_ctrl.owns_with(dynamic_api(&client, ns, &ep), ep, managed.clone())
+    } else {
+        domains_ctrl
+    };
+    let domains = domains_ctrl
         // Owned keys and keys named by spec.dkim.keyRef alike: rotation moves the records.
         .watches_shared_stream(keys_for_domains, {
             let stores = stores.clone();
@@ -290,7 +309,14 @@ where
             ctx.clone(),
         );
 
-    let relays = Controller::for_shared_stream(relays_for_relays, stores.relays.clone())
+    let relays_ctrl = Controller::for_shared_stream(relays_for_relays, stores.relays.clone());
+    let relays_ctrl = if ctx.settings.keda {
+        let so = smtp_relay::keda::resource();
+        relays_ctrl.owns_with(dynamic_api(&client, ns, &so), so, managed.clone())
+    } else {
+        relays_ctrl
+    };
+    let relays = relays_ctrl
         .owns(api::<ConfigMap>(&client, ns), managed.clone())
         .owns(api::<Deployment>(&client, ns), managed.clone())
         .owns(api::<Service>(&client, ns), managed.clone())

@@ -7,7 +7,8 @@
 //! name and label), [`apply`] (server-side apply, status, delete), [`claims`]
 //! (which SendingDomain owns a domain), [`dns_record`] (comparing a record with
 //! DNS), [`kubelet`] (mount timing), [`context`] and [`error`]. Only
-//! [`controllers`] (the wiring) sees all three.
+//! [`controllers`] (the wiring) sees all three. [`plugin`] is the kubectl
+//! plugin's library, a reader of the API beside them.
 
 pub mod apply;
 pub mod claims;
@@ -23,6 +24,7 @@ pub mod kubelet;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod plugin;
 pub mod sending_domain;
 pub mod smtp_relay;
 pub mod stores;

@@ -43,6 +43,15 @@ struct Args {
     /// Relay image for SmtpRelays that do not set one.
     #[arg(long, env = "PETREL_RELAY_IMAGE")]
     relay_image: Option<String>,
+    /// Manage KEDA ScaledObjects for SmtpRelays with `autoscaling.engine: keda`
+    /// (needs KEDA's CRD and RBAC on scaledobjects.keda.sh).
+    #[arg(long, env = "PETREL_KEDA")]
+    keda: bool,
+    /// Manage external-dns DNSEndpoints for SendingDomains with
+    /// `dnsPublish.externalDns: true` (needs external-dns's CRD and RBAC on
+    /// dnsendpoints.externaldns.k8s.io).
+    #[arg(long, env = "PETREL_EXTERNAL_DNS")]
+    external_dns: bool,
     /// Disable leader election (only for a single replica, e.g. local runs).
     #[arg(long)]
     no_leader_election: bool,
@@ -104,7 +113,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let dns = HickoryTxtLookup::new(&args.dns_servers, Duration::from_secs(5))
         .context("building the DNS resolver")?;
-    let mut settings = Settings::default();
+    let mut settings = Settings {
+        keda: args.keda,
+        external_dns: args.external_dns,
+        ..Settings::default()
+    };
     if let Some(image) = args.relay_image.clone() {
         settings.relay_image = image;
     }

@@ -45,6 +45,10 @@ struct World {
 
 impl World {
     fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         let (client, api) = FakeApi::start();
         let clock = Arc::new(FakeClock::new(
             Timestamp::from_second(1_790_000_000).expect("timestamp"),
@@ -54,7 +58,7 @@ impl World {
             client,
             Arc::new(Metrics::new().expect("metrics")),
             clock.clone(),
-            Settings::default(),
+            settings,
             dns.clone(),
         ));
         let writers = std::sync::Mutex::new(ctx.take_writers().expect("writers"));
@@ -1310,6 +1314,140 @@ async fn relay_that_missed_the_new_key_keeps_the_old_one_until_mounted() {
         w.clock.advance(grace);
         w.reconcile_relay().await;
         assert_eq!(w.rendered_config().domains[0].dkim.selector, second);
+    })
+    .await;
+}
+
+const SCALED_OBJECT: &str = "/apis/keda.sh/v1alpha1/namespaces/mail/scaledobjects/petrel-main";
+const DNS_ENDPOINT: &str = "/apis/externaldns.k8s.io/v1alpha1/namespaces/mail/dnsendpoints/example";
+
+#[tokio::test]
+async fn keda_engine_swaps_the_hpa_for_a_scaled_object_and_back() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            keda: true,
+            ..Settings::default()
+        });
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 9, "engine": "keda",
+            "targetDuePerPod": 40, "prometheus": {"serverAddress": "http://prom.monitoring.svc:9090"}});
+        w.add_relay(spec);
+        w.reconcile_relay().await;
+        let hpa_path = path::<HorizontalPodAutoscaler>(NS, "petrel-main");
+        assert!(w.api.get(&hpa_path).is_none(), "KEDA, not an HPA");
+        let so = w.api.get(SCALED_OBJECT).expect("ScaledObject applied");
+        assert_eq!(so["metadata"]["ownerReferences"][0]["kind"], "SmtpRelay");
+        assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(so["spec"]["maxReplicaCount"], 9);
+        assert_eq!(so["spec"]["triggers"][0]["metadata"]["threshold"], "40");
+        // KEDA owns the replica count: the Deployment leaves it unset.
+        let deployment: Deployment = w.api.typed(&path::<Deployment>(NS, "petrel-main"));
+        assert_eq!(deployment.spec.expect("spec").replicas, None);
+
+        // Back to the CPU HPA: the ScaledObject is pruned.
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"autoscaling": {"engine": "hpa"}}}),
+        );
+        w.reconcile_relay().await;
+        assert!(w.api.get(SCALED_OBJECT).is_none(), "pruned");
+        assert!(w.api.get(&hpa_path).is_some(), "HPA back");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keda_without_operator_support_warns_and_touches_nothing() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"maxReplicas": 4, "engine": "keda",
+            "prometheus": {"serverAddress": "http://prom:9090"}});
+        w.add_relay(spec);
+        w.reconcile_relay().await;
+        assert!(!w.api.requests().iter().any(|r| r.contains("keda.sh")));
+        assert!(w.api.events().iter().any(|e| e["reason"] == "KedaDisabled"));
+        // A missing KEDA CRD (404) is an Event too, not a failing reconcile.
+        let w = World::with_settings(Settings {
+            keda: true,
+            ..Settings::default()
+        });
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"maxReplicas": 4, "engine": "keda",
+            "prometheus": {"serverAddress": "http://prom:9090"}});
+        w.add_relay(spec);
+        w.api.fail_next("PATCH", "scaledobjects", 404);
+        w.reconcile_relay().await;
+        assert!(
+            w.api
+                .events()
+                .iter()
+                .any(|e| e["reason"] == "KedaUnavailable")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dns_publish_keeps_a_dns_endpoint_equal_to_the_status_records() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            external_dns: true,
+            ..Settings::default()
+        });
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "dnsPublish": {"externalDns": true}}),
+        );
+        w.settle("example").await;
+        w.reconcile_domain("example").await;
+        let records = w.domain("example").status.expect("status").dns_records;
+        assert!(records.iter().any(|r| r.purpose == DnsRecordPurpose::Dkim));
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        assert_eq!(
+            endpoint["metadata"]["ownerReferences"][0]["kind"],
+            "SendingDomain"
+        );
+        let endpoints = endpoint["spec"]["endpoints"].as_array().expect("endpoints");
+        // Every record, with its value exactly as the status lists it.
+        for record in &records {
+            let found = endpoints.iter().any(|e| {
+                e["dnsName"] == record.name.as_str()
+                    && e["recordType"] == "TXT"
+                    && e["targets"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|v| v == record.value.as_str()))
+            });
+            assert!(
+                found,
+                "{} {} missing from {endpoints:?}",
+                record.name, record.value
+            );
+        }
+        let targets: usize = endpoints
+            .iter()
+            .map(|e| e["targets"].as_array().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(targets, records.len(), "nothing extra");
+        // A long RSA key stays one target of several quoted strings.
+        assert!(endpoints.iter().any(|e| {
+            e["targets"][0]
+                .as_str()
+                .is_some_and(|t| t.starts_with("\"v=DKIM1") && t.contains("\" \""))
+        }));
+
+        // Verification keeps reporting what DNS serves: nothing is served yet.
+        assert!(records.iter().all(|r| r.state != DnsRecordState::Verified));
+
+        // Turned off: the DNSEndpoint is deleted.
+        w.api.merge(
+            &path::<SendingDomain>(NS, "example"),
+            json!({"spec": {"dnsPublish": {"externalDns": false}}}),
+        );
+        w.reconcile_domain("example").await;
+        assert!(w.api.get(DNS_ENDPOINT).is_none(), "pruned");
     })
     .await;
 }

@@ -201,6 +201,8 @@ pub struct Submission {
     pub recipients: Vec<String>,
     /// The message, CRLF line endings, not yet DKIM-signed.
     pub data: Vec<u8>,
+    /// The request's tags (validated), for every event of the message.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The accept path shared with SMTP: credentials, policy, DKIM signing,
@@ -249,6 +251,16 @@ impl SendLimits {
     }
 }
 
+/// The admin API (`/admin/v1/...`): what it serves and the config its
+/// guard ([`crate::admin`]) reads trusted networks and the token file from.
+#[derive(Clone)]
+pub struct AdminApi {
+    /// The event outbox, for `GET /admin/v1/events`.
+    pub events: Arc<dyn crate::events::EventLog>,
+    /// The relay config.
+    pub config: crate::reload::Reloading<crate::config::RelayConfig>,
+}
+
 #[derive(Clone)]
 struct SendApi {
     submit: Arc<dyn Submit>,
@@ -263,6 +275,7 @@ pub struct HttpState {
     queue: Arc<dyn Queue>,
     metrics: HttpMetrics,
     send: Option<SendApi>,
+    admin: Option<AdminApi>,
 }
 
 impl HttpState {
@@ -280,7 +293,15 @@ impl HttpState {
             queue,
             metrics,
             send: None,
+            admin: None,
         })
+    }
+
+    /// Enables the admin API (guarded: loopback, trusted networks or the
+    /// admin bearer token).
+    pub fn with_admin(mut self, admin: AdminApi) -> HttpState {
+        self.admin = Some(admin);
+        self
     }
 
     /// Enables `POST /v1/send`, handing messages to `submit`.
@@ -293,7 +314,8 @@ impl HttpState {
     }
 }
 
-/// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled, `/v1/send`.
+/// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled,
+/// `/v1/send` and `/admin/v1/events`.
 ///
 /// `/v1/send` takes a request slot (total and per client) before anything
 /// else; the probes and `/metrics` never do, so the kubelet gets its
@@ -304,6 +326,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/send", post(send_handler))
+        .route("/admin/v1/events", get(admin_events))
         .with_state(state)
 }
 
@@ -318,6 +341,58 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// Query of `GET /admin/v1/events`.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Events after this position (from the oldest retained when absent).
+    after: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `GET /admin/v1/events?after=SEQ&limit=N`: a page of the outbox, for
+/// `petrel-relay events tail` while the relay holds the embedded file.
+async fn admin_events(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: axum::extract::Query<EventsQuery>,
+) -> Response {
+    let Some(admin) = &state.admin else {
+        return error_response(StatusCode::NOT_FOUND, "admin API not enabled", None);
+    };
+    let config = admin.config.get();
+    if let Err(denied) = crate::admin::check(
+        peer.ip(),
+        &headers,
+        &config.trusted_networks,
+        config.http.admin_token_file.as_deref(),
+    )
+    .await
+    {
+        let mut response = error_response(denied.status(), &denied.to_string(), None);
+        if denied.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        return response;
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    match admin.events.read(query.after.as_ref(), limit).await {
+        Ok(events) => axum::Json(crate::events::tail::EventPage {
+            events: events.into_iter().map(Into::into).collect(),
+        })
+        .into_response(),
+        Err(QueueError::Corrupt { reason, .. }) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("bad after: {reason}"),
+            None,
+        ),
+        Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string(), None),
+    }
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> Response {
@@ -436,6 +511,11 @@ pub struct SendRequest {
     /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// The app's tags, returned in every event of the message: at most 10,
+    /// keys `[A-Za-z0-9_.-]{1,64}`, values printable ASCII up to 256
+    /// characters (see [`crate::events::tags`]).
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The answer to an accepted send request.
@@ -472,6 +552,9 @@ pub enum InvalidRequest {
     /// A value with a line break (header injection).
     #[error("{0} must not contain line breaks or control characters")]
     LineBreak(String),
+    /// A tag that breaks the tag rules; the text names it.
+    #[error("invalid tags: {0}")]
+    Tags(#[from] crate::events::tags::TagError),
 }
 
 /// Headers the builder or the relay owns.
@@ -539,6 +622,8 @@ pub struct BuiltMessage {
     pub message_id: String,
     /// The message bytes, CRLF line endings.
     pub data: Vec<u8>,
+    /// The request's tags, validated.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// Validates a send request and builds its message.
@@ -548,6 +633,7 @@ pub fn build_message(
     max_recipients: usize,
 ) -> Result<BuiltMessage, InvalidRequest> {
     check_mailbox(&request.from)?;
+    crate::events::tags::validate(&request.tags)?;
     let mut recipients: Vec<String> = Vec::new();
     for mailbox in request.to.iter().chain(&request.cc).chain(&request.bcc) {
         check_mailbox(mailbox)?;
@@ -633,6 +719,7 @@ pub fn build_message(
         recipients,
         message_id,
         data,
+        tags: request.tags.clone(),
     })
 }
 
@@ -824,6 +911,7 @@ async fn send_handler(
         recipients,
         message_id,
         data,
+        tags,
     } = match built {
         Ok(built) => built,
         Err(invalid) => {
@@ -835,6 +923,7 @@ async fn send_handler(
         mail_from,
         recipients,
         data,
+        tags,
     };
     match api.submit.submit(authorized, submission).await {
         Ok(id) => {
@@ -911,64 +1000,12 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    use crate::queue::{Lease, NewMessage, Reschedule};
+    use crate::queue::{MessageFlags, NewMessage, Reschedule, SettleOp, Settlement};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A queue whose reachability and stats the test sets: the HTTP layer
-    /// only calls `ping` and `stats`, and the real backends have their own
-    /// conformance suite.
-    #[derive(Default)]
-    struct FakeQueue {
-        down: AtomicBool,
-        stats: Mutex<QueueStats>,
-    }
-
-    #[async_trait]
-    impl Queue for FakeQueue {
-        async fn enqueue(&self, _: NewMessage) -> Result<(), QueueError> {
-            Err(QueueError::Unavailable("not used".into()))
-        }
-        async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
-            Ok(Vec::new())
-        }
-        async fn renew(
-            &self,
-            lease: &Lease,
-            now: Millis,
-            d: Duration,
-        ) -> Result<Lease, QueueError> {
-            let expires_at = now.saturating_add(d.as_millis() as u64);
-            Ok(Lease {
-                expires_at,
-                ..lease.clone()
-            })
-        }
-        async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
-            Err(QueueError::NotFound(id.into()))
-        }
-        async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(QueueError::Unavailable("down".into()));
-            }
-            Ok(*self.stats.lock().unwrap_or_else(|p| p.into_inner()))
-        }
-        async fn ping(&self) -> Result<(), QueueError> {
-            if self.down.load(Ordering::SeqCst) {
-                Err(QueueError::Unavailable("connection refused".into()))
-            } else {
-                Ok(())
-            }
-        }
-    }
+    /// The shared in-memory backend: reachability is switched with
+    /// `set_down`, stats come from real queue state.
+    type FakeQueue = crate::queue::memory::MemoryBackend;
 
     /// Records submissions and answers with a scripted result. Only
     /// `app:s3cret` authenticates; anyone else without credentials is
@@ -1133,14 +1170,14 @@ mod tests {
         let (_, metrics) = get(server.addr, "/metrics").await;
         assert!(metrics.contains("petrel_relay_ready 1"), "{metrics}");
 
-        server.queue.down.store(true, Ordering::SeqCst);
+        server.queue.set_down(true);
         let (status, body) = get(server.addr, "/readyz").await;
         assert_eq!(status, 503);
         assert!(body.contains("queue backend unreachable"), "{body}");
         // Liveness ignores the queue: an outage must not restart pods.
         assert_eq!(get(server.addr, "/healthz").await.0, 200);
 
-        server.queue.down.store(false, Ordering::SeqCst);
+        server.queue.set_down(false);
         server.health.start_draining();
         assert_eq!(
             get(server.addr, "/readyz").await,
@@ -1189,13 +1226,44 @@ mod tests {
     async fn queue_gauges_follow_stats() {
         let server = start(None).await;
         let now = now_millis();
-        *server.queue.stats.lock().unwrap() = QueueStats {
-            due: 4,
-            deferred: 2,
-            leased: 1,
-            messages: 5,
-            oldest_received_at: Some(now - 90_000),
-        };
+        // 5 messages, 7 units: 3 leased of which 2 are rescheduled for
+        // later, so 4 due, 2 deferred, 1 leased.
+        let q = &server.queue;
+        for (i, rcpts) in [
+            vec!["a@x.test", "b@y.test", "c@z.test"],
+            vec!["d@x.test"],
+            vec!["e@x.test"],
+            vec!["f@x.test"],
+            vec!["g@x.test"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let message = NewMessage {
+                id: format!("m{i}"),
+                mail_from: "s@example.test".into(),
+                recipients: rcpts.into_iter().map(String::from).collect(),
+                data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+                sending_domain: "example.test".into(),
+                received_at: now - 90_000 + i as u64,
+                flags: MessageFlags::default(),
+                tags: Default::default(),
+                header_message_id: None,
+            };
+            q.enqueue(message, Vec::new()).await.unwrap();
+        }
+        let leased = q.lease(now, 3, Duration::from_secs(3600)).await.unwrap();
+        for lease in &leased[..2] {
+            let later = Reschedule {
+                recipients: lease.unit.recipients.clone(),
+                next_attempt_at: now + 3_600_000,
+                last_error: "451 later".into(),
+                delay_notified: false,
+            };
+            q.settle(lease, Settlement::only(SettleOp::Retry(later)))
+                .await
+                .unwrap();
+        }
         let task = spawn_queue_gauges(
             server.queue.clone(),
             server.metrics.clone(),

@@ -7,10 +7,13 @@
 //! `metrics` and `http` observe every stage; `config` loads and reloads the
 //! [`petrel_crds::config::RelayConfig`] file.
 
+pub mod admin;
 pub mod config;
 pub mod delivery;
 pub mod dkim;
+pub mod events;
 pub mod http;
+pub mod http_client;
 pub mod inbound;
 pub mod metrics;
 pub mod policy;

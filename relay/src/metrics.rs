@@ -42,6 +42,11 @@ pub struct RelayMetrics {
     pub delivery_latency: HistogramVec,
     /// Time to make a message durable in the queue after DATA.
     pub enqueue_duration: Histogram,
+    /// Events recorded in the outbox, by type.
+    pub events: IntCounterVec,
+    /// Events that could not be recorded (a `rejected` event while the
+    /// backend was away), by type: the refusal was still sent.
+    pub events_lost: IntCounterVec,
 }
 
 /// Why metrics could not be registered (a name registered twice).
@@ -170,6 +175,18 @@ impl RelayMetrics {
                 "Failed SMTP AUTH attempts.",
                 &["listener"],
             )?,
+            events: counter(
+                registry,
+                "petrel_events_total",
+                "Events recorded in the outbox, by type.",
+                &["type"],
+            )?,
+            events_lost: counter(
+                registry,
+                "petrel_events_lost_total",
+                "Events that could not be recorded (backend unavailable), by type.",
+                &["type"],
+            )?,
             queue_units,
             oldest_message_age,
             active_sessions,
@@ -185,6 +202,67 @@ impl RelayMetrics {
         // A fresh registry has no names yet, so registration cannot clash.
         let metrics = RelayMetrics::register(&registry).expect("fresh registry");
         (registry, metrics)
+    }
+}
+
+/// Webhook dispatch metrics, labelled by the configured webhook name.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    /// Requests by outcome (`success`, `http_error`, `timeout`,
+    /// `connect_error`) and batches given up (`dropped`).
+    pub requests: IntCounterVec,
+    /// Events of dropped batches, so a drop's size is visible too.
+    pub dropped_events: IntCounterVec,
+    /// Events not yet acknowledged by the webhook (claimed or unread).
+    pub backlog: IntGaugeVec,
+    /// Age of the oldest of those events.
+    pub oldest_pending: IntGaugeVec,
+    /// Events removed by retention before every webhook acknowledged them.
+    pub trimmed_unacked: prometheus::IntCounter,
+}
+
+impl WebhookMetrics {
+    /// Creates and registers the webhook metrics in `registry`.
+    pub fn register(registry: &Registry) -> Result<WebhookMetrics, MetricsError> {
+        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, MetricsError> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["webhook"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let trimmed_unacked = prometheus::IntCounter::new(
+            "petrel_events_trimmed_unacked_total",
+            "Events removed by retention before every webhook acknowledged them.",
+        )?;
+        registry.register(Box::new(trimmed_unacked.clone()))?;
+        Ok(WebhookMetrics {
+            requests: counter(
+                registry,
+                "petrel_webhook_requests_total",
+                "Webhook requests by result; dropped counts batches given up after retrying.",
+                &["webhook", "result"],
+            )?,
+            dropped_events: counter(
+                registry,
+                "petrel_webhook_dropped_events_total",
+                "Events in webhook batches given up after retrying.",
+                &["webhook"],
+            )?,
+            backlog: gauge(
+                "petrel_webhook_backlog_events",
+                "Events a webhook has not acknowledged yet.",
+            )?,
+            oldest_pending: gauge(
+                "petrel_webhook_oldest_pending_seconds",
+                "Age of the oldest event a webhook has not acknowledged yet.",
+            )?,
+            trimmed_unacked,
+        })
+    }
+
+    /// Forgets a removed webhook's gauges, so no stale backlog alerts.
+    pub fn forget(&self, webhook: &str) {
+        let _ = self.backlog.remove_label_values(&[webhook]);
+        let _ = self.oldest_pending.remove_label_values(&[webhook]);
     }
 }
 
@@ -279,5 +357,21 @@ mod tests {
             RelayMetrics::register(&registry).is_err(),
             "double registration must fail"
         );
+    }
+
+    #[test]
+    fn webhook_metrics_register_beside_the_relay_metrics() {
+        let (registry, _) = RelayMetrics::standalone();
+        let w = WebhookMetrics::register(&registry).unwrap();
+        w.requests.with_label_values(&["app", "success"]).inc();
+        w.backlog.with_label_values(&["app"]).set(3);
+        w.forget("app");
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert!(names.contains(&"petrel_webhook_requests_total".to_string()));
+        assert!(!names.contains(&"petrel_webhook_backlog_events".to_string()));
     }
 }

@@ -53,6 +53,8 @@ pub enum Refusal {
     FromHeader(String),
     /// 552 5.3.4: over `limits.maxMessageSize`.
     TooBig,
+    /// 550 5.6.0: an invalid `X-Petrel-Tags` header or `tags` field.
+    BadTags(String),
     /// 452 4.5.3: over `limits.maxRecipients`.
     TooManyRecipients,
     /// 554 5.5.1: no recipient left to send to.
@@ -118,7 +120,7 @@ impl Refusal {
             NotImplemented(_) => 502,
             BadSender(_) | BadRecipient(_) => 501,
             NeedsSmtpUtf8 => 553,
-            AddressTrick(_) | FromHeader(_) | Suppressed { .. } => 550,
+            AddressTrick(_) | FromHeader(_) | BadTags(_) | Suppressed { .. } => 550,
             Denied(crate::policy::Denied::AuthRequired) | AuthNeedsTls | PlaintextCredentials => {
                 530
             }
@@ -156,6 +158,7 @@ impl Refusal {
             }
             AddressTrick(_) | Denied(_) | FromHeader(_) => "5.7.1",
             TooBig => "5.3.4",
+            BadTags(_) => "5.6.0",
             TooManyRecipients => "4.5.3",
             QuotaExhausted(_) => "4.7.1",
             Suppressed { .. } => "5.1.1",
@@ -189,6 +192,7 @@ impl Refusal {
                 format!("From header domain {domain} is not a sending domain you may use").into()
             }
             TooBig => "Message size exceeds fixed maximum message size".into(),
+            BadTags(why) => format!("Invalid {} header: {why}", crate::events::tags::HEADER).into(),
             TooManyRecipients => "Too many recipients".into(),
             NoRecipients => "No valid recipients".into(),
             QuotaExhausted(domain) => {
@@ -241,6 +245,7 @@ impl Refusal {
             Denied(denied) => denied.reason(),
             FromHeader(_) => "from_header_domain",
             TooBig => "too_big",
+            BadTags(_) => "bad_tags",
             TooManyRecipients => "too_many_recipients",
             NoRecipients => "no_recipients",
             QuotaExhausted(_) => "quota_exhausted",
@@ -288,6 +293,54 @@ impl Refusal {
         )
     }
 
+    /// Whether this refusal is about a message or a recipient and so
+    /// deserves a `rejected` event: policy, From header, suppression, size,
+    /// quota, tags, AUTH refusals and our side failing. Protocol noise
+    /// (syntax, sequence, unknown commands) and connection handling are not
+    /// about a message and make none.
+    pub fn is_event_worthy(&self) -> bool {
+        use Refusal::*;
+        match self {
+            AddressTrick(_)
+            | BadSender(_)
+            | BadRecipient(_)
+            | NeedsSmtpUtf8
+            | Denied(_)
+            | FromHeader(_)
+            | TooBig
+            | BadTags(_)
+            | TooManyRecipients
+            | NoRecipients
+            | QuotaExhausted(_)
+            | Suppressed { .. }
+            | AuthNeedsTls
+            | PlaintextCredentials
+            | AuthFailed
+            | AuthBlocked
+            | AuthBusy
+            | AuthUnavailable
+            | QueueUnavailable
+            | DomainRemoved
+            | DkimUnavailable(_) => true,
+            BadSequence(_)
+            | Syntax(_)
+            | InvalidParameter(_)
+            | UnsupportedParameter(_)
+            | MechanismNotSupported
+            | InvalidAuthResponse
+            | AuthCancelled
+            | UnknownCommand
+            | LineTooLong
+            | NotImplemented(_)
+            | TooManyConnections
+            | TooManyConnectionsFromClient
+            | TooManyErrors
+            | ShuttingDown
+            | Timeout(_)
+            | ConnectionLost => false,
+        }
+    }
+
     /// The HTTP status of the send API for this refusal: credentials
     /// problems 401, policy 403, size 413, other permanent failures 422,
     /// rate limits 429, everything temporary 503.
@@ -311,6 +364,7 @@ impl Refusal {
             | BadRecipient(_)
             | NeedsSmtpUtf8
             | NoRecipients
+            | BadTags(_)
             | Suppressed { .. } => 422,
             QuotaExhausted(_)
             | TooManyRecipients

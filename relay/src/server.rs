@@ -9,9 +9,11 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::delivery::{self, DeliveryContext, DeliveryError};
+use crate::events::webhook_dispatch::{Dispatch, consumer_name};
+use crate::events::{retention, webhook_supervisor};
 use crate::http::{self, Health, HttpError, HttpState};
 use crate::inbound::{self, InboundContext, InboundError, InboundSubmit};
-use crate::metrics::{MetricsError, RelayMetrics};
+use crate::metrics::{MetricsError, RelayMetrics, WebhookMetrics};
 use crate::queue::{self, QueueError};
 
 /// Why the relay could not run.
@@ -66,14 +68,18 @@ pub async fn run_until(
     let current = config.get();
     let backend = queue::open(&current.queue).await?;
     let metrics = RelayMetrics::register(&registry)?;
+    let webhook_metrics = WebhookMetrics::register(&registry)?;
     let health = Health::new();
 
-    let inbound_ctx = Arc::new(InboundContext::new(
-        config.clone(),
-        backend.queue.clone(),
-        backend.state.clone(),
-        metrics.clone(),
-    )?);
+    let inbound_ctx = Arc::new(
+        InboundContext::new(
+            config.clone(),
+            backend.queue.clone(),
+            backend.state.clone(),
+            metrics.clone(),
+        )?
+        .with_events(backend.events.clone()),
+    );
     let delivery_ctx = Arc::new(DeliveryContext::new(
         config.clone(),
         backend.clone(),
@@ -101,7 +107,11 @@ pub async fn run_until(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let http_state = HttpState::new(registry, health.clone(), backend.queue.clone())?
-        .with_send_api(Arc::new(InboundSubmit::new(inbound_ctx.clone())));
+        .with_send_api(Arc::new(InboundSubmit::new(inbound_ctx.clone())))
+        .with_admin(http::AdminApi {
+            events: backend.events.clone(),
+            config: config.clone(),
+        });
     let http_task = tokio::spawn(http::serve(
         http_listener,
         http_state,
@@ -117,6 +127,24 @@ pub async fn run_until(
         ));
     }
     let delivery_task = tokio::spawn(delivery::run(delivery_ctx, stopped(stop_rx.clone())));
+    // Webhooks and retention run in tasks of their own, sharing nothing
+    // with delivery but the backend: a dead endpoint never slows mail.
+    let dispatch = Arc::new(Dispatch {
+        log: backend.events.clone(),
+        metrics: webhook_metrics.clone(),
+        consumer: consumer_name(&current.hostname),
+    });
+    let webhooks_task = tokio::spawn(webhook_supervisor::run(
+        config.clone(),
+        dispatch,
+        stop_rx.clone(),
+    ));
+    let retention_task = tokio::spawn(retention::run(
+        config.clone(),
+        backend.events.clone(),
+        webhook_metrics,
+        stop_rx.clone(),
+    ));
     health.set_config_loaded(true);
     tracing::info!(
         hostname = %current.hostname,
@@ -144,6 +172,11 @@ pub async fn run_until(
     }
     if let Err(error) = delivery_task.await {
         tracing::error!(%error, "delivery task failed");
+    }
+    for (name, task) in [("webhooks", webhooks_task), ("retention", retention_task)] {
+        if let Err(error) = task.await {
+            tracing::error!(%error, task = name, "events task failed");
+        }
     }
     match http_task.await {
         Ok(Err(error)) => tracing::error!(%error, "HTTP server failed"),

@@ -6,6 +6,8 @@
 //! - [`dns`]: an in-process DNS server with records set at runtime.
 //! - [`smtp_sink`]: an SMTP server that records what it receives and
 //!   answers as scripted.
+//! - [`webhook_receiver`]: an HTTP server that verifies webhook signatures
+//!   and counts distinct events.
 //!
 //! Every helper binds 127.0.0.1 only, owns its resources (temp dirs, child
 //! processes, tasks) and releases them on drop, so a failing test leaks
@@ -35,3 +37,4 @@ pub mod ports;
 pub mod redis;
 pub mod smtp_sink;
 pub mod tls;
+pub mod webhook_receiver;

@@ -84,6 +84,7 @@ impl RelayConfig {
         self.check_queue(&mut errors);
         self.check_delivery(&mut errors);
         self.check_limits(&mut errors);
+        super::events::check(&self.events, &mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

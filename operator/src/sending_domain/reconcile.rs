@@ -20,6 +20,7 @@ use petrel_crds::status::{
     Condition, ConditionStatus, DnsRecord, DnsRecordState, conditions_equivalent, merge_conditions,
 };
 
+use super::dns_endpoint;
 use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate};
 use super::validate::{owned_dkim_key_spec, validate};
 use crate::apply::{FIELD_MANAGER, apply, apply_status};
@@ -129,6 +130,7 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
         observed_generation: generation,
     };
     write_status(&domains, &name, &stored, &status, refresh_before).await?;
+    dns_endpoint::reconcile(sd, ctx, &ns, &status.dns_records).await?;
     record_metrics(ctx, &ns, &sd.spec.domain, &status.dns_records);
     Ok(Action::requeue(if all_verified {
         ctx.settings.dns_recheck_slow

@@ -20,9 +20,9 @@ use k8s_openapi::api::autoscaling::v2::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, HTTPGetAction, KeyToPath, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    Secret, SecretProjection, SecretVolumeSource, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -34,6 +34,61 @@ use petrel_crds::smtp_relay::{self as sr, SmtpRelay};
 use petrel_crds::status::DkimKeyEntry;
 
 use crate::error::InvalidSpec;
+
+/// `spec.events` as the relay's `events`: each webhook's secret is the file
+/// named after it in [`WEBHOOKS_DIR`] (see [`webhook_volume`]).
+fn events_config(events: Option<&sr::EventsSpec>) -> Result<rc::EventsConfig, InvalidSpec> {
+    let mut config = rc::EventsConfig::default();
+    let Some(events) = events else {
+        return Ok(config);
+    };
+    if let Some(retention) = &events.retention {
+        config.retention = duration("spec.events.retention", retention)?;
+    }
+    config.webhooks = events
+        .webhooks
+        .iter()
+        .map(|w| {
+            let mut hook = rc::Webhook::new(&w.name, &w.url, format!("{WEBHOOKS_DIR}/{}", w.name));
+            hook.types = w.types.clone();
+            hook
+        })
+        .collect();
+    Ok(config)
+}
+
+/// One projected volume holding every webhook's secret key as the file
+/// `<webhook name>` (one volume, not one per webhook: volume names are
+/// short and the list may grow).
+fn webhook_volume(events: Option<&sr::EventsSpec>) -> Option<Volume> {
+    let hooks = &events?.webhooks;
+    if hooks.is_empty() {
+        return None;
+    }
+    let sources = hooks
+        .iter()
+        .map(|w| VolumeProjection {
+            secret: Some(SecretProjection {
+                name: w.secret_ref.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: w.secret_ref.key.clone(),
+                    path: w.name.clone(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    Some(Volume {
+        name: "webhooks".into(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: Some(0o440),
+        }),
+        ..Default::default()
+    })
+}
 
 /// Port of the relay's HTTP server: metrics, /healthz, /readyz.
 pub const HTTP_PORT: i32 = 9090;
@@ -50,6 +105,8 @@ const TLS_DIR: &str = "/etc/petrel/tls";
 const AUTH_DIR: &str = "/etc/petrel/auth";
 const REDIS_DIR: &str = "/etc/petrel/redis";
 const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
+/// Webhook signing secrets, one file per webhook name.
+pub const WEBHOOKS_DIR: &str = "/etc/petrel/webhooks";
 
 pub use crate::context::BuildSettings;
 pub use crate::names::{base_name, config_map_name, dkim_secret_name, key_file_name};
@@ -71,7 +128,7 @@ pub fn selector_labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     ])
 }
 
-fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
+pub(crate) fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     let mut labels = selector_labels(relay);
     labels.insert(
         crate::names::MANAGED_BY.into(),
@@ -270,6 +327,7 @@ pub fn relay_config(
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
             ..Default::default()
         },
+        events: events_config(spec.events.as_ref())?,
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();
@@ -479,6 +537,10 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
         ));
         mounts.push(mount("smarthost", SMARTHOST_DIR));
     }
+    if let Some(webhooks) = webhook_volume(spec.events.as_ref()) {
+        volumes.push(webhooks);
+        mounts.push(mount("webhooks", WEBHOOKS_DIR));
+    }
     let mut ports: Vec<ContainerPort> = spec
         .listeners
         .iter()
@@ -628,7 +690,11 @@ pub fn pdb(relay: &SmtpRelay) -> PodDisruptionBudget {
 
 /// The HPA, when `autoscaling` is set.
 pub fn hpa(relay: &SmtpRelay) -> Option<HorizontalPodAutoscaler> {
-    let scaling = relay.spec.autoscaling.as_ref()?;
+    let scaling = relay
+        .spec
+        .autoscaling
+        .as_ref()
+        .filter(|a| a.engine == sr::AutoscalingEngine::Hpa)?;
     Some(HorizontalPodAutoscaler {
         metadata: meta(relay, base_name(relay)),
         spec: Some(HorizontalPodAutoscalerSpec {
@@ -755,6 +821,104 @@ mod tests {
         assert_eq!(
             rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
             config
+        );
+    }
+
+    const EVENTS_SPEC: &str = "{redis: {urlSecretRef: {name: redis, key: url}}, events: {retention: 2d, webhooks: [{name: app, url: 'https://hooks.example.com/petrel', types: [delivered, bounced], secretRef: {name: hook-secrets, key: app}}, {name: crm, url: 'http://crm.apps.svc.cluster.local/events', secretRef: {name: crm, key: token}}]}}";
+
+    #[test]
+    fn webhooks_render_into_the_config_the_relay_loads() {
+        let relay = relay(EVENTS_SPEC);
+        let config = relay_config(&relay, &[], None).expect("renders");
+        assert_eq!(config.events.retention.as_secs(), 2 * 86_400);
+        let hooks = &config.events.webhooks;
+        assert_eq!(hooks.len(), 2);
+        assert_eq!(hooks[0].name, "app");
+        assert_eq!(hooks[0].url, "https://hooks.example.com/petrel");
+        assert_eq!(
+            hooks[0].secret_file,
+            PathBuf::from("/etc/petrel/webhooks/app")
+        );
+        assert_eq!(
+            hooks[0].types,
+            Some(vec!["delivered".to_string(), "bounced".to_string()])
+        );
+        assert_eq!(hooks[1].types, None);
+        assert_eq!(
+            hooks[1].secret_file,
+            PathBuf::from("/etc/petrel/webhooks/crm")
+        );
+        let yaml = config.to_yaml().expect("serializes");
+        assert_eq!(
+            rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
+            config
+        );
+        // Without spec.events the section is left out entirely.
+        let plain = relay_config(&relay_without_events(), &[], None).expect("renders");
+        assert!(!plain.to_yaml().unwrap().contains("events"));
+    }
+
+    fn relay_without_events() -> SmtpRelay {
+        relay("{redis: {urlSecretRef: {name: redis, key: url}}}")
+    }
+
+    #[test]
+    fn webhook_secrets_are_mounted_read_only_one_file_per_webhook() {
+        let d = deployment(&relay(EVENTS_SPEC), &settings());
+        let pod = d.spec.and_then(|s| s.template.spec).expect("pod spec");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "webhooks")
+            .expect("webhooks volume");
+        let sources = volume
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .unwrap();
+        let files: Vec<(String, String, String)> = sources
+            .iter()
+            .filter_map(|s| s.secret.as_ref())
+            .flat_map(|s| {
+                s.items
+                    .iter()
+                    .flatten()
+                    .map(move |i| (s.name.clone(), i.key.clone(), i.path.clone()))
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("hook-secrets".into(), "app".into(), "app".into()),
+                ("crm".into(), "token".into(), "crm".into())
+            ]
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "webhooks")
+            .expect("mounted");
+        assert_eq!(mount.mount_path, WEBHOOKS_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        // No webhooks, no volume.
+        let d = deployment(&relay_without_events(), &settings());
+        let pod = d.spec.and_then(|s| s.template.spec).unwrap();
+        assert!(pod.volumes.iter().flatten().all(|v| v.name != "webhooks"));
+    }
+
+    #[test]
+    fn a_plain_http_webhook_outside_the_cluster_is_an_invalid_spec() {
+        let relay = relay(
+            "{redis: {urlSecretRef: {name: redis, key: url}}, events: {webhooks: [{name: app, url: 'http://hooks.example.com/', secretRef: {name: s, key: k}}]}}",
+        );
+        let err = relay_config(&relay, &[], None).expect_err("invalid");
+        assert_eq!(err.reason, "InvalidRelayConfig");
+        assert!(
+            err.message.contains("events.webhooks[0].url"),
+            "{}",
+            err.message
         );
     }
 

@@ -26,7 +26,7 @@ use petrel_crds::status::{
 
 use super::build::{self, BoundDomain};
 use super::rollout::{self, Rollout};
-use super::{mounted, secrets};
+use super::{keda, mounted, secrets};
 use crate::apply::{apply, apply_optional, apply_status, delete};
 use crate::claims::conflicting_owner;
 use crate::context::Context;
@@ -162,6 +162,7 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         None => delete(&hpas, &build::base_name(relay)).await?,
     }
 
+    keda::reconcile(relay, ctx, &ns).await?;
     apply_service_monitor(relay, ctx, &ns).await?;
 
     let mut bound: Vec<String> = bindings

@@ -77,6 +77,13 @@ pub fn referenced_secrets(relay: &SmtpRelay) -> Vec<ReferencedSecret> {
             &[("username", Text), ("password", Text)],
         ));
     }
+    for (i, hook) in spec.events.iter().flat_map(|e| &e.webhooks).enumerate() {
+        refs.push(ReferencedSecret::new(
+            &hook.secret_ref.name,
+            format!("spec.events.webhooks[{i}].secretRef"),
+            &[(hook.secret_ref.key.as_str(), Text)],
+        ));
+    }
     refs
 }
 

@@ -85,6 +85,7 @@ impl InboundSubmit {
                 eight_bit: !s.data.is_ascii(),
                 is_dsn: false,
             },
+            tags: s.tags,
             ..Envelope::default()
         };
         for rcpt in &s.recipients {
@@ -116,9 +117,20 @@ impl InboundSubmit {
 }
 
 impl InboundSubmit {
-    /// The one place a send API refusal is recorded (metrics; anything
-    /// else that records refusals hooks in here too).
-    fn refused(&self, refusal: Refusal) -> Refusal {
+    /// The one place a send API refusal is recorded: metrics and the
+    /// `rejected` event (module `rejected`) of the message it names, if any
+    /// (`authorize` names none yet).
+    fn refused(&self, refusal: Refusal, message: Option<(&str, &[String])>) -> Refusal {
+        if let Some((mail_from, recipients)) = message {
+            let domain = crate::queue::recipient_domain(mail_from);
+            super::rejected::record(
+                &self.ctx,
+                &refusal,
+                Some(mail_from),
+                domain.as_deref(),
+                recipients,
+            );
+        }
         self.ctx
             .metrics
             .rejected
@@ -133,15 +145,17 @@ impl Submit for InboundSubmit {
     async fn authorize(&self, client: HttpClient) -> Result<Authorized, Refusal> {
         self.authorize_inner(client)
             .await
-            .map_err(|r| self.refused(r))
+            .map_err(|r| self.refused(r, None))
     }
 
     /// Returns the queue id, or `dropped` when every recipient was on the
     /// suppression list of a domain with `onSuppressed: drop`.
     async fn submit(&self, client: Authorized, submission: Submission) -> Result<String, Refusal> {
+        let mail_from = submission.mail_from.clone();
+        let recipients = submission.recipients.clone();
         self.submit_inner(client, submission)
             .await
-            .map_err(|r| self.refused(r))
+            .map_err(|r| self.refused(r, Some((&mail_from, &recipients))))
     }
 
     fn limits(&self) -> SendLimits {

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 use tokio::sync::watch;
 
@@ -15,99 +14,7 @@ use super::*;
 use crate::config::{Listener, RelayConfig};
 use crate::queue::*;
 
-#[derive(Default)]
-struct Mem {
-    messages: Mutex<Vec<NewMessage>>,
-    counters: Mutex<HashMap<String, u64>>,
-    suppressed: Mutex<HashMap<String, SuppressionEntry>>,
-    fail: Mutex<bool>,
-}
-
-#[async_trait]
-impl Queue for Mem {
-    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-        if *self.fail.lock().unwrap() {
-            return Err(QueueError::Unavailable("down".into()));
-        }
-        self.messages.lock().unwrap().push(message);
-        Ok(())
-    }
-    async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
-        Ok(vec![])
-    }
-    async fn renew(&self, lease: &Lease, now: Millis, d: Duration) -> Result<Lease, QueueError> {
-        let expires_at = now.saturating_add(d.as_millis() as u64);
-        Ok(Lease {
-            expires_at,
-            ..lease.clone()
-        })
-    }
-    async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
-        Err(QueueError::NotFound(id.into()))
-    }
-    async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
-        Ok(QueueStats::default())
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl SharedState for Mem {
-    async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
-        self.suppressed
-            .lock()
-            .unwrap()
-            .insert(entry.address.clone(), entry);
-        Ok(())
-    }
-    async fn suppressed(
-        &self,
-        address: &str,
-        _: Millis,
-    ) -> Result<Option<SuppressionEntry>, QueueError> {
-        Ok(self.suppressed.lock().unwrap().get(address).cloned())
-    }
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
-        Ok(self.suppressed.lock().unwrap().remove(address).is_some())
-    }
-    async fn list_suppressed(&self, _: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
-        Ok(self.suppressed.lock().unwrap().values().cloned().collect())
-    }
-    async fn incr_counter(&self, key: &str, by: u64, _: Duration) -> Result<u64, QueueError> {
-        let mut c = self.counters.lock().unwrap();
-        let v = c.entry(key.to_string()).or_insert(0);
-        *v += by;
-        Ok(*v)
-    }
-    async fn counter(&self, key: &str) -> Result<u64, QueueError> {
-        if *self.fail.lock().unwrap() {
-            return Err(QueueError::Unavailable("down".into()));
-        }
-        Ok(self.counters.lock().unwrap().get(key).copied().unwrap_or(0))
-    }
-    async fn acquire_slot(
-        &self,
-        _: &str,
-        _: u32,
-        _: Duration,
-    ) -> Result<Option<String>, QueueError> {
-        Ok(Some("t".into()))
-    }
-    async fn release_slot(&self, _: &str, _: &str) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
+type Mem = crate::queue::memory::MemoryBackend;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -160,8 +67,9 @@ domains:
     let config = RelayConfig::from_yaml(&yaml).unwrap();
     let mem = Arc::new(Mem::default());
     let (_, metrics) = crate::metrics::RelayMetrics::standalone();
-    let ctx =
-        InboundContext::new(Reloading::fixed(config), mem.clone(), mem.clone(), metrics).unwrap();
+    let ctx = InboundContext::new(Reloading::fixed(config), mem.clone(), mem.clone(), metrics)
+        .unwrap()
+        .with_events(mem.clone());
     let (shutdown, _) = watch::channel(false);
     Fixture {
         _dir: dir,
@@ -243,7 +151,7 @@ impl Fixture {
     }
 
     fn messages(&self) -> Vec<NewMessage> {
-        self.mem.messages.lock().unwrap().clone()
+        self.mem.enqueued()
     }
 }
 
@@ -488,10 +396,7 @@ async fn auth_guessing_is_blocked_per_client() {
         c.cmd("EHLO other.test", "250").await;
         c.cmd(&format!("AUTH PLAIN {}", plain("alice", PASSWORD)), "235")
             .await;
-        assert_eq!(
-            f.mem.counters.lock().unwrap().get("auth-fail:192.0.2.9"),
-            Some(&3)
-        );
+        assert_eq!(f.mem.counter_value("auth-fail:192.0.2.9"), Some(3));
     })
     .await;
 }
@@ -561,24 +466,24 @@ async fn pipelined_commands_get_replies_in_order() {
     .await;
 }
 
-fn suppress(f: &Fixture, address: &str) {
-    f.mem.suppressed.lock().unwrap().insert(
-        address.to_string(),
-        SuppressionEntry {
+async fn suppress(f: &Fixture, address: &str) {
+    f.mem
+        .suppress(SuppressionEntry {
             address: address.to_string(),
             reason: "hard-bounce".into(),
             remote_reply: None,
             created_at: 0,
             expires_at: None,
-        },
-    );
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn suppressed_recipients_are_refused_or_dropped() {
     bounded(async {
         let f = fixture("");
-        suppress(&f, "gone@x.org");
+        suppress(&f, "gone@x.org").await;
         let mut c = f.connect("10.1.2.3:4000").await;
         c.cmd("EHLO client.test", "250").await;
         c.cmd("MAIL FROM:<a@example.test>", "250").await;
@@ -591,6 +496,99 @@ async fn suppressed_recipients_are_refused_or_dropped() {
         c.cmd("DATA", "354").await;
         c.cmd("Subject: x\r\n\r\nhi\r\n.", "250 2.0.0").await;
         assert!(f.messages().is_empty());
+    })
+    .await;
+}
+
+/// Events recorded in the background: waits until `n` are in the outbox.
+async fn events_soon(f: &Fixture, n: usize) -> Vec<crate::events::Event> {
+    loop {
+        let events = f.mem.events();
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn refusals_drops_and_acceptances_become_events() {
+    use crate::events::EventType;
+    bounded(async {
+        let f = fixture("");
+        suppress(&f, "gone@x.org").await;
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "550 5.1.1").await;
+        let events = events_soon(&f, 1).await;
+        assert_eq!(events[0].kind, EventType::Rejected);
+        assert_eq!(events[0].recipient.as_deref(), Some("gone@x.org"));
+        assert_eq!(events[0].from.as_deref(), Some("a@example.test"));
+        assert_eq!(events[0].enhanced_status.as_deref(), Some("5.1.1"));
+        assert!(events[0].response.as_deref().unwrap().starts_with("550 5.1.1"));
+        // Protocol noise is no event.
+        c.cmd("FROB", "500").await;
+        c.cmd("RSET", "250").await;
+        // corp.test drops: a `suppressed` event with the accepted ones.
+        c.cmd("MAIL FROM:<a@corp.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "250").await;
+        c.cmd("RCPT TO:<ok@y.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.cmd(
+            "X-Petrel-Tags: order=17, campaign=spring\r\nMessage-ID: <m1@corp.test>\r\nSubject: x\r\n\r\nhi\r\n.",
+            "250 2.0.0",
+        )
+        .await;
+        let msg = &f.messages()[0];
+        let text = String::from_utf8_lossy(&msg.data);
+        assert!(!text.to_ascii_lowercase().contains("x-petrel-tags"), "{text}");
+        assert_eq!(msg.tags.get("order").map(String::as_str), Some("17"));
+        assert_eq!(msg.header_message_id.as_deref(), Some("m1@corp.test"));
+        let events = f.mem.events();
+        let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventType::Rejected, EventType::Accepted, EventType::Suppressed]);
+        for e in &events[1..] {
+            assert_eq!(e.queue_id.as_deref(), Some(msg.id.as_str()));
+            assert_eq!(e.header_message_id.as_deref(), Some("m1@corp.test"));
+            assert_eq!(e.tags, msg.tags);
+        }
+        assert_eq!(events[1].recipient.as_deref(), Some("ok@y.org"));
+        assert_eq!(events[2].recipient.as_deref(), Some("gone@x.org"));
+        // A bad tag header refuses the message, naming the tag, and is a
+        // `rejected` event per recipient.
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<b@x.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        let r = c
+            .cmd("X-Petrel-Tags: bad key=1\r\nSubject: x\r\n\r\nhi\r\n.", "550 5.6.0")
+            .await;
+        assert!(r.contains("\"bad key\""), "{r}");
+        let events = events_soon(&f, 4).await;
+        assert_eq!(events[3].kind, EventType::Rejected);
+        assert_eq!(events[3].recipient.as_deref(), Some("b@x.org"));
+        assert_eq!(f.messages().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refusal_is_sent_when_its_event_cannot_be_recorded() {
+    bounded(async {
+        let f = fixture("");
+        suppress(&f, "gone@x.org").await;
+        f.mem.fail_next_publishes(1);
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "550 5.1.1").await;
+        let lost = &f.ctx.metrics.events_lost;
+        while lost.with_label_values(&["rejected"]).get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(f.mem.events().is_empty());
+        // The session goes on.
+        c.cmd("RCPT TO:<ok@x.org>", "250").await;
     })
     .await;
 }
@@ -622,7 +620,7 @@ async fn queue_or_key_failure_is_temporary_and_stores_nothing() {
         c.cmd("RCPT TO:<b@x.org>", "250").await;
         c.cmd("DATA", "354").await;
         c.cmd("Subject: x\r\n\r\nhi\r\n.", "451 4.3.0").await;
-        *f.mem.fail.lock().unwrap() = true;
+        f.mem.set_enqueue_down(true);
         c.cmd("MAIL FROM:<a@example.test>", "250").await;
         c.cmd("RCPT TO:<b@x.org>", "250").await;
         c.cmd("DATA", "354").await;
@@ -822,7 +820,7 @@ async fn http_submissions_take_the_same_path() {
     use crate::refusal::Refusal;
     bounded(async {
         let f = fixture("");
-        suppress(&f, "gone@x.org");
+        suppress(&f, "gone@x.org").await;
         let submit = InboundSubmit::new(f.ctx.clone());
         // Over TLS unless said otherwise: plaintext credentials are a
         // case of their own below.
@@ -845,6 +843,7 @@ async fn http_submissions_take_the_same_path() {
                 mail_from: from.into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 data: b"From: a@example.test\r\nSubject: api\r\n\r\nhello\r\n".to_vec(),
+                tags: Default::default(),
             };
             submit.submit(who, submission).await
         };
@@ -1006,7 +1005,7 @@ async fn recipient_refusals_of_bulk_senders_are_not_errors() {
     bounded(async {
         let f = fixture("limits: {maxErrors: 2, maxRecipients: 1}\n");
         for i in 0..5 {
-            suppress(&f, &format!("gone{i}@x.org"));
+            suppress(&f, &format!("gone{i}@x.org")).await;
         }
         let mut c = f.connect("10.1.2.3:4000").await;
         c.cmd("EHLO bulk.test", "250").await;
@@ -1113,14 +1112,7 @@ async fn concurrent_guesses_cannot_outrun_the_throttle() {
                 "{r}"
             );
         }
-        let counted = f
-            .mem
-            .counters
-            .lock()
-            .unwrap()
-            .get("auth-fail:192.0.2.20")
-            .copied()
-            .unwrap_or(0);
+        let counted = f.mem.counter_value("auth-fail:192.0.2.20").unwrap_or(0);
         assert!(
             (1..=auth_slots() as u64).contains(&counted),
             "{counted} guesses checked, at most {} expected",
@@ -1136,7 +1128,7 @@ async fn concurrent_guesses_cannot_outrun_the_throttle() {
 async fn auth_with_the_backend_down_is_a_temporary_failure() {
     bounded(async {
         let f = fixture("");
-        *f.mem.fail.lock().unwrap() = true;
+        f.mem.set_down(true);
         let mut c = f.connect("192.0.2.1:4000").await;
         c.cmd("EHLO outside.test", "250").await;
         c.cmd(

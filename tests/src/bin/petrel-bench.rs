@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow_lite::{Context, Result};
 use clap::{Parser, ValueEnum};
+use petrel_crds::config::Webhook;
 use petrel_tests::bench::inject::{self, Plan};
 use petrel_tests::bench::postfix::{self, Postfix};
 use petrel_tests::bench::procstat;
@@ -26,6 +27,7 @@ use petrel_tests::bench::sink::Sink;
 use petrel_tests::bench::stats::{fmt_ms, percentile};
 use petrel_tests::dns::DnsServer;
 use petrel_tests::redis::{Persistence, RedisServer};
+use petrel_tests::webhook_receiver::WebhookReceiver;
 
 /// Benchmark Petrel (and Postfix) relaying to a local counting sink.
 #[derive(Parser, Debug, Clone)]
@@ -68,6 +70,10 @@ struct Args {
     /// RUST_LOG of the relays.
     #[arg(long, default_value = "warn")]
     relay_log: String,
+    /// Also run Petrel with one webhook configured (to a counting receiver
+    /// in this process), to compare delivered msg/s with and without it.
+    #[arg(long)]
+    webhook: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -172,8 +178,14 @@ async fn bench(args: Args) -> std::process::ExitCode {
                 for &n in &args.relays {
                     rows.push(run_or_note(
                         &format!("petrel x{n}"),
-                        petrel(&args, load, n).await,
+                        petrel(&args, load, n, false).await,
                     ));
+                    if args.webhook {
+                        rows.push(run_or_note(
+                            &format!("petrel x{n} +wh"),
+                            petrel(&args, load, n, true).await,
+                        ));
+                    }
                 }
                 if with_postfix {
                     rows.push(run_or_note("postfix", postfix_run(&args, load).await));
@@ -294,8 +306,24 @@ async fn ceiling(args: &Args, load: Load) -> Result<Row> {
     Ok(row)
 }
 
-async fn petrel(args: &Args, load: Load, n: usize) -> Result<Row> {
+async fn petrel(args: &Args, load: Load, n: usize, webhook: bool) -> Result<Row> {
     let sink = Sink::start().await.context("starting sink")?;
+    // With `--webhook`: a verifying, counting receiver and one webhook to it.
+    let secret_dir = tempfile::tempdir().context("creating a temp dir")?;
+    let receiver = if webhook {
+        Some(
+            WebhookReceiver::start(b"petrel-bench-secret")
+                .await
+                .context("starting the webhook receiver")?,
+        )
+    } else {
+        None
+    };
+    let hook = receiver.as_ref().map(|r| {
+        let path = secret_dir.path().join("webhook-secret");
+        let _ = std::fs::write(&path, "petrel-bench-secret");
+        Webhook::new("bench", &r.url(), path)
+    });
     let redis = RedisServer::builder()
         .persistence(Persistence::Aof)
         .start()
@@ -323,15 +351,38 @@ async fn petrel(args: &Args, load: Load, n: usize) -> Result<Row> {
         if let Some(w) = args.workers {
             b.config_mut().delivery.workers = w;
         }
+        if let Some(hook) = &hook {
+            b.config_mut().events.webhooks = vec![hook.clone()];
+        }
         relays.push(b.start().await.context("starting petrel-relay")?);
     }
     let pids: Vec<u32> = relays.iter().filter_map(RelayProcess::pid).collect();
     let cpu_before: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let redis_before = redis_pid.and_then(procstat::cpu_time);
     let targets = relays.iter().map(RelayProcess::smtp_addr).collect();
-    let system = format!("petrel x{n}");
+    let system = if webhook {
+        format!("petrel x{n} +wh")
+    } else {
+        format!("petrel x{n}")
+    };
     let plan = plan(args, load, targets, &system);
     let mut row = drive(args, load, plan, &sink, &system, || {}).await;
+    if let Some(r) = &receiver {
+        // Events keep arriving after the last delivery; wait a little for
+        // the tail (not part of the delivered rate) and say how many came.
+        let expected = (row.accepted * 2 * load.recipients as u64) as usize;
+        r.wait_until(Duration::from_secs(30), |r| r.unique() >= expected)
+            .await;
+        row.note = format!(
+            "{} webhook: {}/{expected} events, {} requests, {} bad signatures",
+            row.note,
+            r.unique(),
+            r.requests(),
+            r.bad_signatures()
+        )
+        .trim()
+        .to_string();
+    }
     let cpu_after: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let per_msg = |d: Duration| d.as_secs_f64() * 1000.0 / row.delivered.max(1) as f64;
     row.cpu_ms_per_msg = Some(per_msg(cpu_after.saturating_sub(cpu_before)));
@@ -503,6 +554,12 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
     let ceiling = rows.iter().find(|r| r.system == "sink (ceiling)");
     for r in rows.iter().filter(|r| r.system.starts_with("petrel")) {
         let mut parts = Vec::new();
+        if let Some(plain) = r.system.strip_suffix(" +wh")
+            && let Some(base) = rows.iter().find(|b| b.system == plain)
+            && let (Some(a), Some(b)) = (r.delivered_rate, base.delivered_rate)
+        {
+            parts.push(format!("delivered rate {:.2}x without the webhook", a / b));
+        }
         if let Some(p) = postfix {
             if let (Some(a), Some(b)) = (r.delivered_rate, p.delivered_rate) {
                 parts.push(format!("delivered rate {:.2}x postfix", a / b));
