@@ -6,6 +6,7 @@
 //! - [`dns`]: an in-process DNS server with records set at runtime.
 //! - [`smtp_sink`]: an SMTP server that records what it receives and
 //!   answers as scripted.
+//! - [`https`]: an HTTPS server with one scripted answer (MTA-STS policy hosts).
 //!
 //! Every helper binds 127.0.0.1 only, owns its resources (temp dirs, child
 //! processes, tasks) and releases them on drop, so a failing test leaks
@@ -31,6 +32,7 @@
 
 pub mod bench;
 pub mod dns;
+pub mod https;
 pub mod ports;
 pub mod redis;
 pub mod smtp_sink;

@@ -109,6 +109,15 @@ fn tls_mode(mode: sr::TlsMode) -> rc::TlsMode {
     }
 }
 
+/// `required` is the pre-0.2 name of `verified`.
+fn outbound_tls(mode: sr::OutboundTls) -> rc::OutboundTls {
+    match mode {
+        sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
+        sr::OutboundTls::Encrypted => rc::OutboundTls::Encrypted,
+        sr::OutboundTls::Verified | sr::OutboundTls::Required => rc::OutboundTls::Verified,
+    }
+}
+
 fn duration(field: &str, value: &str) -> Result<rc::Duration, InvalidSpec> {
     rc::Duration::from_str(value)
         .map_err(|e| InvalidSpec::new("InvalidDuration", format!("{field}: {e}")))
@@ -196,10 +205,19 @@ pub fn relay_config(
             "spec.delivery.maxQueueLifetime",
             &delivery_spec.max_queue_lifetime,
         )?,
-        outbound_tls: match delivery_spec.outbound_tls {
-            sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
-            sr::OutboundTls::Required => rc::OutboundTls::Required,
+        outbound_tls: outbound_tls(delivery_spec.outbound_tls),
+        tls: rc::OutboundTlsConfig {
+            ca_file: None,
+            policies: delivery_spec
+                .tls_policies
+                .iter()
+                .map(|p| rc::TlsPolicyOverride {
+                    domain: p.domain.clone(),
+                    mode: outbound_tls(p.mode),
+                })
+                .collect(),
         },
+        mta_sts: delivery_spec.mta_sts,
         per_destination_concurrency: non_negative(
             "spec.delivery.perDestinationConcurrency",
             delivery_spec.per_destination_concurrency.into(),

@@ -141,8 +141,12 @@ pub enum Fault {
     Io(String),
     /// The TLS handshake failed.
     Tls(String),
-    /// `outboundTls: required` and the server offers no STARTTLS.
+    /// TLS is mandatory (`encrypted`, `verified`, MTA-STS) and the server
+    /// offers no STARTTLS.
     TlsNotOffered,
+    /// The destination's TLS policy (MTA-STS `enforce`) allows none of its
+    /// servers: try later, the policy or the MX may be fixed.
+    TlsPolicy(String),
     /// The server sent something that is not an SMTP reply.
     Protocol(String),
     /// DNS did not answer usefully (SERVFAIL, timeout): try later.
@@ -179,6 +183,7 @@ impl Fault {
             | Fault::Io(_)
             | Fault::Tls(_)
             | Fault::TlsNotOffered
+            | Fault::TlsPolicy(_)
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Local(_)
@@ -195,6 +200,7 @@ impl Fault {
             Fault::Io(_) => "4.4.2",
             Fault::Tls(_) => "4.7.5",
             Fault::TlsNotOffered => "4.7.10",
+            Fault::TlsPolicy(_) => "4.7.5",
             Fault::Protocol(_) => "4.5.0",
             Fault::DnsTemporary(_) => "4.4.3",
             Fault::Local(_) => "4.3.0",
@@ -213,6 +219,7 @@ impl fmt::Display for Fault {
             Fault::Io(e) => write!(f, "connection lost: {e}"),
             Fault::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             Fault::TlsNotOffered => f.write_str("TLS required but STARTTLS not offered"),
+            Fault::TlsPolicy(why) => write!(f, "TLS policy not met: {why}"),
             Fault::Protocol(e) => write!(f, "protocol error: {e}"),
             Fault::DnsTemporary(e) => write!(f, "DNS lookup failed: {e}"),
             Fault::DnsPermanent { reason, .. } => f.write_str(reason),
@@ -314,6 +321,7 @@ pub fn is_hard_bounce(failure: &Failure) -> bool {
             | Fault::Io(_)
             | Fault::Tls(_)
             | Fault::TlsNotOffered
+            | Fault::TlsPolicy(_)
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Unsendable { .. }
