@@ -98,8 +98,18 @@ impl HttpsServer {
     }
 
     /// As [`HttpsServer::respond`], with extra headers (`Location`).
-    pub fn respond_with(&self, status: u16, content_type: &str, body: &[u8], headers: &[(&str, &str)]) {
-        *self.shared.response.lock().unwrap_or_else(|e| e.into_inner()) = Some(Response {
+    pub fn respond_with(
+        &self,
+        status: u16,
+        content_type: &str,
+        body: &[u8],
+        headers: &[(&str, &str)],
+    ) {
+        *self
+            .shared
+            .response
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Response {
             status,
             content_type: content_type.to_string(),
             body: body.to_vec(),

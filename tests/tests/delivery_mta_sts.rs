@@ -96,12 +96,27 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message("s-ok", "sender@example.test", &["user@dest.test"], "sts"))
+            .enqueue(message(
+                "s-ok",
+                "sender@example.test",
+                &["user@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 1);
         assert!(got[0].tls);
+        assert_eq!(
+            relay
+                .ctx
+                .metrics
+                .outbound_tls
+                .with_label_values(&["mta-sts", "tls"])
+                .get(),
+            1,
+            "the session ran under the MTA-STS policy"
+        );
         let requests = w.https.requests();
         assert!(
             requests.contains(&(POLICY_PATH.to_string(), "mta-sts.dest.test".to_string())),
@@ -123,7 +138,12 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message("s-ok2", "sender@example.test", &["two@dest.test"], "sts"))
+            .enqueue(message(
+                "s-ok2",
+                "sender@example.test",
+                &["two@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(2, Duration::from_secs(20)).await.len(), 2);
@@ -136,12 +156,23 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message("s-ok3", "sender@example.test", &["three@dest.test"], "sts"))
+            .enqueue(message(
+                "s-ok3",
+                "sender@example.test",
+                &["three@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(3, Duration::from_secs(20)).await.len(), 3);
         assert!(w.https.requests().len() > fetches, "refresh attempted");
-        let cached = relay.ctx.state.get_value("mta-sts:dest.test").await.unwrap().unwrap();
+        let cached = relay
+            .ctx
+            .state
+            .get_value("mta-sts:dest.test")
+            .await
+            .unwrap()
+            .unwrap();
         assert!(cached.contains("\"id\":\"1\""), "old policy kept: {cached}");
         relay.stop().await;
     })
@@ -160,13 +191,32 @@ async fn enforce_defers_on_a_certificate_mismatch_and_never_sends_plain_text() {
         relay
             .ctx
             .queue
-            .enqueue(message("s-bad", "sender@example.test", &["user@dest.test"], "sts"))
+            .enqueue(message(
+                "s-bad",
+                "sender@example.test",
+                &["user@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         let sink = &w.sink;
-        assert!(until(Duration::from_secs(15), || async { sink.connections() >= 2 }).await);
+        assert!(
+            until(Duration::from_secs(15), || async {
+                sink.connections() >= 2
+            })
+            .await
+        );
         assert!(until(Duration::from_secs(5), || async { deferred(&relay) >= 1 }).await);
         assert_eq!(sink.transactions(), 0, "nothing sent");
+        assert!(
+            relay
+                .ctx
+                .metrics
+                .outbound_tls
+                .with_label_values(&["mta-sts", "certificate-host-mismatch"])
+                .get()
+                >= 1
+        );
         relay.stop().await;
     })
     .await
@@ -183,11 +233,20 @@ async fn enforce_defers_when_no_mx_host_matches() {
         relay
             .ctx
             .queue
-            .enqueue(message("s-mx", "sender@example.test", &["user@dest.test"], "sts"))
+            .enqueue(message(
+                "s-mx",
+                "sender@example.test",
+                &["user@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         assert!(until(Duration::from_secs(15), || async { deferred(&relay) >= 2 }).await);
-        assert_eq!(w.sink.connections(), 0, "a host outside the policy is never tried");
+        assert_eq!(
+            w.sink.connections(),
+            0,
+            "a host outside the policy is never tried"
+        );
         relay.stop().await;
     })
     .await
@@ -204,7 +263,12 @@ async fn testing_mode_delivers_despite_a_mismatch() {
         relay
             .ctx
             .queue
-            .enqueue(message("s-test", "sender@example.test", &["user@dest.test"], "sts"))
+            .enqueue(message(
+                "s-test",
+                "sender@example.test",
+                &["user@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -231,11 +295,24 @@ async fn an_untrusted_policy_host_is_ignored() {
         relay
             .ctx
             .queue
-            .enqueue(message("s-untrusted", "sender@example.test", &["user@dest.test"], "sts"))
+            .enqueue(message(
+                "s-untrusted",
+                "sender@example.test",
+                &["user@dest.test"],
+                "sts",
+            ))
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(1, Duration::from_secs(20)).await.len(), 1);
-        assert_eq!(relay.ctx.state.get_value("mta-sts:dest.test").await.unwrap(), None);
+        assert_eq!(
+            relay
+                .ctx
+                .state
+                .get_value("mta-sts:dest.test")
+                .await
+                .unwrap(),
+            None
+        );
         relay.stop().await;
     })
     .await

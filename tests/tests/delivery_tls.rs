@@ -94,6 +94,15 @@ async fn verified_delivers_to_a_certificate_for_the_mx_name() {
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 1);
         assert!(got[0].tls, "verified delivery is over TLS");
+        assert_eq!(
+            relay
+                .ctx
+                .metrics
+                .outbound_tls
+                .with_label_values(&["verified", "tls"])
+                .get(),
+            1
+        );
         assert_eq!(got[0].rcpt_to, vec!["user@dest.test"]);
         relay.stop().await;
     })
@@ -222,9 +231,17 @@ async fn per_destination_verified_bounces_at_expiry_with_the_certificate_error()
         let text = dsn.text();
         assert!(text.contains("user@dest.test"), "{text}");
         assert!(
-            text.contains("certificate") && text.contains("NotValidForName"),
+            text.contains("certificate-host-mismatch")
+                && text.contains("not valid for name \"mx.dest.test\""),
             "the DSN names the certificate problem: {text}"
         );
+        let refused = relay
+            .ctx
+            .metrics
+            .outbound_tls
+            .with_label_values(&["verified", "certificate-host-mismatch"])
+            .get();
+        assert!(refused >= 1, "petrel_outbound_tls_total counts the refusal");
         relay.stop().await;
     })
     .await

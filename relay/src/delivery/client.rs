@@ -19,6 +19,8 @@ use smtp_proto::response::parser::ResponseReceiver;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use super::tls_result::TlsResult;
 use tokio_rustls::client::TlsStream;
 
 use super::classify::{Failure, Fault, Reply, Severity};
@@ -670,7 +672,16 @@ async fn handshake(
     tokio::time::timeout(settings.timeouts.connect, connector.connect(name, tcp))
         .await
         .map_err(|_| Fault::Timeout("TLS handshake"))?
-        .map_err(|e| Fault::Tls(format!("{e} (TLS policy {})", settings.tls_label)))
+        .map_err(|e| {
+            let detail = format!("{e} (TLS policy {})", settings.tls_label);
+            match TlsResult::of_io(&e) {
+                Some(result) => Fault::Certificate {
+                    result: result.as_str(),
+                    detail,
+                },
+                None => Fault::Tls(detail),
+            }
+        })
 }
 
 /// A greeting or EHLO refusal: about the server, never the recipients.

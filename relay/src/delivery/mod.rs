@@ -25,6 +25,7 @@ mod settle;
 pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
+pub mod tls_result;
 pub mod worker;
 
 use std::net::SocketAddr;

@@ -84,6 +84,18 @@ pub(super) async fn apply_mta_sts(
     }
 }
 
+/// The TLS result type of a failed connection attempt, `None` when the
+/// failure is not about TLS (network, greeting, DNS).
+pub fn failure_result(failure: &super::classify::Failure) -> Option<&'static str> {
+    use super::classify::Failure;
+    match failure {
+        Failure::Fault(Fault::TlsNotOffered) => Some("starttls-not-supported"),
+        Failure::Fault(Fault::Certificate { result, .. }) => Some(result),
+        Failure::Fault(Fault::Tls(_)) => Some("validation-failure"),
+        Failure::Fault(_) | Failure::Reply(_) | Failure::Session(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -813,11 +813,21 @@ async fn deliver_smtp(
                                 .outbound_sessions
                                 .with_label_values(&[destination_group(domain), tls])
                                 .inc();
+                            ctx.metrics
+                                .outbound_tls
+                                .with_label_values(&[settings.tls_label, tls])
+                                .inc();
                             *session = Some(Session { conn, used: false });
                             break;
                         }
                         Err(failure) => {
-                            tracing::debug!(host = %host.name, %ip, %failure, "host failed; trying the next");
+                            if let Some(result) = tls_policy::failure_result(&failure) {
+                                ctx.metrics
+                                    .outbound_tls
+                                    .with_label_values(&[settings.tls_label, result])
+                                    .inc();
+                            }
+                            tracing::debug!(host = %host.name, %ip, %failure, tls_policy = settings.tls_label, "host failed; trying the next");
                             last_failure = failure;
                         }
                     }

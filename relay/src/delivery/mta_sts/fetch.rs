@@ -125,7 +125,7 @@ async fn fetch_inner(settings: &FetchSettings, domain: &str) -> Result<String, F
         .await
         .map_err(|e| FetchError::Tls {
             host: host.clone(),
-            certificate: is_certificate_error(&e),
+            certificate: super::super::tls_result::TlsResult::of_io(&e).is_some(),
             reason: e.to_string(),
         })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
@@ -181,17 +181,4 @@ async fn request(
         })?
         .to_bytes();
     String::from_utf8(body.to_vec()).map_err(|_| FetchError::Http("policy is not UTF-8".into()))
-}
-
-/// Whether a handshake failed on the certificate (rustls wraps its error
-/// in the I/O error).
-fn is_certificate_error(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|r| {
-            matches!(
-                r,
-                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
-            )
-        })
 }
