@@ -787,6 +787,30 @@ mod tests {
     }
 
     #[test]
+    fn outbound_tls_modes_and_per_destination_policies_render() {
+        let relay = relay(
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+        );
+        let config = relay_config(&relay, &[], None).expect("renders");
+        // `required` is the old name of `verified`.
+        assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
+        assert!(!config.delivery.mta_sts);
+        assert_eq!(
+            config.delivery.tls.policies,
+            vec![rc::TlsPolicyOverride {
+                domain: "bank.example".into(),
+                mode: rc::OutboundTls::Encrypted,
+            }]
+        );
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(yaml.contains("outboundTls: verified"), "{yaml}");
+        assert_eq!(
+            rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
+            config
+        );
+    }
+
+    #[test]
     fn bad_trusted_network_is_an_invalid_spec() {
         let relay = relay(
             "{redis: {urlSecretRef: {name: redis, key: url}}, trustedNetworks: [10.0.0.0/99]}",
