@@ -96,12 +96,10 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-ok",
-                "sender@example.test",
-                &["user@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-ok", "sender@example.test", &["user@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -138,12 +136,10 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-ok2",
-                "sender@example.test",
-                &["two@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-ok2", "sender@example.test", &["two@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(2, Duration::from_secs(20)).await.len(), 2);
@@ -156,12 +152,10 @@ async fn enforce_delivers_to_a_matching_mx_over_verified_tls_and_caches_the_poli
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-ok3",
-                "sender@example.test",
-                &["three@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-ok3", "sender@example.test", &["three@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(3, Duration::from_secs(20)).await.len(), 3);
@@ -191,12 +185,10 @@ async fn enforce_defers_on_a_certificate_mismatch_and_never_sends_plain_text() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-bad",
-                "sender@example.test",
-                &["user@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-bad", "sender@example.test", &["user@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let sink = &w.sink;
@@ -233,12 +225,10 @@ async fn enforce_defers_when_no_mx_host_matches() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-mx",
-                "sender@example.test",
-                &["user@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-mx", "sender@example.test", &["user@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         assert!(until(Duration::from_secs(15), || async { deferred(&relay) >= 2 }).await);
@@ -263,12 +253,10 @@ async fn testing_mode_delivers_despite_a_mismatch() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-test",
-                "sender@example.test",
-                &["user@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message("s-test", "sender@example.test", &["user@dest.test"], "sts"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -295,12 +283,15 @@ async fn an_untrusted_policy_host_is_ignored() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "s-untrusted",
-                "sender@example.test",
-                &["user@dest.test"],
-                "sts",
-            ))
+            .enqueue(
+                message(
+                    "s-untrusted",
+                    "sender@example.test",
+                    &["user@dest.test"],
+                    "sts",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         assert_eq!(w.sink.wait_for(1, Duration::from_secs(20)).await.len(), 1);

@@ -83,12 +83,15 @@ async fn verified_delivers_to_a_certificate_for_the_mx_name() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "v-ok",
-                "sender@example.test",
-                &["user@dest.test"],
-                "verified",
-            ))
+            .enqueue(
+                message(
+                    "v-ok",
+                    "sender@example.test",
+                    &["user@dest.test"],
+                    "verified",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -120,12 +123,10 @@ async fn verified_defers_on_a_wrong_name_and_never_sends_in_plain_text() {
         strict
             .ctx
             .queue
-            .enqueue(message(
-                "v-name",
-                "sender@example.test",
-                &["user@dest.test"],
-                "name",
-            ))
+            .enqueue(
+                message("v-name", "sender@example.test", &["user@dest.test"], "name"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let sink = &w.sink;
@@ -174,12 +175,10 @@ async fn verified_defers_on_an_unknown_issuer_and_required_means_verified() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "v-ca",
-                "sender@example.test",
-                &["user@dest.test"],
-                "ca",
-            ))
+            .enqueue(
+                message("v-ca", "sender@example.test", &["user@dest.test"], "ca"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let sink = &w.sink;
@@ -215,12 +214,15 @@ async fn per_destination_verified_bounces_at_expiry_with_the_certificate_error()
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "v-exp",
-                "sender@example.test",
-                &["user@dest.test"],
-                "expire",
-            ))
+            .enqueue(
+                message(
+                    "v-exp",
+                    "sender@example.test",
+                    &["user@dest.test"],
+                    "expire",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(30)).await;
