@@ -20,10 +20,12 @@ use serde::{Deserialize, Serialize};
 
 mod duration;
 mod events;
+mod outbound_tls;
 mod validate;
 
 pub use duration::Duration;
 pub use events::{EVENT_TYPES, EventsConfig, Webhook};
+pub use outbound_tls::{OutboundTls, OutboundTlsConfig, TlsPolicyOverride};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -307,10 +309,18 @@ pub struct DeliveryConfig {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delayed_dsn_after: Option<Duration>,
-    /// Outbound TLS: `opportunistic` uses STARTTLS when offered, `required`
-    /// defers when it is not.
+    /// Default outbound TLS mode: `opportunistic` (STARTTLS when offered,
+    /// any certificate), `encrypted` (TLS mandatory, any certificate) or
+    /// `verified` (TLS mandatory, certificate verified against the MX
+    /// name). `required` is accepted as an alias of `verified`.
     #[serde(default)]
     pub outbound_tls: OutboundTls,
+    /// Trust anchors and per-destination overrides of `outboundTls`.
+    #[serde(default, skip_serializing_if = "OutboundTlsConfig::is_empty")]
+    pub tls: OutboundTlsConfig,
+    /// MTA-STS (RFC 8461): look up and honour recipient domains' policies.
+    #[serde(default = "default_true")]
+    pub mta_sts: bool,
     /// Connections to one destination, summed over all relay pods.
     #[serde(default = "default_per_destination_concurrency")]
     pub per_destination_concurrency: u32,
@@ -341,6 +351,8 @@ impl Default for DeliveryConfig {
             max_queue_lifetime: default_max_queue_lifetime(),
             delayed_dsn_after: None,
             outbound_tls: OutboundTls::default(),
+            tls: OutboundTlsConfig::default(),
+            mta_sts: true,
             per_destination_concurrency: default_per_destination_concurrency(),
             per_destination_rate: None,
             workers: default_workers(),
@@ -348,6 +360,10 @@ impl Default for DeliveryConfig {
             timeouts: OutboundTimeouts::default(),
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_retry_schedule() -> Vec<Duration> {
@@ -392,6 +408,13 @@ pub struct MxConfig {
     /// DNS servers (`ip:port`). The system resolver when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<SocketAddr>,
+    /// HTTPS port of MTA-STS policy hosts (`mta-sts.<domain>`): 443 except
+    /// in tests, which cannot bind 443. Leave it alone in production.
+    #[serde(
+        default = "default_mta_sts_port",
+        skip_serializing_if = "is_default_mta_sts_port"
+    )]
+    pub mta_sts_port: u16,
 }
 
 impl Default for MxConfig {
@@ -399,12 +422,21 @@ impl Default for MxConfig {
         MxConfig {
             port: default_mx_port(),
             nameservers: Vec::new(),
+            mta_sts_port: default_mta_sts_port(),
         }
     }
 }
 
 fn default_mx_port() -> u16 {
     25
+}
+
+fn default_mta_sts_port() -> u16 {
+    443
+}
+
+fn is_default_mta_sts_port(port: &u16) -> bool {
+    *port == default_mta_sts_port()
 }
 
 /// Upstream server for `transport: smarthost`.
@@ -441,17 +473,6 @@ fn default_smarthost_tls() -> TlsMode {
 pub struct MaildirConfig {
     /// Root of the Maildir tree (`cur`, `new`, `tmp` are created).
     pub path: PathBuf,
-}
-
-/// Outbound TLS policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutboundTls {
-    /// STARTTLS when the server offers it, plain text otherwise.
-    #[default]
-    Opportunistic,
-    /// Defer rather than send in plain text.
-    Required,
 }
 
 /// Outbound SMTP timeouts, defaults from RFC 5321 4.5.3.2.

@@ -28,6 +28,10 @@ pub struct RelayMetrics {
     pub dkim_signed: IntCounterVec,
     /// Outbound SMTP sessions, by destination and `tls`/`plaintext`.
     pub outbound_sessions: IntCounterVec,
+    /// Outbound connection attempts by TLS policy (`mta-sts`, `verified`,
+    /// `encrypted`, `opportunistic`, `none`) and result (`tls`,
+    /// `plaintext`, or a TLS-RPT failure type).
+    pub outbound_tls: IntCounterVec,
     /// Failed AUTH attempts, by listener.
     pub auth_failures: IntCounterVec,
     /// Queue units by state (`due`, `deferred`, `leased`).
@@ -168,6 +172,12 @@ impl RelayMetrics {
                 "petrel_outbound_sessions_total",
                 "Outbound SMTP sessions, by TLS use.",
                 &["destination", "tls"],
+            )?,
+            outbound_tls: counter(
+                registry,
+                "petrel_outbound_tls_total",
+                "Outbound connection attempts, by TLS policy and result.",
+                &["policy", "result"],
             )?,
             auth_failures: counter(
                 registry,

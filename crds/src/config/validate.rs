@@ -366,6 +366,21 @@ impl RelayConfig {
         if d.workers == 0 {
             errors.push(FieldError::new("delivery.workers", "must be at least 1"));
         }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, p) in d.tls.policies.iter().enumerate() {
+            let at = format!("delivery.tls.policies[{i}].domain");
+            if let Err(why) = check_domain_name(&p.domain) {
+                errors.push(FieldError::new(at, why));
+            } else if let Some(first) = seen.insert(p.domain.to_ascii_lowercase(), i) {
+                errors.push(FieldError::new(
+                    at,
+                    format!(
+                        "{:?} is already used by delivery.tls.policies[{first}]",
+                        p.domain
+                    ),
+                ));
+            }
+        }
     }
 
     fn check_limits(&self, errors: &mut Vec<FieldError>) {

@@ -166,6 +166,15 @@ fn tls_mode(mode: sr::TlsMode) -> rc::TlsMode {
     }
 }
 
+/// `required` is the pre-0.2 name of `verified`.
+fn outbound_tls(mode: sr::OutboundTls) -> rc::OutboundTls {
+    match mode {
+        sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
+        sr::OutboundTls::Encrypted => rc::OutboundTls::Encrypted,
+        sr::OutboundTls::Verified | sr::OutboundTls::Required => rc::OutboundTls::Verified,
+    }
+}
+
 fn duration(field: &str, value: &str) -> Result<rc::Duration, InvalidSpec> {
     rc::Duration::from_str(value)
         .map_err(|e| InvalidSpec::new("InvalidDuration", format!("{field}: {e}")))
@@ -253,10 +262,19 @@ pub fn relay_config(
             "spec.delivery.maxQueueLifetime",
             &delivery_spec.max_queue_lifetime,
         )?,
-        outbound_tls: match delivery_spec.outbound_tls {
-            sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
-            sr::OutboundTls::Required => rc::OutboundTls::Required,
+        outbound_tls: outbound_tls(delivery_spec.outbound_tls),
+        tls: rc::OutboundTlsConfig {
+            ca_file: None,
+            policies: delivery_spec
+                .tls_policies
+                .iter()
+                .map(|p| rc::TlsPolicyOverride {
+                    domain: p.domain.clone(),
+                    mode: outbound_tls(p.mode),
+                })
+                .collect(),
         },
+        mta_sts: delivery_spec.mta_sts,
         per_destination_concurrency: non_negative(
             "spec.delivery.perDestinationConcurrency",
             delivery_spec.per_destination_concurrency.into(),
@@ -924,6 +942,30 @@ mod tests {
             err.message.contains("events.webhooks[0].url"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn outbound_tls_modes_and_per_destination_policies_render() {
+        let relay = relay(
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+        );
+        let config = relay_config(&relay, &[], None).expect("renders");
+        // `required` is the old name of `verified`.
+        assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
+        assert!(!config.delivery.mta_sts);
+        assert_eq!(
+            config.delivery.tls.policies,
+            vec![rc::TlsPolicyOverride {
+                domain: "bank.example".into(),
+                mode: rc::OutboundTls::Encrypted,
+            }]
+        );
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(yaml.contains("outboundTls: verified"), "{yaml}");
+        assert_eq!(
+            rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
+            config
         );
     }
 
