@@ -19,9 +19,11 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod tracking;
 mod validate;
 
 pub use duration::Duration;
+pub use tracking::{DomainTracking, TrackingConfig};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -70,6 +72,11 @@ pub struct RelayConfig {
     /// The HTTP server for metrics, health and the send API.
     #[serde(default)]
     pub http: HttpConfig,
+
+    /// Engagement tracking: the key of tracking tokens. Which domains track
+    /// opens and clicks is `domains[].tracking`.
+    #[serde(default, skip_serializing_if = "TrackingConfig::is_default")]
+    pub tracking: TrackingConfig,
 }
 
 fn default_hostname() -> String {
@@ -154,6 +161,9 @@ pub struct SendingDomain {
     /// Sending rate limits, shared by all relay pods.
     #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
     pub rate_limits: RateLimits,
+    /// Open and click tracking of this domain's HTML mail. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<DomainTracking>,
 }
 
 /// DKIM signing key of a domain.

@@ -398,6 +398,10 @@ pub struct SendRequest {
     /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// `false` sends this message untracked even when its domain tracks
+    /// opens and clicks (as the header `X-Petrel-Track: off` does).
+    #[serde(default)]
+    pub track: Option<bool>,
 }
 
 /// The answer to an accepted send request.
@@ -580,6 +584,12 @@ pub fn build_message(
         builder = builder.header(
             name.clone(),
             mail_builder::headers::text::Text::new(value.clone()),
+        );
+    }
+    if request.track == Some(false) {
+        builder = builder.header(
+            crate::tracking::OPT_OUT_HEADER,
+            mail_builder::headers::raw::Raw::new("off"),
         );
     }
     if let Some(text) = &request.text {

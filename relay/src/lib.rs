@@ -17,3 +17,4 @@ pub mod policy;
 pub mod queue;
 pub mod reload;
 pub mod server;
+pub mod tracking;

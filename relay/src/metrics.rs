@@ -42,6 +42,8 @@ pub struct RelayMetrics {
     pub delivery_latency: HistogramVec,
     /// Time to make a message durable in the queue after DATA.
     pub enqueue_duration: Histogram,
+    /// Engagement tracking: rewrites, opens, clicks.
+    pub tracking: crate::tracking::TrackingMetrics,
 }
 
 /// Why metrics could not be registered (a name registered twice).
@@ -115,7 +117,9 @@ impl RelayMetrics {
         )?;
         registry.register(Box::new(enqueue_duration.clone()))?;
 
+        let tracking = crate::tracking::TrackingMetrics::register(registry)?;
         Ok(RelayMetrics {
+            tracking,
             received: counter(
                 registry,
                 "petrel_messages_received_total",

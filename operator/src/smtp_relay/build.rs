@@ -276,6 +276,7 @@ pub fn relay_config(
                 per_day: to_u32(limits.per_day),
                 daily_quota: to_u32(limits.daily_quota),
             },
+            tracking: None,
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -312,6 +313,7 @@ pub fn relay_config(
         },
         delivery,
         limits,
+        tracking: rc::TrackingConfig::default(),
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
         },

@@ -68,6 +68,14 @@ pub async fn accept(
         date: &date,
     };
     let data = headers::prepare(raw, &trace);
+    // Tracking rewrites the body, so it comes before the signature.
+    let data = ctx.tracking.prepare(
+        data,
+        sending,
+        &id,
+        &envelope.recipients,
+        &ctx.metrics.tracking,
+    );
 
     // Sign on the blocking pool: RSA takes milliseconds of CPU.
     let signer = ctx.clone();
