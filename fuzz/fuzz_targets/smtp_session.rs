@@ -8,91 +8,15 @@
 
 #![no_main]
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
 
-use async_trait::async_trait;
 use libfuzzer_sys::fuzz_target;
 use petrel_relay::config::RelayConfig;
 use petrel_relay::inbound::{InboundContext, Session, SessionState};
-use petrel_relay::queue::*;
+use petrel_relay::queue::memory::MemoryBackend;
 use petrel_relay::reload::Reloading;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-
-#[derive(Default)]
-struct Mem {
-    counters: Mutex<HashMap<String, u64>>,
-    enqueued: Mutex<usize>,
-}
-
-#[async_trait]
-impl Queue for Mem {
-    async fn enqueue(&self, _message: NewMessage) -> Result<(), QueueError> {
-        *self.enqueued.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        Ok(())
-    }
-    async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
-        Ok(vec![])
-    }
-    async fn renew(&self, lease: &Lease, now: Millis, d: Duration) -> Result<Lease, QueueError> {
-        let expires_at = now.saturating_add(d.as_millis() as u64);
-        Ok(Lease {
-            expires_at,
-            ..lease.clone()
-        })
-    }
-    async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
-        Err(QueueError::NotFound(id.into()))
-    }
-    async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
-        Ok(QueueStats::default())
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl SharedState for Mem {
-    async fn suppress(&self, _: SuppressionEntry) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn suppressed(&self, _: &str, _: Millis) -> Result<Option<SuppressionEntry>, QueueError> {
-        Ok(None)
-    }
-    async fn unsuppress(&self, _: &str) -> Result<bool, QueueError> {
-        Ok(false)
-    }
-    async fn list_suppressed(&self, _: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
-        Ok(vec![])
-    }
-    async fn incr_counter(&self, key: &str, by: u64, _: Duration) -> Result<u64, QueueError> {
-        let mut c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let v = c.entry(key.to_string()).or_insert(0);
-        *v += by;
-        Ok(*v)
-    }
-    async fn counter(&self, key: &str) -> Result<u64, QueueError> {
-        Ok(self.counters.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied().unwrap_or(0))
-    }
-    async fn acquire_slot(&self, _: &str, _: u32, _: Duration) -> Result<Option<String>, QueueError> {
-        Ok(Some("t".into()))
-    }
-    async fn release_slot(&self, _: &str, _: &str) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
 
 struct World {
     runtime: tokio::runtime::Runtime,
@@ -122,7 +46,7 @@ domains:
 "
         );
         let config = RelayConfig::from_yaml(&yaml).expect("fuzz config");
-        let mem = Arc::new(Mem::default());
+        let mem = Arc::new(MemoryBackend::default());
         let (_, metrics) = petrel_relay::metrics::RelayMetrics::standalone();
         let ctx = InboundContext::new(Reloading::fixed(config), mem.clone(), mem, metrics)
             .expect("inbound context");

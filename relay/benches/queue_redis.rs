@@ -69,6 +69,8 @@ fn message(id: u64) -> NewMessage {
         sending_domain: "example.test".into(),
         received_at: now_millis(),
         flags: MessageFlags::default(),
+        tags: Default::default(),
+        header_message_id: None,
     }
 }
 
@@ -95,7 +97,8 @@ fn queue(c: &mut Criterion) {
     group.bench_function("enqueue_1k", |b| {
         b.iter(|| {
             let id = next.fetch_add(1, Ordering::Relaxed);
-            rt.block_on(backend.enqueue(message(id))).expect("enqueue")
+            rt.block_on(backend.enqueue(message(id), Vec::new()))
+                .expect("enqueue")
         })
     });
     // Drain what enqueue_1k left so the round trip leases its own unit.
@@ -117,7 +120,10 @@ fn queue(c: &mut Criterion) {
         b.iter(|| {
             let id = next.fetch_add(1, Ordering::Relaxed);
             rt.block_on(async {
-                backend.enqueue(message(id)).await.expect("enqueue");
+                backend
+                    .enqueue(message(id), Vec::new())
+                    .await
+                    .expect("enqueue");
                 let leases = backend
                     .lease(now_millis() + 1000, 1, Duration::from_secs(60))
                     .await

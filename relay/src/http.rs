@@ -226,6 +226,8 @@ pub struct HttpState {
     queue: Arc<dyn Queue>,
     metrics: HttpMetrics,
     send: Option<SendApi>,
+    /// More routes with their own state (the tracking endpoints).
+    routes: Option<Router>,
 }
 
 impl HttpState {
@@ -243,6 +245,7 @@ impl HttpState {
             queue,
             metrics,
             send: None,
+            routes: None,
         })
     }
 
@@ -253,8 +256,17 @@ impl HttpState {
     }
 }
 
+impl HttpState {
+    /// Serves `routes` too (the tracking endpoints, which route by Host).
+    pub fn with_routes(mut self, routes: Router) -> HttpState {
+        self.routes = Some(routes);
+        self
+    }
+}
+
 /// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled, `/v1/send`.
-pub fn router(state: HttpState) -> Router {
+pub fn router(mut state: HttpState) -> Router {
+    let extra = state.routes.take();
     let body_limit = state
         .send
         .as_ref()
@@ -267,6 +279,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/send", post(send_handler))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+        .merge(extra.unwrap_or_default())
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.
@@ -814,64 +827,12 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    use crate::queue::{Lease, NewMessage, Reschedule};
+    use crate::queue::{MessageFlags, NewMessage, Reschedule, SettleOp, Settlement};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A queue whose reachability and stats the test sets: the HTTP layer
-    /// only calls `ping` and `stats`, and the real backends have their own
-    /// conformance suite.
-    #[derive(Default)]
-    struct FakeQueue {
-        down: AtomicBool,
-        stats: Mutex<QueueStats>,
-    }
-
-    #[async_trait]
-    impl Queue for FakeQueue {
-        async fn enqueue(&self, _: NewMessage) -> Result<(), QueueError> {
-            Err(QueueError::Unavailable("not used".into()))
-        }
-        async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
-            Ok(Vec::new())
-        }
-        async fn renew(
-            &self,
-            lease: &Lease,
-            now: Millis,
-            d: Duration,
-        ) -> Result<Lease, QueueError> {
-            let expires_at = now.saturating_add(d.as_millis() as u64);
-            Ok(Lease {
-                expires_at,
-                ..lease.clone()
-            })
-        }
-        async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
-            Err(QueueError::NotFound(id.into()))
-        }
-        async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
-            Ok(())
-        }
-        async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
-            if self.down.load(Ordering::SeqCst) {
-                return Err(QueueError::Unavailable("down".into()));
-            }
-            Ok(*self.stats.lock().unwrap_or_else(|p| p.into_inner()))
-        }
-        async fn ping(&self) -> Result<(), QueueError> {
-            if self.down.load(Ordering::SeqCst) {
-                Err(QueueError::Unavailable("connection refused".into()))
-            } else {
-                Ok(())
-            }
-        }
-    }
+    /// The shared in-memory backend: reachability is switched with
+    /// `set_down`, stats come from real queue state.
+    type FakeQueue = crate::queue::memory::MemoryBackend;
 
     /// Records submissions and answers with a scripted result.
     struct RecordingSubmit {
@@ -997,14 +958,14 @@ mod tests {
         let (_, metrics) = get(server.addr, "/metrics").await;
         assert!(metrics.contains("petrel_relay_ready 1"), "{metrics}");
 
-        server.queue.down.store(true, Ordering::SeqCst);
+        server.queue.set_down(true);
         let (status, body) = get(server.addr, "/readyz").await;
         assert_eq!(status, 503);
         assert!(body.contains("queue backend unreachable"), "{body}");
         // Liveness ignores the queue: an outage must not restart pods.
         assert_eq!(get(server.addr, "/healthz").await.0, 200);
 
-        server.queue.down.store(false, Ordering::SeqCst);
+        server.queue.set_down(false);
         server.health.start_draining();
         assert_eq!(
             get(server.addr, "/readyz").await,
@@ -1053,13 +1014,44 @@ mod tests {
     async fn queue_gauges_follow_stats() {
         let server = start(None).await;
         let now = now_millis();
-        *server.queue.stats.lock().unwrap() = QueueStats {
-            due: 4,
-            deferred: 2,
-            leased: 1,
-            messages: 5,
-            oldest_received_at: Some(now - 90_000),
-        };
+        // 5 messages, 7 units: 3 leased of which 2 are rescheduled for
+        // later, so 4 due, 2 deferred, 1 leased.
+        let q = &server.queue;
+        for (i, rcpts) in [
+            vec!["a@x.test", "b@y.test", "c@z.test"],
+            vec!["d@x.test"],
+            vec!["e@x.test"],
+            vec!["f@x.test"],
+            vec!["g@x.test"],
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let message = NewMessage {
+                id: format!("m{i}"),
+                mail_from: "s@example.test".into(),
+                recipients: rcpts.into_iter().map(String::from).collect(),
+                data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+                sending_domain: "example.test".into(),
+                received_at: now - 90_000 + i as u64,
+                flags: MessageFlags::default(),
+                tags: Default::default(),
+                header_message_id: None,
+            };
+            q.enqueue(message, Vec::new()).await.unwrap();
+        }
+        let leased = q.lease(now, 3, Duration::from_secs(3600)).await.unwrap();
+        for lease in &leased[..2] {
+            let later = Reschedule {
+                recipients: lease.unit.recipients.clone(),
+                next_attempt_at: now + 3_600_000,
+                last_error: "451 later".into(),
+                delay_notified: false,
+            };
+            q.settle(lease, Settlement::only(SettleOp::Retry(later)))
+                .await
+                .unwrap();
+        }
         let task = spawn_queue_gauges(
             server.queue.clone(),
             server.metrics.clone(),

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod delivery;
 pub mod dkim;
+pub mod events;
 pub mod http;
 pub mod inbound;
 pub mod metrics;

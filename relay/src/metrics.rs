@@ -44,6 +44,11 @@ pub struct RelayMetrics {
     pub enqueue_duration: Histogram,
     /// Engagement tracking: rewrites, opens, clicks.
     pub tracking: crate::tracking::TrackingMetrics,
+    /// Events recorded in the outbox, by type.
+    pub events: IntCounterVec,
+    /// Events that could not be recorded (a `rejected` event while the
+    /// backend was away), by type: the refusal was still sent.
+    pub events_lost: IntCounterVec,
 }
 
 /// Why metrics could not be registered (a name registered twice).
@@ -173,6 +178,18 @@ impl RelayMetrics {
                 "petrel_auth_failures_total",
                 "Failed SMTP AUTH attempts.",
                 &["listener"],
+            )?,
+            events: counter(
+                registry,
+                "petrel_events_total",
+                "Events recorded in the outbox, by type.",
+                &["type"],
+            )?,
+            events_lost: counter(
+                registry,
+                "petrel_events_lost_total",
+                "Events that could not be recorded (backend unavailable), by type.",
+                &["type"],
             )?,
             queue_units,
             oldest_message_age,

@@ -35,12 +35,10 @@ async fn a_unit_waits_for_a_destination_slot_without_counting_an_attempt() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-slot",
-                "sender@example.test",
-                &["user@dest.test"],
-                "slot",
-            ))
+            .enqueue(
+                message("m-slot", "sender@example.test", &["user@dest.test"], "slot"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let s = state.clone();
@@ -87,12 +85,15 @@ async fn per_destination_rate_paces_without_failing() {
             let rcpt = format!("u{i}@dest.test");
             backend
                 .queue
-                .enqueue(message(
-                    &format!("m-rate-{i}"),
-                    "sender@example.test",
-                    &[&rcpt],
-                    "rate",
-                ))
+                .enqueue(
+                    message(
+                        &format!("m-rate-{i}"),
+                        "sender@example.test",
+                        &[&rcpt],
+                        "rate",
+                    ),
+                    Vec::new(),
+                )
                 .await
                 .unwrap();
         }
@@ -156,7 +157,7 @@ async fn a_unit_held_back_past_its_lifetime_expires_with_a_dsn() {
         );
         let age = u64::try_from((lifetime + Duration::from_secs(60)).as_millis()).unwrap();
         msg.received_at = msg.received_at.saturating_sub(age);
-        relay.ctx.queue.enqueue(msg).await.unwrap();
+        relay.ctx.queue.enqueue(msg, Vec::new()).await.unwrap();
 
         let got = sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 1, "a DSN, not the message: {got:?}");

@@ -36,12 +36,15 @@ delivery:
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-maildir",
-                "sender@example.test",
-                &["a@x.test", "b@y.test"],
-                "local",
-            ))
+            .enqueue(
+                message(
+                    "m-maildir",
+                    "sender@example.test",
+                    &["a@x.test", "b@y.test"],
+                    "local",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let new = maildir.join("new");

@@ -54,7 +54,7 @@ async fn delivered_with_starttls_when_offered() {
             &["user@dest.test", "other@DEST.test"],
             "tls",
         );
-        relay.ctx.queue.enqueue(msg).await.unwrap();
+        relay.ctx.queue.enqueue(msg, Vec::new()).await.unwrap();
 
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 1);
@@ -107,12 +107,15 @@ async fn plaintext_when_starttls_not_offered_and_deferred_when_required() {
         strict
             .ctx
             .queue
-            .enqueue(message(
-                "m-req",
-                "sender@example.test",
-                &["user@dest.test"],
-                "required",
-            ))
+            .enqueue(
+                message(
+                    "m-req",
+                    "sender@example.test",
+                    &["user@dest.test"],
+                    "required",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         // The relay connects, sees no STARTTLS, and defers without sending.
@@ -151,12 +154,15 @@ async fn retried_after_dropped_connection_and_4xx_then_delivered() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-retry",
-                "sender@example.test",
-                &["user@dest.test"],
-                "retry",
-            ))
+            .enqueue(
+                message(
+                    "m-retry",
+                    "sender@example.test",
+                    &["user@dest.test"],
+                    "retry",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let sink = &w.sink;
@@ -238,12 +244,15 @@ async fn bounced_with_a_dsn_after_5xx_and_suppressed() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-bounce",
-                "sender@example.test",
-                &["good@dest.test", "bad@dest.test"],
-                "bounce me",
-            ))
+            .enqueue(
+                message(
+                    "m-bounce",
+                    "sender@example.test",
+                    &["good@dest.test", "bad@dest.test"],
+                    "bounce me",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
 
@@ -323,12 +332,15 @@ async fn dns_servfail_defers_and_never_bounces() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-servfail",
-                "sender@example.test",
-                &["user@flaky.test"],
-                "servfail",
-            ))
+            .enqueue(
+                message(
+                    "m-servfail",
+                    "sender@example.test",
+                    &["user@flaky.test"],
+                    "servfail",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let q = relay.ctx.queue.clone();
@@ -386,23 +398,29 @@ async fn null_mx_and_nxdomain_bounce_at_once() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-null",
-                "sender@example.test",
-                &["x@nomail.test"],
-                "null mx",
-            ))
+            .enqueue(
+                message(
+                    "m-null",
+                    "sender@example.test",
+                    &["x@nomail.test"],
+                    "null mx",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-nx",
-                "sender@example.test",
-                &["y@nowhere.test"],
-                "nxdomain",
-            ))
+            .enqueue(
+                message(
+                    "m-nx",
+                    "sender@example.test",
+                    &["y@nowhere.test"],
+                    "nxdomain",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(2, Duration::from_secs(20)).await;
@@ -449,12 +467,15 @@ async fn a_refused_sender_bounces_without_suppressing_the_recipients() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-sender-refused",
-                "sender@example.test",
-                &["someone@dest.test"],
-                "refused sender",
-            ))
+            .enqueue(
+                message(
+                    "m-sender-refused",
+                    "sender@example.test",
+                    &["someone@dest.test"],
+                    "refused sender",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let q = relay.ctx.queue.clone();
@@ -512,7 +533,7 @@ async fn a_bounce_to_the_null_sender_is_dropped_not_looped() {
             "from <>",
         );
         msg.sending_domain = "example.test".into();
-        relay.ctx.queue.enqueue(msg).await.unwrap();
+        relay.ctx.queue.enqueue(msg, Vec::new()).await.unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got[0].rcpt_to, vec!["ok@dest.test"]);
         let q = relay.ctx.queue.clone();
@@ -549,12 +570,10 @@ async fn delayed_warning_once_then_bounce_at_expiry() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-slow",
-                "sender@example.test",
-                &["slow@dest.test"],
-                "slow",
-            ))
+            .enqueue(
+                message("m-slow", "sender@example.test", &["slow@dest.test"], "slow"),
+                Vec::new(),
+            )
             .await
             .unwrap();
         // First the warning, then (after 4 s) the bounce.
@@ -619,12 +638,15 @@ async fn units_for_one_destination_share_a_connection() {
             let rcpt = format!("u{i}@dest.test");
             backend
                 .queue
-                .enqueue(message(
-                    &format!("m-reuse-{i}"),
-                    "sender@example.test",
-                    &[&rcpt],
-                    "reuse",
-                ))
+                .enqueue(
+                    message(
+                        &format!("m-reuse-{i}"),
+                        "sender@example.test",
+                        &[&rcpt],
+                        "reuse",
+                    ),
+                    Vec::new(),
+                )
                 .await
                 .unwrap();
         }
@@ -656,12 +678,15 @@ async fn an_unreachable_mx_falls_back_to_the_next_one() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-fallback",
-                "sender@example.test",
-                &["user@fallback.test"],
-                "fallback",
-            ))
+            .enqueue(
+                message(
+                    "m-fallback",
+                    "sender@example.test",
+                    &["user@fallback.test"],
+                    "fallback",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -700,7 +725,7 @@ async fn smtputf8_message_to_a_server_without_it_bounces_5_6_7() {
         let relay = w.relay().await;
         let mut msg = message("m-utf8", "sender@example.test", &["josé@dest.test"], "utf8");
         msg.flags.smtputf8 = true;
-        relay.ctx.queue.enqueue(msg).await.unwrap();
+        relay.ctx.queue.enqueue(msg, Vec::new()).await.unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].mail_from, "", "only the DSN arrives");
@@ -736,12 +761,15 @@ async fn a_domain_without_mx_gets_mail_at_its_address() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-implicit",
-                "sender@example.test",
-                &["user@implicit.test"],
-                "implicit",
-            ))
+            .enqueue(
+                message(
+                    "m-implicit",
+                    "sender@example.test",
+                    &["user@implicit.test"],
+                    "implicit",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;

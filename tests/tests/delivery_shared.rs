@@ -33,12 +33,10 @@ async fn two_relays_share_the_work_and_never_deliver_a_unit_twice() {
             let rcpt = format!("user{i}@dest.test");
             a.ctx
                 .queue
-                .enqueue(message(
-                    &format!("m{i}"),
-                    "sender@example.test",
-                    &[&rcpt],
-                    "shared",
-                ))
+                .enqueue(
+                    message(&format!("m{i}"), "sender@example.test", &[&rcpt], "shared"),
+                    Vec::new(),
+                )
                 .await
                 .unwrap();
         }

@@ -41,12 +41,15 @@ async fn every_domain_goes_to_the_smarthost_over_verified_tls() {
         relay
             .ctx
             .queue
-            .enqueue(message(
-                "m-sh",
-                "sender@example.test",
-                &["a@one.test", "b@two.test"],
-                "smarthost",
-            ))
+            .enqueue(
+                message(
+                    "m-sh",
+                    "sender@example.test",
+                    &["a@one.test", "b@two.test"],
+                    "smarthost",
+                ),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let got = sink.wait_for(2, Duration::from_secs(20)).await;

@@ -44,12 +44,10 @@ async fn measure(tls: bool) {
         let rcpt = format!("u{i}@d{}.test", i % DOMAINS);
         backend
             .queue
-            .enqueue(message(
-                &format!("b{i}"),
-                "sender@example.test",
-                &[&rcpt],
-                "bench",
-            ))
+            .enqueue(
+                message(&format!("b{i}"), "sender@example.test", &[&rcpt], "bench"),
+                Vec::new(),
+            )
             .await
             .unwrap();
     }

@@ -121,6 +121,8 @@ fn message(id: &str, recipients: &[&str], received_at: Millis) -> NewMessage {
             eight_bit: true,
             is_dsn: false,
         },
+        tags: Default::default(),
+        header_message_id: Some(format!("{id}@example.test")),
     }
 }
 
@@ -146,7 +148,7 @@ mod cases {
 
     pub async fn enqueue_splits_into_units_per_domain(b: Backend) {
         let msg = message("m1", &["a@x.org", "b@Y.org", "c@X.ORG"], T);
-        b.queue.enqueue(msg.clone()).await.unwrap();
+        b.queue.enqueue(msg.clone(), Vec::new()).await.unwrap();
 
         let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
         assert_eq!(sorted_domains(&leases), vec!["x.org", "y.org"]);
@@ -168,11 +170,14 @@ mod cases {
 
     pub async fn lease_takes_only_due_units_up_to_max(b: Backend) {
         b.queue
-            .enqueue(message("early", &["a@x.org", "b@y.org", "c@z.org"], T))
+            .enqueue(
+                message("early", &["a@x.org", "b@y.org", "c@z.org"], T),
+                Vec::new(),
+            )
             .await
             .unwrap();
         b.queue
-            .enqueue(message("late", &["a@x.org"], T + 5_000))
+            .enqueue(message("late", &["a@x.org"], T + 5_000), Vec::new())
             .await
             .unwrap();
 
@@ -190,7 +195,7 @@ mod cases {
 
     pub async fn expired_lease_makes_the_unit_due_again(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org"], T))
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
             .await
             .unwrap();
         let lease_for = Duration::from_secs(1);
@@ -242,7 +247,7 @@ mod cases {
 
     pub async fn renew_extends_the_lease_past_its_old_expiry(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org"], T))
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
             .await
             .unwrap();
         let lease_for = Duration::from_secs(1);
@@ -287,7 +292,7 @@ mod cases {
 
     pub async fn renew_of_an_expired_or_taken_over_lease_is_lost(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org"], T))
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
             .await
             .unwrap();
         let lease_for = Duration::from_secs(1);
@@ -324,7 +329,7 @@ mod cases {
 
     pub async fn complete_after_renew_uses_the_same_token(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
             .await
             .unwrap();
         let lease_for = Duration::from_secs(1);
@@ -358,7 +363,10 @@ mod cases {
 
     pub async fn retry_reschedules_the_remaining_recipients(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org", "b@x.org", "c@x.org"], T))
+            .enqueue(
+                message("m", &["a@x.org", "b@x.org", "c@x.org"], T),
+                Vec::new(),
+            )
             .await
             .unwrap();
         let lease = b.queue.lease(T, 10, MINUTE).await.unwrap().remove(0);
@@ -412,7 +420,7 @@ mod cases {
 
     pub async fn retry_with_no_recipients_left_finishes_the_unit(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org"], T))
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
             .await
             .unwrap();
         let lease = b.queue.lease(T, 10, MINUTE).await.unwrap().remove(0);
@@ -423,11 +431,11 @@ mod cases {
 
     pub async fn completing_the_last_unit_deletes_the_message(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
             .await
             .unwrap();
         b.queue
-            .enqueue(message("other", &["c@z.org"], T + 1))
+            .enqueue(message("other", &["c@z.org"], T + 1), Vec::new())
             .await
             .unwrap();
         let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
@@ -450,7 +458,7 @@ mod cases {
 
     pub async fn fail_removes_the_unit_like_complete(b: Backend) {
         b.queue
-            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
             .await
             .unwrap();
         let leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
@@ -475,11 +483,14 @@ mod cases {
             queue::QueueStats::default()
         );
         b.queue
-            .enqueue(message("a", &["1@x.org", "2@y.org", "3@z.org"], T))
+            .enqueue(
+                message("a", &["1@x.org", "2@y.org", "3@z.org"], T),
+                Vec::new(),
+            )
             .await
             .unwrap();
         b.queue
-            .enqueue(message("b", &["4@w.org"], T + 100))
+            .enqueue(message("b", &["4@w.org"], T + 100), Vec::new())
             .await
             .unwrap();
 
@@ -505,8 +516,8 @@ mod cases {
 
     pub async fn enqueue_of_the_same_id_stores_it_once(b: Backend) {
         let msg = message("dup", &["a@x.org"], T);
-        b.queue.enqueue(msg.clone()).await.unwrap();
-        b.queue.enqueue(msg).await.unwrap();
+        b.queue.enqueue(msg.clone(), Vec::new()).await.unwrap();
+        b.queue.enqueue(msg, Vec::new()).await.unwrap();
         assert_eq!(b.queue.lease(T, 10, MINUTE).await.unwrap().len(), 1);
         assert_eq!(b.queue.stats(T).await.unwrap().messages, 1);
     }
@@ -704,7 +715,7 @@ mod cases {
         const MESSAGES: usize = 60;
         for i in 0..MESSAGES {
             let msg = message(&format!("m{i}"), &["a@x.org", "b@y.org"], T);
-            b.queue.enqueue(msg).await.unwrap();
+            b.queue.enqueue(msg, Vec::new()).await.unwrap();
         }
         let consumer = |b: Backend| async move {
             let mut seen = Vec::new();
@@ -815,7 +826,10 @@ async fn redis_enqueue_fails_while_redis_is_down_and_leaves_nothing_half_written
                     let id = format!("m{i}");
                     match b
                         .queue
-                        .enqueue(message(&id, &["a@x.org", "b@y.org", "c@z.org"], T))
+                        .enqueue(
+                            message(&id, &["a@x.org", "b@y.org", "c@z.org"], T),
+                            Vec::new(),
+                        )
                         .await
                     {
                         Ok(()) => {
@@ -842,7 +856,7 @@ async fn redis_enqueue_fails_while_redis_is_down_and_leaves_nothing_half_written
         assert!(refused > 0, "enqueue kept succeeding with Redis dead");
         assert!(matches!(
             b.queue
-                .enqueue(message("while-down", &["a@x.org"], T))
+                .enqueue(message("while-down", &["a@x.org"], T), Vec::new())
                 .await,
             Err(QueueError::Unavailable(_) | QueueError::Timeout(_))
         ));
@@ -877,7 +891,7 @@ async fn redis_queue_survives_a_restart_with_aof() {
             .unwrap();
         let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
         let msg = message("m", &["a@x.org", "b@y.org"], T);
-        b.queue.enqueue(msg.clone()).await.unwrap();
+        b.queue.enqueue(msg.clone(), Vec::new()).await.unwrap();
         let leased = b
             .queue
             .lease(T, 1, Duration::from_secs(1))
@@ -939,7 +953,7 @@ async fn redis_url_is_read_from_url_file_and_prefix_isolates_queues() {
         let a = open(&config).await;
         a.queue.ping().await.unwrap();
         a.queue
-            .enqueue(message("m", &["a@x.org"], T))
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
             .await
             .unwrap();
 
@@ -969,7 +983,10 @@ async fn redis_wait_replicas_refuses_and_rolls_back_without_enough_replicas() {
             .await
             .unwrap();
         let b = open(&redis_config(&primary.url(), 1, Duration::from_secs(2))).await;
-        let result = b.queue.enqueue(message("m", &["a@x.org"], T)).await;
+        let result = b
+            .queue
+            .enqueue(message("m", &["a@x.org"], T), Vec::new())
+            .await;
         assert!(
             matches!(
                 result,
@@ -994,7 +1011,11 @@ async fn redis_wait_replicas_refuses_and_rolls_back_without_enough_replicas() {
         loop {
             attempt += 1;
             let id = format!("r{attempt}");
-            match b.queue.enqueue(message(&id, &["a@x.org"], T)).await {
+            match b
+                .queue
+                .enqueue(message(&id, &["a@x.org"], T), Vec::new())
+                .await
+            {
                 Ok(()) => break,
                 Err(QueueError::NotReplicated { .. }) => continue,
                 Err(other) => panic!("unexpected error {other}"),
@@ -1014,7 +1035,7 @@ async fn embedded_queue_survives_a_reopen() {
         let msg = message("m", &["a@x.org", "b@y.org"], T);
         {
             let b = open(&config).await;
-            b.queue.enqueue(msg.clone()).await.unwrap();
+            b.queue.enqueue(msg.clone(), Vec::new()).await.unwrap();
             let lease = b.queue.lease(T, 1, MINUTE).await.unwrap().remove(0);
             b.queue.complete(&lease).await.unwrap();
             b.state.incr_counter("k", 1, MINUTE).await.unwrap();
@@ -1072,7 +1093,7 @@ async fn bench_enqueue_and_lease_round_trip() {
                     for i in 0..PER_CLIENT {
                         let mut msg = message(&format!("s{size}-c{c}-{i}"), &["a@x.org"], T);
                         msg.data = vec![b'x'; size];
-                        b.queue.enqueue(msg).await.unwrap();
+                        b.queue.enqueue(msg, Vec::new()).await.unwrap();
                     }
                 }));
             }
@@ -1114,7 +1135,7 @@ async fn redis_undecodable_unit_does_not_stall_the_others() {
         let server = RedisServer::start().await.unwrap();
         let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
         b.queue
-            .enqueue(message("m", &["a@x.org", "b@y.org"], T))
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
             .await
             .unwrap();
         let client = redis::Client::open(server.url()).unwrap();
@@ -1332,7 +1353,7 @@ async fn redis_sentinel_failover_keeps_replicated_messages() {
         // waitReplicas 1: acknowledged only once the replica has it.
         let b = open(&redis_config(&url, 1, Duration::from_secs(2))).await;
         let msg = message("m1", &["a@x.org", "b@y.org"], T);
-        b.queue.enqueue(msg.clone()).await.unwrap();
+        b.queue.enqueue(msg.clone(), Vec::new()).await.unwrap();
 
         primary.kill().await.unwrap();
         // The Sentinel promotes the replica; the backend finds it again.
@@ -1349,7 +1370,9 @@ async fn redis_sentinel_failover_keeps_replicated_messages() {
         );
         // No replica is left, so waitReplicas 1 cannot be met now...
         assert!(matches!(
-            b.queue.enqueue(message("m2", &["a@x.org"], T)).await,
+            b.queue
+                .enqueue(message("m2", &["a@x.org"], T), Vec::new())
+                .await,
             Err(QueueError::NotReplicated {
                 acked: 0,
                 wanted: 1
@@ -1359,7 +1382,7 @@ async fn redis_sentinel_failover_keeps_replicated_messages() {
         let relaxed = open(&redis_config(&url, 0, Duration::from_secs(2))).await;
         relaxed
             .queue
-            .enqueue(message("m3", &["c@z.org"], T))
+            .enqueue(message("m3", &["c@z.org"], T), Vec::new())
             .await
             .unwrap();
         let units = units_by_message(&relaxed, T).await;

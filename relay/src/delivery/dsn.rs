@@ -226,6 +226,8 @@ pub fn build(ctx: &DsnContext<'_>, recipients: &[DsnRecipient]) -> Option<NewMes
             eight_bit,
             is_dsn: true,
         },
+        tags: Default::default(),
+        header_message_id: None,
     })
 }
 
@@ -248,6 +250,8 @@ mod tests {
             next_attempt_at: 0,
             last_error: None,
             delay_notified: false,
+            tags: Default::default(),
+            header_message_id: None,
         }
     }
 

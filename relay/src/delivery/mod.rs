@@ -20,6 +20,7 @@ pub mod limits;
 pub mod maildir;
 pub mod mx;
 pub mod retry;
+mod settle;
 pub mod suppression;
 pub mod tls;
 pub mod worker;
@@ -57,6 +58,8 @@ pub struct DeliveryContext {
     pub state: Arc<dyn SharedState>,
     /// Metrics registry handles.
     pub metrics: RelayMetrics,
+    /// The name events carry in `relay` (see [`crate::events::relay_name`]).
+    pub relay: String,
     /// TLS config for MX delivery (no certificate verification; see [`tls`]).
     unverified_tls: Arc<rustls::ClientConfig>,
     /// The resolver and the nameservers it was built for, rebuilt when the
@@ -76,7 +79,9 @@ impl DeliveryContext {
         backend: Backend,
         metrics: RelayMetrics,
     ) -> Result<DeliveryContext, DeliveryError> {
+        let relay = crate::events::relay_name(&config.get().hostname);
         Ok(DeliveryContext {
+            relay,
             config,
             queue: backend.queue,
             state: backend.state,

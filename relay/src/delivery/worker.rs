@@ -18,15 +18,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::DeliveryContext;
-use super::classify::{Failure, Fault, Outcome, Reply, is_hard_bounce};
-use super::client::{self, ConnectSettings, Connection, Envelope, RcptResult, TlsPolicy};
-use super::dsn::{self, DsnAction, DsnContext, DsnRecipient};
+use super::classify::{Failure, Fault, Outcome, Reply};
+use super::client::{self, ConnectSettings, Connection, Envelope, TlsPolicy};
 use super::limits;
 use super::mx::{self, MxHost};
-use super::retry::{RetryDecision, RetryPolicy, throttle_delay};
-use super::suppression;
+use super::retry::{RetryPolicy, throttle_delay};
+use super::settle::{self, Fate, Plan, RcptOutcome, SettleInput};
 use crate::metrics::destination_group;
-use crate::queue::{Lease, Millis, Reschedule, now_millis};
+use crate::queue::{Lease, Millis, Reschedule, Settlement, now_millis};
 
 /// Longest pause between queue polls when nothing is due.
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -340,14 +339,6 @@ async fn connect_settings(
             auth: None,
         }),
     }
-}
-
-/// What happened to one recipient, with where it happened.
-#[derive(Clone, Debug)]
-struct RcptOutcome {
-    result: RcptResult,
-    remote: Option<String>,
-    tls: bool,
 }
 
 /// Delivers one destination's units, sharing a connection.
@@ -878,8 +869,11 @@ async fn deliver_smtp(
         .collect()
 }
 
-/// Applies the outcomes: metrics and a log line per recipient, DSNs,
-/// suppression, and the queue operation (complete, retry or fail).
+/// Applies the outcomes: [`settle::plan`] decides, one atomic
+/// `Queue::settle` stores the unit's fate with its DSNs, events and
+/// suppression entries, and only once that is stored are the metrics
+/// counted and the outcome logged, so a failed settlement (the unit is
+/// delivered again after its lease) never counts or suppresses twice.
 async fn settle(
     ctx: &DeliveryContext,
     cfg: &RelayConfig,
@@ -890,200 +884,112 @@ async fn settle(
     let unit = &lease.unit;
     let now = now_millis();
     let policy = policy(cfg);
+    let needs_attempts = outcomes
+        .iter()
+        .any(|o| matches!(&o.result, Err(f) if f.outcome() != Outcome::Permanent));
+    let attempts = if needs_attempts {
+        limits::effective_attempts(ctx.state.as_ref(), &unit.id, unit.attempts).await
+    } else {
+        unit.attempts
+    };
+    let input = SettleInput {
+        unit,
+        data,
+        attempts,
+        policy: &policy,
+        hostname: &cfg.hostname,
+        relay: &ctx.relay,
+        suppression_ttl: cfg.delivery.suppression_ttl.map(|d| d.get()),
+        now,
+    };
+    let plan = settle::plan(&input, outcomes);
+    if let Err(error) = record(ctx, lease, &plan.settlement).await {
+        tracing::warn!(%error, unit = %unit.id, "cannot record the outcome in the queue; the unit may be delivered again");
+        return;
+    }
+    count_and_log(ctx, unit, &plan, now);
+}
+
+/// Metrics and one log line per recipient of a stored settlement.
+fn count_and_log(
+    ctx: &DeliveryContext,
+    unit: &crate::queue::DeliveryUnit,
+    plan: &Plan,
+    now: Millis,
+) {
     let dest = destination_group(&unit.domain);
     let attempt = unit.attempts.saturating_add(1);
-
-    let mut bounced: Vec<(String, Failure, Option<String>)> = Vec::new();
-    let mut deferred: Vec<(String, Failure, Option<String>)> = Vec::new();
-    for (rcpt, o) in unit.recipients.iter().zip(outcomes) {
-        let remote = o.remote.as_deref().unwrap_or("-");
-        match o.result {
-            Ok(reply) => {
+    let domain = unit.sending_domain.as_str();
+    for r in &plan.records {
+        let remote = r.remote.as_deref().unwrap_or("-");
+        let rcpt = r.recipient.as_str();
+        match &r.fate {
+            Fate::Delivered(reply) => {
                 ctx.metrics
                     .delivered
-                    .with_label_values(&[&unit.sending_domain, dest])
+                    .with_label_values(&[domain, dest])
                     .inc();
                 let latency = now.saturating_sub(unit.received_at) as f64 / 1000.0;
                 ctx.metrics
                     .delivery_latency
-                    .with_label_values(&[&unit.sending_domain])
+                    .with_label_values(&[domain])
                     .observe(latency);
                 tracing::info!(
-                    outcome = "delivered", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
-                    destination = %unit.domain, recipient = %rcpt, remote, reply = %reply, tls = o.tls, attempt,
+                    outcome = "delivered", message_id = %unit.message_id, sending_domain = %domain,
+                    destination = %unit.domain, recipient = %rcpt, remote, reply = %reply, tls = r.tls, attempt,
                     "delivered"
                 );
             }
-            Err(failure) => match failure.outcome() {
-                Outcome::Permanent => bounced.push((rcpt.clone(), failure, o.remote)),
-                Outcome::Temporary | Outcome::Delivered => {
-                    deferred.push((rcpt.clone(), failure, o.remote))
-                }
-            },
-        }
-    }
-
-    // Deferred recipients: retry, or expire into bounces.
-    let mut retry_at = None;
-    if !deferred.is_empty() {
-        let attempts =
-            limits::effective_attempts(ctx.state.as_ref(), &unit.id, unit.attempts).await;
-        match policy.decide(unit.received_at, attempts, now) {
-            RetryDecision::RetryAt(at) => retry_at = Some(at),
-            RetryDecision::Expire => {
-                for (rcpt, failure, remote) in deferred.drain(..) {
-                    tracing::info!(
-                        outcome = "expired", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
-                        destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
-                        reply = %failure, attempt, "gave up: maximum queue lifetime reached"
-                    );
-                    bounced.push((rcpt, failure, remote));
-                }
-            }
-        }
-    }
-
-    for (rcpt, failure, remote) in &deferred {
-        ctx.metrics
-            .deferred
-            .with_label_values(&[&unit.sending_domain, dest])
-            .inc();
-        tracing::info!(
-            outcome = "deferred", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
-            destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
-            reply = %failure, attempt, next_attempt_at = retry_at.unwrap_or(0), "deferred"
-        );
-    }
-
-    let dsn_ctx = |until| DsnContext {
-        hostname: &cfg.hostname,
-        unit,
-        original: data,
-        now,
-        will_retry_until: until,
-    };
-
-    // Bounces: metrics, log, suppression, one DSN for all of them.
-    let mut dsn_failed = false;
-    if !bounced.is_empty() {
-        let ttl = cfg.delivery.suppression_ttl.map(|d| d.get());
-        let mut report = Vec::with_capacity(bounced.len());
-        for (rcpt, failure, remote) in &bounced {
-            ctx.metrics
-                .bounced
-                .with_label_values(&[&unit.sending_domain, dest, &failure.class()])
-                .inc();
-            let hard = is_hard_bounce(failure);
-            if failure.outcome() == Outcome::Permanent {
+            Fate::Deferred(failure) => {
+                ctx.metrics
+                    .deferred
+                    .with_label_values(&[domain, dest])
+                    .inc();
                 tracing::info!(
-                    outcome = "bounced", message_id = %unit.message_id, sending_domain = %unit.sending_domain,
-                    destination = %unit.domain, recipient = %rcpt, remote = remote.as_deref().unwrap_or("-"),
-                    reply = %failure, attempt, hard, "bounced"
+                    outcome = "deferred", message_id = %unit.message_id, sending_domain = %domain,
+                    destination = %unit.domain, recipient = %rcpt, remote,
+                    reply = %failure, attempt, next_attempt_at = plan.retry_at.unwrap_or(0), "deferred"
                 );
             }
-            if hard
-                && let Err(error) =
-                    suppression::record_hard_bounce(ctx.state.as_ref(), rcpt, failure, now, ttl)
-                        .await
-            {
-                tracing::warn!(%error, recipient = %rcpt, "cannot record suppression");
-            }
-            report.push(DsnRecipient {
-                address: rcpt.clone(),
-                action: DsnAction::Failed,
-                status: failure.dsn_status(),
-                remote_mta: remote.clone(),
-                diagnostic: Some(match failure.reply() {
-                    Some(r) => r.one_line(),
-                    None => failure.to_string(),
-                }),
-                diagnostic_is_smtp: failure.reply().is_some(),
-            });
-        }
-        if let Some(message) = dsn::build(&dsn_ctx(None), &report) {
-            if let Err(error) = ctx.queue.enqueue(message).await {
-                tracing::error!(%error, unit = %unit.id, "cannot queue the bounce; the unit will be retried");
-                dsn_failed = true;
-            }
-        } else {
-            tracing::debug!(unit = %unit.id, "no DSN: null sender or the message is a DSN");
-        }
-    }
-
-    // A delayed-DSN warning, once.
-    let mut delay_notified = unit.delay_notified;
-    if retry_at.is_some()
-        && !deferred.is_empty()
-        && policy.delayed_dsn_due(unit.received_at, unit.delay_notified, now)
-    {
-        let report: Vec<DsnRecipient> = deferred
-            .iter()
-            .map(|(rcpt, failure, remote)| DsnRecipient {
-                address: rcpt.clone(),
-                action: DsnAction::Delayed,
-                status: failure.dsn_status(),
-                remote_mta: remote.clone(),
-                diagnostic: Some(match failure.reply() {
-                    Some(r) => r.one_line(),
-                    None => failure.to_string(),
-                }),
-                diagnostic_is_smtp: failure.reply().is_some(),
-            })
-            .collect();
-        let until = policy.expires_at(unit.received_at);
-        match dsn::build(&dsn_ctx(Some(until)), &report) {
-            Some(message) => match ctx.queue.enqueue(message).await {
-                Ok(()) => delay_notified = true,
-                Err(error) => {
-                    tracing::warn!(%error, unit = %unit.id, "cannot queue the delay warning")
+            Fate::Bounced {
+                failure,
+                hard,
+                expired,
+            } => {
+                ctx.metrics
+                    .bounced
+                    .with_label_values(&[domain, dest, &failure.class()])
+                    .inc();
+                if *expired {
+                    tracing::info!(
+                        outcome = "expired", message_id = %unit.message_id, sending_domain = %domain,
+                        destination = %unit.domain, recipient = %rcpt, remote,
+                        reply = %failure, attempt, "gave up: maximum queue lifetime reached"
+                    );
+                } else {
+                    tracing::info!(
+                        outcome = "bounced", message_id = %unit.message_id, sending_domain = %domain,
+                        destination = %unit.domain, recipient = %rcpt, remote,
+                        reply = %failure, attempt, hard = *hard, "bounced"
+                    );
                 }
-            },
-            // Nobody to warn: do not try again.
-            None => delay_notified = true,
+            }
         }
     }
-
-    // The queue operation.
-    let op = if dsn_failed {
-        // Keep every undelivered recipient so the bounce is made again.
-        let mut recipients: Vec<String> = deferred.iter().map(|(r, _, _)| r.clone()).collect();
-        recipients.extend(bounced.iter().map(|(r, _, _)| r.clone()));
-        SettleOp::Retry(Reschedule {
-            recipients,
-            next_attempt_at: now.saturating_add(millis(DATA_RETRY)),
-            last_error: "bounce could not be queued".into(),
-            delay_notified,
-        })
-    } else if let Some(at) = retry_at.filter(|_| !deferred.is_empty()) {
-        let last_error = deferred
-            .last()
-            .map(|(_, f, _)| f.to_string())
-            .unwrap_or_default();
-        SettleOp::Retry(Reschedule {
-            recipients: deferred.iter().map(|(r, _, _)| r.clone()).collect(),
-            next_attempt_at: at,
-            last_error,
-            delay_notified,
-        })
-    } else if !bounced.is_empty() {
-        SettleOp::Fail
-    } else {
-        SettleOp::Complete
-    };
-    let result = record(ctx, lease, &op).await;
-    if let Err(error) = result {
-        tracing::warn!(%error, unit = %unit.id, "cannot record the outcome in the queue; the unit may be delivered again");
+    for event in &plan.settlement.events {
+        ctx.metrics
+            .events
+            .with_label_values(&[event.kind.as_str()])
+            .inc();
     }
-}
-
-/// How a lease ends.
-enum SettleOp {
-    /// Some recipients are left: try them again later.
-    Retry(Reschedule),
-    /// Every recipient left bounced (the DSN is queued).
-    Fail,
-    /// Every recipient was delivered.
-    Complete,
+    if plan.settlement.enqueue.is_empty()
+        && plan
+            .records
+            .iter()
+            .any(|r| matches!(r.fate, Fate::Bounced { .. }))
+    {
+        tracing::debug!(unit = %unit.id, "no DSN: null sender or the message is a DSN");
+    }
 }
 
 /// Pauses before recording an outcome again while the backend is down.
@@ -1102,16 +1008,12 @@ const RECORD_BACKOFF: [Duration; 3] = [
 async fn record(
     ctx: &DeliveryContext,
     lease: &Lease,
-    op: &SettleOp,
+    settlement: &Settlement,
 ) -> Result<(), crate::queue::QueueError> {
     use crate::queue::QueueError;
     let mut pauses = RECORD_BACKOFF.iter();
     loop {
-        let result = match op {
-            SettleOp::Retry(r) => ctx.queue.retry(lease, r.clone()).await,
-            SettleOp::Fail => ctx.queue.fail(lease).await,
-            SettleOp::Complete => ctx.queue.complete(lease).await,
-        };
+        let result = ctx.queue.settle(lease, settlement.clone()).await;
         let transient = matches!(
             result,
             Err(QueueError::Unavailable(_) | QueueError::Timeout(_))
@@ -1148,6 +1050,8 @@ mod tests {
                 next_attempt_at: 0,
                 last_error: None,
                 delay_notified: false,
+                tags: Default::default(),
+                header_message_id: None,
             },
             token: "t".into(),
             expires_at: 0,
@@ -1204,75 +1108,24 @@ mod tests {
 
 #[cfg(test)]
 mod record_tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use async_trait::async_trait;
-
     use super::*;
     use crate::metrics::RelayMetrics;
     use crate::queue::embedded::EmbeddedBackend;
-    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError, QueueStats};
+    use crate::queue::memory::MemoryBackend;
+    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError};
     use crate::reload::Reloading;
 
-    /// The embedded queue, refusing the next `down` settling operations as
-    /// if the backend were unreachable.
-    struct Flaky {
-        inner: Arc<EmbeddedBackend>,
-        down: AtomicU32,
-    }
-
-    impl Flaky {
-        fn gate(&self) -> Result<(), QueueError> {
-            let left = self.down.load(Ordering::SeqCst);
-            if left == 0 {
-                return Ok(());
-            }
-            self.down.store(left - 1, Ordering::SeqCst);
-            Err(QueueError::Unavailable("backend down (test)".into()))
-        }
-    }
-
-    #[async_trait]
-    impl Queue for Flaky {
-        async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-            self.inner.enqueue(message).await
-        }
-        async fn lease(
-            &self,
-            now: Millis,
-            max: usize,
-            lease_for: Duration,
-        ) -> Result<Vec<Lease>, QueueError> {
-            self.inner.lease(now, max, lease_for).await
-        }
-        async fn renew(
-            &self,
-            lease: &Lease,
-            now: Millis,
-            lease_for: Duration,
-        ) -> Result<Lease, QueueError> {
-            self.inner.renew(lease, now, lease_for).await
-        }
-        async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
-            self.inner.message_data(message_id).await
-        }
-        async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.complete(lease).await
-        }
-        async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.retry(lease, reschedule).await
-        }
-        async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
-            self.gate()?;
-            self.inner.fail(lease).await
-        }
-        async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
-            self.inner.stats(now).await
-        }
-        async fn ping(&self) -> Result<(), QueueError> {
-            self.inner.ping().await
+    fn message(id: &str, recipients: &[&str]) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            mail_from: "s@example.test".into(),
+            recipients: recipients.iter().map(|r| r.to_string()).collect(),
+            data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
+            sending_domain: "example.test".into(),
+            received_at: now_millis(),
+            flags: MessageFlags::default(),
+            tags: Default::default(),
+            header_message_id: None,
         }
     }
 
@@ -1333,15 +1186,10 @@ mod record_tests {
                     .unwrap(),
             );
             queue
-                .enqueue(NewMessage {
-                    id: "m1".into(),
-                    mail_from: "s@example.test".into(),
-                    recipients: vec!["a@renewed.test".into(), "b@idle.test".into()],
-                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-                    sending_domain: "example.test".into(),
-                    received_at: now_millis(),
-                    flags: MessageFlags::default(),
-                })
+                .enqueue(
+                    message("m1", &["a@renewed.test", "b@idle.test"]),
+                    Vec::new(),
+                )
                 .await
                 .unwrap();
             // Long enough that a renewal every third of it is not missed
@@ -1398,33 +1246,17 @@ mod record_tests {
                 path.display()
             );
             let cfg = RelayConfig::from_yaml(&yaml).expect("test config");
-            let config = petrel_crds::config::EmbeddedQueue { path };
-            let inner = Arc::new(
-                EmbeddedBackend::open(&config, Duration::from_secs(5))
-                    .await
-                    .unwrap(),
-            );
-            let flaky = Arc::new(Flaky {
-                inner: inner.clone(),
-                down: AtomicU32::new(2),
-            });
+            let flaky = Arc::new(MemoryBackend::default());
+            flaky.fail_next_settles(2);
             let (_registry, metrics) = RelayMetrics::standalone();
-            let backend = Backend {
-                queue: flaky.clone(),
-                state: inner.clone(),
-            };
-            let ctx =
-                DeliveryContext::new(Reloading::fixed(cfg.clone()), backend, metrics).unwrap();
+            let ctx = DeliveryContext::new(
+                Reloading::fixed(cfg.clone()),
+                Backend::of(flaky.clone()),
+                metrics,
+            )
+            .unwrap();
             flaky
-                .enqueue(NewMessage {
-                    id: "m1".into(),
-                    mail_from: "s@example.test".into(),
-                    recipients: vec!["a@dest.test".into()],
-                    data: b"Subject: x\r\n\r\nbody\r\n".to_vec(),
-                    sending_domain: "example.test".into(),
-                    received_at: now_millis(),
-                    flags: MessageFlags::default(),
-                })
+                .enqueue(message("m1", &["a@dest.test"]), Vec::new())
                 .await
                 .unwrap();
             let leases = flaky

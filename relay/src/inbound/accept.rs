@@ -120,10 +120,12 @@ pub async fn accept(
         sending_domain: domain.clone(),
         received_at: now_millis(),
         flags: envelope.flags,
+        tags: Default::default(),
+        header_message_id: None,
     };
     let timer = ctx.metrics.enqueue_duration.start_timer();
     let timeout: Duration = config.queue.timeout.into();
-    match tokio::time::timeout(timeout, ctx.queue.enqueue(message)).await {
+    match tokio::time::timeout(timeout, ctx.queue.enqueue(message, Vec::new())).await {
         Ok(Ok(())) => timer.observe_duration(),
         Ok(Err(e)) => {
             timer.stop_and_discard();

@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream};
 use tokio::sync::watch;
 
@@ -15,99 +14,7 @@ use super::*;
 use crate::config::{Listener, RelayConfig};
 use crate::queue::*;
 
-#[derive(Default)]
-struct Mem {
-    messages: Mutex<Vec<NewMessage>>,
-    counters: Mutex<HashMap<String, u64>>,
-    suppressed: Mutex<HashMap<String, SuppressionEntry>>,
-    fail: Mutex<bool>,
-}
-
-#[async_trait]
-impl Queue for Mem {
-    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-        if *self.fail.lock().unwrap() {
-            return Err(QueueError::Unavailable("down".into()));
-        }
-        self.messages.lock().unwrap().push(message);
-        Ok(())
-    }
-    async fn lease(&self, _: Millis, _: usize, _: Duration) -> Result<Vec<Lease>, QueueError> {
-        Ok(vec![])
-    }
-    async fn renew(&self, lease: &Lease, now: Millis, d: Duration) -> Result<Lease, QueueError> {
-        let expires_at = now.saturating_add(d.as_millis() as u64);
-        Ok(Lease {
-            expires_at,
-            ..lease.clone()
-        })
-    }
-    async fn message_data(&self, id: &str) -> Result<Vec<u8>, QueueError> {
-        Err(QueueError::NotFound(id.into()))
-    }
-    async fn complete(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn retry(&self, _: &Lease, _: Reschedule) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn fail(&self, _: &Lease) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn stats(&self, _: Millis) -> Result<QueueStats, QueueError> {
-        Ok(QueueStats::default())
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl SharedState for Mem {
-    async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
-        self.suppressed
-            .lock()
-            .unwrap()
-            .insert(entry.address.clone(), entry);
-        Ok(())
-    }
-    async fn suppressed(
-        &self,
-        address: &str,
-        _: Millis,
-    ) -> Result<Option<SuppressionEntry>, QueueError> {
-        Ok(self.suppressed.lock().unwrap().get(address).cloned())
-    }
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
-        Ok(self.suppressed.lock().unwrap().remove(address).is_some())
-    }
-    async fn list_suppressed(&self, _: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
-        Ok(self.suppressed.lock().unwrap().values().cloned().collect())
-    }
-    async fn incr_counter(&self, key: &str, by: u64, _: Duration) -> Result<u64, QueueError> {
-        let mut c = self.counters.lock().unwrap();
-        let v = c.entry(key.to_string()).or_insert(0);
-        *v += by;
-        Ok(*v)
-    }
-    async fn counter(&self, key: &str) -> Result<u64, QueueError> {
-        if *self.fail.lock().unwrap() {
-            return Err(QueueError::Unavailable("down".into()));
-        }
-        Ok(self.counters.lock().unwrap().get(key).copied().unwrap_or(0))
-    }
-    async fn acquire_slot(
-        &self,
-        _: &str,
-        _: u32,
-        _: Duration,
-    ) -> Result<Option<String>, QueueError> {
-        Ok(Some("t".into()))
-    }
-    async fn release_slot(&self, _: &str, _: &str) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
+type Mem = crate::queue::memory::MemoryBackend;
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -243,7 +150,7 @@ impl Fixture {
     }
 
     fn messages(&self) -> Vec<NewMessage> {
-        self.mem.messages.lock().unwrap().clone()
+        self.mem.enqueued()
     }
 }
 
@@ -488,10 +395,7 @@ async fn auth_guessing_is_blocked_per_client() {
         c.cmd("EHLO other.test", "250").await;
         c.cmd(&format!("AUTH PLAIN {}", plain("alice", PASSWORD)), "235")
             .await;
-        assert_eq!(
-            f.mem.counters.lock().unwrap().get("auth-fail:192.0.2.9"),
-            Some(&3)
-        );
+        assert_eq!(f.mem.counter_value("auth-fail:192.0.2.9"), Some(3));
     })
     .await;
 }
@@ -561,24 +465,24 @@ async fn pipelined_commands_get_replies_in_order() {
     .await;
 }
 
-fn suppress(f: &Fixture, address: &str) {
-    f.mem.suppressed.lock().unwrap().insert(
-        address.to_string(),
-        SuppressionEntry {
+async fn suppress(f: &Fixture, address: &str) {
+    f.mem
+        .suppress(SuppressionEntry {
             address: address.to_string(),
             reason: "hard-bounce".into(),
             remote_reply: None,
             created_at: 0,
             expires_at: None,
-        },
-    );
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn suppressed_recipients_are_refused_or_dropped() {
     bounded(async {
         let f = fixture("");
-        suppress(&f, "gone@x.org");
+        suppress(&f, "gone@x.org").await;
         let mut c = f.connect("10.1.2.3:4000").await;
         c.cmd("EHLO client.test", "250").await;
         c.cmd("MAIL FROM:<a@example.test>", "250").await;
@@ -622,7 +526,7 @@ async fn queue_or_key_failure_is_temporary_and_stores_nothing() {
         c.cmd("RCPT TO:<b@x.org>", "250").await;
         c.cmd("DATA", "354").await;
         c.cmd("Subject: x\r\n\r\nhi\r\n.", "451 4.3.0").await;
-        *f.mem.fail.lock().unwrap() = true;
+        f.mem.set_enqueue_down(true);
         c.cmd("MAIL FROM:<a@example.test>", "250").await;
         c.cmd("RCPT TO:<b@x.org>", "250").await;
         c.cmd("DATA", "354").await;
@@ -821,7 +725,7 @@ async fn http_submissions_take_the_same_path() {
     use crate::http::{Credentials, Submission, Submit};
     bounded(async {
         let f = fixture("");
-        suppress(&f, "gone@x.org");
+        suppress(&f, "gone@x.org").await;
         let submit = InboundSubmit::new(f.ctx.clone());
         let sub =
             |peer: &str, creds: Option<(&str, &str)>, from: &str, rcpts: &[&str]| Submission {
@@ -985,7 +889,7 @@ async fn recipient_refusals_of_bulk_senders_are_not_errors() {
     bounded(async {
         let f = fixture("limits: {maxErrors: 2, maxRecipients: 1}\n");
         for i in 0..5 {
-            suppress(&f, &format!("gone{i}@x.org"));
+            suppress(&f, &format!("gone{i}@x.org")).await;
         }
         let mut c = f.connect("10.1.2.3:4000").await;
         c.cmd("EHLO bulk.test", "250").await;
@@ -1092,14 +996,7 @@ async fn concurrent_guesses_cannot_outrun_the_throttle() {
                 "{r}"
             );
         }
-        let counted = f
-            .mem
-            .counters
-            .lock()
-            .unwrap()
-            .get("auth-fail:192.0.2.20")
-            .copied()
-            .unwrap_or(0);
+        let counted = f.mem.counter_value("auth-fail:192.0.2.20").unwrap_or(0);
         assert!(
             (1..=auth_slots() as u64).contains(&counted),
             "{counted} guesses checked, at most {} expected",
@@ -1115,7 +1012,7 @@ async fn concurrent_guesses_cannot_outrun_the_throttle() {
 async fn auth_with_the_backend_down_is_a_temporary_failure() {
     bounded(async {
         let f = fixture("");
-        *f.mem.fail.lock().unwrap() = true;
+        f.mem.set_down(true);
         let mut c = f.connect("192.0.2.1:4000").await;
         c.cmd("EHLO outside.test", "250").await;
         c.cmd(

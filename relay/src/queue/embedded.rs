@@ -13,6 +13,11 @@
 //! Tables mirror the Redis layout (see `queue::redis`): message data and
 //! unit counts by message id, unit records by unit id, and ordered indexes
 //! `(time, id)` for due units, lease expiries and receive times.
+//!
+//! The event outbox is a table of events by sequence number, written in
+//! the same transaction as the queue change they describe, with a cursor
+//! and a pending (claimed, unacked) table per consumer group (module
+//! `embedded_events`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +28,14 @@ use redb::{
     WriteTransaction,
 };
 
+use super::embedded_events::{self, append_events};
 use super::redis::{in_force, rescheduled};
 use super::{
-    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule, SharedState,
+    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, SettleOp, Settlement, SharedState,
     SuppressionEntry, now_millis, units_of,
 };
 use crate::config::EmbeddedQueue;
+use crate::events::Event;
 
 /// Message id -> message bytes.
 const DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("data");
@@ -57,7 +64,7 @@ const RECLAIM_BATCH: usize = 1000;
 /// The embedded queue and shared state. Cheap to clone.
 #[derive(Clone)]
 pub struct EmbeddedBackend {
-    db: Arc<Database>,
+    pub(super) db: Arc<Database>,
     timeout: Duration,
 }
 
@@ -95,6 +102,7 @@ impl EmbeddedBackend {
             txn.open_table(SUPPRESSION)?;
             txn.open_table(COUNTERS)?;
             txn.open_table(SLOTS)?;
+            embedded_events::create_tables(&txn)?;
             txn.commit()?;
             Ok(db)
         })
@@ -109,7 +117,7 @@ impl EmbeddedBackend {
     /// Runs `f` on the blocking pool under the configured timeout. On
     /// timeout the transaction may still commit later, which is what
     /// [`QueueError::Timeout`] warns about.
-    async fn run<T, F>(&self, f: F) -> Result<T, QueueError>
+    pub(super) async fn run<T, F>(&self, f: F) -> Result<T, QueueError>
     where
         T: Send + 'static,
         F: FnOnce(&Database) -> Result<T, QueueError> + Send + 'static,
@@ -124,36 +132,64 @@ impl EmbeddedBackend {
             Err(_) => Err(QueueError::Timeout(self.timeout)),
         }
     }
+}
 
-    /// Removes a leased unit; the message goes with its last unit.
-    async fn finish(&self, lease: &Lease) -> Result<(), QueueError> {
-        let lease = lease.clone();
-        self.run(move |db| {
-            let txn = db.begin_write()?;
-            {
-                take_lease(&txn, &lease)?;
-                txn.open_table(UNITS)?.remove(lease.unit.id.as_str())?;
-                let message_id = lease.unit.message_id.as_str();
-                let mut left = txn.open_table(LEFT)?;
-                let remaining = left
-                    .get(message_id)?
-                    .map(|v| v.value())
-                    .unwrap_or(0)
-                    .saturating_sub(1);
-                if remaining == 0 {
-                    left.remove(message_id)?;
-                    txn.open_table(DATA)?.remove(message_id)?;
-                    txn.open_table(RECEIVED)?
-                        .remove((lease.unit.received_at, message_id))?;
-                } else {
-                    left.insert(message_id, remaining)?;
-                }
-            }
-            txn.commit()?;
-            Ok(())
-        })
-        .await
+/// Removes a leased unit whose lease was taken; the message goes with its
+/// last unit.
+fn finish_unit(txn: &WriteTransaction, lease: &Lease) -> Result<(), QueueError> {
+    txn.open_table(UNITS)?.remove(lease.unit.id.as_str())?;
+    let message_id = lease.unit.message_id.as_str();
+    let mut left = txn.open_table(LEFT)?;
+    let remaining = left
+        .get(message_id)?
+        .map(|v| v.value())
+        .unwrap_or(0)
+        .saturating_sub(1);
+    if remaining == 0 {
+        left.remove(message_id)?;
+        txn.open_table(DATA)?.remove(message_id)?;
+        txn.open_table(RECEIVED)?
+            .remove((lease.unit.received_at, message_id))?;
+    } else {
+        left.insert(message_id, remaining)?;
     }
+    Ok(())
+}
+
+/// A message and its unit records, encoded for [`store_message`].
+struct Encoded {
+    message: NewMessage,
+    units: Vec<(String, Millis, Vec<u8>)>,
+}
+
+fn encode_message(message: NewMessage) -> Result<Option<Encoded>, QueueError> {
+    let units = units_of(&message)
+        .iter()
+        .map(|u| Ok((u.id.clone(), u.next_attempt_at, encode(u, &u.id)?)))
+        .collect::<Result<Vec<_>, QueueError>>()?;
+    // Nothing to deliver: storing it would only leave garbage.
+    Ok((!units.is_empty()).then_some(Encoded { message, units }))
+}
+
+/// Stores a message and its units unless its id is stored already;
+/// true when stored.
+fn store_message(txn: &WriteTransaction, m: &Encoded) -> Result<bool, QueueError> {
+    let id = m.message.id.as_str();
+    let mut data = txn.open_table(DATA)?;
+    if data.get(id)?.is_some() {
+        return Ok(false);
+    }
+    data.insert(id, m.message.data.as_slice())?;
+    txn.open_table(LEFT)?.insert(id, m.units.len() as u64)?;
+    txn.open_table(RECEIVED)?
+        .insert((m.message.received_at, id), ())?;
+    let mut unit_table = txn.open_table(UNITS)?;
+    let mut due = txn.open_table(DUE)?;
+    for (unit_id, at, json) in &m.units {
+        unit_table.insert(unit_id.as_str(), json.as_slice())?;
+        due.insert((*at, unit_id.as_str()), ())?;
+    }
+    Ok(true)
 }
 
 /// Checks that `lease` still holds its unit and releases the lease;
@@ -204,57 +240,43 @@ fn count_split(
     Ok((early, total.saturating_sub(early)))
 }
 
-fn encode<T: serde::Serialize>(value: &T, key: &str) -> Result<Vec<u8>, QueueError> {
+pub(super) fn encode<T: serde::Serialize>(value: &T, key: &str) -> Result<Vec<u8>, QueueError> {
     serde_json::to_vec(value).map_err(|e| QueueError::Corrupt {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], key: &str) -> Result<T, QueueError> {
+pub(super) fn decode<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    key: &str,
+) -> Result<T, QueueError> {
     serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt {
         key: key.to_string(),
         reason: e.to_string(),
     })
 }
 
-fn relaxed(txn: &mut WriteTransaction) -> Result<(), QueueError> {
+pub(super) fn relaxed(txn: &mut WriteTransaction) -> Result<(), QueueError> {
     txn.set_durability(Durability::None)
         .map_err(|e| QueueError::Unavailable(e.to_string()))
 }
 
 #[async_trait]
 impl Queue for EmbeddedBackend {
-    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-        let units = units_of(&message);
-        if units.is_empty() {
+    async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
+        let Some(encoded) = encode_message(message)? else {
             return Ok(());
-        }
-        let records = units
-            .iter()
-            .map(|u| Ok((u.id.clone(), u.next_attempt_at, encode(u, &u.id)?)))
-            .collect::<Result<Vec<_>, QueueError>>()?;
+        };
+        let events = embedded_events::encode_events(&events)?;
         self.run(move |db| {
             let txn = db.begin_write()?;
-            {
-                let id = message.id.as_str();
-                let mut data = txn.open_table(DATA)?;
-                if data.get(id)?.is_some() {
-                    // Enqueued before (a retry after a timeout): stored once.
-                    // Dropping the transaction uncommitted aborts it.
-                    return Ok(());
-                }
-                data.insert(id, message.data.as_slice())?;
-                txn.open_table(LEFT)?.insert(id, records.len() as u64)?;
-                txn.open_table(RECEIVED)?
-                    .insert((message.received_at, id), ())?;
-                let mut unit_table = txn.open_table(UNITS)?;
-                let mut due = txn.open_table(DUE)?;
-                for (unit_id, at, json) in &records {
-                    unit_table.insert(unit_id.as_str(), json.as_slice())?;
-                    due.insert((*at, unit_id.as_str()), ())?;
-                }
+            if !store_message(&txn, &encoded)? {
+                // Enqueued before (a retry after a timeout): stored once,
+                // events included. Dropping the transaction aborts it.
+                return Ok(());
             }
+            append_events(&txn, &events, now_millis())?;
             txn.commit()?;
             Ok(())
         })
@@ -367,34 +389,59 @@ impl Queue for EmbeddedBackend {
         .await
     }
 
-    async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
-        self.finish(lease).await
-    }
-
-    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
-        if reschedule.recipients.is_empty() {
-            return self.finish(lease).await;
-        }
+    async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
         let lease = lease.clone();
-        let unit = rescheduled(&lease.unit, reschedule);
-        let json = encode(&unit, &unit.id)?;
+        let retry = match settlement.op {
+            SettleOp::Retry(r) if !r.recipients.is_empty() => {
+                let unit = rescheduled(&lease.unit, r);
+                let json = encode(&unit, &unit.id)?;
+                Some((unit.next_attempt_at, json))
+            }
+            // A retry with nobody left finishes the unit.
+            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => None,
+        };
+        let messages = settlement
+            .enqueue
+            .into_iter()
+            .filter_map(|m| encode_message(m).transpose())
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        let events = embedded_events::encode_events(&settlement.events)?;
+        let suppress = settlement
+            .suppress
+            .into_iter()
+            .map(|e| {
+                let e = SuppressionEntry {
+                    address: e.address.to_lowercase(),
+                    ..e
+                };
+                Ok((encode(&e, &e.address)?, e.address))
+            })
+            .collect::<Result<Vec<_>, QueueError>>()?;
         self.run(move |db| {
             let txn = db.begin_write()?;
+            take_lease(&txn, &lease)?;
+            match &retry {
+                Some((at, json)) => {
+                    let id = lease.unit.id.as_str();
+                    txn.open_table(UNITS)?.insert(id, json.as_slice())?;
+                    txn.open_table(DUE)?.insert((*at, id), ())?;
+                }
+                None => finish_unit(&txn, &lease)?,
+            }
+            for m in &messages {
+                store_message(&txn, m)?;
+            }
+            append_events(&txn, &events, now_millis())?;
             {
-                take_lease(&txn, &lease)?;
-                let id = unit.id.as_str();
-                txn.open_table(UNITS)?.insert(id, json.as_slice())?;
-                txn.open_table(DUE)?
-                    .insert((unit.next_attempt_at, id), ())?;
+                let mut table = txn.open_table(SUPPRESSION)?;
+                for (json, address) in &suppress {
+                    table.insert(address.as_str(), json.as_slice())?;
+                }
             }
             txn.commit()?;
             Ok(())
         })
         .await
-    }
-
-    async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
-        self.finish(lease).await
     }
 
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {

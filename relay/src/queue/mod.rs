@@ -11,11 +11,16 @@
 //!   (at-least-once). Completing a unit whose lease was lost is an error,
 //!   so a slow worker cannot clobber the one that took over.
 //! - Every state change is atomic: a crash leaves the whole change or none.
+//!   That includes the events it produces (the outbox, [`EventLog`]): the
+//!   `accepted` events are written by [`Queue::enqueue`], delivery outcomes,
+//!   DSNs and suppression entries by [`Queue::settle`], each in the same
+//!   step as the change they describe.
 //!
 //! [`SharedState`] holds what all relay pods must agree on besides the
 //! queue: the suppression list, counters (AUTH throttle, rate limits,
 //! quotas) and per-destination connection slots.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,9 +28,12 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub mod embedded;
+mod embedded_events;
+pub mod memory;
 pub mod redis;
 
 use crate::config::QueueConfig;
+use crate::events::{Event, EventLog};
 
 /// An opened queue backend: the queue and the shared state, both served
 /// by the same store. Cheap to clone.
@@ -35,6 +43,19 @@ pub struct Backend {
     pub queue: Arc<dyn Queue>,
     /// Suppression list, counters and slots.
     pub state: Arc<dyn SharedState>,
+    /// The event outbox.
+    pub events: Arc<dyn EventLog>,
+}
+
+impl Backend {
+    /// One store serving all three roles.
+    pub fn of<B: Queue + SharedState + EventLog>(backend: Arc<B>) -> Backend {
+        Backend {
+            queue: backend.clone(),
+            state: backend.clone(),
+            events: backend,
+        }
+    }
 }
 
 /// Opens the backend `config` names (exactly one of `redis` and
@@ -45,18 +66,12 @@ pub async fn open(config: &QueueConfig) -> Result<Backend, QueueError> {
     match (&config.redis, &config.embedded) {
         (Some(redis), None) => {
             let backend = Arc::new(redis::RedisBackend::open(redis, config.timeout.get()).await?);
-            Ok(Backend {
-                queue: backend.clone(),
-                state: backend,
-            })
+            Ok(Backend::of(backend))
         }
         (None, Some(embedded)) => {
             let backend =
                 Arc::new(embedded::EmbeddedBackend::open(embedded, config.timeout.get()).await?);
-            Ok(Backend {
-                queue: backend.clone(),
-                state: backend,
-            })
+            Ok(Backend::of(backend))
         }
         _ => Err(QueueError::Unavailable(
             "queue config needs exactly one of redis and embedded".into(),
@@ -100,6 +115,13 @@ pub struct NewMessage {
     pub received_at: Millis,
     /// Properties the outbound side must negotiate.
     pub flags: MessageFlags,
+    /// The app's tags (HTTP `tags`, SMTP `X-Petrel-Tags`), copied into
+    /// every event of the message.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The `Message-ID` header, angle brackets removed, for events.
+    #[serde(default)]
+    pub header_message_id: Option<String>,
 }
 
 /// Properties of a message that outbound delivery must honour.
@@ -140,6 +162,12 @@ pub struct DeliveryUnit {
     pub last_error: Option<String>,
     /// A "delayed" DSN has been sent for this unit.
     pub delay_notified: bool,
+    /// Tags (copied from the message).
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// The `Message-ID` header (copied from the message).
+    #[serde(default)]
+    pub header_message_id: Option<String>,
 }
 
 /// A unit held by one worker until `expires_at`.
@@ -164,6 +192,48 @@ pub struct Reschedule {
     pub last_error: String,
     /// Set once a "delayed" DSN went out, so it goes out only once.
     pub delay_notified: bool,
+}
+
+/// How a lease ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettleOp {
+    /// Every recipient was delivered (or dropped): the unit is done.
+    Complete,
+    /// Some recipients are left: try them again later. With no
+    /// recipients left it finishes the unit like `Complete`.
+    Retry(Reschedule),
+    /// Every recipient left failed for good: the unit is done.
+    Fail,
+}
+
+/// Everything one delivery attempt changes, applied atomically by
+/// [`Queue::settle`]: the unit's fate, the DSNs it produced, the events
+/// describing it, and the suppression entries of hard bounces. Either all
+/// of it is stored or none, so a failed DSN can no longer leave bounced
+/// recipients to be delivered again, and a retry after a failure never
+/// writes a bounce's suppression or events twice.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settlement {
+    /// What happens to the unit.
+    pub op: SettleOp,
+    /// Messages to enqueue with it (DSNs), each stored once by id.
+    pub enqueue: Vec<NewMessage>,
+    /// Events to append to the outbox.
+    pub events: Vec<Event>,
+    /// Suppression entries to add or replace.
+    pub suppress: Vec<SuppressionEntry>,
+}
+
+impl Settlement {
+    /// Just `op`, with nothing else to write.
+    pub fn only(op: SettleOp) -> Settlement {
+        Settlement {
+            op,
+            enqueue: Vec::new(),
+            events: Vec::new(),
+            suppress: Vec::new(),
+        }
+    }
 }
 
 /// Queue depth by state, for metrics and readiness.
@@ -224,8 +294,10 @@ pub trait Queue: Send + Sync + 'static {
     /// after [`QueueError::Timeout`], when it may have been stored (the
     /// client retries on 451, so it may be delivered twice: SMTP is
     /// at-least-once). Enqueueing an id already stored is a no-op `Ok`,
-    /// so it is never stored twice under one id.
-    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError>;
+    /// so it is never stored twice under one id. `events` (the `accepted`
+    /// ones) are appended to the outbox in the same atomic step, and only
+    /// when the message is stored.
+    async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError>;
 
     /// Leases up to `max` units due at `now` for `lease_for`.
     async fn lease(
@@ -250,17 +322,32 @@ pub trait Queue: Send + Sync + 'static {
     /// The stored message bytes.
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError>;
 
-    /// The unit is delivered; the message is deleted with its last unit.
-    async fn complete(&self, lease: &Lease) -> Result<(), QueueError>;
-
-    /// The unit failed for now; it is due again at the given time. Counts
+    /// Ends (or reschedules) a leased unit and stores what came of it, all
+    /// in one atomic step: [`Settlement`]. [`QueueError::LeaseLost`] (and
+    /// nothing written) when `lease` no longer owns the unit.
+    ///
+    /// `Complete` and `Fail` remove the unit; the message is deleted with
+    /// its last unit. `Retry` makes it due again at the given time, counts
     /// one attempt (`attempts + 1`), keeps `delay_notified` once set, and
-    /// with no recipients left finishes the unit like [`Queue::complete`].
-    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError>;
+    /// with no recipients left finishes the unit like `Complete`.
+    async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError>;
 
-    /// The unit failed for good (bounced or expired; the DSN is enqueued
-    /// separately); it is removed like a completed one.
-    async fn fail(&self, lease: &Lease) -> Result<(), QueueError>;
+    /// The unit is delivered: [`Queue::settle`] with nothing else to store.
+    async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.settle(lease, Settlement::only(SettleOp::Complete))
+            .await
+    }
+
+    /// The unit failed for now: [`Queue::settle`] with `Retry` only.
+    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
+        self.settle(lease, Settlement::only(SettleOp::Retry(reschedule)))
+            .await
+    }
+
+    /// The unit failed for good: [`Queue::settle`] with `Fail` only.
+    async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
+        self.settle(lease, Settlement::only(SettleOp::Fail)).await
+    }
 
     /// Depth by state.
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError>;
@@ -366,6 +453,8 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
             next_attempt_at: message.received_at,
             last_error: None,
             delay_notified: false,
+            tags: message.tags.clone(),
+            header_message_id: message.header_message_id.clone(),
         })
         .collect()
 }
@@ -406,6 +495,8 @@ mod tests {
             sending_domain: "example.test".into(),
             received_at: 1_000,
             flags: MessageFlags::default(),
+            tags: BTreeMap::from([("k".into(), "v".into())]),
+            header_message_id: Some("abc@example.test".into()),
         };
         let units = units_of(&msg);
         assert_eq!(units.len(), 2);
@@ -416,5 +507,20 @@ mod tests {
                 .iter()
                 .all(|u| u.next_attempt_at == 1_000 && u.attempts == 0)
         );
+        assert!(
+            units.iter().all(|u| u.tags == msg.tags
+                && u.header_message_id.as_deref() == Some("abc@example.test"))
+        );
+    }
+
+    #[test]
+    fn records_stored_before_tags_existed_still_decode() {
+        let old = r#"{"id":"m:x.org","message_id":"m","domain":"x.org","recipients":["a@x.org"],
+            "mail_from":"s@e.test","sending_domain":"e.test","received_at":1,
+            "flags":{"smtputf8":false,"eight_bit":false,"is_dsn":false},"attempts":0,
+            "next_attempt_at":1,"last_error":null,"delay_notified":false}"#;
+        let unit: DeliveryUnit = serde_json::from_str(old).unwrap();
+        assert!(unit.tags.is_empty());
+        assert_eq!(unit.header_message_id, None);
     }
 }

@@ -29,9 +29,9 @@ use crate::reload::Reloading;
 
 /// The transparent 1x1 GIF89a.
 pub const PIXEL: [u8; 43] = [
-    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00,
-    0x00, 0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00,
-    0x00, 0x00, 0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
 /// How long the first open or click of a message and recipient is
@@ -114,24 +114,26 @@ impl Endpoints {
     async fn record(&self, v: Verified, kind: EventType) {
         let timeout: Duration = self.config.get().queue.timeout.into();
         let c = &v.claims;
-        let what = if kind == EventType::Opened { "open" } else { "click" };
-        let key = format!("tracking:{what}:{}:{}", c.queue_id, c.recipient);
-        let unique = match tokio::time::timeout(
-            timeout,
-            self.state.incr_counter(&key, 1, UNIQUE_WINDOW),
-        )
-        .await
-        {
-            Ok(Ok(n)) => Some(n == 1),
-            Ok(Err(error)) => {
-                tracing::warn!(%error, "cannot count tracking request; unique unknown");
-                None
-            }
-            Err(_) => {
-                tracing::warn!("counting a tracking request timed out; unique unknown");
-                None
-            }
+        let what = if kind == EventType::Opened {
+            "open"
+        } else {
+            "click"
         };
+        let key = format!("tracking:{what}:{}:{}", c.queue_id, c.recipient);
+        let unique =
+            match tokio::time::timeout(timeout, self.state.incr_counter(&key, 1, UNIQUE_WINDOW))
+                .await
+            {
+                Ok(Ok(n)) => Some(n == 1),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot count tracking request; unique unknown");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("counting a tracking request timed out; unique unknown");
+                    None
+                }
+            };
         let machine = if v.machine { "true" } else { "false" };
         let labels = [c.sending_domain.as_str(), machine];
         let (total, first) = if kind == EventType::Opened {
@@ -250,7 +252,13 @@ mod tests {
 
     #[test]
     fn locations_are_header_safe() {
-        assert_eq!(location("https://a.example/?q=1&r=2"), "https://a.example/?q=1&r=2");
-        assert_eq!(location("https://a.example/caf\u{e9} x"), "https://a.example/caf%C3%A9%20x");
+        assert_eq!(
+            location("https://a.example/?q=1&r=2"),
+            "https://a.example/?q=1&r=2"
+        );
+        assert_eq!(
+            location("https://a.example/caf\u{e9} x"),
+            "https://a.example/caf%C3%A9%20x"
+        );
     }
 }

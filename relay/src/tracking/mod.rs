@@ -22,7 +22,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use crate::config::{RelayConfig, SendingDomain};
 use crate::inbound::headers;
 
-// pub mod endpoints; (after merging events-core)
+pub mod endpoints;
 pub mod machine;
 pub mod mime;
 pub mod rewrite;

@@ -126,6 +126,8 @@ pub fn message(id: &str, from: &str, rcpts: &[&str], subject: &str) -> NewMessag
             .unwrap_or_default(),
         received_at: now_millis(),
         flags: MessageFlags::default(),
+        tags: Default::default(),
+        header_message_id: Some(format!("{id}@example.test")),
     }
 }
 

@@ -14,6 +14,7 @@
 //! | `{p}:supp`           | hash | address -> [`SuppressionEntry`] JSON     |
 //! | `{p}:ctr:<key>`      | str  | counter, PEXPIRE = its window            |
 //! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
+//! | `{p}:events`         | stream | the event outbox: field `e` = event JSON, one consumer group per reader (module `events`) |
 //!
 //! A unit is in exactly one of `due` and `leased`. Every change that spans
 //! keys is one Lua script (module `scripts`), so it is atomic.
@@ -32,6 +33,7 @@
 //! callers' clocks (`now`); slots and counters use Redis's own clock.
 
 mod conn;
+mod events;
 mod scripts;
 
 use std::collections::HashMap;
@@ -44,10 +46,11 @@ use redis::AsyncCommands;
 
 use self::conn::{Conn, Connector, Target, parse_target};
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule,
-    SharedState, SuppressionEntry, units_of,
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule, SettleOp,
+    Settlement, SharedState, SuppressionEntry, units_of,
 };
 use crate::config::RedisQueue;
+use crate::events::Event;
 
 /// Expired leases moved back to due per [`Queue::lease`] call: bounds the
 /// work of one script after an outage (the rest follow on later calls).
@@ -65,6 +68,7 @@ struct Keys {
     leased: String,
     token: String,
     supp: String,
+    events: String,
 }
 
 impl Keys {
@@ -80,6 +84,7 @@ impl Keys {
             leased: k("leased"),
             token: k("token"),
             supp: k("supp"),
+            events: k("events"),
             prefix: tag,
         }
     }
@@ -181,13 +186,18 @@ impl RedisBackend {
 
     /// Removes a message whose write was not replicated enough (best
     /// effort: the caller reports the failure either way).
-    async fn rollback(&self, message_id: &str, unit_ids: &[String]) {
-        if let Err(error) = self.try_rollback(message_id, unit_ids).await {
+    async fn rollback(&self, message_id: &str, unit_ids: &[String], event_ids: &[String]) {
+        if let Err(error) = self.try_rollback(message_id, unit_ids, event_ids).await {
             tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
         }
     }
 
-    async fn try_rollback(&self, message_id: &str, unit_ids: &[String]) -> Result<(), QueueError> {
+    async fn try_rollback(
+        &self,
+        message_id: &str,
+        unit_ids: &[String],
+        event_ids: &[String],
+    ) -> Result<(), QueueError> {
         let k = &self.keys;
         let mut conn = self.connection(&self.conn).await?;
         let mut inv = scripts::ROLLBACK.prepare_invoke();
@@ -197,27 +207,13 @@ impl RedisBackend {
             .key(&k.unit)
             .key(&k.due)
             .key(&k.leased)
+            .key(&k.events)
             .arg(message_id)
-            .arg(unit_ids);
+            .arg(unit_ids.len())
+            .arg(unit_ids)
+            .arg(event_ids);
         let _removed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         Ok(())
-    }
-
-    async fn finish(&self, lease: &Lease) -> Result<(), QueueError> {
-        let k = &self.keys;
-        let mut conn = self.connection(&self.conn).await?;
-        let mut inv = scripts::FINISH.prepare_invoke();
-        inv.key(&k.leased)
-            .key(&k.token)
-            .key(&k.unit)
-            .key(&k.left)
-            .key(&k.data)
-            .key(&k.received)
-            .arg(&lease.unit.id)
-            .arg(&lease.token)
-            .arg(&lease.unit.message_id);
-        let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        lease_held(done, &lease.unit.id)
     }
 }
 
@@ -283,6 +279,34 @@ fn ms(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }
 
+/// Appends the `store_message` arguments of `message` (see `scripts`) and
+/// returns its units.
+fn message_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    message: &NewMessage,
+) -> Result<Vec<DeliveryUnit>, QueueError> {
+    let units = units_of(message);
+    inv.arg(&message.id)
+        .arg(&message.data)
+        .arg(message.received_at)
+        .arg(units.len());
+    for unit in &units {
+        inv.arg(&unit.id)
+            .arg(encode(unit, &unit.id)?)
+            .arg(unit.next_attempt_at);
+    }
+    Ok(units)
+}
+
+/// Appends an event count and the events' JSON.
+fn event_args(inv: &mut redis::ScriptInvocation<'_>, events: &[Event]) -> Result<(), QueueError> {
+    inv.arg(events.len());
+    for event in events {
+        inv.arg(encode(event, &event.id)?);
+    }
+    Ok(())
+}
+
 /// The unit after a temporary failure, as the retry script stores it.
 pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
     DeliveryUnit {
@@ -297,9 +321,8 @@ pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
 
 #[async_trait]
 impl Queue for RedisBackend {
-    async fn enqueue(&self, message: NewMessage) -> Result<(), QueueError> {
-        let units = units_of(&message);
-        if units.is_empty() {
+    async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
+        if units_of(&message).is_empty() {
             // Nothing to deliver: storing it would only leave garbage.
             return Ok(());
         }
@@ -310,21 +333,22 @@ impl Queue for RedisBackend {
             .key(&k.received)
             .key(&k.unit)
             .key(&k.due)
-            .arg(&message.id)
-            .arg(&message.data)
-            .arg(message.received_at);
-        for unit in &units {
-            inv.arg(&unit.id)
-                .arg(encode(unit, &unit.id)?)
-                .arg(unit.next_attempt_at);
-        }
+            .key(&k.events);
+        let units = message_args(&mut inv, &message)?;
+        event_args(&mut inv, &events)?;
         // One deadline for connecting, writing and WAIT: the client is
         // waiting for its reply to DATA.
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut conn = self.bounded_until(deadline, self.write_conn.get()).await?;
-        let stored: i64 = self
+        let reply: Vec<redis::Value> = self
             .bounded_until(deadline, inv.invoke_async(&mut conn))
             .await?;
+        let stored = matches!(reply.first(), Some(redis::Value::Int(1)));
+        let event_ids: Vec<String> = reply
+            .iter()
+            .skip(1)
+            .filter_map(|v| redis::from_redis_value_ref(v).ok())
+            .collect();
         if self.wait_replicas == 0 {
             return Ok(());
         }
@@ -345,7 +369,7 @@ impl Queue for RedisBackend {
         if acked < self.wait_replicas {
             // Only our own write is ours to undo; a message stored by an
             // earlier attempt (stored == 0) stays.
-            if stored == 1 {
+            if stored {
                 let ids: Vec<String> = units.into_iter().map(|u| u.id).collect();
                 // In its own task: the caller's deadline (the SMTP session
                 // bounds enqueue by the same timeout) may drop this future
@@ -353,7 +377,8 @@ impl Queue for RedisBackend {
                 // leave a message stored that its client was told to resend.
                 let this = self.clone();
                 let id = message.id.clone();
-                let _ = tokio::spawn(async move { this.rollback(&id, &ids).await }).await;
+                let _ =
+                    tokio::spawn(async move { this.rollback(&id, &ids, &event_ids).await }).await;
             }
             return Err(QueueError::NotReplicated {
                 acked,
@@ -435,33 +460,54 @@ impl Queue for RedisBackend {
         data.ok_or_else(|| QueueError::NotFound(message_id.to_string()))
     }
 
-    async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {
-        self.finish(lease).await
-    }
-
-    async fn retry(&self, lease: &Lease, reschedule: Reschedule) -> Result<(), QueueError> {
-        if reschedule.recipients.is_empty() {
-            // Every recipient was delivered or bounced: the unit is done.
-            return self.finish(lease).await;
-        }
+    async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
         let k = &self.keys;
-        let unit = rescheduled(&lease.unit, reschedule);
-        let mut inv = scripts::RETRY.prepare_invoke();
-        inv.key(&k.leased)
-            .key(&k.token)
+        let mut inv = scripts::SETTLE.prepare_invoke();
+        inv.key(&k.data)
+            .key(&k.left)
+            .key(&k.received)
             .key(&k.unit)
             .key(&k.due)
-            .arg(&unit.id)
+            .key(&k.leased)
+            .key(&k.token)
+            .key(&k.events)
+            .key(&k.supp)
+            .arg(&lease.unit.id)
             .arg(&lease.token)
-            .arg(encode(&unit, &unit.id)?)
-            .arg(unit.next_attempt_at);
+            .arg(&lease.unit.message_id);
+        match settlement.op {
+            SettleOp::Retry(r) if !r.recipients.is_empty() => {
+                let unit = rescheduled(&lease.unit, r);
+                inv.arg("retry")
+                    .arg(encode(&unit, &unit.id)?)
+                    .arg(unit.next_attempt_at);
+            }
+            // A retry with nobody left finishes the unit.
+            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => {
+                inv.arg("finish").arg("").arg("");
+            }
+        }
+        let messages: Vec<&NewMessage> = settlement
+            .enqueue
+            .iter()
+            .filter(|m| !units_of(m).is_empty())
+            .collect();
+        inv.arg(messages.len());
+        for message in messages {
+            message_args(&mut inv, message)?;
+        }
+        event_args(&mut inv, &settlement.events)?;
+        inv.arg(settlement.suppress.len());
+        for entry in &settlement.suppress {
+            let entry = SuppressionEntry {
+                address: entry.address.to_lowercase(),
+                ..entry.clone()
+            };
+            inv.arg(&entry.address).arg(encode(&entry, &entry.address)?);
+        }
         let mut conn = self.connection(&self.conn).await?;
         let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        lease_held(done, &unit.id)
-    }
-
-    async fn fail(&self, lease: &Lease) -> Result<(), QueueError> {
-        self.finish(lease).await
+        lease_held(done, &lease.unit.id)
     }
 
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
@@ -604,6 +650,7 @@ mod tests {
             &k.leased,
             &k.token,
             &k.supp,
+            &k.events,
         ] {
             assert!(key.starts_with("{petrel}:"), "{key}");
         }
@@ -635,6 +682,8 @@ mod tests {
             next_attempt_at: 1,
             last_error: None,
             delay_notified: true,
+            tags: Default::default(),
+            header_message_id: None,
         };
         let next = rescheduled(
             &unit,

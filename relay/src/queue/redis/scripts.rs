@@ -15,46 +15,137 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Stores a message and its units, due at their `next_attempt_at`.
-///
-/// KEYS: data, left, received, unit, due.
-/// ARGV: message id, data, received_at, then (unit id, unit json, due at)*.
-/// Returns 1 when stored, 0 when a message with this id already exists (an
-/// enqueue retried after a timeout: stored once, not twice).
-pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then return 0 end
-local n = (#ARGV - 3) / 3
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[1], n)
-for i = 4, #ARGV, 3 do
-  redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+/// Lua helper shared by the scripts that store messages: stores the
+/// message at `ARGV[i]` (id, data, received_at, unit count, then (unit id,
+/// unit json, due at) per unit) unless its id exists, and returns the index
+/// after it. KEYS 1-5: data, left, received, unit, due.
+const STORE_MESSAGE: &str = r#"
+local function store_message(i)
+  local id, data, received, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  local first, last = i + 4, i + 3 + 3 * n
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then return last + 1, 0 end
+  redis.call('HSET', KEYS[1], id, data)
+  redis.call('HSET', KEYS[2], id, n)
+  for j = first, last, 3 do
+    redis.call('HSET', KEYS[4], ARGV[j], ARGV[j + 1])
+  end
+  redis.call('ZADD', KEYS[3], received, id)
+  for j = first, last, 3 do
+    redis.call('ZADD', KEYS[5], ARGV[j + 2], ARGV[j])
+  end
+  return last + 1, 1
 end
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-for i = 4, #ARGV, 3 do
-  redis.call('ZADD', KEYS[5], ARGV[i + 2], ARGV[i])
+"#;
+
+/// Lua helper: appends `n` events (JSON, field `e`) from `ARGV[i]` on to
+/// the outbox stream `KEYS[k]`; returns the index after them.
+const APPEND_EVENTS: &str = r#"
+local function append_events(k, i, ids)
+  local n = tonumber(ARGV[i])
+  for j = i + 1, i + n do
+    local id = redis.call('XADD', KEYS[k], '*', 'e', ARGV[j])
+    if ids then table.insert(ids, id) end
+  end
+  return i + n + 1
+end
+"#;
+
+/// Stores a message and its units, due at their `next_attempt_at`, and
+/// its events, all or nothing.
+///
+/// KEYS: data, left, received, unit, due, events.
+/// ARGV: message id, data, received_at, unit count, then (unit id, unit
+/// json, due at)*, then event count and event JSON*.
+/// Returns `{1, event ids...}` when stored (the ids let a rollback take
+/// the events back out), `{0}` when a message with this id already exists
+/// (an enqueue retried after a timeout: stored once, not twice, and its
+/// events were written the first time).
+pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{STORE_MESSAGE}{APPEND_EVENTS}
+local next, stored = store_message(1)
+if stored == 0 then return {{0}} end
+local out = {{1}}
+append_events(6, next, out)
+return out
+"#
+    ))
+});
+
+/// Ends or reschedules a leased unit and writes everything the attempt
+/// produced: DSN messages, events and suppression entries.
+///
+/// KEYS: data, left, received, unit, due, leased, token, events, supp.
+/// ARGV: unit id, token, message id, mode (`finish` or `retry`), unit
+/// json and next attempt (both empty for `finish`), message count and per
+/// message the `store_message` arguments, event count and event JSON*,
+/// suppression count and (address, entry json)*.
+/// Returns 1 when done, 0 when the lease was lost (nothing written).
+pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{STORE_MESSAGE}{APPEND_EVENTS}
+if redis.call('HGET', KEYS[7], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('HDEL', KEYS[7], ARGV[1])
+if ARGV[4] == 'retry' then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
+  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
+else
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  local left = redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
+  if left <= 0 then
+    redis.call('HDEL', KEYS[2], ARGV[3])
+    redis.call('HDEL', KEYS[1], ARGV[3])
+    redis.call('ZREM', KEYS[3], ARGV[3])
+  end
+end
+local i = 8
+local messages = tonumber(ARGV[7])
+for _ = 1, messages do
+  i = store_message(i)
+end
+i = append_events(8, i)
+local n = tonumber(ARGV[i])
+for j = i + 1, i + 2 * n, 2 do
+  redis.call('HSET', KEYS[9], ARGV[j], ARGV[j + 1])
 end
 return 1
-"#,
-    )
+"#
+    ))
+});
+
+/// Appends events that change no queue state.
+///
+/// KEYS: events. ARGV: event count, event JSON*. Returns the count.
+pub static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{APPEND_EVENTS}
+append_events(1, 1)
+return tonumber(ARGV[1])
+"#
+    ))
 });
 
 /// Takes a message back out after `WAIT` saw too few replicas, unless a
 /// worker already leased one of its units (then it stays: delivering it
-/// twice is better than losing it).
+/// twice is better than losing it), with the events its enqueue wrote.
 ///
-/// KEYS: data, left, received, unit, due, leased.
-/// ARGV: message id, then unit ids. Returns 1 when removed.
+/// KEYS: data, left, received, unit, due, leased, events.
+/// ARGV: message id, unit count, unit ids, then event stream ids.
+/// Returns 1 when removed.
 pub static ROLLBACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-for i = 2, #ARGV do
+local units = tonumber(ARGV[2]) + 2
+for i = 3, units do
   if redis.call('ZSCORE', KEYS[6], ARGV[i]) then return 0 end
 end
-for i = 2, #ARGV do
+for i = 3, units do
   redis.call('ZREM', KEYS[5], ARGV[i])
   redis.call('HDEL', KEYS[4], ARGV[i])
+end
+for i = units + 1, #ARGV do
+  redis.call('XDEL', KEYS[7], ARGV[i])
 end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -91,48 +182,6 @@ for _, id in ipairs(ids) do
   end
 end
 return out
-"#,
-    )
-});
-
-/// Removes a leased unit (delivered, or failed for good); the message and
-/// its data go with its last unit.
-///
-/// KEYS: leased, token, unit, left, data, received.
-/// ARGV: unit id, token, message id.
-/// Returns 1 when done, 0 when the lease was lost.
-pub static FINISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-local left = redis.call('HINCRBY', KEYS[4], ARGV[3], -1)
-if left <= 0 then
-  redis.call('HDEL', KEYS[4], ARGV[3])
-  redis.call('HDEL', KEYS[5], ARGV[3])
-  redis.call('ZREM', KEYS[6], ARGV[3])
-end
-return 1
-"#,
-    )
-});
-
-/// Stores the rescheduled unit and makes it due at its next attempt.
-///
-/// KEYS: leased, token, unit, due.
-/// ARGV: unit id, token, unit json, next attempt.
-/// Returns 1 when done, 0 when the lease was lost.
-pub static RETRY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r#"
-if redis.call('HGET', KEYS[2], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
-return 1
 "#,
     )
 });
