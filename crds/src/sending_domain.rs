@@ -111,6 +111,11 @@ pub struct SendingDomainSpec {
     /// What the relay does with mail to suppressed (hard-bounced) recipients.
     #[serde(default)]
     pub suppression: SuppressionSpec,
+
+    /// Open and click tracking of this domain's HTML mail. Off when unset. Needs the relay's
+    /// `spec.tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::TrackingSpec>,
 }
 
 /// Reference to an SmtpRelay in the same namespace.

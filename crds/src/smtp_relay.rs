@@ -168,6 +168,11 @@ pub struct SmtpRelaySpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
     )]
     pub hostname: Option<String>,
+
+    /// Engagement tracking: the public host tracked links and pixels reach the relay's HTTP port
+    /// through, and the token key. Needed when a bound SendingDomain sets `spec.tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::RelayTrackingSpec>,
 }
 
 fn default_listeners() -> Vec<ListenerSpec> {

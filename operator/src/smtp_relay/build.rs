@@ -47,6 +47,7 @@ const CONFIG_DIR: &str = "/etc/petrel/config";
 const DKIM_DIR: &str = "/etc/petrel/dkim";
 const TLS_DIR: &str = "/etc/petrel/tls";
 const AUTH_DIR: &str = "/etc/petrel/auth";
+const TRACKING_DIR: &str = "/etc/petrel/tracking";
 const REDIS_DIR: &str = "/etc/petrel/redis";
 const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 
@@ -276,7 +277,12 @@ pub fn relay_config(
                 per_day: to_u32(limits.per_day),
                 daily_quota: to_u32(limits.daily_quota),
             },
-            tracking: None,
+            tracking: d.spec.tracking.as_ref().map(|t| rc::DomainTracking {
+                opens: t.opens,
+                clicks: t.clicks,
+                domain: t.domain.clone(),
+                https: t.https,
+            }),
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -313,7 +319,12 @@ pub fn relay_config(
         },
         delivery,
         limits,
-        tracking: rc::TrackingConfig::default(),
+        tracking: rc::TrackingConfig {
+            key_file: spec
+                .tracking
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{TRACKING_DIR}/key"))),
+        },
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
         },
@@ -495,6 +506,14 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
     if let Some(users) = &spec.auth_users_secret_name {
         volumes.push(secret_volume("auth", users, Some(vec![("users", "users")])));
         mounts.push(mount("auth", AUTH_DIR));
+    }
+    if let Some(tracking) = &spec.tracking {
+        volumes.push(secret_volume(
+            "tracking",
+            &tracking.key_secret_name,
+            Some(vec![("key", "key")]),
+        ));
+        mounts.push(mount("tracking", TRACKING_DIR));
     }
     if let Some(creds) = spec
         .delivery

@@ -62,7 +62,8 @@ fn hex(c: u8) -> Option<u8> {
 
 /// Encodes quoted-printable: CRLF in the data stays a hard line break,
 /// every encoded line is at most 76 characters, trailing white space and
-/// a leading `.` or `From ` are encoded so no transport can alter them.
+/// a leading `.` or `From ` are encoded so no transport can alter them, and
+/// a leading `-` too, so no line can be taken for a boundary delimiter.
 pub fn encode_qp(data: &[u8]) -> Vec<u8> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut out = Vec::with_capacity(data.len() + data.len() / 8);
@@ -77,7 +78,8 @@ pub fn encode_qp(data: &[u8]) -> Vec<u8> {
             let literal = |col: usize| match b {
                 b'=' => false,
                 b' ' | b'\t' => !last,
-                b'.' => col != 0,
+                // A line starting `--` could read as a MIME boundary.
+                b'.' | b'-' => col != 0,
                 b'F' => !(col == 0 && line[i..].starts_with(b"From ")),
                 33..=126 => true,
                 _ => false,
@@ -207,8 +209,8 @@ mod tests {
 
     #[test]
     fn qp_round_trips_with_legal_lines() {
-        let long =
-            "x".repeat(300) + " <a href=\"https://example.com/?a=1\">é</a> \r\n.dot\r\nFrom me\t";
+        let long = "x".repeat(300)
+            + " <a href=\"https://example.com/?a=1\">é</a> \r\n.dot\r\nFrom me\t\r\n--boundary";
         let samples: Vec<Vec<u8>> = vec![
             long.into_bytes(),
             b"=".repeat(200),
@@ -228,7 +230,11 @@ mod tests {
                     .all(|&b| b == b'\r' || b == b'\n' || (32..127).contains(&b))
             );
             for line in split_crlf(&enc) {
-                assert!(!line.starts_with(b".") && !line.starts_with(b"From "));
+                assert!(
+                    !line.starts_with(b".")
+                        && !line.starts_with(b"From ")
+                        && !line.starts_with(b"-")
+                );
                 assert!(!line.ends_with(b" ") && !line.ends_with(b"\t"));
             }
             assert_eq!(decode_qp(&enc), data);
