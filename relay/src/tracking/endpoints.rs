@@ -74,25 +74,30 @@ struct Verified {
 }
 
 impl Endpoints {
-    /// Checks Host and token; `Err` is the 404 to answer.
-    fn verify(&self, headers: &HeaderMap, token: &str, kind: Kind) -> Result<Verified, Response> {
+    /// Checks Host and token; `Err` is the reason of the 404 to answer.
+    fn verify(
+        &self,
+        headers: &HeaderMap,
+        token: &str,
+        kind: Kind,
+    ) -> Result<Verified, &'static str> {
         let config = self.config.get();
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("");
         if config.tracking_for_host(host).is_none() {
-            return Err(self.refuse("unknown_host"));
+            return Err("unknown_host");
         }
         let key = self.tracking.key().map_err(|error| {
             tracing::error!(%error, "tracking key unusable; refusing tracking requests");
-            self.refuse("no_key")
+            "no_key"
         })?;
         let claims = key
             .open(token)
             .ok()
             .filter(|c| c.kind == kind)
-            .ok_or_else(|| self.refuse("bad_token"))?;
+            .ok_or("bad_token")?;
         let user_agent = headers
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
@@ -180,7 +185,7 @@ async fn click(
 ) -> Response {
     let verified = match e.verify(&headers, &token, Kind::Click) {
         Ok(v) => v,
-        Err(refusal) => return refusal,
+        Err(reason) => return e.refuse(reason),
     };
     let Ok(location) = HeaderValue::from_str(&location(&verified.claims.url)) else {
         return e.refuse("bad_token");
@@ -203,7 +208,7 @@ async fn open(
     };
     let verified = match e.verify(&headers, token, Kind::Open) {
         Ok(v) => v,
-        Err(refusal) => return refusal,
+        Err(reason) => return e.refuse(reason),
     };
     e.record(verified, EventType::Opened).await;
     let mut response = PIXEL.to_vec().into_response();

@@ -296,9 +296,15 @@ pub fn parse_content_type(value: &str) -> Option<ContentType> {
 mod tests {
     use super::*;
 
+    type Want = Option<(
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    )>;
+
     #[test]
     fn content_types() {
-        let table: &[(&str, Option<(&str, &str, &[(&str, &str)])>)] = &[
+        let table: &[(&str, Want)] = &[
             ("text/html", Some(("text", "html", &[]))),
             (
                 " Text/HTML; charset=\"ISO-8859-1\"",
