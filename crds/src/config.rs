@@ -19,10 +19,12 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod duration;
+mod events;
 mod tracking;
 mod validate;
 
 pub use duration::Duration;
+pub use events::EventsConfig;
 pub use tracking::{DomainTracking, TrackingConfig};
 pub use validate::{ConfigError, FieldError};
 
@@ -77,6 +79,9 @@ pub struct RelayConfig {
     /// opens and clicks is `domains[].tracking`.
     #[serde(default, skip_serializing_if = "TrackingConfig::is_default")]
     pub tracking: TrackingConfig,
+    /// The event outbox: retention (and the webhooks that read it).
+    #[serde(default)]
+    pub events: EventsConfig,
 }
 
 fn default_hostname() -> String {
@@ -609,12 +614,20 @@ pub struct HttpConfig {
     /// Listen address, `ip:port`.
     #[serde(default = "default_http_address")]
     pub address: SocketAddr,
+    /// A file holding the bearer token for the admin API
+    /// (`/admin/v1/...`, e.g. `events tail` against a running relay).
+    /// Without it only loopback and `trustedNetworks` peers may use it;
+    /// with it, any peer presenting `Authorization: Bearer <token>`, and
+    /// loopback and trusted peers still.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             address: default_http_address(),
+            admin_token_file: None,
         }
     }
 }

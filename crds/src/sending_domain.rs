@@ -116,6 +116,21 @@ pub struct SendingDomainSpec {
     /// `spec.tracking`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracking: Option<crate::tracking::TrackingSpec>,
+    /// Publish `status.dnsRecords` through a DNS controller instead of by hand.
+    #[serde(default)]
+    pub dns_publish: DnsPublishSpec,
+}
+
+/// How the operator publishes the domain's DNS records.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsPublishSpec {
+    /// Keep an external-dns `DNSEndpoint` (externaldns.k8s.io/v1alpha1) with every record of
+    /// `status.dnsRecords`, owned by this SendingDomain and deleted when turned off. Needs
+    /// external-dns running with `--source=crd --managed-record-types=TXT,MX` and the operator's
+    /// DNSEndpoint RBAC (chart value `externalDns.enabled`). Verification still reports what DNS serves.
+    #[serde(default)]
+    pub external_dns: bool,
 }
 
 /// Reference to an SmtpRelay in the same namespace.

@@ -19,6 +19,26 @@ pub const CONDITION_PROGRESSING: &str = "Progressing";
 /// Condition type: something is wrong that needs a person (bad spec, missing Secret, failed apply).
 pub const CONDITION_DEGRADED: &str = "Degraded";
 
+/// Degraded reason: a Secret the relay references does not exist.
+pub const REASON_SECRET_MISSING: &str = "SecretMissing";
+/// Degraded reason: a referenced Secret lacks a key, or a key's value is empty or malformed.
+pub const REASON_SECRET_INVALID: &str = "SecretInvalid";
+/// Degraded and Progressing reason: the Deployment did not progress within its
+/// `progressDeadlineSeconds` (the Deployment controller's own reason).
+pub const REASON_PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+/// Degraded reason when nothing is wrong.
+pub const REASON_AS_EXPECTED: &str = "AsExpected";
+/// Progressing reason: the Deployment is rolling out or scaling.
+pub const REASON_ROLLING_OUT: &str = "RollingOut";
+/// Progressing reason: every pod runs the current template and is available.
+pub const REASON_ROLLOUT_COMPLETE: &str = "RolloutComplete";
+/// Available reason: at least the minimum of relay pods is available.
+pub const REASON_MINIMUM_REPLICAS_AVAILABLE: &str = "MinimumReplicasAvailable";
+/// Available reason: fewer relay pods are available than the minimum.
+pub const REASON_MINIMUM_REPLICAS_UNAVAILABLE: &str = "MinimumReplicasUnavailable";
+/// Available reason: no relay pod is ready.
+pub const REASON_NO_READY_REPLICAS: &str = "NoReadyReplicas";
+
 /// Replicas used when neither `replicas` nor `autoscaling` is set.
 pub const DEFAULT_REPLICAS: i32 = 2;
 
@@ -72,7 +92,7 @@ pub struct SmtpRelaySpec {
     #[schemars(range(min = 0, max = 1000))]
     pub replicas: Option<i32>,
 
-    /// Scale relay pods on CPU with a HorizontalPodAutoscaler instead of a fixed `replicas`.
+    /// Scale relay pods (on CPU with an HPA, or on the queue with KEDA) instead of a fixed `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 
@@ -193,9 +213,12 @@ impl SmtpRelaySpec {
     }
 }
 
-/// HorizontalPodAutoscaler bounds for the relay pods.
+/// Autoscaling of the relay pods: bounds, and what drives it (CPU or the queue).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
-#[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"))]
+#[x_kube(
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas").field_path(".minReplicas"),
+    validation = Rule::new("self.engine != 'keda' || has(self.prometheus)").message("engine keda needs prometheus.serverAddress").field_path(".prometheus")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
     /// Lowest number of relay pods.
@@ -210,6 +233,51 @@ pub struct AutoscalingSpec {
     #[schemars(range(min = 1, max = 100))]
     #[serde(rename = "targetCPUUtilizationPercentage")]
     pub target_cpu_utilization_percentage: i32,
+    /// What scales the pods: `hpa` (a HorizontalPodAutoscaler on CPU, the default) or `keda`
+    /// (a KEDA ScaledObject on the number of due queue units; needs KEDA installed).
+    #[serde(default)]
+    pub engine: AutoscalingEngine,
+    /// With `engine: keda`: due queue units (`petrel_queue_units{state="due"}`) one pod should
+    /// handle; KEDA runs `ceil(due / targetDuePerPod)` pods between the bounds.
+    #[serde(default = "default_target_due_per_pod")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub target_due_per_pod: i32,
+    /// With `engine: keda`: the Prometheus that scrapes the relay pods, queried by KEDA's
+    /// Prometheus scaler. Required with `engine: keda`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusTriggerSpec>,
+}
+
+/// What scales the relay pods.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingEngine {
+    /// A HorizontalPodAutoscaler on CPU utilisation.
+    #[default]
+    Hpa,
+    /// A KEDA ScaledObject on the queue's due units, read from Prometheus.
+    Keda,
+}
+
+/// Where KEDA reads the relay's queue metric from.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusTriggerSpec {
+    /// URL of the Prometheus HTTP API, for example
+    /// `http://prometheus-operated.monitoring.svc:9090`.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://"))]
+    pub server_address: String,
+    /// PromQL giving the relay's due units. Defaults to
+    /// `max(petrel_queue_units{state="due",namespace="<ns>",service="<relay Service>"})`
+    /// (every pod reports the whole shared queue, hence `max`), which matches the labels a
+    /// prometheus-operator ServiceMonitor adds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub query: Option<String>,
+}
+
+fn default_target_due_per_pod() -> i32 {
+    100
 }
 
 fn default_min_replicas() -> i32 {
@@ -604,6 +672,24 @@ spec:
     }
 
     #[test]
+    fn autoscaling_defaults_to_hpa_and_keda_takes_prometheus() {
+        let cpu: AutoscalingSpec = serde_yaml::from_str("maxReplicas: 4").expect("parses");
+        assert_eq!(cpu.engine, AutoscalingEngine::Hpa);
+        assert_eq!(cpu.target_due_per_pod, 100);
+        let keda: AutoscalingSpec = serde_yaml::from_str(
+            "{maxReplicas: 8, engine: keda, targetDuePerPod: 50, prometheus: {serverAddress: 'http://prom:9090'}}",
+        )
+        .expect("parses");
+        assert_eq!(keda.engine, AutoscalingEngine::Keda);
+        assert_eq!(keda.target_due_per_pod, 50);
+        assert_eq!(
+            keda.prometheus.map(|p| p.server_address).as_deref(),
+            Some("http://prom:9090")
+        );
+        assert!(serde_yaml::from_str::<AutoscalingSpec>("{maxReplicas: 2, engine: vpa}").is_err());
+    }
+
+    #[test]
     fn round_trip() {
         let relay: SmtpRelay = serde_yaml::from_str(EXAMPLE).expect("example parses");
         let json = serde_json::to_string(&relay).expect("serializes");
@@ -617,6 +703,8 @@ spec:
         for needle in [
             "!(has(self.replicas) && has(self.autoscaling))",
             "self.minReplicas <= self.maxReplicas",
+            "self.engine != 'keda' || has(self.prometheus)",
+            r#""default":"hpa""#,
             "self.all(l, self.exists_one(m, m.port == l.port))",
             "self.auth == 'none' || self.tls != 'none' || self.allowInsecureAuth",
             "self.transport != 'smarthost' || has(self.smarthost)",

@@ -12,35 +12,9 @@ use kube::{Resource, ResourceExt};
 use crate::clock::Clock;
 use crate::dns::TxtLookup;
 use crate::metrics::Metrics;
-use crate::smtp_relay::build::BuildSettings;
+use crate::stores::{Stores, Writers};
 
-/// The field manager of every server-side apply.
-pub const FIELD_MANAGER: &str = "petrel-operator";
-
-/// Writes `status` of the object `name` by server-side apply on the status
-/// subresource, with the operator's one field manager. Callers decide first
-/// whether anything a reader sees changed, so timestamps alone never patch.
-pub async fn apply_status<K>(
-    api: &kube::Api<K>,
-    name: &str,
-    status: &impl serde::Serialize,
-) -> crate::error::Result<()>
-where
-    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
-{
-    let patch = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
-        &kube::api::Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
-}
+pub use crate::apply::{FIELD_MANAGER, apply, apply_status};
 
 /// Operator-wide settings.
 #[derive(Clone, Debug)]
@@ -53,6 +27,11 @@ pub struct Settings {
     pub dns_recheck_slow: Duration,
     /// Safety-net requeue after a successful reconcile.
     pub resync: Duration,
+    /// KEDA support (`--keda`): render, own and watch ScaledObjects. Off, the
+    /// operator never touches keda.sh objects (it may lack the RBAC and the CRD).
+    pub keda: bool,
+    /// external-dns support (`--external-dns`): render, own and watch DNSEndpoints.
+    pub external_dns: bool,
 }
 
 impl Default for Settings {
@@ -62,6 +41,8 @@ impl Default for Settings {
             dns_recheck_fast: Duration::from_secs(60),
             dns_recheck_slow: Duration::from_secs(30 * 60),
             resync: Duration::from_secs(10 * 60),
+            keda: false,
+            external_dns: false,
         }
     }
 }
@@ -73,6 +54,13 @@ impl Settings {
             relay_image: self.relay_image.clone(),
         }
     }
+}
+
+/// Operator-wide settings the SmtpRelay builders need.
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Relay image when the SmtpRelay does not set one.
+    pub relay_image: String,
 }
 
 /// Shared state of the controllers.
@@ -89,6 +77,10 @@ pub struct Context {
     pub settings: Settings,
     /// DNS TXT lookups for record verification.
     pub dns: Arc<dyn TxtLookup>,
+    /// Caches of related objects, read instead of listing from the API.
+    pub stores: Stores,
+    /// The caches' write side, until the controllers take it to run the watches.
+    writers: Mutex<Option<Writers>>,
     /// Consecutive failed reconciles per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -109,6 +101,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
         );
+        let (stores, writers) = Stores::new();
         Self {
             client,
             recorder,
@@ -116,8 +109,19 @@ impl Context {
             clock,
             settings,
             dns,
+            stores,
+            writers: Mutex::new(Some(writers)),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The caches' write side, once: whoever takes it feeds the caches (the
+    /// controllers' watches, or a test).
+    pub fn take_writers(&self) -> Option<Writers> {
+        self.writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Delay before retrying `key` after one more failure: 5s doubling up to 5 minutes.

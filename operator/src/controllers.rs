@@ -10,9 +10,10 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
 use petrel_crds::dkim_key::DkimKey;
 use petrel_crds::sending_domain::SendingDomain;
@@ -21,11 +22,11 @@ use serde::de::DeserializeOwned;
 
 use crate::context::Context;
 use crate::error::Error;
-use crate::sending_domain::reconcile::dkim_key_name;
+use crate::names::{
+    FIELD_MANAGER, KEY_LABEL, MANAGED_BY, MANAGED_SELECTOR as MANAGED, dkim_key_name,
+};
+use crate::stores::{Stores, Writers};
 use crate::{dkim_key, sending_domain, smtp_relay};
-
-/// Label selecting the objects the operator manages.
-const MANAGED: &str = "app.kubernetes.io/managed-by=petrel-operator";
 
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
 where
@@ -35,6 +36,18 @@ where
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+/// The API of a kind known only at runtime (another project's CRD).
+pub(crate) fn dynamic_api(
+    client: &kube::Client,
+    namespace: Option<&str>,
+    resource: &kube::api::ApiResource,
+) -> Api<kube::api::DynamicObject> {
+    match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, resource),
+        None => Api::all_with(client.clone(), resource),
     }
 }
 
@@ -70,6 +83,8 @@ where
 {
     match &obj.0 {
         Ok(k) => {
+            // Related objects come from the caches: act only on a complete view.
+            ctx.stores.ready().await;
             let key = object_key(obj.as_ref());
             let result = reconcile(Arc::new(k.clone()), ctx.clone()).await;
             if result.is_ok() {
@@ -115,18 +130,133 @@ where
         .await;
 }
 
+/// The SmtpRelays in `ns` that `matches`, as references.
+fn relays_where(
+    stores: &Stores,
+    ns: Option<String>,
+    matches: impl Fn(&SmtpRelay) -> bool,
+) -> Vec<ObjectRef<DeserializeGuard<SmtpRelay>>> {
+    let Some(ns) = ns else { return Vec::new() };
+    stores
+        .relays_in(&ns)
+        .into_iter()
+        .filter(|r| matches(r))
+        .map(|r| guard_ref::<SmtpRelay>(&r.name_any(), Some(ns.clone())))
+        .collect()
+}
+
+/// The SendingDomains in `ns` that sign with the DkimKey `key`.
+fn domains_signing_with(stores: &Stores, ns: Option<String>, key: &str) -> Vec<SendingDomain> {
+    let Some(ns) = ns else { return Vec::new() };
+    stores
+        .domains(&ns)
+        .into_iter()
+        .filter(|sd| dkim_key_name(sd) == key)
+        .collect()
+}
+
+/// Drives a shared reflector: the watch fills the store and feeds its subscribers.
+async fn reflect<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    kind: &'static str,
+) where
+    K: Clone,
+{
+    stream
+        .for_each(|event| async move {
+            if let Err(err) = event {
+                tracing::warn!(kind, error = %err, "watch failed; retrying with backoff");
+            }
+        })
+        .await;
+}
+
 /// Runs the three controllers until `shutdown` completes.
+///
+/// Each petrel.dev kind and the operator's own Secrets are watched once, into
+/// the shared stores in [`Context::stores`] that the reconcilers read; every
+/// controller subscribes to the stores it needs. The user's Secrets are
+/// watched as metadata only (`metadata_watcher`) and not cached at all: a
+/// cluster's Secrets (Helm releases, service-account tokens, certificates) can
+/// hold hundreds of megabytes the operator never needs, while a Secret event
+/// only has to say which relay to reconcile, by name.
 pub async fn run<S>(ctx: Arc<Context>, namespace: Option<String>, shutdown: S)
 where
     S: Fn() -> std::pin::Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
 {
+    let Some(writers) = ctx.take_writers() else {
+        tracing::error!("the controllers already run for this context");
+        return;
+    };
     let client = ctx.client.clone();
     let ns = namespace.as_deref();
     let wc = watcher::Config::default().any_semantic();
     let managed = watcher::Config::default().labels(MANAGED).any_semantic();
+    // Everything the operator did not create (a label selector with `!=` also
+    // matches Secrets without the label).
+    let unmanaged = watcher::Config::default()
+        .labels(&format!("{MANAGED_BY}!={FIELD_MANAGER}"))
+        .any_semantic();
+    let stores = ctx.stores.clone();
 
-    let keys = Controller::new(api::<DeserializeGuard<DkimKey>>(&client, ns), wc.clone())
-        .owns(api::<Secret>(&client, ns), managed.clone())
+    let Writers {
+        relays: relay_writer,
+        domains: domain_writer,
+        keys: key_writer,
+        owned_secrets: secret_writer,
+    } = writers;
+    // Subscribe before the watches start, so no subscriber misses an event.
+    macro_rules! sub {
+        ($w:expr) => {
+            match $w.subscribe() {
+                Some(handle) => handle,
+                None => {
+                    tracing::error!("store writers are not shared");
+                    return;
+                }
+            }
+        };
+    }
+    let (relays_for_relays, relays_for_domains) = (sub!(relay_writer), sub!(relay_writer));
+    let (domains_for_domains, domains_for_relays) = (sub!(domain_writer), sub!(domain_writer));
+    let (keys_for_keys, keys_for_domains, keys_for_relays) =
+        (sub!(key_writer), sub!(key_writer), sub!(key_writer));
+    let (secrets_for_keys, secrets_for_relays) = (sub!(secret_writer), sub!(secret_writer));
+
+    let reflectors = async {
+        tokio::join!(
+            reflect(
+                watcher(api::<DeserializeGuard<SmtpRelay>>(&client, ns), wc.clone())
+                    .default_backoff()
+                    .reflect_shared(relay_writer),
+                "SmtpRelay"
+            ),
+            reflect(
+                watcher(
+                    api::<DeserializeGuard<SendingDomain>>(&client, ns),
+                    wc.clone()
+                )
+                .default_backoff()
+                .reflect_shared(domain_writer),
+                "SendingDomain"
+            ),
+            reflect(
+                watcher(api::<DeserializeGuard<DkimKey>>(&client, ns), wc.clone())
+                    .default_backoff()
+                    .reflect_shared(key_writer),
+                "DkimKey"
+            ),
+            reflect(
+                watcher(api::<Secret>(&client, ns), managed.clone())
+                    .default_backoff()
+                    .reflect_shared(secret_writer),
+                "Secret"
+            ),
+        );
+    };
+
+    let keys = Controller::for_shared_stream(keys_for_keys, stores.keys.clone())
+        .owns_shared_stream(secrets_for_keys)
         .graceful_shutdown_on(shutdown())
         .run(
             |obj, ctx| guarded(obj, ctx, "DkimKey", dkim_key::reconcile::reconcile),
@@ -134,43 +264,37 @@ where
             ctx.clone(),
         );
 
-    let domains_ctrl = Controller::new(
-        api::<DeserializeGuard<SendingDomain>>(&client, ns),
-        wc.clone(),
-    );
-    let domain_store = domains_ctrl.store();
+    let domains_ctrl = Controller::for_shared_stream(domains_for_domains, stores.domains.clone());
+    let domains_ctrl = if ctx.settings.external_dns {
+        let ep = sending_domain::dns_endpoint::resource();
+        domains_ctrl.owns_with(dynamic_api(&client, ns, &ep), ep, managed.clone())
+    } else {
+        domains_ctrl
+    };
     let domains = domains_ctrl
         // Owned keys and keys named by spec.dkim.keyRef alike: rotation moves the records.
-        .watches(api::<DeserializeGuard<DkimKey>>(&client, ns), wc.clone(), {
-            let store = domain_store.clone();
+        .watches_shared_stream(keys_for_domains, {
+            let stores = stores.clone();
             move |key| {
-                let (name, key_ns) = (key.name_any(), key.namespace());
-                store
-                    .state()
+                domains_signing_with(&stores, key.namespace(), &key.name_any())
                     .into_iter()
-                    .filter_map(|g| g.0.as_ref().ok().cloned())
-                    .filter(|sd| dkim_key_name(sd) == name && sd.namespace() == key_ns)
                     .map(|sd| guard_ref::<SendingDomain>(&sd.name_any(), sd.namespace()))
                     .collect::<Vec<_>>()
             }
         })
-        .watches(
-            api::<DeserializeGuard<SmtpRelay>>(&client, ns),
-            wc.clone(),
-            {
-                let store = domain_store.clone();
-                move |relay| {
-                    let (name, relay_ns) = (relay.name_any(), relay.namespace());
-                    store
-                        .state()
-                        .into_iter()
-                        .filter_map(|g| g.0.as_ref().ok().cloned())
-                        .filter(|sd| sd.spec.relay_ref.name == name && sd.namespace() == relay_ns)
-                        .map(|sd| guard_ref::<SendingDomain>(&sd.name_any(), sd.namespace()))
-                        .collect::<Vec<_>>()
-                }
-            },
-        )
+        .watches_shared_stream(relays_for_domains, {
+            let stores = stores.clone();
+            move |relay| {
+                let (name, relay_ns) = (relay.name_any(), relay.namespace());
+                relay_ns
+                    .map(|ns| stores.domains(&ns))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|sd| sd.spec.relay_ref.name == name)
+                    .map(|sd| guard_ref::<SendingDomain>(&sd.name_any(), sd.namespace()))
+                    .collect::<Vec<_>>()
+            }
+        })
         .graceful_shutdown_on(shutdown())
         .run(
             |obj, ctx| {
@@ -185,50 +309,50 @@ where
             ctx.clone(),
         );
 
-    let relays_ctrl = Controller::new(api::<DeserializeGuard<SmtpRelay>>(&client, ns), wc.clone());
-    let relay_store = relays_ctrl.store();
+    let relays_ctrl = Controller::for_shared_stream(relays_for_relays, stores.relays.clone());
+    let relays_ctrl = if ctx.settings.keda {
+        let so = smtp_relay::keda::resource();
+        relays_ctrl.owns_with(dynamic_api(&client, ns, &so), so, managed.clone())
+    } else {
+        relays_ctrl
+    };
     let relays = relays_ctrl
         .owns(api::<ConfigMap>(&client, ns), managed.clone())
-        .owns(api::<Secret>(&client, ns), managed.clone())
         .owns(api::<Deployment>(&client, ns), managed.clone())
         .owns(api::<Service>(&client, ns), managed.clone())
         .owns(api::<PodDisruptionBudget>(&client, ns), managed.clone())
         .owns(api::<HorizontalPodAutoscaler>(&client, ns), managed.clone())
-        .watches(
-            api::<DeserializeGuard<SendingDomain>>(&client, ns),
-            wc.clone(),
-            |sd| {
-                sd.0.as_ref()
-                    .ok()
+        .watches_shared_stream(domains_for_relays, |sd| {
+            sd.0.as_ref()
+                .ok()
+                .map(|sd| guard_ref::<SmtpRelay>(&sd.spec.relay_ref.name, sd.namespace()))
+        })
+        .watches_shared_stream(keys_for_relays, {
+            let stores = stores.clone();
+            move |key| {
+                domains_signing_with(&stores, key.namespace(), &key.name_any())
+                    .into_iter()
                     .map(|sd| guard_ref::<SmtpRelay>(&sd.spec.relay_ref.name, sd.namespace()))
+                    .collect::<Vec<_>>()
+            }
+        })
+        // The operator's Secrets: a relay's aggregated key Secret (owned), and
+        // the DkimKeys' key Secrets its domains sign with.
+        .watches_shared_stream(secrets_for_relays, {
+            let stores = stores.clone();
+            move |secret: Arc<Secret>| relays_for_owned_secret(&stores, &secret)
+        })
+        // The user's Secrets, metadata only: mapped to the relays naming them.
+        .watches_stream(
+            // An Api of PartialObjectMeta asks the API server for metadata only.
+            watcher(api::<PartialObjectMeta<Secret>>(&client, ns), unmanaged)
+                .default_backoff()
+                .touched_objects(),
+            {
+                let stores = stores.clone();
+                move |secret: PartialObjectMeta<Secret>| relays_for_user_secret(&stores, &secret)
             },
         )
-        .watches(api::<DeserializeGuard<DkimKey>>(&client, ns), wc.clone(), {
-            let store = domain_store.clone();
-            move |key| {
-                let (name, key_ns) = (key.name_any(), key.namespace());
-                store
-                    .state()
-                    .into_iter()
-                    .filter_map(|g| g.0.as_ref().ok().cloned())
-                    .filter(|sd| dkim_key_name(sd) == name && sd.namespace() == key_ns)
-                    .map(|sd| guard_ref::<SmtpRelay>(&sd.spec.relay_ref.name, sd.namespace()))
-                    .collect::<Vec<_>>()
-            }
-        })
-        .watches(api::<Secret>(&client, ns), wc.clone(), {
-            let store = relay_store.clone();
-            move |secret: Secret| {
-                let (name, secret_ns) = (secret.name_any(), secret.namespace());
-                store
-                    .state()
-                    .into_iter()
-                    .filter_map(|g| g.0.as_ref().ok().cloned())
-                    .filter(|r| r.namespace() == secret_ns && references_secret(r, &name))
-                    .map(|r| guard_ref::<SmtpRelay>(&r.name_any(), r.namespace()))
-                    .collect::<Vec<_>>()
-            }
-        })
         .graceful_shutdown_on(shutdown())
         .run(
             |obj, ctx| guarded(obj, ctx, "SmtpRelay", smtp_relay::reconcile::reconcile),
@@ -236,23 +360,55 @@ where
             ctx.clone(),
         );
 
-    tokio::join!(
-        log_results(keys, "DkimKey"),
-        log_results(domains, "SendingDomain"),
-        log_results(relays, "SmtpRelay"),
-    );
+    let controllers = async {
+        tokio::join!(
+            log_results(keys, "DkimKey"),
+            log_results(domains, "SendingDomain"),
+            log_results(relays, "SmtpRelay"),
+        );
+    };
+    // The watches never end by themselves: stop them once the controllers have.
+    tokio::select! {
+        _ = controllers => {}
+        _ = reflectors => {}
+    }
+}
+
+/// The relays to reconcile when an operator-created Secret changes: the
+/// relay owning it (its aggregated key Secret), or the relays whose domains
+/// sign with the DkimKey it belongs to.
+pub(crate) fn relays_for_owned_secret(
+    stores: &Stores,
+    secret: &Secret,
+) -> Vec<ObjectRef<DeserializeGuard<SmtpRelay>>> {
+    let owner = secret
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true) && o.kind == "SmtpRelay")
+        .map(|o| guard_ref::<SmtpRelay>(&o.name, secret.namespace()));
+    let via_key = secret.labels().get(KEY_LABEL).map(|key| {
+        domains_signing_with(stores, secret.namespace(), key)
+            .into_iter()
+            .map(|sd| guard_ref::<SmtpRelay>(&sd.spec.relay_ref.name, sd.namespace()))
+            .collect::<Vec<_>>()
+    });
+    owner
+        .into_iter()
+        .chain(via_key.into_iter().flatten())
+        .collect()
+}
+
+/// The relays to reconcile when a user's Secret changes (seen as metadata
+/// only): those naming it in their spec.
+pub(crate) fn relays_for_user_secret(
+    stores: &Stores,
+    secret: &PartialObjectMeta<Secret>,
+) -> Vec<ObjectRef<DeserializeGuard<SmtpRelay>>> {
+    let name = secret.name_any();
+    relays_where(stores, secret.namespace(), |r| references_secret(r, &name))
 }
 
 /// Whether a relay's pods or config depend on the Secret `name`.
 pub fn references_secret(relay: &SmtpRelay, name: &str) -> bool {
-    let spec = &relay.spec;
-    spec.redis.url_secret_ref.name == name
-        || spec.tls_secret_name.as_deref() == Some(name)
-        || spec.auth_users_secret_name.as_deref() == Some(name)
-        || spec
-            .delivery
-            .smarthost
-            .as_ref()
-            .and_then(|s| s.credentials_secret_ref.as_ref())
-            .is_some_and(|c| c.name == name)
+    smtp_relay::secrets::references(relay, name)
 }

@@ -14,7 +14,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{RData, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 
-use crate::sending_domain::records::TxtAnswer;
+use crate::dns_record::TxtAnswer;
 
 /// Looks up the TXT records at a name.
 pub trait TxtLookup: Send + Sync {

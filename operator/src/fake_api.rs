@@ -2,6 +2,11 @@
 //! the reconcilers: get, list, server-side apply (objects and status), JSON
 //! merge patch, create, delete with owner-reference garbage collection, and
 //! Events. Tests can inject an error for the next matching request.
+//!
+//! Lists honour simple label selectors (`k=v`, `k!=v`) and metadata-only
+//! requests (`as=PartialObjectMetadataList`); a watch request is never
+//! answered (nothing changes while it is open), so the controllers' watchers
+//! run on their initial lists.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -24,6 +29,8 @@ struct State {
 #[derive(Default)]
 pub struct FakeApi {
     state: Mutex<State>,
+    /// Notified after every request.
+    changed: tokio::sync::Notify,
 }
 
 /// The path of a namespaced object of kind `K`.
@@ -38,9 +45,24 @@ impl FakeApi {
         let api = Arc::new(FakeApi::default());
         let server = api.clone();
         tokio::spawn(async move {
+            // Open watches: kept, never answered, so the watcher waits.
+            let mut watches = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
-                let response = server.handle(request).await;
-                send.send_response(response);
+                let is_watch = request
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|p| p == "watch=true"));
+                if is_watch {
+                    server
+                        .lock()
+                        .requests
+                        .push(format!("WATCH {}", request.uri().path()));
+                    watches.push(send);
+                } else {
+                    let response = server.handle(request).await;
+                    send.send_response(response);
+                }
+                server.changed.notify_waiters();
             }
         });
         (Client::new(service, "default"), api)
@@ -83,6 +105,17 @@ impl FakeApi {
     /// Paths of stored objects.
     pub fn paths(&self) -> Vec<String> {
         self.lock().objects.keys().cloned().collect()
+    }
+
+    /// Waits until `done` holds, re-checking after every request.
+    pub async fn wait_for(&self, done: impl Fn(&FakeApi) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
     }
 
     /// Events posted so far.
@@ -159,8 +192,27 @@ impl FakeApi {
             Some(p) => (p.to_string(), true),
             None => (path.clone(), false),
         };
+        let metadata_only = parts
+            .headers
+            .get(http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("as=PartialObjectMetadataList"));
+        let selector = parts.uri.query().and_then(label_selector);
+        if method == "GET" && (metadata_only || selector.is_some()) {
+            let mut state = self.lock();
+            let last = state.requests.len() - 1;
+            let detail = format!(
+                "{}{}",
+                if metadata_only { " metadata-only" } else { "" },
+                selector
+                    .as_deref()
+                    .map(|s| format!(" labels {s}"))
+                    .unwrap_or_default()
+            );
+            state.requests[last].push_str(&detail);
+        }
         match method.as_str() {
-            "GET" => self.get_or_list(&path),
+            "GET" => self.get_or_list(&path, selector.as_deref(), metadata_only),
             "POST" if path.contains("/events") => {
                 self.lock().events.push(body.clone());
                 json_response(StatusCode::CREATED, &body)
@@ -221,7 +273,12 @@ impl FakeApi {
         }
     }
 
-    fn get_or_list(&self, path: &str) -> Response<Body> {
+    fn get_or_list(
+        &self,
+        path: &str,
+        selector: Option<&str>,
+        metadata_only: bool,
+    ) -> Response<Body> {
         let state = self.lock();
         if let Some(obj) = state.objects.get(path) {
             return json_response(StatusCode::OK, obj);
@@ -232,11 +289,24 @@ impl FakeApi {
                 .objects
                 .iter()
                 .filter(|(p, _)| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
-                .map(|(_, o)| o.clone())
+                .filter(|(_, o)| selector.is_none_or(|s| matches_labels(o, s)))
+                .map(|(_, o)| {
+                    if metadata_only {
+                        json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                               "metadata": o["metadata"].clone()})
+                    } else {
+                        o.clone()
+                    }
+                })
                 .collect();
+            let kind = if metadata_only {
+                "PartialObjectMetadataList"
+            } else {
+                "List"
+            };
             return json_response(
                 StatusCode::OK,
-                &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                &json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items}),
             );
         }
         status_response(404, "not found")
@@ -303,6 +373,35 @@ fn init_metadata(obj: &mut Value, n: u64, path: &str) {
     if let Some(name) = segments.last() {
         meta["name"] = json!(name);
     }
+}
+
+/// The `labelSelector` of a query string, decoded.
+fn label_selector(query: &str) -> Option<String> {
+    query.split('&').find_map(|p| {
+        p.strip_prefix("labelSelector=").map(|v| {
+            v.replace("%3D", "=")
+                .replace("%3d", "=")
+                .replace("%21", "!")
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%2C", ",")
+                .replace("%2c", ",")
+        })
+    })
+}
+
+/// Whether the object's labels satisfy `k=v` and `k!=v` terms (comma-separated).
+fn matches_labels(obj: &Value, selector: &str) -> bool {
+    selector.split(',').all(|term| {
+        let label = |k: &str| obj["metadata"]["labels"][k].as_str().map(String::from);
+        match term.split_once("!=") {
+            Some((k, v)) => label(k).as_deref() != Some(v),
+            None => match term.split_once('=') {
+                Some((k, v)) => label(k).as_deref() == Some(v.trim_start_matches('=')),
+                None => label(term).is_some(),
+            },
+        }
+    })
 }
 
 fn is_collection(path: &str) -> bool {

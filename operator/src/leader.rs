@@ -2,7 +2,14 @@
 //! replicas never reconcile at once. The decision is a pure function of the
 //! Lease and the time; the loop around it renews every `renew_every` and
 //! reports leadership on a watch channel.
+//!
+//! A failed renewal (API server restarting, a timeout) does not end
+//! leadership: the leader keeps going until its [`renew_deadline`], which ends
+//! before the Lease can expire for the other replicas. On shutdown the leader
+//! releases the Lease so the next replica takes over at once instead of
+//! waiting for it to expire.
 
+use std::future::Future;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -44,6 +51,27 @@ pub fn decide(spec: Option<&LeaseSpec>, identity: &str, now: Timestamp) -> Decis
             }
         }
     }
+}
+
+/// How long a leader keeps acting on a Lease it could not renew: two thirds of
+/// the lease duration (client-go's 10 s renew deadline of a 15 s lease), so it
+/// stops before any other replica may take the Lease as expired.
+pub fn renew_deadline(lease_duration: Duration) -> Duration {
+    lease_duration * 2 / 3
+}
+
+/// Whether a leader whose last successful renewal was at `renewed` still
+/// leads at `now`, after a round that could not reach the API (pure).
+pub fn still_leading(renewed: Option<Timestamp>, lease_duration: Duration, now: Timestamp) -> bool {
+    let deadline = SignedDuration::try_from(renew_deadline(lease_duration)).unwrap_or_default();
+    renewed.is_some_and(|r| r.saturating_add(deadline).is_ok_and(|until| now < until))
+}
+
+/// What the renewal loop remembers between rounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Leadership {
+    /// When we last renewed (or acquired) the Lease; `None` while following.
+    pub renewed: Option<Timestamp>,
 }
 
 /// A Lease-based lock.
@@ -123,19 +151,93 @@ impl LeaseLock {
         }
     }
 
-    /// Renews forever, publishing leadership on `leader`.
-    pub async fn run(self, leader: watch::Sender<bool>, renew_every: Duration) {
-        loop {
-            let held = match self.try_acquire_or_renew(Timestamp::now()).await {
-                Ok(held) => held,
-                Err(err) => {
-                    tracing::warn!(error = %err, "lease renewal failed");
-                    false
+    /// One round of the loop: whether we lead afterwards. An API error keeps
+    /// a leader leading until its renew deadline; losing the race or finding
+    /// another holder ends leadership at once.
+    pub async fn step(&self, state: &mut Leadership, now: Timestamp) -> bool {
+        match self.try_acquire_or_renew(now).await {
+            Ok(true) => {
+                state.renewed = Some(now);
+                true
+            }
+            Ok(false) => {
+                state.renewed = None;
+                false
+            }
+            Err(err) => {
+                let leading = still_leading(state.renewed, self.lease_duration, now);
+                if leading {
+                    tracing::warn!(error = %err, "lease renewal failed; still leading until the renew deadline");
+                } else {
+                    if state.renewed.is_some() {
+                        tracing::warn!(error = %err, "lease renewal failed past the renew deadline: stepping down");
+                    } else {
+                        tracing::warn!(error = %err, "lease acquisition failed");
+                    }
+                    state.renewed = None;
                 }
-            };
-            leader.send_replace(held);
-            tokio::time::sleep(renew_every).await;
+                leading
+            }
         }
+    }
+
+    /// Gives the Lease up if we hold it: clears `holderIdentity` (and records
+    /// the time), so the next replica acquires it on its next round. Returns
+    /// whether we released it; a Lease someone else holds is left alone.
+    pub async fn release(&self, now: Timestamp) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(false);
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.renew_time = Some(MicroTime(now));
+        spec.lease_duration_seconds = Some(1);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            // Someone wrote first (took over): nothing left to release.
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Renews until `stop` completes, publishing leadership on `leader`; then
+    /// releases the Lease if we hold it. Complete `stop` only once the
+    /// controllers have stopped, so two replicas never act at once.
+    pub async fn run(
+        self,
+        leader: watch::Sender<bool>,
+        renew_every: Duration,
+        stop: impl Future<Output = ()>,
+    ) {
+        let mut state = Leadership::default();
+        tokio::pin!(stop);
+        loop {
+            let held = self.step(&mut state, Timestamp::now()).await;
+            leader.send_replace(held);
+            tokio::select! {
+                () = &mut stop => break,
+                () = tokio::time::sleep(renew_every) => {}
+            }
+        }
+        if state.renewed.is_some() {
+            match self.release(Timestamp::now()).await {
+                Ok(true) => tracing::info!("released the leader lease"),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "releasing the leader lease failed; the next replica waits for it to expire")
+                }
+            }
+        }
+        leader.send_replace(false);
     }
 }
 
@@ -160,5 +262,22 @@ mod tests {
         assert_eq!(decide(Some(&lease("b", 990)), "a", now), Decision::Follow);
         assert_eq!(decide(Some(&lease("b", 900)), "a", now), Decision::Acquire);
         assert_eq!(decide(Some(&lease("", 999)), "a", now), Decision::Acquire);
+        let mut released = lease("a", 999);
+        released.holder_identity = None;
+        assert_eq!(decide(Some(&released), "b", now), Decision::Acquire);
+    }
+
+    #[test]
+    fn a_leader_rides_out_failures_until_the_renew_deadline() {
+        let at = |s: i64| Timestamp::from_second(s).expect("ts");
+        let lease = Duration::from_secs(15);
+        assert_eq!(renew_deadline(lease), Duration::from_secs(10));
+        assert!(still_leading(Some(at(100)), lease, at(105)));
+        assert!(still_leading(Some(at(100)), lease, at(109)));
+        assert!(!still_leading(Some(at(100)), lease, at(110)));
+        assert!(
+            !still_leading(None, lease, at(100)),
+            "a follower never leads on an error"
+        );
     }
 }

@@ -43,6 +43,15 @@ struct Args {
     /// Relay image for SmtpRelays that do not set one.
     #[arg(long, env = "PETREL_RELAY_IMAGE")]
     relay_image: Option<String>,
+    /// Manage KEDA ScaledObjects for SmtpRelays with `autoscaling.engine: keda`
+    /// (needs KEDA's CRD and RBAC on scaledobjects.keda.sh).
+    #[arg(long, env = "PETREL_KEDA")]
+    keda: bool,
+    /// Manage external-dns DNSEndpoints for SendingDomains with
+    /// `dnsPublish.externalDns: true` (needs external-dns's CRD and RBAC on
+    /// dnsendpoints.externaldns.k8s.io).
+    #[arg(long, env = "PETREL_EXTERNAL_DNS")]
+    external_dns: bool,
     /// Disable leader election (only for a single replica, e.g. local runs).
     #[arg(long)]
     no_leader_election: bool,
@@ -101,7 +110,11 @@ async fn main() -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("registering metrics")?);
     let dns = HickoryTxtLookup::new(&args.dns_servers, Duration::from_secs(5))
         .context("building the DNS resolver")?;
-    let mut settings = Settings::default();
+    let mut settings = Settings {
+        keda: args.keda,
+        external_dns: args.external_dns,
+        ..Settings::default()
+    };
     if let Some(image) = args.relay_image.clone() {
         settings.relay_image = image;
     }
@@ -132,6 +145,9 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     let (leader_tx, mut leader_rx) = watch::channel(args.no_leader_election);
+    // Completed once the controllers have stopped: the lease task then releases the Lease.
+    let (release_tx, mut release_rx) = watch::channel(false);
+    let mut lease_task = None;
     if !args.no_leader_election {
         let identity = args
             .identity
@@ -143,7 +159,14 @@ async fn main() -> anyhow::Result<()> {
             identity,
             lease_duration: Duration::from_secs(15),
         };
-        tokio::spawn(lock.run(leader_tx, Duration::from_secs(5)));
+        let released = async move {
+            let _ = release_rx.wait_for(|release| *release).await;
+        };
+        lease_task = Some(tokio::spawn(lock.run(
+            leader_tx,
+            Duration::from_secs(5),
+            released,
+        )));
     }
     ready.store(true, Ordering::Relaxed);
 
@@ -152,6 +175,10 @@ async fn main() -> anyhow::Result<()> {
         _ = termination() => {
             tracing::info!("terminated before leading");
             let _ = stop_tx.send(true);
+            let _ = release_tx.send(true);
+            if let Some(task) = lease_task {
+                let _ = task.await;
+            }
             let _ = http.await;
             return Ok(());
         }
@@ -174,7 +201,19 @@ async fn main() -> anyhow::Result<()> {
     };
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(20), controllers).await;
+    let mut controllers = controllers;
+    if tokio::time::timeout(Duration::from_secs(20), &mut controllers)
+        .await
+        .is_err()
+    {
+        controllers.abort();
+        let _ = controllers.await;
+    }
+    // Only now may another replica lead: hand the Lease over instead of letting it expire.
+    let _ = release_tx.send(true);
+    if let Some(task) = lease_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let _ = http.await;
     outcome
 }

@@ -23,10 +23,12 @@ use serde_json::json;
 use crate::clock::{Clock, FakeClock};
 use crate::context::{Context, Settings};
 use crate::dns::StaticTxt;
+use crate::dns_record::TxtAnswer;
 use crate::fake_api::{FakeApi, path};
 use crate::metrics::Metrics;
-use crate::sending_domain::records::TxtAnswer;
+use crate::stores::Writers;
 use crate::{dkim_key, sending_domain, smtp_relay};
+use kube::core::DeserializeGuard;
 
 const NS: &str = "mail";
 const DAY: Duration = Duration::from_secs(86400);
@@ -36,10 +38,17 @@ struct World {
     ctx: Arc<Context>,
     clock: Arc<FakeClock>,
     dns: Arc<StaticTxt>,
+    /// The caches' write side: tests play the watches, filling the stores
+    /// from the fake API's objects before each reconcile.
+    writers: std::sync::Mutex<Writers>,
 }
 
 impl World {
     fn new() -> Self {
+        Self::with_settings(Settings::default())
+    }
+
+    fn with_settings(settings: Settings) -> Self {
         let (client, api) = FakeApi::start();
         let clock = Arc::new(FakeClock::new(
             Timestamp::from_second(1_790_000_000).expect("timestamp"),
@@ -49,15 +58,57 @@ impl World {
             client,
             Arc::new(Metrics::new().expect("metrics")),
             clock.clone(),
-            Settings::default(),
+            settings,
             dns.clone(),
         ));
+        let writers = std::sync::Mutex::new(ctx.take_writers().expect("writers"));
         Self {
             api,
             ctx,
             clock,
             dns,
+            writers,
         }
+    }
+
+    /// Objects of kind `K` the fake API holds, as a watch would list them.
+    fn listed<K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned>(
+        &self,
+        filter: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<K> {
+        let prefix = format!("{}/", K::url_path(&(), Some(NS)));
+        self.api
+            .paths()
+            .into_iter()
+            .filter(|p| p.starts_with(&prefix) && !p[prefix.len()..].contains('/'))
+            .filter_map(|p| self.api.get(&p))
+            .filter(|o| filter(o))
+            .map(|o| serde_json::from_value(o).expect("stored object"))
+            .collect()
+    }
+
+    /// Brings the stores up to date with the fake API, as the watches would.
+    fn sync(&self) {
+        let mut w = self.writers.lock().expect("writers");
+        Writers::replace(
+            &mut w.relays,
+            self.listed::<DeserializeGuard<SmtpRelay>>(|_| true),
+        );
+        Writers::replace(
+            &mut w.domains,
+            self.listed::<DeserializeGuard<SendingDomain>>(|_| true),
+        );
+        Writers::replace(
+            &mut w.keys,
+            self.listed::<DeserializeGuard<DkimKey>>(|_| true),
+        );
+        // Only the operator's own Secrets are cached (the managed-by label).
+        Writers::replace(
+            &mut w.owned_secrets,
+            self.listed::<Secret>(|o| {
+                o["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "petrel-operator"
+            }),
+        );
     }
 
     fn add_relay(&self, spec: serde_json::Value) {
@@ -89,18 +140,21 @@ impl World {
     }
 
     async fn reconcile_relay(&self) -> Action {
+        self.sync();
         smtp_relay::reconcile::reconcile(Arc::new(self.relay()), self.ctx.clone())
             .await
             .expect("relay reconciles")
     }
 
     async fn reconcile_domain(&self, name: &str) -> Action {
+        self.sync();
         sending_domain::reconcile::reconcile(Arc::new(self.domain(name)), self.ctx.clone())
             .await
             .expect("domain reconciles")
     }
 
     async fn reconcile_key(&self, name: &str) -> Action {
+        self.sync();
         dkim_key::reconcile::reconcile(Arc::new(self.key(name)), self.ctx.clone())
             .await
             .expect("key reconciles")
@@ -387,7 +441,8 @@ async fn relay_children_spec_changes_and_deletion() {
         // The kubelet reports two ready pods.
         w.api.merge(
             &deploy_path,
-            json!({"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}),
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2,
+                              "updatedReplicas": 2, "availableReplicas": 2}}),
         );
         w.reconcile_relay().await;
         let status = w.relay().status.expect("status");
@@ -431,6 +486,413 @@ async fn relay_children_spec_changes_and_deletion() {
         w.api.delete(&relay_path);
         let left: Vec<String> = w.api.paths().into_iter().filter(|p| p.contains("petrel-main")).collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    })
+    .await;
+}
+
+/// A Secret as the API server returns it (data base64-encoded).
+fn secret_json(name: &str, type_: &str, data: &[(&str, &str)]) -> serde_json::Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                (*k).to_string(),
+                json!(base64::engine::general_purpose::STANDARD.encode(v)),
+            )
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
+           "metadata": {"name": name, "namespace": NS}, "data": data})
+}
+
+/// Deployment status shapes as kube-controller-manager writes them.
+fn deployment_status(shape: &str) -> serde_json::Value {
+    let cond = |type_: &str, status: &str, reason: &str, message: &str| {
+        json!({"type": type_, "status": status, "reason": reason, "message": message,
+               "lastUpdateTime": "2026-12-01T21:00:00Z", "lastTransitionTime": "2026-12-01T21:00:00Z"})
+    };
+    let unavailable = cond(
+        "Available",
+        "False",
+        "MinimumReplicasUnavailable",
+        "Deployment does not have minimum availability.",
+    );
+    match shape {
+        // Pods stuck in ContainerCreating: a Secret volume cannot be mounted.
+        "stuck" => json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "unavailableReplicas": 2, "conditions": [unavailable,
+            cond("Progressing", "True", "ReplicaSetUpdated", "ReplicaSet \"petrel-main-6d5f\" is progressing.")]}}),
+        // progressDeadlineSeconds (600) later.
+        "deadline" => {
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "unavailableReplicas": 2, "conditions": [unavailable,
+            cond("Progressing", "False", "ProgressDeadlineExceeded", "ReplicaSet \"petrel-main-6d5f\" has timed out progressing.")]}})
+        }
+        // Both pods up.
+        "complete" => {
+            json!({"status": {"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2,
+            "readyReplicas": 2, "availableReplicas": 2, "conditions": [
+            cond("Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability."),
+            cond("Progressing", "True", "NewReplicaSetAvailable", "ReplicaSet \"petrel-main-6d5f\" has successfully progressed.")]}})
+        }
+        other => panic!("no shape {other}"),
+    }
+}
+
+const TEST_PEM: &str =
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIU\n-----END CERTIFICATE-----\n";
+
+#[tokio::test]
+async fn degraded_names_broken_secrets_and_conditions_follow_the_rollout() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("petrel-main-tls");
+        spec["listeners"] = json!([{"name": "submission", "port": 587, "tls": "starttls"}]);
+        w.add_relay(spec);
+        w.api.insert(
+            &path::<Secret>(NS, "redis"),
+            secret_json("redis", "Opaque", &[("url", "redis://redis:6379")]),
+        );
+        let deploy_path = path::<Deployment>(NS, "petrel-main");
+        let conditions = |w: &World| w.relay().status.expect("status").conditions;
+        let get = |w: &World, t: &str| {
+            find_condition(&conditions(w), t)
+                .cloned()
+                .unwrap_or_else(|| panic!("no {t} condition"))
+        };
+
+        // The TLS Secret does not exist; the Deployment was just created.
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(degraded.is_true(), "{degraded:?}");
+        assert_eq!(degraded.reason, "SecretMissing");
+        assert!(
+            degraded.message.contains(
+                "Secret mail/petrel-main-tls does not exist (named by spec.tlsSecretName)"
+            ),
+            "{}",
+            degraded.message
+        );
+        assert!(get(&w, "Progressing").is_true());
+        let available = get(&w, "Available");
+        assert!(!available.is_true());
+        assert_eq!(available.reason, "NoReadyReplicas");
+        assert!(
+            w.api.get(&deploy_path).is_some(),
+            "children are applied anyway"
+        );
+
+        // The pods cannot mount it: the rollout is in progress, nothing is available.
+        w.api.merge(&deploy_path, deployment_status("stuck"));
+        w.reconcile_relay().await;
+        let progressing = get(&w, "Progressing");
+        assert!(progressing.is_true());
+        assert_eq!(progressing.reason, "RollingOut");
+        assert_eq!(
+            progressing.message,
+            "0 of 2 updated relay pods are available"
+        );
+        assert!(!get(&w, "Available").is_true());
+
+        // Someone creates it, malformed: the certificate is not PEM and the key is absent.
+        w.api.insert(
+            &path::<Secret>(NS, "petrel-main-tls"),
+            secret_json(
+                "petrel-main-tls",
+                "kubernetes.io/tls",
+                &[("tls.crt", "not a certificate")],
+            ),
+        );
+        w.api.merge(&deploy_path, deployment_status("deadline"));
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(degraded.is_true());
+        assert_eq!(degraded.reason, "SecretInvalid");
+        for part in [
+            "Secret mail/petrel-main-tls key tls.crt is not PEM",
+            "Secret mail/petrel-main-tls key tls.key is missing",
+            "has timed out progressing",
+        ] {
+            assert!(
+                degraded.message.contains(part),
+                "{part}: {}",
+                degraded.message
+            );
+        }
+        let progressing = get(&w, "Progressing");
+        assert!(!progressing.is_true());
+        assert_eq!(progressing.reason, "ProgressDeadlineExceeded");
+        let degraded_since = degraded.last_transition_time.clone();
+
+        // Fixed, and the pods come up.
+        w.clock.advance(Duration::from_secs(60));
+        w.api.insert(
+            &path::<Secret>(NS, "petrel-main-tls"),
+            secret_json(
+                "petrel-main-tls",
+                "kubernetes.io/tls",
+                &[("tls.crt", TEST_PEM), ("tls.key", TEST_PEM)],
+            ),
+        );
+        w.api.merge(&deploy_path, deployment_status("complete"));
+        w.reconcile_relay().await;
+        let degraded = get(&w, "Degraded");
+        assert!(!degraded.is_true());
+        assert_eq!(degraded.reason, "AsExpected");
+        assert_ne!(
+            degraded.last_transition_time, degraded_since,
+            "flipped: new transition time"
+        );
+        let progressing = get(&w, "Progressing");
+        assert!(!progressing.is_true());
+        assert_eq!(progressing.reason, "RolloutComplete");
+        let available = get(&w, "Available");
+        assert!(available.is_true());
+        assert_eq!(available.message, "2 of 2 relay pods available");
+
+        // Nothing changed but the time: no status write, transition times kept.
+        w.clock.advance(Duration::from_secs(60));
+        let before = w.api.requests().len();
+        w.reconcile_relay().await;
+        let status_writes = w.api.requests()[before..]
+            .iter()
+            .filter(|r| r.contains("smtprelays/main/status"))
+            .count();
+        assert_eq!(status_writes, 0, "{:?}", &w.api.requests()[before..]);
+        assert_eq!(
+            get(&w, "Available").last_transition_time,
+            available.last_transition_time
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn smarthost_users_and_redis_secrets_are_checked_too() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["authUsersSecretName"] = json!("users");
+        spec["delivery"] = json!({"transport": "smarthost",
+            "smarthost": {"host": "smtp.example.net", "credentialsSecretRef": {"name": "smarthost"}}});
+        w.add_relay(spec);
+        w.api.insert(&path::<Secret>(NS, "redis"), secret_json("redis", "Opaque", &[("uri", "x")]));
+        w.api.insert(&path::<Secret>(NS, "smarthost"), secret_json("smarthost", "Opaque", &[("username", "app")]));
+        w.reconcile_relay().await;
+        let status = w.relay().status.expect("status");
+        let degraded = find_condition(&status.conditions, "Degraded").expect("Degraded");
+        assert_eq!(degraded.reason, "SecretMissing");
+        for part in [
+            "Secret mail/redis key url is missing (named by spec.redis.urlSecretRef)",
+            "Secret mail/users does not exist (named by spec.authUsersSecretName)",
+            "Secret mail/smarthost key password is missing (named by spec.delivery.smarthost.credentialsSecretRef)",
+        ] {
+            assert!(degraded.message.contains(part), "{part}: {}", degraded.message);
+        }
+        // The username still reaches the rendered config.
+        assert_eq!(
+            w.rendered_config().delivery.smarthost.and_then(|s| s.username).as_deref(),
+            Some("app")
+        );
+    })
+    .await;
+}
+
+/// Whether a request lists a collection (no object name after the plural).
+fn is_list(request: &str) -> bool {
+    let path = request.split_whitespace().nth(1).unwrap_or_default();
+    request.starts_with("GET ")
+        && ["/smtprelays", "/sendingdomains", "/dkimkeys", "/secrets"]
+            .iter()
+            .any(|plural| path.ends_with(plural))
+}
+
+#[tokio::test]
+async fn reconcilers_read_related_objects_from_the_stores() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.settle("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        assert_eq!(w.rendered_config().domains.len(), 1, "bound through the stores");
+        let requests = w.api.requests();
+        let lists: Vec<&String> = requests.iter().filter(|r| is_list(r)).collect();
+        assert!(lists.is_empty(), "listed from the API: {lists:?}");
+        // Only the user's Secret (the Redis URL) is read from the API; DkimKeys,
+        // SendingDomains and the key Secrets come from the caches.
+        let gets: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.starts_with("GET "))
+            .collect();
+        assert!(
+            gets.iter().all(|r| r.ends_with("/secrets/redis")),
+            "{gets:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn secret_events_map_to_the_relays_that_use_them() {
+    use crate::controllers::{relays_for_owned_secret, relays_for_user_secret};
+    use kube::core::PartialObjectMeta;
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("tls");
+        w.add_relay(spec);
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.sync();
+        let stores = &w.ctx.stores;
+        let names = |refs: Vec<kube::runtime::reflector::ObjectRef<DeserializeGuard<SmtpRelay>>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        let meta = |name: &str| -> PartialObjectMeta<Secret> {
+            serde_json::from_value(json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": name, "namespace": NS}}))
+            .expect("metadata")
+        };
+        assert_eq!(names(relays_for_user_secret(stores, &meta("tls"))), ["main"]);
+        assert_eq!(names(relays_for_user_secret(stores, &meta("redis"))), ["main"]);
+        assert!(relays_for_user_secret(stores, &meta("helm-release")).is_empty());
+        let key_secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "example-petrel-1", "namespace": NS,
+                         "labels": {"petrel.dev/dkim-key": "example"}}}))
+        .expect("secret");
+        assert_eq!(names(relays_for_owned_secret(stores, &key_secret)), ["main"]);
+        let aggregated: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "petrel-main-dkim", "namespace": NS, "ownerReferences": [
+                {"apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay", "name": "main",
+                 "uid": "u", "controller": true}]}}))
+        .expect("secret");
+        assert_eq!(names(relays_for_owned_secret(stores, &aggregated)), ["main"]);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn controllers_run_on_shared_watches_and_secrets_are_listed_as_metadata() {
+    bounded(async {
+        let (client, api) = FakeApi::start();
+        let clock = Arc::new(FakeClock::new(
+            Timestamp::from_second(1_790_000_000).expect("timestamp"),
+        ));
+        let ctx = Arc::new(Context::new(
+            client,
+            Arc::new(Metrics::new().expect("metrics")),
+            clock,
+            Settings::default(),
+            Arc::new(StaticTxt::default()),
+        ));
+        let mut spec = relay_spec();
+        spec["tlsSecretName"] = json!("petrel-main-tls");
+        api.insert(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"apiVersion": "petrel.dev/v1alpha1", "kind": "SmtpRelay",
+                   "metadata": {"name": "main", "namespace": NS}, "spec": spec}),
+        );
+        api.insert(
+            &path::<Secret>(NS, "redis"),
+            secret_json("redis", "Opaque", &[("url", "redis://redis:6379")]),
+        );
+        // A large Secret nobody references: never fetched with its data.
+        api.insert(
+            &path::<Secret>(NS, "sh.helm.release.v1.app.v1"),
+            secret_json(
+                "sh.helm.release.v1.app.v1",
+                "helm.sh/release.v1",
+                &[("release", &"x".repeat(100_000))],
+            ),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let shutdown = move || {
+            let mut rx = stop_rx.clone();
+            Box::pin(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>
+        };
+        let run = tokio::spawn(crate::controllers::run(
+            ctx.clone(),
+            Some(NS.into()),
+            shutdown,
+        ));
+
+        // The relay is reconciled from the initial lists: children applied and
+        // Degraded naming the missing TLS Secret.
+        let relay_path = path::<SmtpRelay>(NS, "main");
+        api.wait_for(|api| {
+            api.get(&relay_path).is_some_and(|r| {
+                r["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Degraded" && c["reason"] == "SecretMissing")
+                })
+            })
+        })
+        .await;
+        assert!(api.get(&path::<Deployment>(NS, "petrel-main")).is_some());
+        let relay: SmtpRelay = api.typed(&relay_path);
+        let degraded = find_condition(&relay.status.expect("status").conditions, "Degraded")
+            .cloned()
+            .expect("Degraded");
+        assert!(
+            degraded
+                .message
+                .contains("Secret mail/petrel-main-tls does not exist")
+        );
+
+        let requests = api.requests();
+        let secret_lists: Vec<&String> = requests
+            .iter()
+            .filter(|r| r.starts_with("GET /api/v1/namespaces/mail/secrets "))
+            .collect();
+        // Two Secret lists: the operator's own (full objects, by label) and
+        // everything else as metadata only.
+        assert!(
+            secret_lists.iter().any(|r| !r.contains("metadata-only")
+                && r.contains("labels app.kubernetes.io/managed-by=petrel-operator")),
+            "{secret_lists:?}"
+        );
+        assert!(
+            secret_lists.iter().any(|r| r.contains("metadata-only")
+                && r.contains("labels app.kubernetes.io/managed-by!=petrel-operator")),
+            "{secret_lists:?}"
+        );
+        assert!(
+            secret_lists.iter().all(|r| r.contains("labels ")),
+            "no Secret list without a selector: {secret_lists:?}"
+        );
+        assert!(
+            !requests.iter().any(|r| r.contains("sh.helm.release")),
+            "the unreferenced Secret was never read"
+        );
+        for plural in ["smtprelays", "sendingdomains", "dkimkeys"] {
+            let lists = requests
+                .iter()
+                .filter(|r| {
+                    r.starts_with("GET ")
+                        && r.split_whitespace()
+                            .nth(1)
+                            .is_some_and(|p| p.ends_with(plural))
+                })
+                .count();
+            assert_eq!(
+                lists, 1,
+                "{plural} listed once for all controllers: {requests:?}"
+            );
+        }
+
+        stop_tx.send(true).expect("stop");
+        run.await.expect("controllers stop");
     })
     .await;
 }
@@ -502,6 +964,7 @@ async fn api_conflict_is_a_transient_error() {
         let w = World::new();
         w.add_relay(relay_spec());
         w.api.fail_next("PATCH", "deployments", 409);
+        w.sync();
         let err = smtp_relay::reconcile::reconcile(Arc::new(w.relay()), w.ctx.clone())
             .await
             .expect_err("conflict surfaces");
@@ -588,6 +1051,121 @@ async fn only_one_replica_leads() {
 }
 
 #[tokio::test]
+async fn leader_rides_out_a_failed_renewal_and_hands_over_on_release() {
+    use crate::leader::{Leadership, LeaseLock};
+    use k8s_openapi::api::coordination::v1::Lease;
+    bounded(async {
+        let w = World::new();
+        let lock = |identity: &str| LeaseLock {
+            api: kube::Api::<Lease>::namespaced(w.ctx.client.clone(), "petrel-system"),
+            name: "petrel-operator".into(),
+            identity: identity.into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let (a, b) = (lock("a"), lock("b"));
+        let at = |secs: i64| {
+            w.clock
+                .now()
+                .saturating_add(k8s_openapi::jiff::SignedDuration::from_secs(secs))
+                .expect("ts")
+        };
+        let (mut sa, mut sb) = (Leadership::default(), Leadership::default());
+        assert!(a.step(&mut sa, at(0)).await, "a acquires");
+        assert!(!b.step(&mut sb, at(0)).await, "b follows");
+
+        // One renewal fails (the API server answers 500): a keeps leading.
+        w.api.fail_next("PUT", "leases/petrel-operator", 500);
+        assert!(
+            a.step(&mut sa, at(5)).await,
+            "still leading after one failed renewal"
+        );
+        assert!(
+            w.api
+                .requests()
+                .iter()
+                .any(|r| r.starts_with("PUT") && r.contains("leases")),
+            "the renewal was attempted"
+        );
+        assert!(a.step(&mut sa, at(9)).await, "the next renewal succeeds");
+        assert!(
+            !b.step(&mut sb, at(9)).await,
+            "b still follows a live lease"
+        );
+
+        // Failures past the renew deadline (10 s of 15 s): a steps down before the
+        // Lease expires for b.
+        w.api.fail_next("GET", "leases/petrel-operator", 500);
+        assert!(a.step(&mut sa, at(14)).await);
+        w.api.fail_next("GET", "leases/petrel-operator", 500);
+        assert!(
+            !a.step(&mut sa, at(19)).await,
+            "stepped down at the renew deadline"
+        );
+        assert!(
+            !b.step(&mut sb, at(19)).await,
+            "the Lease has not expired yet"
+        );
+        assert!(
+            a.step(&mut sa, at(20)).await,
+            "a, still the holder, renews again"
+        );
+
+        // Shutdown: a releases the Lease and b leads at once, long before expiry.
+        assert!(a.release(at(21)).await.expect("release"));
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(
+            lease.spec.as_ref().and_then(|s| s.holder_identity.clone()),
+            None
+        );
+        assert!(
+            b.step(&mut sb, at(22)).await,
+            "b acquires the released Lease at once"
+        );
+        // A replica that does not hold the Lease releases nothing.
+        assert!(!a.release(at(23)).await.expect("release"));
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(
+            lease.spec.and_then(|s| s.holder_identity).as_deref(),
+            Some("b")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_renewal_loop_releases_the_lease_when_stopped() {
+    use crate::leader::LeaseLock;
+    use k8s_openapi::api::coordination::v1::Lease;
+    bounded(async {
+        let w = World::new();
+        let lock = LeaseLock {
+            api: kube::Api::<Lease>::namespaced(w.ctx.client.clone(), "petrel-system"),
+            name: "petrel-operator".into(),
+            identity: "a".into(),
+            lease_duration: Duration::from_secs(15),
+        };
+        let (leader_tx, mut leader_rx) = tokio::sync::watch::channel(false);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(lock.run(leader_tx, Duration::from_secs(3600), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+        leader_rx.wait_for(|l| *l).await.expect("leads");
+        stop_tx.send(true).expect("stop");
+        task.await.expect("loop ends");
+        assert!(!*leader_rx.borrow(), "reports not leading after release");
+        let lease: Lease = w
+            .api
+            .typed("/apis/coordination.k8s.io/v1/namespaces/petrel-system/leases/petrel-operator");
+        assert_eq!(lease.spec.and_then(|s| s.holder_identity), None);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn malformed_object_is_skipped_not_fatal() {
     use kube::core::DeserializeGuard;
     bounded(async {
@@ -599,6 +1177,7 @@ async fn malformed_object_is_skipped_not_fatal() {
         }))
         .expect("the guard always deserializes");
         assert!(bad.0.is_err());
+        w.sync();
         let action = crate::controllers::guarded(
             Arc::new(bad),
             w.ctx.clone(),
@@ -630,7 +1209,8 @@ async fn orphaned_key_secrets_are_removed() {
                    "spec": {"domain": "example.org", "algorithm": "ed25519", "verifyDns": false}}),
         );
         let owned = |name: &str| json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": name, "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"},
+            "metadata": {"name": name, "namespace": NS, "labels": {"petrel.dev/dkim-key": "k",
+                                                              "app.kubernetes.io/managed-by": "petrel-operator"},
                          "ownerReferences": [{"apiVersion": "petrel.dev/v1alpha1", "kind": "DkimKey",
                                               "name": "k", "uid": "key-uid", "controller": true}]}});
         w.api.insert(&path::<Secret>(NS, "k-orphan"), owned("k-orphan"));
@@ -638,7 +1218,8 @@ async fn orphaned_key_secrets_are_removed() {
         w.api.insert(
             &path::<Secret>(NS, "unrelated"),
             json!({"apiVersion": "v1", "kind": "Secret",
-                   "metadata": {"name": "unrelated", "namespace": NS, "labels": {"petrel.dev/dkim-key": "k"}}}),
+                   "metadata": {"name": "unrelated", "namespace": NS, "labels": {"petrel.dev/dkim-key": "k",
+                                                                  "app.kubernetes.io/managed-by": "petrel-operator"}}}),
         );
         w.reconcile_key("k").await;
         let active = w.key("k").status.and_then(|s| s.active).expect("active");
@@ -733,6 +1314,140 @@ async fn relay_that_missed_the_new_key_keeps_the_old_one_until_mounted() {
         w.clock.advance(grace);
         w.reconcile_relay().await;
         assert_eq!(w.rendered_config().domains[0].dkim.selector, second);
+    })
+    .await;
+}
+
+const SCALED_OBJECT: &str = "/apis/keda.sh/v1alpha1/namespaces/mail/scaledobjects/petrel-main";
+const DNS_ENDPOINT: &str = "/apis/externaldns.k8s.io/v1alpha1/namespaces/mail/dnsendpoints/example";
+
+#[tokio::test]
+async fn keda_engine_swaps_the_hpa_for_a_scaled_object_and_back() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            keda: true,
+            ..Settings::default()
+        });
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 9, "engine": "keda",
+            "targetDuePerPod": 40, "prometheus": {"serverAddress": "http://prom.monitoring.svc:9090"}});
+        w.add_relay(spec);
+        w.reconcile_relay().await;
+        let hpa_path = path::<HorizontalPodAutoscaler>(NS, "petrel-main");
+        assert!(w.api.get(&hpa_path).is_none(), "KEDA, not an HPA");
+        let so = w.api.get(SCALED_OBJECT).expect("ScaledObject applied");
+        assert_eq!(so["metadata"]["ownerReferences"][0]["kind"], "SmtpRelay");
+        assert_eq!(so["metadata"]["ownerReferences"][0]["controller"], true);
+        assert_eq!(so["spec"]["maxReplicaCount"], 9);
+        assert_eq!(so["spec"]["triggers"][0]["metadata"]["threshold"], "40");
+        // KEDA owns the replica count: the Deployment leaves it unset.
+        let deployment: Deployment = w.api.typed(&path::<Deployment>(NS, "petrel-main"));
+        assert_eq!(deployment.spec.expect("spec").replicas, None);
+
+        // Back to the CPU HPA: the ScaledObject is pruned.
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"autoscaling": {"engine": "hpa"}}}),
+        );
+        w.reconcile_relay().await;
+        assert!(w.api.get(SCALED_OBJECT).is_none(), "pruned");
+        assert!(w.api.get(&hpa_path).is_some(), "HPA back");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn keda_without_operator_support_warns_and_touches_nothing() {
+    bounded(async {
+        let w = World::new();
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"maxReplicas": 4, "engine": "keda",
+            "prometheus": {"serverAddress": "http://prom:9090"}});
+        w.add_relay(spec);
+        w.reconcile_relay().await;
+        assert!(!w.api.requests().iter().any(|r| r.contains("keda.sh")));
+        assert!(w.api.events().iter().any(|e| e["reason"] == "KedaDisabled"));
+        // A missing KEDA CRD (404) is an Event too, not a failing reconcile.
+        let w = World::with_settings(Settings {
+            keda: true,
+            ..Settings::default()
+        });
+        let mut spec = relay_spec();
+        spec["autoscaling"] = json!({"maxReplicas": 4, "engine": "keda",
+            "prometheus": {"serverAddress": "http://prom:9090"}});
+        w.add_relay(spec);
+        w.api.fail_next("PATCH", "scaledobjects", 404);
+        w.reconcile_relay().await;
+        assert!(
+            w.api
+                .events()
+                .iter()
+                .any(|e| e["reason"] == "KedaUnavailable")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dns_publish_keeps_a_dns_endpoint_equal_to_the_status_records() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            external_dns: true,
+            ..Settings::default()
+        });
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "dnsPublish": {"externalDns": true}}),
+        );
+        w.settle("example").await;
+        w.reconcile_domain("example").await;
+        let records = w.domain("example").status.expect("status").dns_records;
+        assert!(records.iter().any(|r| r.purpose == DnsRecordPurpose::Dkim));
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        assert_eq!(
+            endpoint["metadata"]["ownerReferences"][0]["kind"],
+            "SendingDomain"
+        );
+        let endpoints = endpoint["spec"]["endpoints"].as_array().expect("endpoints");
+        // Every record, with its value exactly as the status lists it.
+        for record in &records {
+            let found = endpoints.iter().any(|e| {
+                e["dnsName"] == record.name.as_str()
+                    && e["recordType"] == "TXT"
+                    && e["targets"]
+                        .as_array()
+                        .is_some_and(|t| t.iter().any(|v| v == record.value.as_str()))
+            });
+            assert!(
+                found,
+                "{} {} missing from {endpoints:?}",
+                record.name, record.value
+            );
+        }
+        let targets: usize = endpoints
+            .iter()
+            .map(|e| e["targets"].as_array().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(targets, records.len(), "nothing extra");
+        // A long RSA key stays one target of several quoted strings.
+        assert!(endpoints.iter().any(|e| {
+            e["targets"][0]
+                .as_str()
+                .is_some_and(|t| t.starts_with("\"v=DKIM1") && t.contains("\" \""))
+        }));
+
+        // Verification keeps reporting what DNS serves: nothing is served yet.
+        assert!(records.iter().all(|r| r.state != DnsRecordState::Verified));
+
+        // Turned off: the DNSEndpoint is deleted.
+        w.api.merge(
+            &path::<SendingDomain>(NS, "example"),
+            json!({"spec": {"dnsPublish": {"externalDns": false}}}),
+        );
+        w.reconcile_domain("example").await;
+        assert!(w.api.get(DNS_ENDPOINT).is_none(), "pruned");
     })
     .await;
 }

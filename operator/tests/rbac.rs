@@ -11,14 +11,68 @@ fn allows(rules: &[PolicyRule], group: &str, resource: &str, verb: &str) -> bool
     })
 }
 
-#[test]
-fn rbac_covers_every_call_and_no_more() {
+/// The rules of the document named `name` in operator/rbac.yaml.
+fn rules_of(name: &str) -> Vec<PolicyRule> {
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rbac.yaml"))
         .expect("rbac.yaml");
-    let mut docs = serde_yaml::Deserializer::from_str(&text);
-    let cluster_role =
-        ClusterRole::deserialize(docs.next().expect("first document")).expect("ClusterRole");
-    let role = Role::deserialize(docs.next().expect("second document")).expect("Role");
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).expect("YAML");
+        let named = value["metadata"]["name"].as_str() == Some(name);
+        match value["kind"].as_str() {
+            Some("ClusterRole") if named => {
+                let role: ClusterRole = serde_yaml::from_value(value).expect("ClusterRole");
+                return role.rules.expect("rules");
+            }
+            Some("Role") if named => {
+                let role: Role = serde_yaml::from_value(value).expect("Role");
+                return role.rules.expect("rules");
+            }
+            _ => {}
+        }
+    }
+    panic!("no role {name} in rbac.yaml")
+}
+
+#[test]
+fn optional_roles_grant_exactly_their_child_kind() {
+    for (name, group, resource) in [
+        ("petrel-operator-keda", "keda.sh", "scaledobjects"),
+        (
+            "petrel-operator-external-dns",
+            "externaldns.k8s.io",
+            "dnsendpoints",
+        ),
+    ] {
+        let rules = rules_of(name);
+        // Owned children: watched, applied, pruned when switched off.
+        for verb in ["get", "list", "watch", "create", "patch", "delete"] {
+            assert!(allows(&rules, group, resource, verb), "{name}: {verb}");
+        }
+        assert_eq!(rules.len(), 1, "{name}: one rule only");
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&[resource.to_string()][..])
+        );
+        // Not in the base role: granted only when the feature is on.
+        assert!(!allows(
+            &rules_of("petrel-operator"),
+            group,
+            resource,
+            "get"
+        ));
+    }
+}
+
+#[test]
+fn rbac_covers_every_call_and_no_more() {
+    let cluster_role = ClusterRole {
+        rules: Some(rules_of("petrel-operator")),
+        ..Default::default()
+    };
+    let role = Role {
+        rules: Some(rules_of("petrel-operator-leader-election")),
+        ..Default::default()
+    };
     let rules = cluster_role.rules.expect("rules");
     for (group, resource, verbs) in [
         ("petrel.dev", "smtprelays", &["get", "list", "watch"][..]),

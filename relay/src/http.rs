@@ -181,6 +181,8 @@ pub struct Submission {
     pub recipients: Vec<String>,
     /// The message, CRLF line endings, not yet DKIM-signed.
     pub data: Vec<u8>,
+    /// The request's tags (validated), for every event of the message.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// What the accept path answered: an SMTP reply as a value, so the HTTP
@@ -212,6 +214,16 @@ pub struct SendLimits {
     pub max_recipients: usize,
 }
 
+/// The admin API (`/admin/v1/...`): what it serves and the config its
+/// guard ([`crate::admin`]) reads trusted networks and the token file from.
+#[derive(Clone)]
+pub struct AdminApi {
+    /// The event outbox, for `GET /admin/v1/events`.
+    pub events: Arc<dyn crate::events::EventLog>,
+    /// The relay config.
+    pub config: crate::reload::Reloading<crate::config::RelayConfig>,
+}
+
 #[derive(Clone)]
 struct SendApi {
     submit: Arc<dyn Submit>,
@@ -228,6 +240,7 @@ pub struct HttpState {
     send: Option<SendApi>,
     /// More routes with their own state (the tracking endpoints).
     routes: Option<Router>,
+    admin: Option<AdminApi>,
 }
 
 impl HttpState {
@@ -246,7 +259,15 @@ impl HttpState {
             metrics,
             send: None,
             routes: None,
+            admin: None,
         })
+    }
+
+    /// Enables the admin API (guarded: loopback, trusted networks or the
+    /// admin bearer token).
+    pub fn with_admin(mut self, admin: AdminApi) -> HttpState {
+        self.admin = Some(admin);
+        self
     }
 
     /// Enables `POST /v1/send`, handing messages to `submit`.
@@ -277,6 +298,7 @@ pub fn router(mut state: HttpState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/send", post(send_handler))
+        .route("/admin/v1/events", get(admin_events))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
         .merge(extra.unwrap_or_default())
@@ -293,6 +315,58 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// Query of `GET /admin/v1/events`.
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Events after this position (from the oldest retained when absent).
+    after: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `GET /admin/v1/events?after=SEQ&limit=N`: a page of the outbox, for
+/// `petrel-relay events tail` while the relay holds the embedded file.
+async fn admin_events(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    query: axum::extract::Query<EventsQuery>,
+) -> Response {
+    let Some(admin) = &state.admin else {
+        return error_response(StatusCode::NOT_FOUND, "admin API not enabled", None);
+    };
+    let config = admin.config.get();
+    if let Err(denied) = crate::admin::check(
+        peer.ip(),
+        &headers,
+        &config.trusted_networks,
+        config.http.admin_token_file.as_deref(),
+    )
+    .await
+    {
+        let mut response = error_response(denied.status(), &denied.to_string(), None);
+        if denied.status() == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        return response;
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    match admin.events.read(query.after.as_ref(), limit).await {
+        Ok(events) => axum::Json(crate::events::tail::EventPage {
+            events: events.into_iter().map(Into::into).collect(),
+        })
+        .into_response(),
+        Err(QueueError::Corrupt { reason, .. }) => error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("bad after: {reason}"),
+            None,
+        ),
+        Err(error) => error_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string(), None),
+    }
 }
 
 async fn metrics_handler(State(state): State<HttpState>) -> Response {
@@ -415,6 +489,11 @@ pub struct SendRequest {
     /// opens and clicks (as the header `X-Petrel-Track: off` does).
     #[serde(default)]
     pub track: Option<bool>,
+    /// The app's tags, returned in every event of the message: at most 10,
+    /// keys `[A-Za-z0-9_.-]{1,64}`, values printable ASCII up to 256
+    /// characters (see [`crate::events::tags`]).
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// The answer to an accepted send request.
@@ -451,6 +530,9 @@ pub enum InvalidRequest {
     /// A value with a line break (header injection).
     #[error("{0} must not contain line breaks or control characters")]
     LineBreak(String),
+    /// A tag that breaks the tag rules; the text names it.
+    #[error("invalid tags: {0}")]
+    Tags(#[from] crate::events::tags::TagError),
 }
 
 /// Headers the builder or the relay owns.
@@ -518,6 +600,8 @@ pub struct BuiltMessage {
     pub message_id: String,
     /// The message bytes, CRLF line endings.
     pub data: Vec<u8>,
+    /// The request's tags, validated.
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// Validates a send request and builds its message.
@@ -527,6 +611,7 @@ pub fn build_message(
     max_recipients: usize,
 ) -> Result<BuiltMessage, InvalidRequest> {
     check_mailbox(&request.from)?;
+    crate::events::tags::validate(&request.tags)?;
     let mut recipients: Vec<String> = Vec::new();
     for mailbox in request.to.iter().chain(&request.cc).chain(&request.bcc) {
         check_mailbox(mailbox)?;
@@ -618,6 +703,7 @@ pub fn build_message(
         recipients,
         message_id,
         data,
+        tags: request.tags.clone(),
     })
 }
 
@@ -746,6 +832,7 @@ async fn send_handler(
         recipients,
         message_id,
         data,
+        tags,
     } = match built {
         Ok(built) => built,
         Err(invalid) => {
@@ -759,6 +846,7 @@ async fn send_handler(
         mail_from,
         recipients,
         data,
+        tags,
     };
     match api.submit.submit(submission).await {
         Ok(id) => {

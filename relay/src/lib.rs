@@ -7,6 +7,7 @@
 //! `metrics` and `http` observe every stage; `config` loads and reloads the
 //! [`petrel_crds::config::RelayConfig`] file.
 
+pub mod admin;
 pub mod config;
 pub mod delivery;
 pub mod dkim;

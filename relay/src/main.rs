@@ -49,6 +49,29 @@ enum Command {
         #[command(subcommand)]
         command: SuppressionCommand,
     },
+    /// Read the event outbox.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print events as JSON lines, oldest retained first. With the
+    /// embedded backend held by a running relay, reads through its admin
+    /// API (`GET /admin/v1/events` on the HTTP port).
+    Tail {
+        /// The relay config file (names the queue backend).
+        #[arg(long, short, env = "PETREL_CONFIG")]
+        config: PathBuf,
+        /// Only events of this type (`delivered`, `bounced`, ...).
+        #[arg(long = "type")]
+        kind: Option<petrel_relay::events::EventType>,
+        /// Keep printing new events as they arrive.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +157,24 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = RelayConfig::load(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(suppression(&config, command))
+        }
+        Command::Events {
+            command:
+                EventsCommand::Tail {
+                    config,
+                    kind,
+                    follow,
+                },
+        } => {
+            let config = RelayConfig::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                use petrel_relay::events::tail;
+                let source = tail::Source::open(&config).await?;
+                let mut out = std::io::stdout();
+                tail::tail(&source, kind, follow, &mut out).await
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run { config } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

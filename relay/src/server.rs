@@ -66,12 +66,15 @@ pub async fn run_until(
     let metrics = RelayMetrics::register(&registry)?;
     let health = Health::new();
 
-    let inbound_ctx = Arc::new(InboundContext::new(
-        config.clone(),
-        backend.queue.clone(),
-        backend.state.clone(),
-        metrics.clone(),
-    )?);
+    let inbound_ctx = Arc::new(
+        InboundContext::new(
+            config.clone(),
+            backend.queue.clone(),
+            backend.state.clone(),
+            metrics.clone(),
+        )?
+        .with_events(backend.events.clone()),
+    );
     let delivery_ctx = Arc::new(DeliveryContext::new(
         config.clone(),
         backend.clone(),
@@ -106,7 +109,11 @@ pub async fn run_until(
                 max_body_bytes: (current.limits.max_message_size as usize).saturating_mul(2),
                 max_recipients: current.limits.max_recipients as usize,
             },
-        );
+        )
+        .with_admin(http::AdminApi {
+            events: backend.events.clone(),
+            config: config.clone(),
+        });
     let http_state = http_state.with_routes(crate::tracking::endpoints::router(
         crate::tracking::endpoints::Endpoints {
             config: config.clone(),

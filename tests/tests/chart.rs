@@ -163,6 +163,14 @@ const MATRIX: &[Case] = &[
         network_policy: false,
     },
     Case {
+        name: "keda-external-dns",
+        sets: &["keda.enabled=true", "externalDns.enabled=true"],
+        redis: false,
+        monitoring: false,
+        namespaced: false,
+        network_policy: false,
+    },
+    Case {
         name: "everything",
         sets: &[
             "redis.enabled=true",
@@ -173,6 +181,7 @@ const MATRIX: &[Case] = &[
             "networkPolicy.enabled=true",
             "networkPolicy.allowedNamespaces={shop,billing}",
             "networkPolicy.relayNamespaces={petrel-system,mail}",
+            "keda.enabled=true",
         ],
         redis: true,
         monitoring: true,
@@ -653,13 +662,13 @@ fn check_operator_deployment(case: &Case, rendered: &Rendered) {
             .filter(|r| r.metadata.name.as_deref() == Some("petrel-operator"))
             .find(|r| r.metadata.namespace.as_deref() == Some(expected))
             .expect("Role in the watched namespace");
-        assert_mirrors_operator_rbac(role.rules.as_deref().unwrap_or_default(), false);
+        assert_mirrors_operator_rbac(role.rules.as_deref().unwrap_or_default(), false, case.sets);
     } else {
         assert_eq!(watch, None, "{}: unset means all namespaces", case.name);
         let role: ClusterRole =
             parse_strict(rendered.of_kind("ClusterRole").next().expect("ClusterRole"))
                 .expect("parses");
-        assert_mirrors_operator_rbac(role.rules.as_deref().unwrap_or_default(), false);
+        assert_mirrors_operator_rbac(role.rules.as_deref().unwrap_or_default(), false, case.sets);
     }
     let leader: Role = rendered
         .of_kind("Role")
@@ -671,7 +680,7 @@ fn check_operator_deployment(case: &Case, rendered: &Rendered) {
         Some(NAMESPACE),
         "Lease in the release namespace"
     );
-    assert_mirrors_operator_rbac(leader.rules.as_deref().unwrap_or_default(), true);
+    assert_mirrors_operator_rbac(leader.rules.as_deref().unwrap_or_default(), true, case.sets);
     // Every variable the chart sets is one the operator reads.
     let known = operator_env_vars();
     for name in env_names(&deployment) {
@@ -685,6 +694,19 @@ fn check_operator_deployment(case: &Case, rendered: &Rendered) {
         env.get("PETREL_RELAY_IMAGE").map(String::as_str),
         Some("ghcr.io/petrel-dev/petrel:0.1.0")
     );
+    // The optional features' flags follow their chart values.
+    for (set, var) in [
+        ("keda.enabled=true", "PETREL_KEDA"),
+        ("externalDns.enabled=true", "PETREL_EXTERNAL_DNS"),
+    ] {
+        let want = case.sets.contains(&set).then_some("true");
+        assert_eq!(
+            env.get(var).map(String::as_str),
+            want,
+            "{}: {var}",
+            case.name
+        );
+    }
 }
 
 /// Every (apiGroup, resource, verb, resourceName) a set of rules grants;
@@ -709,10 +731,9 @@ fn grant_set(rules: &[PolicyRule]) -> BTreeSet<(String, String, String, String)>
     set
 }
 
-/// The rules of the Role or ClusterRole in operator/rbac.yaml: the
-/// operator's own statement of the least it needs. `leader` picks the
-/// leader-election Role, otherwise the main role.
-fn operator_rbac(leader: bool) -> Vec<PolicyRule> {
+/// The rules of the Role or ClusterRole `name` in operator/rbac.yaml: the
+/// operator's own statement of the least it needs.
+fn operator_role(name: &str) -> Vec<PolicyRule> {
     let path = workspace().join("operator/rbac.yaml");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
@@ -723,20 +744,34 @@ fn operator_rbac(leader: bool) -> Vec<PolicyRule> {
     let doc = documents(&text, "operator/rbac.yaml")
         .into_iter()
         .find(|d| {
-            let is_leader = d["metadata"]["name"]
-                .as_str()
-                .is_some_and(|n| n.contains("leader"));
-            matches!(d["kind"].as_str(), Some("ClusterRole" | "Role")) && is_leader == leader
+            matches!(d["kind"].as_str(), Some("ClusterRole" | "Role"))
+                && d["metadata"]["name"].as_str() == Some(name)
         })
-        .expect("role in operator/rbac.yaml");
+        .unwrap_or_else(|| panic!("role {name} in operator/rbac.yaml"));
     serde_json::from_value(doc["rules"].clone()).expect("operator/rbac.yaml rules")
+}
+
+/// What operator/rbac.yaml asks for: the leader-election Role, or the main
+/// role plus the optional roles of the features the case turns on.
+fn operator_rbac(leader: bool, sets: &[&str]) -> Vec<PolicyRule> {
+    if leader {
+        return operator_role("petrel-operator-leader-election");
+    }
+    let mut rules = operator_role("petrel-operator");
+    if sets.contains(&"keda.enabled=true") {
+        rules.extend(operator_role("petrel-operator-keda"));
+    }
+    if sets.contains(&"externalDns.enabled=true") {
+        rules.extend(operator_role("petrel-operator-external-dns"));
+    }
+    rules
 }
 
 /// The chart grants exactly what operator/rbac.yaml asks for: not less (the
 /// operator would fail), not more (least privilege), and no wildcards.
-fn assert_mirrors_operator_rbac(rules: &[PolicyRule], leader: bool) {
+fn assert_mirrors_operator_rbac(rules: &[PolicyRule], leader: bool, sets: &[&str]) {
     let chart = grant_set(rules);
-    let operator = grant_set(&operator_rbac(leader));
+    let operator = grant_set(&operator_rbac(leader, sets));
     let missing: Vec<_> = operator.difference(&chart).collect();
     let extra: Vec<_> = chart.difference(&operator).collect();
     assert!(
@@ -1067,7 +1102,14 @@ fn install_helm_script_exists_and_is_executable() {
 
 #[tokio::test]
 async fn notes_tell_what_to_apply_next_and_how_to_read_dns_records() {
-    for sets in [&[][..], &["redis.enabled=true", "rbac.namespaced=true"][..]] {
+    for sets in [
+        &[][..],
+        &[
+            "redis.enabled=true",
+            "rbac.namespaced=true",
+            "image.repository=registry.example.net/mail/petrel",
+        ][..],
+    ] {
         let mut args: Vec<String> = vec![
             "install".into(),
             RELEASE.into(),
@@ -1095,6 +1137,9 @@ async fn notes_tell_what_to_apply_next_and_how_to_read_dns_records() {
                 "NOTES lack {needle:?} for {sets:?}:\n{notes}"
             );
         }
+        // Only the default (unpullable) image gets the warning.
+        let warns = notes.contains("WARNING: image.repository is the default");
+        assert_eq!(warns, sets.is_empty(), "{sets:?}:\n{notes}");
         if sets.contains(&"redis.enabled=true") {
             assert!(notes.contains("Secret petrel-redis"), "{notes}");
             assert!(

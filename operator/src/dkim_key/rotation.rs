@@ -16,20 +16,7 @@ use petrel_crds::status::{DkimAlgorithm, DkimKeyEntry, DkimKeyPhase};
 
 use crate::error::{InvalidSpec, parse_duration};
 
-/// How long a key's file must have been in Secrets before the relay config may
-/// switch to it, and how long a replaced key's file stays after the switch.
-///
-/// The kubelet refreshes a pod's ConfigMap and Secret volumes independently,
-/// each within its sync period (1m by default) plus its cache delay. The
-/// relays' aggregated Secret carries a key from the moment it is generated
-/// (phase Pending), so waiting this long after generation before activating
-/// means the file is mounted before the ConfigMap names it; keeping a retired
-/// key at least this long means no pod still configured for it loses the file.
-/// Without this, a requested rotation with fast DNS (or `verifyDns: false` with
-/// a short `publishAhead`) switched in seconds and the relay answered 451 for
-/// the domain until the Secret volume caught up. `smtp_relay::mounted` guards
-/// the case where the relay could not reconcile between generation and switch.
-pub const MOUNT_GRACE: SignedDuration = SignedDuration::from_secs(180);
+pub use crate::kubelet::MOUNT_GRACE;
 
 /// Rotation timing of one DkimKey, parsed and checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -276,12 +263,7 @@ pub fn new_selector<'a>(
     candidate
 }
 
-/// The Secret holding one key: `<dkimkey>-<selector>`, shortened to fit a name.
-pub fn secret_name(dkim_key_name: &str, selector: &str) -> String {
-    let room = 253usize.saturating_sub(selector.len() + 1);
-    let owner: String = dkim_key_name.chars().take(room).collect();
-    format!("{}-{selector}", owner.trim_end_matches(['-', '.']))
-}
+pub use crate::names::key_secret_name as secret_name;
 
 /// A new key entry (phase Pending) from generated material.
 pub fn new_entry(

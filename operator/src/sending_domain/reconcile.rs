@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
@@ -21,23 +21,14 @@ use petrel_crds::status::{
     merge_conditions,
 };
 
+use super::dns_endpoint;
 use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate, tracking_record};
 use super::validate::{owned_dkim_key_spec, validate};
-use crate::context::{Context, FIELD_MANAGER, apply_status};
-use crate::dkim_key::reconcile::apply;
+use crate::apply::{FIELD_MANAGER, apply, apply_status};
+use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
-
-/// Label on operator-created DkimKeys naming the relay their domain uses.
-pub const RELAY_LABEL: &str = "petrel.dev/relay";
-
-/// The DkimKey a SendingDomain signs with: its `keyRef`, or one named like it.
-pub fn dkim_key_name(sd: &SendingDomain) -> String {
-    sd.spec
-        .dkim
-        .key_ref
-        .clone()
-        .unwrap_or_else(|| sd.name_any())
-}
+use crate::names::{MANAGED_BY, api_spelling};
+pub use crate::names::{RELAY_LABEL, dkim_key_name};
 
 /// Reconciles one SendingDomain.
 pub async fn reconcile(sd: Arc<SendingDomain>, ctx: Arc<Context>) -> Result<Action> {
@@ -54,7 +45,6 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     let ns = sd.namespace().ok_or(Error::Malformed("namespace"))?;
     let name = sd.name_any();
     let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), &ns);
-    let relays: Api<SmtpRelay> = Api::namespaced(ctx.client.clone(), &ns);
     let keys: Api<DkimKey> = Api::namespaced(ctx.client.clone(), &ns);
     let generation = sd.metadata.generation;
     let stored = sd.status.clone().unwrap_or_default();
@@ -67,8 +57,8 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
         )
         .unwrap_or(now.0);
 
-    let all = domains.list(&ListParams::default()).await?.items;
-    let relay = relays.get_opt(&sd.spec.relay_ref.name).await?;
+    let all = ctx.stores.domains(&ns);
+    let relay = ctx.stores.relay(&ns, &sd.spec.relay_ref.name);
     let blocked = validate(sd, &all).err().or_else(|| {
         relay.is_none().then(|| {
             InvalidSpec::new(
@@ -106,7 +96,7 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     }
     let relay = relay.ok_or(Error::Malformed("relay"))?;
 
-    let key = match ensure_dkim_key(sd, &keys, &relay).await? {
+    let key = match ensure_dkim_key(sd, ctx, &keys, &relay).await? {
         Ok(key) => key,
         Err(invalid) => {
             let mut status = stored.clone();
@@ -142,6 +132,7 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
         observed_generation: generation,
     };
     write_status(&domains, &name, &stored, &status, refresh_before).await?;
+    dns_endpoint::reconcile(sd, ctx, &ns, &status.dns_records).await?;
     record_metrics(ctx, &ns, &sd.spec.domain, &status.dns_records);
     Ok(Action::requeue(if all_verified {
         ctx.settings.dns_recheck_slow
@@ -153,12 +144,14 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
 /// The operator-owned DkimKey (applied) or the referenced one (checked).
 async fn ensure_dkim_key(
     sd: &SendingDomain,
+    ctx: &Context,
     keys: &Api<DkimKey>,
     relay: &SmtpRelay,
 ) -> Result<Result<DkimKey, InvalidSpec>> {
     let name = dkim_key_name(sd);
     if sd.spec.dkim.key_ref.is_some() {
-        return Ok(match keys.get_opt(&name).await? {
+        let ns = sd.namespace().unwrap_or_default();
+        return Ok(match ctx.stores.key(&ns, &name) {
             None => Err(InvalidSpec::new(
                 "DkimKeyNotFound",
                 format!("spec.dkim.keyRef: DkimKey {name} does not exist"),
@@ -185,10 +178,7 @@ async fn ensure_dkim_key(
             namespace: sd.namespace(),
             labels: Some(BTreeMap::from([
                 (RELAY_LABEL.to_string(), relay.name_any()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    FIELD_MANAGER.to_string(),
-                ),
+                (MANAGED_BY.to_string(), FIELD_MANAGER.to_string()),
             ])),
             owner_references: sd.controller_owner_ref(&()).map(|r| vec![r]),
             ..Default::default()
@@ -265,7 +255,14 @@ pub fn conditions(
         };
         let detail: Vec<String> = not_ok
             .iter()
-            .map(|r| format!("{:?} {} {:?}", r.state, r.name, r.type_).to_lowercase())
+            .map(|r| {
+                format!(
+                    "{} {} {}",
+                    api_spelling(&r.state),
+                    r.name,
+                    api_spelling(&r.type_)
+                )
+            })
             .collect();
         Condition::new(
             CONDITION_DNS_VERIFIED,
@@ -335,7 +332,7 @@ fn record_metrics(ctx: &Context, ns: &str, domain: &str, records: &[DnsRecord]) 
     for state in ["pending", "verified", "missing", "mismatch", "unknown"] {
         let count = records
             .iter()
-            .filter(|r| format!("{:?}", r.state).eq_ignore_ascii_case(state))
+            .filter(|r| api_spelling(&r.state) == state)
             .count();
         ctx.metrics
             .dns_records

@@ -7,6 +7,7 @@ use kube::ResourceExt;
 use petrel_crds::dkim_key::{DkimKeySpec, RotationSpec};
 use petrel_crds::sending_domain::SendingDomain;
 
+pub use crate::claims::conflicting_owner;
 use crate::error::{InvalidSpec, parse_duration};
 
 /// RFC 7208 4.6.4: at most ten mechanisms that cause DNS lookups.
@@ -25,28 +26,6 @@ pub fn spf_lookups(sd: &SendingDomain) -> usize {
         })
         .count();
     spf.includes.len() + extra
-}
-
-/// Whether `sd` loses its domain to an older SendingDomain in `all`: the oldest
-/// claim (then the smaller name) wins, so the outcome never flips back and forth.
-pub fn conflicting_owner<'a>(
-    sd: &SendingDomain,
-    all: &'a [SendingDomain],
-) -> Option<&'a SendingDomain> {
-    let key = |s: &SendingDomain| {
-        (
-            s.metadata.creation_timestamp.clone().map(|t| t.0),
-            s.name_any(),
-        )
-    };
-    all.iter()
-        .filter(|other| {
-            other.name_any() != sd.name_any()
-                && other.namespace() == sd.namespace()
-                && other.spec.domain.eq_ignore_ascii_case(&sd.spec.domain)
-        })
-        .filter(|other| key(other) < key(sd))
-        .min_by_key(|other| key(other))
 }
 
 /// Spec checks that make the domain unusable until fixed.

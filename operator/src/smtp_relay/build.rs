@@ -51,12 +51,8 @@ const TRACKING_DIR: &str = "/etc/petrel/tracking";
 const REDIS_DIR: &str = "/etc/petrel/redis";
 const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 
-/// Operator-wide settings the builders need.
-#[derive(Clone, Debug)]
-pub struct BuildSettings {
-    /// Relay image when the SmtpRelay does not set one.
-    pub relay_image: String,
-}
+pub use crate::context::BuildSettings;
+pub use crate::names::{base_name, config_map_name, dkim_secret_name, key_file_name};
 
 /// A SendingDomain bound to the relay, with the key it signs with now.
 #[derive(Clone, Debug)]
@@ -67,26 +63,6 @@ pub struct BoundDomain {
     pub active_key: DkimKeyEntry,
 }
 
-/// Names of the relay's child objects.
-pub fn base_name(relay: &SmtpRelay) -> String {
-    format!("petrel-{}", relay.name_any())
-}
-
-/// ConfigMap name.
-pub fn config_map_name(relay: &SmtpRelay) -> String {
-    format!("{}-config", base_name(relay))
-}
-
-/// Aggregated DKIM key Secret name.
-pub fn dkim_secret_name(relay: &SmtpRelay) -> String {
-    format!("{}-dkim", base_name(relay))
-}
-
-/// File name of a key in the aggregated Secret and its mount.
-pub fn key_file_name(domain: &str, selector: &str) -> String {
-    format!("{domain}.{selector}.pem")
-}
-
 /// Labels on every child object and selecting the relay pods.
 pub fn selector_labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     BTreeMap::from([
@@ -95,11 +71,11 @@ pub fn selector_labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     ])
 }
 
-fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
+pub(crate) fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     let mut labels = selector_labels(relay);
     labels.insert(
-        "app.kubernetes.io/managed-by".into(),
-        "petrel-operator".into(),
+        crate::names::MANAGED_BY.into(),
+        crate::names::FIELD_MANAGER.into(),
     );
     labels.insert("app.kubernetes.io/component".into(), "smtp-relay".into());
     labels
@@ -327,7 +303,9 @@ pub fn relay_config(
         },
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
+            admin_token_file: None,
         },
+        events: rc::EventsConfig::default(),
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();
@@ -677,7 +655,11 @@ pub fn pdb(relay: &SmtpRelay) -> PodDisruptionBudget {
 
 /// The HPA, when `autoscaling` is set.
 pub fn hpa(relay: &SmtpRelay) -> Option<HorizontalPodAutoscaler> {
-    let scaling = relay.spec.autoscaling.as_ref()?;
+    let scaling = relay
+        .spec
+        .autoscaling
+        .as_ref()
+        .filter(|a| a.engine == sr::AutoscalingEngine::Hpa)?;
     Some(HorizontalPodAutoscaler {
         metadata: meta(relay, base_name(relay)),
         spec: Some(HorizontalPodAutoscalerSpec {

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::jiff::Timestamp;
 use petrel_crds::status::DkimKeyEntry;
 
-pub use crate::dkim_key::rotation::MOUNT_GRACE;
+pub use crate::kubelet::MOUNT_GRACE;
 
 /// Annotation on the aggregated Secret: JSON object, key file -> RFC 3339 time
 /// it was first written.

@@ -11,25 +11,28 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use petrel_crds::dkim_key::DkimKey;
-use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::{
-    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, SmtpRelay, SmtpRelayStatus,
+    CONDITION_AVAILABLE, CONDITION_DEGRADED, CONDITION_PROGRESSING, REASON_AS_EXPECTED,
+    REASON_MINIMUM_REPLICAS_AVAILABLE, REASON_MINIMUM_REPLICAS_UNAVAILABLE,
+    REASON_NO_READY_REPLICAS, REASON_PROGRESS_DEADLINE_EXCEEDED, REASON_ROLLING_OUT,
+    REASON_ROLLOUT_COMPLETE, SmtpRelay, SmtpRelayStatus,
 };
 use petrel_crds::status::{
     Condition, ConditionStatus, DkimKeyEntry, conditions_equivalent, merge_conditions,
 };
 
 use super::build::{self, BoundDomain};
-use super::mounted;
-use crate::context::{Context, FIELD_MANAGER, apply_status};
-use crate::dkim_key::reconcile::{PRIVATE_KEY, apply};
+use super::rollout::{self, Rollout};
+use super::{keda, mounted, secrets};
+use crate::apply::{apply, apply_optional, apply_status, delete};
+use crate::claims::conflicting_owner;
+use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
-use crate::sending_domain::reconcile::dkim_key_name;
-use crate::sending_domain::validate::conflicting_owner;
+use crate::names::{PRIVATE_KEY, dkim_key_name};
+use crate::stores::Stores;
 
 /// What the relay signs for, and the key files its pods need.
 #[derive(Debug, Default)]
@@ -59,15 +62,17 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
     let name = relay.name_any();
     let client = ctx.client.clone();
     let relays: Api<SmtpRelay> = Api::namespaced(client.clone(), &ns);
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let secrets_api: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let generation = relay.metadata.generation;
     let stored = relay.status.clone().unwrap_or_default();
     let now = ctx.clock.now_time();
 
-    let mut bindings = bindings(relay, ctx, &ns).await?;
+    let mut bindings = bindings(relay, &ctx.stores, &ns);
     // When each key file entered the aggregated Secret decides which key signs.
-    let stored_keys = secrets.get_opt(&build::dkim_secret_name(relay)).await?;
-    let since = mounted::files_since(stored_keys.as_ref(), bindings.keys.keys(), now.0);
+    let stored_keys = ctx
+        .stores
+        .owned_secret(&ns, &build::dkim_secret_name(relay));
+    let since = mounted::files_since(stored_keys.as_deref(), bindings.keys.keys(), now.0);
     let mut recheck = None;
     for bound in &mut bindings.domains {
         let domain = bound.spec.domain.clone();
@@ -80,30 +85,40 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         bound.active_key = key;
         recheck = recheck.into_iter().chain(at).min();
     }
-    let username = smarthost_username(relay, &secrets).await?;
-    let config = match build::relay_config(relay, &bindings.domains, username) {
-        Ok(config) => config,
-        Err(invalid) => {
-            let status = SmtpRelayStatus {
-                conditions: merge_conditions(
-                    &stored.conditions,
-                    vec![degraded(Some(&invalid), generation, now)],
-                ),
-                observed_generation: generation,
-                ..stored.clone()
-            };
-            write_status(&relays, &name, &stored, &status).await?;
-            ctx.event(
-                relay,
-                EventType::Warning,
-                invalid.reason,
-                "Render",
-                invalid.message,
-            )
-            .await;
-            return Ok(Action::await_change());
+    // The user's Secrets are read when needed, never cached: the operator may
+    // not hold every Secret of the cluster in memory (see controllers.rs).
+    let refs = secrets::referenced_secrets(relay);
+    let mut found = BTreeMap::new();
+    for r in &refs {
+        if !found.contains_key(&r.name) {
+            found.insert(r.name.clone(), secrets_api.get_opt(&r.name).await?);
         }
-    };
+    }
+    let secret_problem = secrets::degraded(&ns, &secrets::check(&refs, &found));
+    let config =
+        match build::relay_config(relay, &bindings.domains, smarthost_username(relay, &found)) {
+            Ok(config) => config,
+            Err(invalid) => {
+                let status = SmtpRelayStatus {
+                    conditions: merge_conditions(
+                        &stored.conditions,
+                        vec![degraded(Some(&invalid), generation, now)],
+                    ),
+                    observed_generation: generation,
+                    ..stored.clone()
+                };
+                write_status(&relays, &name, &stored, &status).await?;
+                ctx.event(
+                    relay,
+                    EventType::Warning,
+                    invalid.reason,
+                    "Render",
+                    invalid.message,
+                )
+                .await;
+                return Ok(Action::await_change());
+            }
+        };
 
     let settings = ctx.settings.build();
     let config_map = build::config_map(relay, &config).map_err(Error::Build)?;
@@ -114,7 +129,7 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         mounted::FILES_SINCE.to_string(),
         mounted::since_annotation(&since),
     )]));
-    apply(&secrets, &build::dkim_secret_name(relay), &key_secret).await?;
+    apply(&secrets_api, &build::dkim_secret_name(relay), &key_secret).await?;
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
         &build::config_map_name(relay),
@@ -144,16 +159,10 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         Some(hpa) => {
             apply(&hpas, &build::base_name(relay), &hpa).await?;
         }
-        None => match hpas
-            .delete(&build::base_name(relay), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(status)) if status.code == 404 => {}
-            Err(err) => return Err(err.into()),
-        },
+        None => delete(&hpas, &build::base_name(relay)).await?,
     }
 
+    keda::reconcile(relay, ctx, &ns).await?;
     apply_service_monitor(relay, ctx, &ns).await?;
 
     let mut bound: Vec<String> = bindings
@@ -162,7 +171,14 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         .map(|d| d.spec.domain.clone())
         .collect();
     bound.sort();
-    let status = relay_status(relay, &deployment, bound, &stored, now.clone());
+    let status = relay_status(
+        relay,
+        &deployment,
+        bound,
+        &stored,
+        now.clone(),
+        secret_problem,
+    );
     write_status(&relays, &name, &stored, &status).await?;
     let after = recheck.map_or(ctx.settings.resync, |at| {
         let secs = at.duration_since(now.0).as_secs().max(1);
@@ -175,18 +191,16 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
 
 /// The SendingDomains bound to `relay` (not losing a domain conflict) that have
 /// an active key, and the private keys the pods need.
-pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bindings> {
-    let domains: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), ns);
-    let keys: Api<DkimKey> = Api::namespaced(ctx.client.clone(), ns);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let all = domains.list(&ListParams::default()).await?.items;
+pub fn bindings(relay: &SmtpRelay, stores: &Stores, ns: &str) -> Bindings {
+    let all = stores.domains(ns);
+    let private_key = |name: &str| private_key(stores, ns, name);
     let mut out = Bindings::default();
     for sd in all
         .iter()
         .filter(|sd| sd.spec.relay_ref.name == relay.name_any())
         .filter(|sd| conflicting_owner(sd, &all).is_none())
     {
-        let Some(key) = keys.get_opt(&dkim_key_name(sd)).await? else {
+        let Some(key) = stores.key(ns, &dkim_key_name(sd)) else {
             continue;
         };
         if !key.spec.domain.eq_ignore_ascii_case(&sd.spec.domain) {
@@ -200,7 +214,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
         // A first key is mounted while it waits for DNS, before the domain is bound.
         let mut retiring = Vec::new();
         for other in status.next.iter().chain(status.retiring.iter()) {
-            if let Some(pem) = private_key(&secrets, &other.secret_name).await? {
+            if let Some(pem) = private_key(&other.secret_name) {
                 out.keys
                     .insert(build::key_file_name(&sd.spec.domain, &other.selector), pem);
                 if status.retiring.iter().any(|r| r.selector == other.selector) {
@@ -211,7 +225,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
         let Some(active) = status.active.clone() else {
             continue;
         };
-        let Some(active_pem) = private_key(&secrets, &active.secret_name).await? else {
+        let Some(active_pem) = private_key(&active.secret_name) else {
             // The key's Secret is gone: better not to sign than to reference a missing file.
             tracing::warn!(domain = %sd.spec.domain, secret = %active.secret_name, "active DKIM key Secret missing");
             continue;
@@ -228,7 +242,7 @@ pub async fn bindings(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Result<Bind
     }
     out.domains
         .sort_by(|a, b| a.spec.domain.cmp(&b.spec.domain));
-    Ok(out)
+    out
 }
 
 /// Applies (or removes) the ServiceMonitor. Without the prometheus-operator
@@ -241,69 +255,56 @@ async fn apply_service_monitor(relay: &SmtpRelay, ctx: &Context, ns: &str) -> Re
         kind: "ServiceMonitor".into(),
         plural: "servicemonitors".into(),
     };
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &resource);
-    let name = build::base_name(relay);
-    let result = match build::service_monitor(relay) {
-        Some(sm) => api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&sm),
-            )
-            .await
-            .map(|_| ()),
-        None => api
-            .delete(&name, &DeleteParams::default())
-            .await
-            .map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ok(()),
-        // No such object (nothing to delete) or no such CRD.
-        Err(kube::Error::Api(status)) if status.code == 404 => {
-            if relay.spec.monitoring.service_monitor {
-                ctx.event(
-                    relay,
-                    EventType::Warning,
-                    "ServiceMonitorUnavailable",
-                    "Monitor",
-                    "spec.monitoring.serviceMonitor is set but the ServiceMonitor CRD (prometheus-operator) is not installed".into(),
-                )
-                .await;
-            }
-            Ok(())
-        }
-        Err(err) => Err(err.into()),
+    let desired = build::service_monitor(relay);
+    let applied = apply_optional(
+        &ctx.client,
+        ns,
+        &resource,
+        &build::base_name(relay),
+        desired.as_ref(),
+    )
+    .await?;
+    if !applied {
+        ctx.event(
+            relay,
+            EventType::Warning,
+            "ServiceMonitorUnavailable",
+            "Monitor",
+            "spec.monitoring.serviceMonitor is set but the ServiceMonitor CRD (prometheus-operator) is not installed".into(),
+        )
+        .await;
     }
+    Ok(())
 }
 
-async fn private_key(secrets: &Api<Secret>, name: &str) -> Result<Option<String>> {
-    let Some(secret) = secrets.get_opt(name).await? else {
-        return Ok(None);
-    };
-    Ok(secret
+/// The PEM in a DkimKey's key Secret (operator-created, so cached).
+fn private_key(stores: &Stores, ns: &str, name: &str) -> Option<String> {
+    stores
+        .owned_secret(ns, name)?
         .data
-        .and_then(|mut d| d.remove(PRIVATE_KEY))
-        .and_then(|b| String::from_utf8(b.0).ok()))
+        .as_ref()?
+        .get(PRIVATE_KEY)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
 }
 
-async fn smarthost_username(relay: &SmtpRelay, secrets: &Api<Secret>) -> Result<Option<String>> {
-    let Some(creds) = relay
+fn smarthost_username(
+    relay: &SmtpRelay,
+    found: &BTreeMap<String, Option<Secret>>,
+) -> Option<String> {
+    let creds = relay
         .spec
         .delivery
         .smarthost
         .as_ref()
-        .and_then(|s| s.credentials_secret_ref.as_ref())
-    else {
-        return Ok(None);
-    };
-    Ok(secrets
-        .get_opt(&creds.name)
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|mut d| d.remove("username"))
-        .and_then(|b| String::from_utf8(b.0).ok())
-        .map(|u| u.trim().to_string()))
+        .and_then(|s| s.credentials_secret_ref.as_ref())?;
+    found
+        .get(&creds.name)?
+        .as_ref()?
+        .data
+        .as_ref()?
+        .get("username")
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .map(|u| u.trim().to_string())
 }
 
 fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -> Condition {
@@ -319,7 +320,7 @@ fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -
         None => Condition::new(
             CONDITION_DEGRADED,
             ConditionStatus::False,
-            "AsExpected",
+            REASON_AS_EXPECTED,
             "",
             generation,
             now,
@@ -327,74 +328,110 @@ fn degraded(invalid: Option<&InvalidSpec>, generation: Option<i64>, now: Time) -
     }
 }
 
-/// Status from the applied Deployment (pure).
+/// Status from the applied Deployment and what is wrong with the referenced
+/// Secrets (pure): Available only with enough ready pods, Progressing while
+/// the Deployment rolls out, Degraded naming each broken Secret or a stalled
+/// rollout.
 pub fn relay_status(
     relay: &SmtpRelay,
     deployment: &Deployment,
     bound_domains: Vec<String>,
     stored: &SmtpRelayStatus,
     now: Time,
+    secret_problem: Option<(&'static str, String)>,
 ) -> SmtpRelayStatus {
     let generation = relay.metadata.generation;
     let ds = deployment.status.clone().unwrap_or_default();
-    let ready = ds.ready_replicas.unwrap_or(0);
-    let replicas = ds.replicas.unwrap_or(0);
-    let desired = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(replicas);
-    let rolled_out = ds.observed_generation >= deployment.metadata.generation
-        && ds.updated_replicas.unwrap_or(0) >= desired
-        && replicas == desired;
-    let available = if ready > 0 {
+    let pods = rollout::availability(deployment);
+    let available = if pods.is_available() {
         Condition::new(
             CONDITION_AVAILABLE,
             ConditionStatus::True,
-            "MinimumReplicasAvailable",
-            format!("{ready} of {desired} relay pods ready"),
-            generation,
-            now.clone(),
-        )
-    } else {
-        Condition::new(
-            CONDITION_AVAILABLE,
-            ConditionStatus::False,
-            "NoReadyReplicas",
-            "no relay pod is ready yet; see `kubectl describe deployment` for scheduling, image and Secret mount problems",
-            generation,
-            now.clone(),
-        )
-    };
-    let progressing = if rolled_out {
-        Condition::new(
-            CONDITION_PROGRESSING,
-            ConditionStatus::False,
-            "RolloutComplete",
-            "",
-            generation,
-            now.clone(),
-        )
-    } else {
-        Condition::new(
-            CONDITION_PROGRESSING,
-            ConditionStatus::True,
-            "RollingOut",
+            REASON_MINIMUM_REPLICAS_AVAILABLE,
             format!(
-                "{} of {desired} pods updated",
-                ds.updated_replicas.unwrap_or(0)
+                "{} of {} relay pods available",
+                pods.available, pods.desired
+            ),
+            generation,
+            now.clone(),
+        )
+    } else if pods.ready == 0 {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::False,
+            REASON_NO_READY_REPLICAS,
+            format!(
+                "0 of {} relay pods ready; see `kubectl describe deployment {}` for scheduling, image and Secret mount problems",
+                pods.desired,
+                build::base_name(relay)
+            ),
+            generation,
+            now.clone(),
+        )
+    } else {
+        Condition::new(
+            CONDITION_AVAILABLE,
+            ConditionStatus::False,
+            REASON_MINIMUM_REPLICAS_UNAVAILABLE,
+            format!(
+                "{} of {} relay pods available, {} needed",
+                pods.available, pods.desired, pods.minimum
             ),
             generation,
             now.clone(),
         )
     };
+    let state = rollout::rollout(deployment);
+    let progressing = match &state {
+        Rollout::Complete => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            REASON_ROLLOUT_COMPLETE,
+            "",
+            generation,
+            now.clone(),
+        ),
+        Rollout::InProgress(message) => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::True,
+            REASON_ROLLING_OUT,
+            message.clone(),
+            generation,
+            now.clone(),
+        ),
+        Rollout::Stalled(message) => Condition::new(
+            CONDITION_PROGRESSING,
+            ConditionStatus::False,
+            REASON_PROGRESS_DEADLINE_EXCEEDED,
+            message.clone(),
+            generation,
+            now.clone(),
+        ),
+    };
+    let stalled = match state {
+        Rollout::Stalled(message) => Some(message),
+        _ => None,
+    };
+    // A broken Secret usually is why a rollout stalls: name it first.
+    let problem = match (secret_problem, stalled) {
+        (Some((reason, message)), Some(stalled)) => {
+            Some(InvalidSpec::new(reason, format!("{message}; {stalled}")))
+        }
+        (Some((reason, message)), None) => Some(InvalidSpec::new(reason, message)),
+        (None, Some(stalled)) => Some(InvalidSpec::new(REASON_PROGRESS_DEADLINE_EXCEEDED, stalled)),
+        (None, None) => None,
+    };
     SmtpRelayStatus {
         conditions: merge_conditions(
             &stored.conditions,
-            vec![available, progressing, degraded(None, generation, now)],
+            vec![
+                available,
+                progressing,
+                degraded(problem.as_ref(), generation, now),
+            ],
         ),
-        ready_replicas: ready,
-        replicas,
+        ready_replicas: ds.ready_replicas.unwrap_or(0),
+        replicas: ds.replicas.unwrap_or(0),
         endpoints: build::endpoints(relay),
         bound_domains,
         observed_generation: generation,

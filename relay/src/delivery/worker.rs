@@ -1112,7 +1112,7 @@ mod record_tests {
     use crate::metrics::RelayMetrics;
     use crate::queue::embedded::EmbeddedBackend;
     use crate::queue::memory::MemoryBackend;
-    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError};
+    use crate::queue::{Backend, MessageFlags, NewMessage, Queue, QueueError, SharedState};
     use crate::reload::Reloading;
 
     fn message(id: &str, recipients: &[&str]) -> NewMessage {
@@ -1230,6 +1230,169 @@ mod record_tests {
                 queue.complete(renewed).await,
                 Err(QueueError::LeaseLost(_))
             ));
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    fn test_context(backend: &Arc<MemoryBackend>) -> (DeliveryContext, RelayConfig) {
+        let yaml = "hostname: relay.test\nlisteners:\n  - name: smtp\n    address: 127.0.0.1:2525\n\
+                    domains: []\nqueue:\n  embedded:\n    path: /nonexistent/q.redb\n";
+        let cfg = RelayConfig::from_yaml(yaml).expect("test config");
+        let (_registry, metrics) = RelayMetrics::standalone();
+        let ctx = DeliveryContext::new(
+            Reloading::fixed(cfg.clone()),
+            Backend::of(backend.clone()),
+            metrics,
+        )
+        .unwrap();
+        (ctx, cfg)
+    }
+
+    fn bounce() -> RcptOutcome {
+        RcptOutcome {
+            result: Err(Failure::Reply(Reply::new(
+                550,
+                Some([5, 1, 1]),
+                "no such user",
+            ))),
+            remote: Some("mx.dest.test".into()),
+            tls: true,
+        }
+    }
+
+    fn delivered() -> RcptOutcome {
+        RcptOutcome {
+            result: Ok(Reply::new(250, Some([2, 0, 0]), "ok")),
+            remote: Some("mx.dest.test".into()),
+            tls: true,
+        }
+    }
+
+    /// Issue 13 item 5: the bounce, its DSN and its suppression entry are
+    /// one settlement. The backend failing at that point (twice, then
+    /// back) neither re-delivers the bounced recipient nor writes its
+    /// suppression, metrics or events twice.
+    #[tokio::test]
+    async fn a_bounce_and_its_dsn_are_settled_once_through_a_backend_failure() {
+        use crate::events::{BounceType, EventType};
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let backend = Arc::new(MemoryBackend::default());
+            let (ctx, cfg) = test_context(&backend);
+            backend
+                .enqueue(
+                    message("m1", &["gone@dest.test", "ok@dest.test"]),
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+            let lease = backend
+                .lease(now_millis(), 10, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .remove(0);
+            backend.fail_next_settles(2);
+            settle(
+                &ctx,
+                &cfg,
+                &lease,
+                b"Subject: x\r\n\r\n",
+                vec![bounce(), delivered()],
+            )
+            .await;
+
+            assert_eq!(backend.settle_calls(), 3, "two failures, then stored");
+            // The unit is gone; the only unit left is the DSN's.
+            let units = backend.units();
+            assert_eq!(units.len(), 1, "{units:?}");
+            assert!(units[0].flags.is_dsn);
+            assert_eq!(units[0].recipients, vec!["s@example.test"]);
+            assert_eq!(backend.enqueued().len(), 2, "the message and one DSN");
+            assert!(
+                backend
+                    .suppressed("gone@dest.test", now_millis())
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            let m = &ctx.metrics;
+            assert_eq!(
+                m.bounced
+                    .with_label_values(&["example.test", "other", "5.1"])
+                    .get(),
+                1
+            );
+            assert_eq!(
+                m.delivered
+                    .with_label_values(&["example.test", "other"])
+                    .get(),
+                1
+            );
+            let events = backend.events();
+            let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+            assert_eq!(
+                kinds,
+                [EventType::Bounced, EventType::Delivered, EventType::Dsn]
+            );
+            assert_eq!(events[0].bounce_type, Some(BounceType::Hard));
+            assert_eq!(events[0].enhanced_status.as_deref(), Some("5.1.1"));
+            assert_eq!(
+                events[0].response.as_deref(),
+                Some("550 5.1.1 no such user")
+            );
+            assert_eq!(events[0].remote_mta.as_deref(), Some("mx.dest.test"));
+            assert_eq!(events[0].tls, Some(true));
+            assert_eq!(events[0].attempt, Some(1));
+            assert_eq!(
+                events[2].dsn_queue_id.as_deref(),
+                Some(units[0].message_id.as_str())
+            );
+            assert_eq!(m.events.with_label_values(&["bounced"]).get(), 1);
+        })
+        .await
+        .expect("test timed out");
+    }
+
+    /// When the settlement cannot be stored at all, nothing of it is: no
+    /// suppression, no DSN, no events, no metrics. The unit comes back
+    /// after its lease (at-least-once) with both recipients.
+    #[tokio::test]
+    async fn an_unstored_settlement_writes_nothing() {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            let backend = Arc::new(MemoryBackend::default());
+            let (ctx, cfg) = test_context(&backend);
+            backend
+                .enqueue(
+                    message("m1", &["gone@dest.test", "ok@dest.test"]),
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+            let lease = backend
+                .lease(now_millis(), 10, Duration::from_millis(1))
+                .await
+                .unwrap()
+                .remove(0);
+            backend.fail_next_settles(100);
+            settle(&ctx, &cfg, &lease, b"", vec![bounce(), delivered()]).await;
+            assert!(backend.events().is_empty());
+            assert_eq!(backend.enqueued().len(), 1);
+            assert!(
+                backend
+                    .suppressed("gone@dest.test", now_millis())
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            assert_eq!(
+                ctx.metrics
+                    .bounced
+                    .with_label_values(&["example.test", "other", "5.1"])
+                    .get(),
+                0
+            );
+            let units = backend.units();
+            assert_eq!(units[0].recipients.len(), 2);
         })
         .await
         .expect("test timed out");

@@ -351,3 +351,54 @@ mod tests {
         assert_eq!(e.enhanced_status.as_deref(), Some("5.1.1"));
     }
 }
+
+/// The JSON Schema of [`Event`], as committed in
+/// `relay/schema/event.schema.json`.
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(Event);
+    schema.insert(
+        "$id".into(),
+        "https://petrel.dev/schema/event.schema.json".into(),
+    );
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
+}
+
+#[cfg(test)]
+mod schema_drift {
+    /// Regenerates the committed file when set.
+    const REGENERATE: &str = "PETREL_WRITE_EVENT_SCHEMA";
+
+    #[test]
+    fn committed_event_schema_matches_the_type() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/event.schema.json");
+        let generated = super::json_schema();
+        if std::env::var_os(REGENERATE).is_some() {
+            std::fs::write(&path, &generated).expect("write the schema");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "{} is out of date; run `{REGENERATE}=1 cargo test -p petrel-relay --lib committed_event_schema` and commit it",
+            path.display()
+        );
+        // And it describes what the type serializes.
+        let schema: serde_json::Value = serde_json::from_str(&committed).unwrap();
+        let props = schema["properties"].as_object().unwrap();
+        for field in [
+            "id",
+            "type",
+            "timestamp",
+            "queueId",
+            "headerMessageId",
+            "tags",
+            "bounceType",
+            "async",
+            "relay",
+        ] {
+            assert!(props.contains_key(field), "{field} missing from the schema");
+        }
+    }
+}

@@ -11,8 +11,11 @@
 //!
 //! Names follow the events contract (`EVENTS-CONTRACT.md`) unchanged.
 
+pub mod emit;
 pub mod event;
 pub mod outbox;
+pub mod tags;
+pub mod tail;
 
 pub use event::{BounceType, Event, EventType, UnknownEventType, format_timestamp};
 

@@ -13,6 +13,7 @@ use super::reply::Reject;
 use super::session::Envelope;
 use crate::config::RelayConfig;
 use crate::dkim::algorithm_label;
+use crate::events::{Event, EventType, emit, tags};
 use crate::queue::{NewMessage, now_millis};
 
 /// Where a message came from, for its Received header and logs.
@@ -41,6 +42,19 @@ pub async fn accept(
     origin: &Origin<'_>,
 ) -> Result<Option<String>, Reject> {
     let domain = envelope.sending_domain.clone();
+    // Tags leave the message here, before it is signed: the header is for
+    // the relay, not for the recipient.
+    let (raw, message_tags) = message_tags(&envelope, &raw)?;
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let event = |kind, rcpt: &str, header_message_id: &Option<String>| {
+        let mut e = Event::new(kind, &ctx.relay, now_millis()).with_recipient(rcpt);
+        e.queue_id = Some(id.clone());
+        e.header_message_id = header_message_id.clone();
+        e.sending_domain = Some(domain.clone());
+        e.from = Some(envelope.mail_from.clone());
+        e.tags = message_tags.clone();
+        e
+    };
     if envelope.recipients.is_empty() {
         tracing::info!(
             event = "message_dropped",
@@ -48,6 +62,25 @@ pub async fn accept(
             dropped = envelope.dropped.len(),
             "all recipients suppressed; message dropped"
         );
+        if let Some(log) = &ctx.events {
+            let hmid = tags::header_message_id(&raw);
+            let dropped = envelope
+                .dropped
+                .iter()
+                .map(|r| {
+                    let mut e = event(EventType::Suppressed, r, &hmid);
+                    // Nothing was queued under this id.
+                    e.queue_id = None;
+                    e
+                })
+                .collect();
+            emit::publish_in_background(
+                log.clone(),
+                ctx.metrics.clone(),
+                dropped,
+                config.queue.timeout.into(),
+            );
+        }
         return Ok(None);
     }
     let Some(sending) = config.domain(&domain) else {
@@ -56,7 +89,6 @@ pub async fn accept(
             "Sending domain no longer configured, try again later",
         ));
     };
-    let id = uuid::Uuid::new_v4().simple().to_string();
     let date = chrono::Utc::now().to_rfc2822();
     let trace = TraceInfo {
         helo: origin.helo,
@@ -68,6 +100,7 @@ pub async fn accept(
         date: &date,
     };
     let data = headers::prepare(raw, &trace);
+    let header_message_id = tags::header_message_id(&data);
     // Tracking rewrites the body, so it comes before the signature.
     let data = ctx.tracking.prepare(
         data,
@@ -112,21 +145,36 @@ pub async fn accept(
         .with_label_values(&[&domain, algorithm_label(sending.dkim.algorithm)])
         .inc();
 
+    let events: Vec<Event> = envelope
+        .recipients
+        .iter()
+        .map(|r| event(EventType::Accepted, r, &header_message_id))
+        .chain(
+            envelope
+                .dropped
+                .iter()
+                .map(|r| event(EventType::Suppressed, r, &header_message_id)),
+        )
+        .collect();
     let message = NewMessage {
         id: id.clone(),
-        mail_from: envelope.mail_from,
-        recipients: envelope.recipients,
+        mail_from: envelope.mail_from.clone(),
+        recipients: envelope.recipients.clone(),
         data,
         sending_domain: domain.clone(),
         received_at: now_millis(),
         flags: envelope.flags,
-        tags: Default::default(),
-        header_message_id: None,
+        tags: message_tags.clone(),
+        header_message_id: header_message_id.clone(),
     };
     let timer = ctx.metrics.enqueue_duration.start_timer();
     let timeout: Duration = config.queue.timeout.into();
-    match tokio::time::timeout(timeout, ctx.queue.enqueue(message, Vec::new())).await {
-        Ok(Ok(())) => timer.observe_duration(),
+    let counted = events.clone();
+    match tokio::time::timeout(timeout, ctx.queue.enqueue(message, events)).await {
+        Ok(Ok(())) => {
+            timer.observe_duration();
+            emit::count(&ctx.metrics, &counted);
+        }
         Ok(Err(e)) => {
             timer.stop_and_discard();
             return Err(backend_reject(Some(e)));
@@ -153,4 +201,31 @@ pub async fn accept(
     ctx.metrics.received.with_label_values(&[&domain]).inc();
     tracing::info!(event = "message_accepted", %id, %domain, peer = %origin.ip, user = ?origin.user, "message queued");
     Ok(Some(id))
+}
+
+/// The message's tags: the envelope's (HTTP `tags`) and those of its
+/// `X-Petrel-Tags` header, which is removed. A bad header refuses the
+/// message (550 5.6.0 naming the tag) rather than losing the tags.
+fn message_tags(
+    envelope: &Envelope,
+    raw: &[u8],
+) -> Result<(Vec<u8>, std::collections::BTreeMap<String, String>), Reject> {
+    let bad = |e: tags::TagError| {
+        Reject::new(
+            550,
+            "5.6.0",
+            "bad_tags",
+            format!("Invalid {} header: {e}", tags::HEADER),
+        )
+    };
+    let (raw, from_header) = tags::take_header(raw).map_err(bad)?;
+    let mut all = envelope.tags.clone();
+    if let Some(from_header) = from_header {
+        for (k, v) in from_header {
+            // The API's own field wins over a header in the message it built.
+            all.entry(k).or_insert(v);
+        }
+        tags::validate(&all).map_err(bad)?;
+    }
+    Ok((raw, all))
 }

@@ -196,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Hands the message to the shared accept path and queues the reply.
     async fn accept(&mut self, envelope: Envelope, raw: Vec<u8>) -> Result<(), Reject> {
+        self.state.last_transaction = Some(super::rejected::Transaction::of(&envelope));
         let config = self.config.clone();
         let tls = self
             .state

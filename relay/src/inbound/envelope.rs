@@ -246,6 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             },
             chunks: None,
             oversize: false,
+            tags: Default::default(),
         });
         self.state.state = State::Mail;
         self.queue_reply(250, "2.1.0", "Sender OK");

@@ -42,6 +42,7 @@ pub mod headers;
 mod hello;
 pub mod listener;
 pub mod login;
+pub mod rejected;
 pub mod reply;
 pub mod session;
 pub mod submit;
@@ -99,6 +100,11 @@ pub struct InboundContext {
     pub tracking: Arc<crate::tracking::Tracking>,
     /// Password checks running at once (see [`InboundContext::auth_permit`]).
     auth_slots: tokio::sync::Semaphore,
+    /// Where `rejected` events go (see [`InboundContext::with_events`]);
+    /// `accepted` ones are written by the queue with the message.
+    pub events: Option<Arc<dyn crate::events::EventLog>>,
+    /// The name events carry in `relay`.
+    pub relay: String,
 }
 
 impl InboundContext {
@@ -148,7 +154,16 @@ impl InboundContext {
             connections: ConnectionLimits::default(),
             tracking: Arc::new(crate::tracking::Tracking::new(&current)?),
             auth_slots: tokio::sync::Semaphore::new(auth_slots()),
+            events: None,
+            relay: crate::events::relay_name(&current.hostname),
         })
+    }
+
+    /// Records refusals as `rejected` events in `log` (the backend's
+    /// outbox); without it they are only counted and logged.
+    pub fn with_events(mut self, log: Arc<dyn crate::events::EventLog>) -> InboundContext {
+        self.events = Some(log);
+        self
     }
 
     /// A turn to check a password, waiting at most `wait`. Each argon2

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::InboundContext;
+use super::rejected;
 use super::reply::{Reject, render, render_multi};
 use super::tls::TlsInfo;
 use crate::config::{Listener, RelayConfig};
@@ -59,6 +60,9 @@ pub struct Envelope {
     pub chunks: Option<Vec<u8>>,
     /// The BDAT chunks went over the size limit (the rest is discarded).
     pub oversize: bool,
+    /// Tags given with the HTTP send API (SMTP clients use the
+    /// `X-Petrel-Tags` header, read at the end of DATA).
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 impl Envelope {
@@ -85,6 +89,9 @@ pub struct SessionState {
     pub user: Option<String>,
     /// The transaction in progress.
     pub envelope: Option<Envelope>,
+    /// The envelope DATA or BDAT LAST just took, for a `rejected` event
+    /// if the message is refused.
+    pub last_transaction: Option<super::rejected::Transaction>,
     /// Refusals so far, for `limits.maxErrors`.
     pub errors: u32,
 }
@@ -100,6 +107,7 @@ impl SessionState {
             tls: None,
             user: None,
             envelope: None,
+            last_transaction: None,
             errors: 0,
         }
     }
@@ -257,9 +265,40 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             match self.dispatch(&line).await {
                 Ok(Flow::Continue) => {}
                 Ok(flow) => return Ok(flow),
-                Err(reject) => self.refuse(reject).await?,
+                Err(reject) => {
+                    self.record_rejection(&line, &reject);
+                    self.refuse(reject).await?
+                }
             }
         }
+    }
+
+    /// Records a `rejected` event for a refusal of `line` (module
+    /// `rejected`), without waiting for it.
+    fn record_rejection(&mut self, line: &[u8], reject: &Reject) {
+        let (from, rcpt, ends_data) = rejected::command_addresses(line);
+        let open = self.state.envelope.as_ref().map(rejected::Transaction::of);
+        let done = ends_data
+            .then(|| self.state.last_transaction.take())
+            .flatten();
+        let in_transaction = done.is_some() || open.is_some();
+        let tx = done.or(open).unwrap_or_default();
+        let from = from.or_else(|| in_transaction.then(|| tx.mail_from.clone()));
+        let recipients = match rcpt {
+            Some(r) => vec![r],
+            None if ends_data => tx.recipients.clone(),
+            None => Vec::new(),
+        };
+        if !ends_data && from.is_none() && recipients.is_empty() {
+            return;
+        }
+        rejected::record(
+            &self.ctx,
+            reject,
+            from.as_deref(),
+            Some(&tx.sending_domain),
+            &recipients,
+        );
     }
 
     /// Sends a refusal, counts it, and closes when it says so or when the

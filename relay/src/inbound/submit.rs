@@ -128,6 +128,7 @@ impl InboundSubmit {
                 eight_bit: !s.data.is_ascii(),
                 is_dsn: false,
             },
+            tags: s.tags,
             ..Envelope::default()
         };
         for rcpt in &s.recipients {
@@ -168,7 +169,17 @@ impl Submit for InboundSubmit {
     /// Returns the queue id, or `dropped` when every recipient was on the
     /// suppression list of a domain with `onSuppressed: drop`.
     async fn submit(&self, submission: Submission) -> Result<String, Refusal> {
+        let mail_from = submission.mail_from.clone();
+        let recipients = submission.recipients.clone();
         self.submit_inner(submission).await.map_err(|r| {
+            let domain = crate::queue::recipient_domain(&mail_from);
+            super::rejected::record(
+                &self.ctx,
+                &r,
+                Some(&mail_from),
+                domain.as_deref(),
+                &recipients,
+            );
             self.ctx
                 .metrics
                 .rejected

@@ -67,8 +67,9 @@ domains:
     let config = RelayConfig::from_yaml(&yaml).unwrap();
     let mem = Arc::new(Mem::default());
     let (_, metrics) = crate::metrics::RelayMetrics::standalone();
-    let ctx =
-        InboundContext::new(Reloading::fixed(config), mem.clone(), mem.clone(), metrics).unwrap();
+    let ctx = InboundContext::new(Reloading::fixed(config), mem.clone(), mem.clone(), metrics)
+        .unwrap()
+        .with_events(mem.clone());
     let (shutdown, _) = watch::channel(false);
     Fixture {
         _dir: dir,
@@ -499,6 +500,99 @@ async fn suppressed_recipients_are_refused_or_dropped() {
     .await;
 }
 
+/// Events recorded in the background: waits until `n` are in the outbox.
+async fn events_soon(f: &Fixture, n: usize) -> Vec<crate::events::Event> {
+    loop {
+        let events = f.mem.events();
+        if events.len() >= n {
+            return events;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn refusals_drops_and_acceptances_become_events() {
+    use crate::events::EventType;
+    bounded(async {
+        let f = fixture("");
+        suppress(&f, "gone@x.org").await;
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "550 5.1.1").await;
+        let events = events_soon(&f, 1).await;
+        assert_eq!(events[0].kind, EventType::Rejected);
+        assert_eq!(events[0].recipient.as_deref(), Some("gone@x.org"));
+        assert_eq!(events[0].from.as_deref(), Some("a@example.test"));
+        assert_eq!(events[0].enhanced_status.as_deref(), Some("5.1.1"));
+        assert!(events[0].response.as_deref().unwrap().starts_with("550 5.1.1"));
+        // Protocol noise is no event.
+        c.cmd("FROB", "500").await;
+        c.cmd("RSET", "250").await;
+        // corp.test drops: a `suppressed` event with the accepted ones.
+        c.cmd("MAIL FROM:<a@corp.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "250").await;
+        c.cmd("RCPT TO:<ok@y.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.cmd(
+            "X-Petrel-Tags: order=17, campaign=spring\r\nMessage-ID: <m1@corp.test>\r\nSubject: x\r\n\r\nhi\r\n.",
+            "250 2.0.0",
+        )
+        .await;
+        let msg = &f.messages()[0];
+        let text = String::from_utf8_lossy(&msg.data);
+        assert!(!text.to_ascii_lowercase().contains("x-petrel-tags"), "{text}");
+        assert_eq!(msg.tags.get("order").map(String::as_str), Some("17"));
+        assert_eq!(msg.header_message_id.as_deref(), Some("m1@corp.test"));
+        let events = f.mem.events();
+        let kinds: Vec<EventType> = events.iter().map(|e| e.kind).collect();
+        assert_eq!(kinds, [EventType::Rejected, EventType::Accepted, EventType::Suppressed]);
+        for e in &events[1..] {
+            assert_eq!(e.queue_id.as_deref(), Some(msg.id.as_str()));
+            assert_eq!(e.header_message_id.as_deref(), Some("m1@corp.test"));
+            assert_eq!(e.tags, msg.tags);
+        }
+        assert_eq!(events[1].recipient.as_deref(), Some("ok@y.org"));
+        assert_eq!(events[2].recipient.as_deref(), Some("gone@x.org"));
+        // A bad tag header refuses the message, naming the tag, and is a
+        // `rejected` event per recipient.
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<b@x.org>", "250").await;
+        c.cmd("DATA", "354").await;
+        let r = c
+            .cmd("X-Petrel-Tags: bad key=1\r\nSubject: x\r\n\r\nhi\r\n.", "550 5.6.0")
+            .await;
+        assert!(r.contains("\"bad key\""), "{r}");
+        let events = events_soon(&f, 4).await;
+        assert_eq!(events[3].kind, EventType::Rejected);
+        assert_eq!(events[3].recipient.as_deref(), Some("b@x.org"));
+        assert_eq!(f.messages().len(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refusal_is_sent_when_its_event_cannot_be_recorded() {
+    bounded(async {
+        let f = fixture("");
+        suppress(&f, "gone@x.org").await;
+        f.mem.fail_next_publishes(1);
+        let mut c = f.connect("10.1.2.3:4000").await;
+        c.cmd("EHLO client.test", "250").await;
+        c.cmd("MAIL FROM:<a@example.test>", "250").await;
+        c.cmd("RCPT TO:<gone@x.org>", "550 5.1.1").await;
+        let lost = &f.ctx.metrics.events_lost;
+        while lost.with_label_values(&["rejected"]).get() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(f.mem.events().is_empty());
+        // The session goes on.
+        c.cmd("RCPT TO:<ok@x.org>", "250").await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn daily_quota_is_shared_and_enforced_at_mail() {
     bounded(async {
@@ -737,6 +831,7 @@ async fn http_submissions_take_the_same_path() {
                 mail_from: from.into(),
                 recipients: rcpts.iter().map(|r| r.to_string()).collect(),
                 data: b"From: a@example.test\r\nSubject: api\r\n\r\nhello\r\n".to_vec(),
+                tags: Default::default(),
             };
         let id = submit
             .submit(sub(

@@ -19,6 +19,9 @@ use super::{
 };
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 
+/// A consumer group: its cursor and its claims (seq -> claimed at, consumer).
+type Group = (u64, BTreeMap<u64, (Millis, String)>);
+
 #[derive(Default)]
 struct Store {
     /// Stored messages by id, with the units not yet finished.
@@ -36,7 +39,7 @@ struct Store {
     next_seq: u64,
     events: BTreeMap<u64, (Millis, Event)>,
     /// Group -> (cursor, seq -> (claimed at, consumer)).
-    groups: BTreeMap<String, (u64, BTreeMap<u64, (Millis, String)>)>,
+    groups: BTreeMap<String, Group>,
 }
 
 impl Store {

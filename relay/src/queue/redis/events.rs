@@ -147,6 +147,34 @@ impl RedisBackend {
         }))
     }
 
+    /// Every consumer group of the stream (none without a stream).
+    async fn group_names(&self) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        let groups: Value = match self
+            .bounded(
+                redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&self.keys.events)
+                    .query_async(&mut conn),
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(QueueError::Unavailable(e)) if e.contains("no such key") => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let Value::Array(groups) = groups else {
+            return Ok(Vec::new());
+        };
+        Ok(groups
+            .iter()
+            .filter_map(|g| match g {
+                Value::Array(info) => info_field(info, "name").and_then(text),
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The first entry after `id`, if any.
     async fn first_after(&self, id: &str) -> Result<Option<StoredEvent>, QueueError> {
         Ok(EventLog::read(self, Some(&id.to_string()), 1)
@@ -211,7 +239,9 @@ impl EventLog for RedisBackend {
                     .arg(key)
                     .arg(group)
                     .arg(consumer)
-                    .arg(super::ms(reclaim_after))
+                    // 0 takes over every pending entry (not `ms`, whose
+                    // floor of 1 would spare those claimed this millisecond).
+                    .arg(reclaim_after.as_millis() as u64)
                     .arg("0-0")
                     .arg("COUNT")
                     .arg(max)
@@ -370,6 +400,52 @@ impl EventLog for RedisBackend {
                     .query_async(&mut conn),
             )
             .await?;
+        // Claims on trimmed entries stay in the groups' pending lists
+        // (Redis keeps them); acknowledge them so backlogs count only
+        // what can still be sent.
+        let boundary = format!("({}-{}", min_id.0, min_id.1);
+        let groups = match min_id {
+            // Nothing can be older than 0-0 (and Redis refuses "(0-0").
+            (0, 0) => Vec::new(),
+            _ => self.group_names().await?,
+        };
+        for group in groups {
+            for _ in 0..100 {
+                let dangling: Value = self
+                    .bounded(
+                        redis::cmd("XPENDING")
+                            .arg(&self.keys.events)
+                            .arg(&group)
+                            .arg("-")
+                            .arg(&boundary)
+                            .arg(1000)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                let ids: Vec<String> = match &dangling {
+                    Value::Array(rows) => rows
+                        .iter()
+                        .filter_map(|row| match row {
+                            Value::Array(fields) => fields.first().and_then(text),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                let _: i64 = self
+                    .bounded(
+                        redis::cmd("XACK")
+                            .arg(&self.keys.events)
+                            .arg(&group)
+                            .arg(&ids)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+            }
+        }
         Ok(TrimReport {
             trimmed,
             dropped_unacked: 0,
