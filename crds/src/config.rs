@@ -21,11 +21,13 @@ use serde::{Deserialize, Serialize};
 mod duration;
 mod events;
 mod outbound_tls;
+mod tracking;
 mod validate;
 
 pub use duration::Duration;
 pub use events::{EVENT_TYPES, EventsConfig, Webhook};
 pub use outbound_tls::{OutboundTls, OutboundTlsConfig, TlsPolicyOverride};
+pub use tracking::{DomainTracking, TrackingConfig};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -75,6 +77,10 @@ pub struct RelayConfig {
     #[serde(default)]
     pub http: HttpConfig,
 
+    /// Engagement tracking: the key of tracking tokens. Which domains track
+    /// opens and clicks is `domains[].tracking`.
+    #[serde(default, skip_serializing_if = "TrackingConfig::is_default")]
+    pub tracking: TrackingConfig,
     /// The event log (retention) and the webhooks events are sent to.
     #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
     pub events: EventsConfig,
@@ -162,6 +168,9 @@ pub struct SendingDomain {
     /// Sending rate limits, shared by all relay pods.
     #[serde(default, skip_serializing_if = "RateLimits::is_unlimited")]
     pub rate_limits: RateLimits,
+    /// Open and click tracking of this domain's HTML mail. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<DomainTracking>,
 }
 
 /// DKIM signing key of a domain.

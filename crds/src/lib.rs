@@ -4,3 +4,4 @@ pub mod dkim_key;
 pub mod sending_domain;
 pub mod smtp_relay;
 pub mod status;
+pub mod tracking;

@@ -189,6 +189,10 @@ pub struct SmtpRelaySpec {
     )]
     pub hostname: Option<String>,
 
+    /// Engagement tracking: the public host tracked links and pixels reach the relay's HTTP port
+    /// through, and the token key. Needed when a bound SendingDomain sets `spec.tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::RelayTrackingSpec>,
     /// The event log and the signed webhooks every relay pod sends events to (delivered, bounced,
     /// deferred, ...). Each event reaches each webhook at least once, from one pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -238,6 +238,8 @@ pub struct HttpState {
     queue: Arc<dyn Queue>,
     metrics: HttpMetrics,
     send: Option<SendApi>,
+    /// More routes with their own state (the tracking endpoints).
+    routes: Option<Router>,
     admin: Option<AdminApi>,
 }
 
@@ -256,6 +258,7 @@ impl HttpState {
             queue,
             metrics,
             send: None,
+            routes: None,
             admin: None,
         })
     }
@@ -274,8 +277,17 @@ impl HttpState {
     }
 }
 
+impl HttpState {
+    /// Serves `routes` too (the tracking endpoints, which route by Host).
+    pub fn with_routes(mut self, routes: Router) -> HttpState {
+        self.routes = Some(routes);
+        self
+    }
+}
+
 /// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled, `/v1/send`.
-pub fn router(state: HttpState) -> Router {
+pub fn router(mut state: HttpState) -> Router {
+    let extra = state.routes.take();
     let body_limit = state
         .send
         .as_ref()
@@ -289,6 +301,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/admin/v1/events", get(admin_events))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
+        .merge(extra.unwrap_or_default())
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.
@@ -472,6 +485,10 @@ pub struct SendRequest {
     /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// `false` sends this message untracked even when its domain tracks
+    /// opens and clicks (as the header `X-Petrel-Track: off` does).
+    #[serde(default)]
+    pub track: Option<bool>,
     /// The app's tags, returned in every event of the message: at most 10,
     /// keys `[A-Za-z0-9_.-]{1,64}`, values printable ASCII up to 256
     /// characters (see [`crate::events::tags`]).
@@ -665,6 +682,12 @@ pub fn build_message(
         builder = builder.header(
             name.clone(),
             mail_builder::headers::text::Text::new(value.clone()),
+        );
+    }
+    if request.track == Some(false) {
+        builder = builder.header(
+            crate::tracking::OPT_OUT_HEADER,
+            mail_builder::headers::raw::Raw::new("off"),
         );
     }
     if let Some(text) = &request.text {

@@ -20,3 +20,4 @@ pub mod policy;
 pub mod queue;
 pub mod reload;
 pub mod server;
+pub mod tracking;

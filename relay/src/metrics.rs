@@ -46,6 +46,8 @@ pub struct RelayMetrics {
     pub delivery_latency: HistogramVec,
     /// Time to make a message durable in the queue after DATA.
     pub enqueue_duration: Histogram,
+    /// Engagement tracking: rewrites, opens, clicks.
+    pub tracking: crate::tracking::TrackingMetrics,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -124,7 +126,9 @@ impl RelayMetrics {
         )?;
         registry.register(Box::new(enqueue_duration.clone()))?;
 
+        let tracking = crate::tracking::TrackingMetrics::register(registry)?;
         Ok(RelayMetrics {
+            tracking,
             received: counter(
                 registry,
                 "petrel_messages_received_total",

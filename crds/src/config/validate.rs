@@ -85,6 +85,7 @@ impl RelayConfig {
         self.check_delivery(&mut errors);
         self.check_limits(&mut errors);
         super::events::check(&self.events, &mut errors);
+        self.check_tracking(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -451,7 +452,7 @@ impl RelayConfig {
 
 /// A DNS name as used for domains, selectors and host names: dot-separated
 /// labels of letters, digits and hyphens (RFC 1123), 253 bytes at most.
-fn check_domain_name(name: &str) -> Result<(), String> {
+pub(super) fn check_domain_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_string());
     }

@@ -102,6 +102,7 @@ const CONFIG_DIR: &str = "/etc/petrel/config";
 const DKIM_DIR: &str = "/etc/petrel/dkim";
 const TLS_DIR: &str = "/etc/petrel/tls";
 const AUTH_DIR: &str = "/etc/petrel/auth";
+const TRACKING_DIR: &str = "/etc/petrel/tracking";
 const REDIS_DIR: &str = "/etc/petrel/redis";
 const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 /// Webhook signing secrets, one file per webhook name.
@@ -327,6 +328,12 @@ pub fn relay_config(
                 per_day: to_u32(limits.per_day),
                 daily_quota: to_u32(limits.daily_quota),
             },
+            tracking: d.spec.tracking.as_ref().map(|t| rc::DomainTracking {
+                opens: t.opens,
+                clicks: t.clicks,
+                domain: t.domain.clone(),
+                https: t.https,
+            }),
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -363,6 +370,12 @@ pub fn relay_config(
         },
         delivery,
         limits,
+        tracking: rc::TrackingConfig {
+            key_file: spec
+                .tracking
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{TRACKING_DIR}/key"))),
+        },
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
             admin_token_file: None,
@@ -546,6 +559,14 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
     if let Some(users) = &spec.auth_users_secret_name {
         volumes.push(secret_volume("auth", users, Some(vec![("users", "users")])));
         mounts.push(mount("auth", AUTH_DIR));
+    }
+    if let Some(tracking) = &spec.tracking {
+        volumes.push(secret_volume(
+            "tracking",
+            &tracking.key_secret_name,
+            Some(vec![("key", "key")]),
+        ));
+        mounts.push(mount("tracking", TRACKING_DIR));
     }
     if let Some(creds) = spec
         .delivery
