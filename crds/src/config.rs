@@ -20,14 +20,18 @@ use serde::{Deserialize, Serialize};
 
 mod duration;
 mod events;
+mod outbound_tls;
 mod redis_url;
 mod startup;
+mod tracking;
 mod validate;
 
 pub use duration::Duration;
 pub use events::{EVENT_TYPES, EventsConfig, Webhook};
+pub use outbound_tls::{OutboundTls, OutboundTlsConfig, TlsPolicyOverride};
 pub use redis_url::{RedisTarget, parse_redis_url};
 pub use startup::{StartupConfig, StartupDelivery, StartupHttp, StartupListener, StartupQueue};
+pub use tracking::{DomainTracking, TrackingConfig};
 pub use validate::{ConfigError, FieldError};
 
 /// The whole relay configuration file.
@@ -77,6 +81,10 @@ pub struct RelayConfig {
     #[serde(default)]
     pub http: HttpConfig,
 
+    /// Engagement tracking: the key of tracking tokens. Which domains track
+    /// opens and clicks is `domains[].tracking`.
+    #[serde(default, skip_serializing_if = "TrackingConfig::is_default")]
+    pub tracking: TrackingConfig,
     /// The event log (retention) and the webhooks events are sent to.
     #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
     pub events: EventsConfig,
@@ -171,6 +179,9 @@ pub struct SendingDomain {
     /// domain from writing `From: ceo@bank.test`.
     #[serde(default)]
     pub from_header: FromHeaderPolicy,
+    /// Open and click tracking of this domain's HTML mail. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<DomainTracking>,
 }
 
 /// Whether the header From is bound to the sending domains of the client.
@@ -331,10 +342,18 @@ pub struct DeliveryConfig {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delayed_dsn_after: Option<Duration>,
-    /// Outbound TLS: `opportunistic` uses STARTTLS when offered, `required`
-    /// defers when it is not.
+    /// Default outbound TLS mode: `opportunistic` (STARTTLS when offered,
+    /// any certificate), `encrypted` (TLS mandatory, any certificate) or
+    /// `verified` (TLS mandatory, certificate verified against the MX
+    /// name). `required` is accepted as an alias of `verified`.
     #[serde(default)]
     pub outbound_tls: OutboundTls,
+    /// Trust anchors and per-destination overrides of `outboundTls`.
+    #[serde(default, skip_serializing_if = "OutboundTlsConfig::is_empty")]
+    pub tls: OutboundTlsConfig,
+    /// MTA-STS (RFC 8461): look up and honour recipient domains' policies.
+    #[serde(default = "default_true")]
+    pub mta_sts: bool,
     /// Connections to one destination, summed over all relay pods.
     #[serde(default = "default_per_destination_concurrency")]
     pub per_destination_concurrency: u32,
@@ -365,6 +384,8 @@ impl Default for DeliveryConfig {
             max_queue_lifetime: default_max_queue_lifetime(),
             delayed_dsn_after: None,
             outbound_tls: OutboundTls::default(),
+            tls: OutboundTlsConfig::default(),
+            mta_sts: true,
             per_destination_concurrency: default_per_destination_concurrency(),
             per_destination_rate: None,
             workers: default_workers(),
@@ -372,6 +393,10 @@ impl Default for DeliveryConfig {
             timeouts: OutboundTimeouts::default(),
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_retry_schedule() -> Vec<Duration> {
@@ -416,6 +441,13 @@ pub struct MxConfig {
     /// DNS servers (`ip:port`). The system resolver when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nameservers: Vec<SocketAddr>,
+    /// HTTPS port of MTA-STS policy hosts (`mta-sts.<domain>`): 443 except
+    /// in tests, which cannot bind 443. Leave it alone in production.
+    #[serde(
+        default = "default_mta_sts_port",
+        skip_serializing_if = "is_default_mta_sts_port"
+    )]
+    pub mta_sts_port: u16,
 }
 
 impl Default for MxConfig {
@@ -423,12 +455,21 @@ impl Default for MxConfig {
         MxConfig {
             port: default_mx_port(),
             nameservers: Vec::new(),
+            mta_sts_port: default_mta_sts_port(),
         }
     }
 }
 
 fn default_mx_port() -> u16 {
     25
+}
+
+fn default_mta_sts_port() -> u16 {
+    443
+}
+
+fn is_default_mta_sts_port(port: &u16) -> bool {
+    *port == default_mta_sts_port()
 }
 
 /// Upstream server for `transport: smarthost`.
@@ -465,17 +506,6 @@ fn default_smarthost_tls() -> TlsMode {
 pub struct MaildirConfig {
     /// Root of the Maildir tree (`cur`, `new`, `tmp` are created).
     pub path: PathBuf,
-}
-
-/// Outbound TLS policy.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OutboundTls {
-    /// STARTTLS when the server offers it, plain text otherwise.
-    #[default]
-    Opportunistic,
-    /// Defer rather than send in plain text.
-    Required,
 }
 
 /// Outbound SMTP timeouts, defaults from RFC 5321 4.5.3.2.

@@ -5,3 +5,4 @@ mod mirror;
 pub mod sending_domain;
 pub mod smtp_relay;
 pub mod status;
+pub mod tracking;

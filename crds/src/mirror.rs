@@ -41,7 +41,9 @@ impl From<sr::OutboundTls> for rc::OutboundTls {
     fn from(policy: sr::OutboundTls) -> Self {
         match policy {
             sr::OutboundTls::Opportunistic => rc::OutboundTls::Opportunistic,
-            sr::OutboundTls::Required => rc::OutboundTls::Required,
+            sr::OutboundTls::Encrypted => rc::OutboundTls::Encrypted,
+            // `required` is the pre-0.2 name of `verified`.
+            sr::OutboundTls::Verified | sr::OutboundTls::Required => rc::OutboundTls::Verified,
         }
     }
 }
@@ -101,8 +103,13 @@ mod tests {
         same::<sr::Transport, rc::Transport>(&[sr::Transport::Mx, sr::Transport::Smarthost]);
         same::<sr::OutboundTls, rc::OutboundTls>(&[
             sr::OutboundTls::Opportunistic,
-            sr::OutboundTls::Required,
+            sr::OutboundTls::Encrypted,
+            sr::OutboundTls::Verified,
         ]);
+        assert_eq!(
+            rc::OutboundTls::from(sr::OutboundTls::Required),
+            rc::OutboundTls::Verified
+        );
         same::<status::DkimAlgorithm, rc::DkimAlgorithm>(&[
             status::DkimAlgorithm::Ed25519,
             status::DkimAlgorithm::Rsa2048,

@@ -118,6 +118,10 @@ pub struct SendingDomainSpec {
     #[serde(default)]
     pub from_header: FromHeaderPolicy,
 
+    /// Open and click tracking of this domain's HTML mail. Off when unset. Needs the relay's
+    /// `spec.tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::TrackingSpec>,
     /// Publish `status.dnsRecords` through a DNS controller instead of by hand.
     #[serde(default)]
     pub dns_publish: DnsPublishSpec,

@@ -189,6 +189,10 @@ pub struct SmtpRelaySpec {
     )]
     pub hostname: Option<String>,
 
+    /// Engagement tracking: the public host tracked links and pixels reach the relay's HTTP port
+    /// through, and the token key. Needed when a bound SendingDomain sets `spec.tracking`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<crate::tracking::RelayTrackingSpec>,
     /// The event log and the signed webhooks every relay pod sends events to (delivered, bounced,
     /// deferred, ...). Each event reaches each webhook at least once, from one pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -485,11 +489,26 @@ pub enum Transport {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum OutboundTls {
-    /// Use STARTTLS when offered, fall back to plaintext otherwise.
+    /// Use STARTTLS when offered, fall back to plaintext otherwise; any certificate.
     #[default]
     Opportunistic,
-    /// Defer delivery to servers that do not offer STARTTLS.
+    /// TLS mandatory, any certificate: defer rather than send in plain text.
+    Encrypted,
+    /// TLS mandatory and the certificate verified against the MX host name (Mozilla roots).
+    Verified,
+    /// Alias of verified (before 0.2 it meant TLS mandatory with any certificate).
     Required,
+}
+
+/// Outbound TLS mode for one recipient domain.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsPolicySpec {
+    /// Recipient domain, for example `bank.example` (exact match, case-insensitive).
+    #[schemars(length(min = 1, max = 253))]
+    pub domain: String,
+    /// TLS mode for mail to that domain: opportunistic, encrypted, verified (or required, an alias of verified).
+    pub mode: OutboundTls,
 }
 
 /// Upstream server that receives all mail when `transport` is `smarthost`.
@@ -552,9 +571,22 @@ pub struct DeliverySpec {
     #[serde(default = "default_per_destination_concurrency")]
     #[schemars(range(min = 1, max = 1000))]
     pub per_destination_concurrency: i32,
-    /// opportunistic uses STARTTLS when offered; required defers mail to servers without it.
+    /// Default outbound TLS: opportunistic uses STARTTLS when offered; encrypted defers mail to
+    /// servers without it; verified also defers when the certificate does not chain to a Mozilla
+    /// root or does not name the MX host. required is an alias of verified.
     #[serde(default)]
     pub outbound_tls: OutboundTls,
+    /// Per-destination overrides of outboundTls.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000))]
+    pub tls_policies: Vec<TlsPolicySpec>,
+    /// Honour recipient domains' MTA-STS policies (RFC 8461).
+    #[serde(default = "default_mta_sts")]
+    pub mta_sts: bool,
+}
+
+fn default_mta_sts() -> bool {
+    true
 }
 
 impl Default for DeliverySpec {
@@ -566,6 +598,8 @@ impl Default for DeliverySpec {
             max_queue_lifetime: default_max_queue_lifetime(),
             per_destination_concurrency: default_per_destination_concurrency(),
             outbound_tls: OutboundTls::Opportunistic,
+            tls_policies: Vec::new(),
+            mta_sts: true,
         }
     }
 }

@@ -165,6 +165,8 @@ pub enum DnsRecordPurpose {
     Dmarc,
     /// Return path: routes bounces for the custom return-path domain.
     ReturnPath,
+    /// Tracking: the tracking domain's CNAME to the relay's public tracking host.
+    Tracking,
 }
 
 /// What DNS answered for a record the last time it was checked.
@@ -198,7 +200,7 @@ pub struct DnsRecord {
     /// quoted strings, the zone-file form most DNS providers accept as is.
     #[schemars(length(max = 4096))]
     pub value: String,
-    /// Why the record is needed: spf, dkim, dmarc or returnPath.
+    /// Why the record is needed: spf, dkim, dmarc, returnPath or tracking.
     pub purpose: DnsRecordPurpose,
     /// Verification state: verified, missing, mismatch, unknown (lookup failed) or pending.
     #[serde(default)]

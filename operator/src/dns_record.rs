@@ -72,6 +72,16 @@ pub fn evaluate(desired: &DesiredRecord, answer: &TxtAnswer) -> (DnsRecordState,
         TxtAnswer::NotFound => return (DnsRecordState::Missing, None),
         TxtAnswer::Failed(_) => return (DnsRecordState::Unknown, None),
     };
+    if desired.type_ == DnsRecordType::CNAME {
+        // A name has one CNAME; host names compare case-insensitively.
+        let target = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();
+        return match records.as_slice() {
+            [one] if !desired.value.is_empty() && target(one) == target(&desired.value) => {
+                (DnsRecordState::Verified, None)
+            }
+            _ => (DnsRecordState::Mismatch, Some(records.join(" | "))),
+        };
+    }
     // Only records of the same kind are candidates (a domain has many TXT records).
     let kind = record_kind(&desired.value);
     let candidates: Vec<&String> = records

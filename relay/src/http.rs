@@ -275,6 +275,8 @@ pub struct HttpState {
     queue: Arc<dyn Queue>,
     metrics: HttpMetrics,
     send: Option<SendApi>,
+    /// More routes with their own state (the tracking endpoints).
+    routes: Option<Router>,
     admin: Option<AdminApi>,
 }
 
@@ -293,6 +295,7 @@ impl HttpState {
             queue,
             metrics,
             send: None,
+            routes: None,
             admin: None,
         })
     }
@@ -314,13 +317,22 @@ impl HttpState {
     }
 }
 
+impl HttpState {
+    /// Serves `routes` too (the tracking endpoints, which route by Host).
+    pub fn with_routes(mut self, routes: Router) -> HttpState {
+        self.routes = Some(routes);
+        self
+    }
+}
+
 /// The routes: `/metrics`, `/healthz`, `/readyz` and, when enabled,
 /// `/v1/send` and `/admin/v1/events`.
 ///
 /// `/v1/send` takes a request slot (total and per client) before anything
 /// else; the probes and `/metrics` never do, so the kubelet gets its
 /// answers however busy the send API is.
-pub fn router(state: HttpState) -> Router {
+pub fn router(mut state: HttpState) -> Router {
+    let extra = state.routes.take();
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
@@ -328,6 +340,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/send", post(send_handler))
         .route("/admin/v1/events", get(admin_events))
         .with_state(state)
+        .merge(extra.unwrap_or_default())
 }
 
 /// Serves [`router`] on `listener` until `shutdown` completes.
@@ -511,6 +524,10 @@ pub struct SendRequest {
     /// To, Date, Message-ID, MIME, DKIM) cannot be set this way.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
+    /// `false` sends this message untracked even when its domain tracks
+    /// opens and clicks (as the header `X-Petrel-Track: off` does).
+    #[serde(default)]
+    pub track: Option<bool>,
     /// The app's tags, returned in every event of the message: at most 10,
     /// keys `[A-Za-z0-9_.-]{1,64}`, values printable ASCII up to 256
     /// characters (see [`crate::events::tags`]).
@@ -704,6 +721,12 @@ pub fn build_message(
         builder = builder.header(
             name.clone(),
             mail_builder::headers::text::Text::new(value.clone()),
+        );
+    }
+    if request.track == Some(false) {
+        builder = builder.header(
+            crate::tracking::OPT_OUT_HEADER,
+            mail_builder::headers::raw::Raw::new("off"),
         );
     }
     if let Some(text) = &request.text {

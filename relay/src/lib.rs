@@ -21,3 +21,4 @@ pub mod queue;
 pub mod refusal;
 pub mod reload;
 pub mod server;
+pub mod tracking;

@@ -28,6 +28,10 @@ pub struct RelayMetrics {
     pub dkim_signed: IntCounterVec,
     /// Outbound SMTP sessions, by destination and `tls`/`plaintext`.
     pub outbound_sessions: IntCounterVec,
+    /// Outbound connection attempts by TLS policy (`mta-sts`, `verified`,
+    /// `encrypted`, `opportunistic`, `none`) and result (`tls`,
+    /// `plaintext`, or a TLS-RPT failure type).
+    pub outbound_tls: IntCounterVec,
     /// Failed AUTH attempts, by listener.
     pub auth_failures: IntCounterVec,
     /// Queue units by state (`due`, `deferred`, `leased`).
@@ -42,6 +46,8 @@ pub struct RelayMetrics {
     pub delivery_latency: HistogramVec,
     /// Time to make a message durable in the queue after DATA.
     pub enqueue_duration: Histogram,
+    /// Engagement tracking: rewrites, opens, clicks.
+    pub tracking: crate::tracking::TrackingMetrics,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -120,7 +126,9 @@ impl RelayMetrics {
         )?;
         registry.register(Box::new(enqueue_duration.clone()))?;
 
+        let tracking = crate::tracking::TrackingMetrics::register(registry)?;
         Ok(RelayMetrics {
+            tracking,
             received: counter(
                 registry,
                 "petrel_messages_received_total",
@@ -168,6 +176,12 @@ impl RelayMetrics {
                 "petrel_outbound_sessions_total",
                 "Outbound SMTP sessions, by TLS use.",
                 &["destination", "tls"],
+            )?,
+            outbound_tls: counter(
+                registry,
+                "petrel_outbound_tls_total",
+                "Outbound connection attempts, by TLS policy and result.",
+                &["policy", "result"],
             )?,
             auth_failures: counter(
                 registry,

@@ -372,6 +372,7 @@ mod tests {
                 allowed_users: users,
                 on_suppressed: SuppressedAction::Refuse,
                 return_path_domain: None,
+                tracking: None,
                 rate_limits: RateLimits::default(),
                 from_header: Default::default(),
             });

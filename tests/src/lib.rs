@@ -8,6 +8,7 @@
 //!   answers as scripted.
 //! - [`webhook_receiver`]: an HTTP server that verifies webhook signatures
 //!   and counts distinct events.
+//! - [`https`]: an HTTPS server with one scripted answer (MTA-STS policy hosts).
 //!
 //! Every helper binds 127.0.0.1 only, owns its resources (temp dirs, child
 //! processes, tasks) and releases them on drop, so a failing test leaks
@@ -33,6 +34,7 @@
 
 pub mod bench;
 pub mod dns;
+pub mod https;
 pub mod ports;
 pub mod redis;
 pub mod smtp_sink;

@@ -895,6 +895,39 @@ mod cases {
         assert_eq!(b.state.counter("auth:10.0.0.1").await.unwrap(), 3);
     }
 
+    pub async fn values_are_shared_replaced_and_expire(b: Backend) {
+        assert_eq!(b.state.get_value("mta-sts:x.org").await.unwrap(), None);
+        b.state
+            .set_value("mta-sts:x.org", "one", MINUTE)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.state.get_value("mta-sts:x.org").await.unwrap().as_deref(),
+            Some("one")
+        );
+        b.state
+            .set_value("mta-sts:x.org", "two", MINUTE)
+            .await
+            .unwrap();
+        assert_eq!(
+            b.state.get_value("mta-sts:x.org").await.unwrap().as_deref(),
+            Some("two")
+        );
+        assert_eq!(b.state.get_value("mta-sts:y.org").await.unwrap(), None);
+        // A short time to live: the value disappears by itself.
+        b.state
+            .set_value("mta-sts:y.org", "short", Duration::from_millis(100))
+            .await
+            .unwrap();
+        while b.state.get_value("mta-sts:y.org").await.unwrap().is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            b.state.get_value("mta-sts:x.org").await.unwrap().as_deref(),
+            Some("two")
+        );
+    }
+
     pub async fn slots_respect_their_limit_and_ttl(b: Backend) {
         let a = b
             .state
@@ -1043,6 +1076,7 @@ conformance!(
     enqueue_of_the_same_id_stores_it_once,
     suppression_list_adds_expires_and_removes,
     counters_add_up_within_their_window,
+    values_are_shared_replaced_and_expire,
     slots_respect_their_limit_and_ttl,
     two_consumers_never_lease_the_same_unit,
 );
@@ -1611,6 +1645,7 @@ async fn redis_cluster_passes_the_conformance_cases() {
             enqueue_of_the_same_id_stores_it_once,
             suppression_list_adds_expires_and_removes,
             counters_add_up_within_their_window,
+            values_are_shared_replaced_and_expire,
             slots_respect_their_limit_and_ttl,
             two_consumers_never_lease_the_same_unit,
         );

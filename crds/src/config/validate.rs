@@ -85,6 +85,7 @@ impl RelayConfig {
         self.check_delivery(&mut errors);
         self.check_limits(&mut errors);
         super::events::check(&self.events, &mut errors);
+        self.check_tracking(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -364,6 +365,21 @@ impl RelayConfig {
         if d.workers == 0 {
             errors.push(FieldError::new("delivery.workers", "must be at least 1"));
         }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, p) in d.tls.policies.iter().enumerate() {
+            let at = format!("delivery.tls.policies[{i}].domain");
+            if let Err(why) = check_domain_name(&p.domain) {
+                errors.push(FieldError::new(at, why));
+            } else if let Some(first) = seen.insert(p.domain.to_ascii_lowercase(), i) {
+                errors.push(FieldError::new(
+                    at,
+                    format!(
+                        "{:?} is already used by delivery.tls.policies[{first}]",
+                        p.domain
+                    ),
+                ));
+            }
+        }
     }
 
     fn check_limits(&self, errors: &mut Vec<FieldError>) {
@@ -434,7 +450,7 @@ impl RelayConfig {
 
 /// A DNS name as used for domains, selectors and host names: dot-separated
 /// labels of letters, digits and hyphens (RFC 1123), 253 bytes at most.
-fn check_domain_name(name: &str) -> Result<(), String> {
+pub(super) fn check_domain_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".to_string());
     }

@@ -17,11 +17,12 @@ use petrel_crds::sending_domain::{
 };
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
-    Condition, ConditionStatus, DnsRecord, DnsRecordState, conditions_equivalent, merge_conditions,
+    Condition, ConditionStatus, DnsRecord, DnsRecordState, DnsRecordType, conditions_equivalent,
+    merge_conditions,
 };
 
 use super::dns_endpoint;
-use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate};
+use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate, tracking_record};
 use super::validate::{owned_dkim_key_spec, validate};
 use crate::apply::{FIELD_MANAGER, apply, apply_status};
 use crate::context::Context;
@@ -117,7 +118,8 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     };
     let key_status = key.status.clone().unwrap_or_default();
 
-    let desired = desired_records(&sd.spec, &relay.spec.egress_ips, Some(&key_status));
+    let mut desired = desired_records(&sd.spec, &relay.spec.egress_ips, Some(&key_status));
+    desired.extend(tracking_record(&sd.spec, relay.spec.tracking.as_ref()));
     let records = verify(&desired, ctx, &now).await;
     let conditions = conditions(&records, &key_status, generation, now);
     let all_verified = records.iter().all(|r| r.state == DnsRecordState::Verified);
@@ -192,7 +194,10 @@ async fn verify(desired: &[DesiredRecord], ctx: &Context, now: &Time) -> Vec<Dns
     let mut answers: BTreeMap<&str, TxtAnswer> = BTreeMap::new();
     for record in desired {
         if !answers.contains_key(record.name.as_str()) {
-            let answer = ctx.dns.lookup_txt(&record.name).await;
+            let answer = match record.type_ {
+                DnsRecordType::CNAME => ctx.dns.lookup_cname(&record.name).await,
+                _ => ctx.dns.lookup_txt(&record.name).await,
+            };
             answers.insert(record.name.as_str(), answer);
         }
     }

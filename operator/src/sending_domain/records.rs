@@ -4,6 +4,7 @@
 use petrel_crds::dkim_key::DkimKeyStatus;
 use petrel_crds::sending_domain::SendingDomainSpec;
 use petrel_crds::status::{DkimKeyPhase, DnsRecordPurpose, DnsRecordType};
+use petrel_crds::tracking::RelayTrackingSpec;
 
 pub use crate::dns_record::{DesiredRecord, TXT_CHUNK, TxtAnswer, evaluate, split_txt};
 
@@ -93,6 +94,30 @@ pub fn desired_records(
         note: None,
     });
     records
+}
+
+/// The tracking domain's CNAME to the relay's public tracking host, when the
+/// domain tracks opens or clicks. Without a relay `spec.tracking` the record
+/// has no target yet: it is listed with a note saying what to set.
+pub fn tracking_record(
+    spec: &SendingDomainSpec,
+    relay: Option<&RelayTrackingSpec>,
+) -> Option<DesiredRecord> {
+    let tracking = spec.tracking.as_ref().filter(|t| t.opens || t.clicks)?;
+    let (value, note) = match relay {
+        Some(r) => (r.hostname.trim_end_matches('.').to_ascii_lowercase(), None),
+        None => (
+            String::new(),
+            Some("set the relay's spec.tracking.hostname: the CNAME points there".to_string()),
+        ),
+    };
+    Some(DesiredRecord {
+        name: tracking.domain.trim_end_matches('.').to_ascii_lowercase(),
+        type_: DnsRecordType::CNAME,
+        value,
+        purpose: DnsRecordPurpose::Tracking,
+        note,
+    })
 }
 
 #[cfg(test)]
@@ -215,6 +240,51 @@ mod tests {
         let value = format!("{}é\"end", "a".repeat(254));
         let shown = split_txt(&value);
         assert_eq!(shown, format!("\"{}\" \"é\\\"end\"", "a".repeat(254)));
+    }
+
+    #[test]
+    fn tracking_cname_points_at_the_relay_host_and_verifies() {
+        let sd = spec(
+            "{domain: example.com, relayRef: {name: r}, tracking: {opens: true, domain: Track.Example.com}}",
+        );
+        let relay = RelayTrackingSpec {
+            hostname: "track.petrel.example.net".into(),
+            key_secret_name: "k".into(),
+        };
+        let record = tracking_record(&sd, Some(&relay)).unwrap();
+        assert_eq!(record.name, "track.example.com");
+        assert_eq!(record.type_, DnsRecordType::CNAME);
+        assert_eq!(record.value, "track.petrel.example.net");
+        assert_eq!(record.purpose, DnsRecordPurpose::Tracking);
+        let answer = |s: &str| TxtAnswer::Records(vec![s.to_string()]);
+        let table = [
+            (
+                answer("Track.Petrel.Example.net."),
+                DnsRecordState::Verified,
+            ),
+            (answer("elsewhere.example.net"), DnsRecordState::Mismatch),
+            (TxtAnswer::NotFound, DnsRecordState::Missing),
+            (TxtAnswer::Failed("timeout".into()), DnsRecordState::Unknown),
+        ];
+        for (answer, want) in table {
+            assert_eq!(evaluate(&record, &answer).0, want, "{answer:?}");
+        }
+        let unset = tracking_record(&sd, None).unwrap();
+        assert!(unset.note.is_some());
+        assert_eq!(
+            evaluate(&unset, &answer("x.example")).0,
+            DnsRecordState::Mismatch
+        );
+        let off =
+            spec("{domain: example.com, relayRef: {name: r}, tracking: {domain: t.example.com}}");
+        assert_eq!(tracking_record(&off, Some(&relay)), None);
+        assert_eq!(
+            tracking_record(
+                &spec("{domain: example.com, relayRef: {name: r}}"),
+                Some(&relay)
+            ),
+            None
+        );
     }
 
     #[test]

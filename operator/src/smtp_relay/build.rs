@@ -103,6 +103,7 @@ const CONFIG_DIR: &str = "/etc/petrel/config";
 const DKIM_DIR: &str = "/etc/petrel/dkim";
 const TLS_DIR: &str = "/etc/petrel/tls";
 const AUTH_DIR: &str = "/etc/petrel/auth";
+const TRACKING_DIR: &str = "/etc/petrel/tracking";
 const REDIS_DIR: &str = "/etc/petrel/redis";
 const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 /// Webhook signing secrets, one file per webhook name.
@@ -240,6 +241,18 @@ pub fn relay_config(
             &delivery_spec.max_queue_lifetime,
         )?,
         outbound_tls: delivery_spec.outbound_tls.into(),
+        tls: rc::OutboundTlsConfig {
+            ca_file: None,
+            policies: delivery_spec
+                .tls_policies
+                .iter()
+                .map(|p| rc::TlsPolicyOverride {
+                    domain: p.domain.clone(),
+                    mode: p.mode.into(),
+                })
+                .collect(),
+        },
+        mta_sts: delivery_spec.mta_sts,
         per_destination_concurrency: non_negative(
             "spec.delivery.perDestinationConcurrency",
             delivery_spec.per_destination_concurrency.into(),
@@ -287,6 +300,12 @@ pub fn relay_config(
                 per_day: to_u32(limits.per_day),
                 daily_quota: to_u32(limits.daily_quota),
             },
+            tracking: d.spec.tracking.as_ref().map(|t| rc::DomainTracking {
+                opens: t.opens,
+                clicks: t.clicks,
+                domain: t.domain.clone(),
+                https: t.https,
+            }),
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -323,6 +342,12 @@ pub fn relay_config(
         },
         delivery,
         limits,
+        tracking: rc::TrackingConfig {
+            key_file: spec
+                .tracking
+                .as_ref()
+                .map(|_| PathBuf::from(format!("{TRACKING_DIR}/key"))),
+        },
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
             ..Default::default()
@@ -523,6 +548,14 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
     if let Some(users) = &spec.auth_users_secret_name {
         volumes.push(secret_volume("auth", users, Some(vec![("users", "users")])));
         mounts.push(mount("auth", AUTH_DIR));
+    }
+    if let Some(tracking) = &spec.tracking {
+        volumes.push(secret_volume(
+            "tracking",
+            &tracking.key_secret_name,
+            Some(vec![("key", "key")]),
+        ));
+        mounts.push(mount("tracking", TRACKING_DIR));
     }
     if let Some(creds) = spec
         .delivery
@@ -919,6 +952,30 @@ mod tests {
             err.message.contains("events.webhooks[0].url"),
             "{}",
             err.message
+        );
+    }
+
+    #[test]
+    fn outbound_tls_modes_and_per_destination_policies_render() {
+        let relay = relay(
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+        );
+        let config = relay_config(&relay, &[], None).expect("renders");
+        // `required` is the old name of `verified`.
+        assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
+        assert!(!config.delivery.mta_sts);
+        assert_eq!(
+            config.delivery.tls.policies,
+            vec![rc::TlsPolicyOverride {
+                domain: "bank.example".into(),
+                mode: rc::OutboundTls::Encrypted,
+            }]
+        );
+        let yaml = serde_yaml::to_string(&config).expect("serializes");
+        assert!(yaml.contains("outboundTls: verified"), "{yaml}");
+        assert_eq!(
+            rc::RelayConfig::from_yaml(&yaml).expect("relay accepts it"),
+            config
         );
     }
 

@@ -141,8 +141,20 @@ pub enum Fault {
     Io(String),
     /// The TLS handshake failed.
     Tls(String),
-    /// `outboundTls: required` and the server offers no STARTTLS.
+    /// Verified TLS refused the server's certificate (never a reason to
+    /// fall back to plain text).
+    Certificate {
+        /// TLS-RPT result type (`certificate-host-mismatch`, ...).
+        result: &'static str,
+        /// rustls' reason and the TLS policy in force.
+        detail: String,
+    },
+    /// TLS is mandatory (`encrypted`, `verified`, MTA-STS) and the server
+    /// offers no STARTTLS.
     TlsNotOffered,
+    /// The destination's TLS policy (MTA-STS `enforce`) allows none of its
+    /// servers: try later, the policy or the MX may be fixed.
+    TlsPolicy(String),
     /// The server sent something that is not an SMTP reply.
     Protocol(String),
     /// DNS did not answer usefully (SERVFAIL, timeout): try later.
@@ -178,7 +190,9 @@ impl Fault {
             | Fault::Timeout(_)
             | Fault::Io(_)
             | Fault::Tls(_)
+            | Fault::Certificate { .. }
             | Fault::TlsNotOffered
+            | Fault::TlsPolicy(_)
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Local(_)
@@ -193,8 +207,9 @@ impl Fault {
             Fault::Connect(_) => "4.4.1",
             Fault::Timeout(_) => "4.4.2",
             Fault::Io(_) => "4.4.2",
-            Fault::Tls(_) => "4.7.5",
+            Fault::Tls(_) | Fault::Certificate { .. } => "4.7.5",
             Fault::TlsNotOffered => "4.7.10",
+            Fault::TlsPolicy(_) => "4.7.5",
             Fault::Protocol(_) => "4.5.0",
             Fault::DnsTemporary(_) => "4.4.3",
             Fault::Local(_) => "4.3.0",
@@ -212,7 +227,11 @@ impl fmt::Display for Fault {
             Fault::Timeout(stage) => write!(f, "timed out waiting for {stage}"),
             Fault::Io(e) => write!(f, "connection lost: {e}"),
             Fault::Tls(e) => write!(f, "TLS handshake failed: {e}"),
+            Fault::Certificate { result, detail } => {
+                write!(f, "TLS certificate refused ({result}): {detail}")
+            }
             Fault::TlsNotOffered => f.write_str("TLS required but STARTTLS not offered"),
+            Fault::TlsPolicy(why) => write!(f, "TLS policy not met: {why}"),
             Fault::Protocol(e) => write!(f, "protocol error: {e}"),
             Fault::DnsTemporary(e) => write!(f, "DNS lookup failed: {e}"),
             Fault::DnsPermanent { reason, .. } => f.write_str(reason),
@@ -313,7 +332,9 @@ pub fn is_hard_bounce(failure: &Failure) -> bool {
             | Fault::Timeout(_)
             | Fault::Io(_)
             | Fault::Tls(_)
+            | Fault::Certificate { .. }
             | Fault::TlsNotOffered
+            | Fault::TlsPolicy(_)
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Unsendable { .. }

@@ -19,6 +19,8 @@ use smtp_proto::response::parser::ResponseReceiver;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+
+use super::tls_result::TlsResult;
 use tokio_rustls::client::TlsStream;
 
 use super::classify::{Failure, Fault, Reply, Severity};
@@ -639,8 +641,11 @@ pub struct ConnectSettings {
     pub timeouts: Timeouts,
     /// TLS policy.
     pub tls: TlsPolicy,
-    /// rustls config for the handshake.
+    /// rustls config for the handshake (whether certificates are verified).
     pub tls_config: Arc<rustls::ClientConfig>,
+    /// The TLS policy in force, for logs, metrics and the connection pool
+    /// key (`opportunistic`, `encrypted`, `verified`, `mta-sts`, `none`).
+    pub tls_label: &'static str,
     /// AUTH user and password (smarthost).
     pub auth: Option<(String, String)>,
 }
@@ -667,7 +672,16 @@ async fn handshake(
     tokio::time::timeout(settings.timeouts.connect, connector.connect(name, tcp))
         .await
         .map_err(|_| Fault::Timeout("TLS handshake"))?
-        .map_err(|e| Fault::Tls(e.to_string()))
+        .map_err(|e| {
+            let detail = format!("{e} (TLS policy {})", settings.tls_label);
+            match TlsResult::of_io(&e) {
+                Some(result) => Fault::Certificate {
+                    result: result.as_str(),
+                    detail,
+                },
+                None => Fault::Tls(detail),
+            }
+        })
 }
 
 /// A greeting or EHLO refusal: about the server, never the recipients.
@@ -1076,6 +1090,7 @@ mod tests {
             timeouts: timeouts(),
             tls,
             tls_config: super::super::tls::unverified().unwrap(),
+            tls_label: "opportunistic",
             auth: None,
         }
     }

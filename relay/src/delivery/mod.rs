@@ -18,18 +18,22 @@ pub mod client;
 pub mod dsn;
 pub mod limits;
 pub mod maildir;
+pub mod mta_sts;
 pub mod mx;
 pub mod retry;
 mod settle;
 pub mod suppression;
 pub mod tls;
+pub mod tls_policy;
+pub mod tls_result;
 pub mod worker;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use hickory_resolver::TokioResolver;
-use petrel_crds::config::RelayConfig;
+use petrel_crds::config::{OutboundTls, RelayConfig};
 
 use crate::metrics::RelayMetrics;
 use crate::queue::{Backend, Queue, SharedState};
@@ -47,6 +51,9 @@ pub enum DeliveryError {
     #[error(transparent)]
     Resolver(#[from] mx::MxError),
 }
+
+/// Verified rustls configs: for SMTP to MX hosts, for HTTPS policy fetches.
+type VerifiedTls = (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>);
 
 /// Everything the delivery workers share.
 pub struct DeliveryContext {
@@ -68,6 +75,10 @@ pub struct DeliveryContext {
     /// TLS config for a smarthost (verified against the system roots),
     /// built on first use: reading the root bundle per connection is slow.
     verified_tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
+    /// TLS config for verified MX delivery (Mozilla roots plus the
+    /// `delivery.tls.caFile` it was built from), rebuilt when the file
+    /// setting changes.
+    mx_verified_tls: Mutex<Option<(Option<PathBuf>, VerifiedTls)>>,
     /// Idle outbound connections, reused by later units.
     pool: worker::Pool,
 }
@@ -89,6 +100,7 @@ impl DeliveryContext {
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),
             verified_tls: Mutex::new(None),
+            mx_verified_tls: Mutex::new(None),
             pool: worker::Pool::default(),
         })
     }
@@ -102,6 +114,41 @@ impl DeliveryContext {
         let config = tls::verified(None)?;
         *guard = Some(config.clone());
         Ok(config)
+    }
+
+    /// The rustls config for MX delivery in `mode`: certificates checked
+    /// only in `verified` mode.
+    fn mx_tls_config(
+        &self,
+        mode: OutboundTls,
+        ca_file: Option<&Path>,
+    ) -> Result<Arc<rustls::ClientConfig>, classify::Fault> {
+        match mode {
+            OutboundTls::Opportunistic | OutboundTls::Encrypted => Ok(self.unverified_tls.clone()),
+            OutboundTls::Verified => Ok(self.verified_configs(ca_file)?.0),
+        }
+    }
+
+    /// The verified MX and HTTPS (MTA-STS) configs for `ca_file`, built on
+    /// first use and when the setting changes.
+    fn verified_configs(&self, ca_file: Option<&Path>) -> Result<VerifiedTls, classify::Fault> {
+        let mut guard = self
+            .mx_verified_tls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((file, configs)) = guard.as_ref()
+            && file.as_deref() == ca_file
+        {
+            return Ok(configs.clone());
+        }
+        let bad =
+            |e: tls::TlsConfigError| classify::Fault::Tls(format!("delivery.tls.caFile: {e}"));
+        let configs = (
+            tls::verified_mx(ca_file).map_err(bad)?,
+            tls::verified_https(ca_file).map_err(bad)?,
+        );
+        *guard = Some((ca_file.map(Path::to_path_buf), configs.clone()));
+        Ok(configs)
     }
 
     /// The resolver for `nameservers`, built on first use and after a

@@ -1,12 +1,18 @@
 //! rustls client configs for outbound SMTP.
 //!
-//! MX delivery does not verify certificates, like Postfix's
-//! `smtp_tls_security_level = may` and `encrypt`: without DANE or MTA-STS
-//! there is no trustworthy name to check an MX certificate against (the MX
-//! name itself comes from unauthenticated DNS), and most MX certificates
-//! would fail anyway, so verification would only push mail to plain text.
-//! Encryption still defeats passive eavesdropping. Handshake signatures are
-//! verified, so the session key really belongs to the presented key.
+//! MX delivery in `opportunistic` and `encrypted` modes does not verify
+//! certificates, like Postfix's `smtp_tls_security_level = may` and
+//! `encrypt`: without DANE or MTA-STS there is no trustworthy name to check
+//! an MX certificate against (the MX name itself comes from unauthenticated
+//! DNS), and most MX certificates would fail anyway, so verification would
+//! only push mail to plain text. Encryption still defeats passive
+//! eavesdropping. Handshake signatures are verified, so the session key
+//! really belongs to the presented key.
+//!
+//! `verified` mode (and MTA-STS `enforce`) checks the chain against the
+//! Mozilla roots plus `delivery.tls.caFile` and the MX host name with
+//! webpki's RFC 6125 rules (DNS-ID only, a wildcard only as the whole
+//! leftmost label), as RFC 7672 section 3.2.3 and RFC 8461 section 4.2 ask.
 //!
 //! Smarthost delivery verifies against the system roots (or a configured
 //! CA file): the smarthost is a fixed, named server we choose to trust.
@@ -98,6 +104,48 @@ pub fn unverified() -> Result<Arc<ClientConfig>, TlsConfigError> {
     Ok(Arc::new(config))
 }
 
+/// Mozilla's roots plus the certificates in `ca_file` (when set): the trust
+/// of verified MX delivery and of MTA-STS policy fetches.
+pub fn mozilla_roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsConfigError> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|source| TlsConfigError::CaFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+            .filter_map(Result::ok)
+            .collect();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsConfigError::NoRoots(path.display().to_string()));
+        }
+    }
+    Ok(roots)
+}
+
+/// The config for verified MX delivery: TLS 1.2+, chain to
+/// [`mozilla_roots`], certificate valid for the MX host name.
+pub fn verified_mx(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(mozilla_roots(ca_file)?)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The config for MTA-STS policy fetches: as [`verified_mx`], speaking
+/// HTTP/1.1.
+pub fn verified_https(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, TlsConfigError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(mozilla_roots(ca_file)?)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Where system roots usually live (Debian/Ubuntu/Alpine, RHEL).
 const SYSTEM_BUNDLES: &[&str] = &[
     "/etc/ssl/certs/ca-certificates.crt",
@@ -164,5 +212,18 @@ mod tests {
             verified(Some(&empty)),
             Err(TlsConfigError::NoRoots(_))
         ));
+        assert!(matches!(
+            verified_mx(Some(&empty)),
+            Err(TlsConfigError::NoRoots(_))
+        ));
+        assert!(matches!(
+            verified_mx(Some(&missing)),
+            Err(TlsConfigError::CaFile { .. })
+        ));
+        assert!(verified_mx(None).is_ok());
+        assert!(
+            mozilla_roots(None).unwrap().len() > 100,
+            "Mozilla roots present"
+        );
     }
 }

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use petrel_crds::config::{OutboundTls, RelayConfig, TlsMode, Transport};
+use petrel_crds::config::{RelayConfig, TlsMode, Transport};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
@@ -24,6 +24,7 @@ use super::limits;
 use super::mx::{self, MxHost};
 use super::retry::{RetryPolicy, throttle_delay};
 use super::settle::{self, Fate, Plan, RcptOutcome, SettleInput};
+use super::tls_policy;
 use crate::metrics::destination_group;
 use crate::queue::{Lease, Millis, Reschedule, Settlement, now_millis};
 
@@ -290,6 +291,7 @@ async fn route(ctx: &DeliveryContext, cfg: &RelayConfig, domain: &str) -> Route 
 async fn connect_settings(
     ctx: &DeliveryContext,
     cfg: &RelayConfig,
+    domain: &str,
 ) -> Result<ConnectSettings, Fault> {
     let timeouts = client::Timeouts::from(&cfg.delivery.timeouts);
     match (cfg.delivery.transport, &cfg.delivery.smarthost) {
@@ -325,19 +327,25 @@ async fn connect_settings(
                 timeouts,
                 tls,
                 tls_config,
+                tls_label: if tls == TlsPolicy::Disabled {
+                    "none"
+                } else {
+                    "verified"
+                },
                 auth,
             })
         }
-        _ => Ok(ConnectSettings {
-            ehlo_name: cfg.hostname.clone(),
-            timeouts,
-            tls: match cfg.delivery.outbound_tls {
-                OutboundTls::Opportunistic => TlsPolicy::Opportunistic,
-                OutboundTls::Required => TlsPolicy::Required,
-            },
-            tls_config: ctx.unverified_tls.clone(),
-            auth: None,
-        }),
+        _ => {
+            let mode = tls_policy::configured(cfg, domain);
+            Ok(ConnectSettings {
+                ehlo_name: cfg.hostname.clone(),
+                timeouts,
+                tls: tls_policy::client_policy(mode),
+                tls_config: ctx.mx_tls_config(mode, cfg.delivery.tls.ca_file.as_deref())?,
+                tls_label: mode.as_str(),
+                auth: None,
+            })
+        }
     }
 }
 
@@ -411,8 +419,13 @@ async fn deliver_group(
 
     if !ready.is_empty() {
         let route = match route(&ctx, &cfg, &domain).await {
-            Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg).await {
-                Ok(settings) => Route::Ready(hosts, port, Box::new(settings)),
+            Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg, &domain).await {
+                Ok(settings) => {
+                    match tls_policy::apply_mta_sts(&ctx, &cfg, &domain, hosts, settings).await {
+                        Ok((hosts, settings)) => Route::Ready(hosts, port, Box::new(settings)),
+                        Err(fault) => Route::Fail(fault),
+                    }
+                }
                 Err(fault) => Route::Fail(fault),
             },
             other => other,
@@ -567,8 +580,9 @@ impl Pool {
     /// port and settings (a reload may change them).
     fn key(domain: &str, port: u16, settings: &ConnectSettings) -> String {
         format!(
-            "{domain}|{port}|{:?}|{}|{}",
+            "{domain}|{port}|{:?}|{}|{}|{}",
             settings.tls,
+            settings.tls_label,
             settings.ehlo_name,
             settings
                 .auth
@@ -799,11 +813,21 @@ async fn deliver_smtp(
                                 .outbound_sessions
                                 .with_label_values(&[destination_group(domain), tls])
                                 .inc();
+                            ctx.metrics
+                                .outbound_tls
+                                .with_label_values(&[settings.tls_label, tls])
+                                .inc();
                             *session = Some(Session { conn, used: false });
                             break;
                         }
                         Err(failure) => {
-                            tracing::debug!(host = %host.name, %ip, %failure, "host failed; trying the next");
+                            if let Some(result) = tls_policy::failure_result(&failure) {
+                                ctx.metrics
+                                    .outbound_tls
+                                    .with_label_values(&[settings.tls_label, result])
+                                    .inc();
+                            }
+                            tracing::debug!(host = %host.name, %ip, %failure, tls_policy = settings.tls_label, "host failed; trying the next");
                             last_failure = failure;
                         }
                     }

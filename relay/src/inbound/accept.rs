@@ -103,6 +103,14 @@ pub async fn accept(
     };
     let data = headers::prepare(raw, &trace);
     let header_message_id = tags::header_message_id(&data);
+    // Tracking rewrites the body, so it comes before the signature.
+    let data = ctx.tracking.prepare(
+        data,
+        sending,
+        &id,
+        &envelope.recipients,
+        &ctx.metrics.tracking,
+    );
 
     // Sign on the blocking pool: RSA takes milliseconds of CPU.
     let signer = ctx.clone();

@@ -64,6 +64,9 @@ pub enum InboundError {
     /// Users file unusable.
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    /// The tracking key file is unusable.
+    #[error(transparent)]
+    Tracking(#[from] crate::tracking::TokenError),
     /// A listener needs TLS but the config has no `tls` files.
     #[error("listener {0} uses TLS but no tls certFile/keyFile is configured")]
     NoTlsFiles(String),
@@ -95,6 +98,8 @@ pub struct InboundContext {
     pub users: Option<Reloading<auth::Users>>,
     /// Open connections, total and per client.
     pub connections: ConnectionLimits,
+    /// Engagement tracking: the token key, shared with the HTTP endpoints.
+    pub tracking: Arc<crate::tracking::Tracking>,
     /// Password checks running at once (see [`InboundContext::auth_permit`]).
     auth_slots: tokio::sync::Semaphore,
     /// Where `rejected` events go (see [`InboundContext::with_events`]);
@@ -149,6 +154,7 @@ impl InboundContext {
             dkim,
             users,
             connections: ConnectionLimits::default(),
+            tracking: Arc::new(crate::tracking::Tracking::new(&current)?),
             auth_slots: tokio::sync::Semaphore::new(auth_slots()),
             events: None,
             relay: crate::events::relay_name(&current.hostname),

@@ -57,6 +57,8 @@ const SUPPRESSION: TableDefinition<&str, &[u8]> = TableDefinition::new("suppress
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
 /// (slot key, token) -> expiry.
 const SLOTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("slots");
+/// Cache key -> (expiry, value).
+const VALUES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("values");
 
 /// Expired leases moved back to due per lease call (as in Redis).
 const RECLAIM_BATCH: usize = 1000;
@@ -103,6 +105,7 @@ impl EmbeddedBackend {
             txn.open_table(COUNTERS)?;
             txn.open_table(SLOTS)?;
             embedded_events::create_tables(&txn)?;
+            txn.open_table(VALUES)?;
             txn.commit()?;
             Ok(db)
         })
@@ -631,6 +634,40 @@ impl SharedState for EmbeddedBackend {
             relaxed(&mut txn)?;
             txn.open_table(SLOTS)?
                 .remove((key.as_str(), token.as_str()))?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<String>, QueueError> {
+        let key = key.to_string();
+        self.run(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(VALUES)?;
+            let Some(entry) = table.get(key.as_str())? else {
+                return Ok(None);
+            };
+            let (expires, value) = entry.value();
+            Ok((expires > now_millis()).then(|| value.to_string()))
+        })
+        .await
+    }
+
+    async fn set_value(&self, key: &str, value: &str, ttl: Duration) -> Result<(), QueueError> {
+        let key = key.to_string();
+        let value = value.to_string();
+        self.run(move |db| {
+            let expires = now_millis().saturating_add(ttl.as_millis() as u64).max(1);
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            {
+                let mut table = txn.open_table(VALUES)?;
+                // Drop expired entries on the way, so the table stays small.
+                let now = now_millis();
+                table.retain(|_, (at, _)| at > now)?;
+                table.insert(key.as_str(), (expires, value.as_str()))?;
+            }
             txn.commit()?;
             Ok(())
         })

@@ -36,6 +36,8 @@ struct Store {
     counters: HashMap<String, (u64, Millis)>,
     /// Slot key -> tokens with expiry.
     slots: HashMap<String, Vec<(String, Millis)>>,
+    /// Cache key -> (expiry, value).
+    values: HashMap<String, (Millis, String)>,
     next_seq: u64,
     events: BTreeMap<u64, (Millis, Event)>,
     /// Group -> (cursor, seq -> (claimed at, consumer)).
@@ -390,6 +392,25 @@ impl SharedState for MemoryBackend {
         if let Some(held) = self.store().slots.get_mut(key) {
             held.retain(|(t, _)| t != token);
         }
+        Ok(())
+    }
+    async fn get_value(&self, key: &str) -> Result<Option<String>, QueueError> {
+        self.gate()?;
+        let now = now_millis();
+        Ok(self
+            .store()
+            .values
+            .get(key)
+            .filter(|(expires, _)| *expires > now)
+            .map(|(_, v)| v.clone()))
+    }
+
+    async fn set_value(&self, key: &str, value: &str, ttl: Duration) -> Result<(), QueueError> {
+        self.gate()?;
+        let expires = now_millis().saturating_add(ttl.as_millis() as u64).max(1);
+        self.store()
+            .values
+            .insert(key.to_string(), (expires, value.to_string()));
         Ok(())
     }
 }

@@ -410,6 +410,14 @@ pub trait SharedState: Send + Sync + 'static {
 
     /// Returns a slot taken by [`SharedState::acquire_slot`].
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError>;
+
+    /// The value stored under `key` by [`SharedState::set_value`], `None`
+    /// when absent or past its time to live. A small cache shared by all
+    /// pods (MTA-STS policies).
+    async fn get_value(&self, key: &str) -> Result<Option<String>, QueueError>;
+
+    /// Stores `value` under `key` for `ttl`, replacing any earlier value.
+    async fn set_value(&self, key: &str, value: &str, ttl: Duration) -> Result<(), QueueError>;
 }
 
 /// The destination domain of an address: the part after the last `@`,

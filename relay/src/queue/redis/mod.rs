@@ -97,6 +97,10 @@ impl Keys {
     fn slot(&self, key: &str) -> String {
         format!("{}:slot:{key}", self.prefix)
     }
+
+    fn value(&self, key: &str) -> String {
+        format!("{}:kv:{key}", self.prefix)
+    }
 }
 
 /// The Redis queue and shared state. Cheap to clone (one multiplexed
@@ -626,6 +630,19 @@ impl SharedState for RedisBackend {
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;
+        Ok(())
+    }
+
+    async fn get_value(&self, key: &str) -> Result<Option<String>, QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        self.bounded(conn.get(self.keys.value(key))).await
+    }
+
+    async fn set_value(&self, key: &str, value: &str, ttl: Duration) -> Result<(), QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        let () = self
+            .bounded(conn.pset_ex(self.keys.value(key), value, ms(ttl).max(1)))
+            .await?;
         Ok(())
     }
 }
