@@ -48,6 +48,10 @@ pub struct RelayMetrics {
     pub enqueue_duration: Histogram,
     /// Engagement tracking: rewrites, opens, clicks.
     pub tracking: crate::tracking::TrackingMetrics,
+    /// Mail and requests the feedback loop handled, by kind (`bounce`,
+    /// `delayed`, `complaint`, `unsubscribe`, `unattributed`, `unparsed`,
+    /// `other`): `petrel_feedback_total`.
+    pub feedback: IntCounterVec,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -129,6 +133,12 @@ impl RelayMetrics {
         let tracking = crate::tracking::TrackingMetrics::register(registry)?;
         Ok(RelayMetrics {
             tracking,
+            feedback: counter(
+                registry,
+                "petrel_feedback_total",
+                "Feedback handled (bounce, delayed, complaint, unsubscribe, unattributed, unparsed, other).",
+                &["kind"],
+            )?,
             received: counter(
                 registry,
                 "petrel_messages_received_total",
