@@ -34,7 +34,12 @@ pub fn verp_sender(
             return None;
         }
     };
-    match keys.verp_sender(&unit.message_id, &unit.sending_domain, recipient, return_path) {
+    match keys.verp_sender(
+        &unit.message_id,
+        &unit.sending_domain,
+        recipient,
+        return_path,
+    ) {
         Ok(sender) => Some(sender),
         Err(error) => {
             tracing::warn!(%error, unit = %unit.id, "no VERP return path for this unit");

@@ -134,7 +134,12 @@ impl Attributor<'_> {
             .collect()
     }
 
-    fn open_verp(&self, token: &str, domain: &str, candidates: &[&str]) -> Option<(String, String, String)> {
+    fn open_verp(
+        &self,
+        token: &str,
+        domain: &str,
+        candidates: &[&str],
+    ) -> Option<(String, String, String)> {
         let senders = self.sending_domains_of(domain);
         let claims = self.keys.open_verp(token, candidates, &senders).ok()?;
         Some((claims.queue_id, claims.sending_domain, claims.recipient))
@@ -170,7 +175,11 @@ impl Attributor<'_> {
                 source: Source::Envelope,
             });
         }
-        for (_, value) in returned.fields.iter().filter(|(n, _)| n != "list-unsubscribe") {
+        for (_, value) in returned
+            .fields
+            .iter()
+            .filter(|(n, _)| n != "list-unsubscribe")
+        {
             for (token, domain) in find_tokens(value, VERP_PREFIX) {
                 if let Some((queue_id, sending_domain, recipient)) =
                     self.open_verp(&token, &domain, &candidates)
@@ -197,9 +206,9 @@ impl Attributor<'_> {
             }
             for (token, domain) in find_tokens(value, MAILTO_PREFIX) {
                 let senders = self.sending_domains_of(&domain);
-                if let Ok(claims) =
-                    self.keys
-                        .open_unsubscribe_mailto(&token, &candidates, &senders)
+                if let Ok(claims) = self
+                    .keys
+                    .open_unsubscribe_mailto(&token, &candidates, &senders)
                 {
                     return Some(Attribution {
                         queue_id: None,
@@ -236,7 +245,10 @@ mod tests {
         let text = "<B+ABCDEFGHIJKL@Bounces.Example.com>, b+short@x.y, u+mnopqrstuvwx@rp.test.";
         assert_eq!(
             find_tokens(text, "b+"),
-            vec![("ABCDEFGHIJKL".to_string(), "bounces.example.com".to_string())]
+            vec![(
+                "ABCDEFGHIJKL".to_string(),
+                "bounces.example.com".to_string()
+            )]
         );
         assert_eq!(
             find_tokens(text, "u+"),
@@ -260,7 +272,11 @@ mod tests {
             .verp_sender(QID, "example.com", "gone@dest.test", "bounces.example.com")
             .unwrap();
         let got = a
-            .attribute(&sender.to_uppercase(), &["gone@dest.test".into()], &Returned::default())
+            .attribute(
+                &sender.to_uppercase(),
+                &["gone@dest.test".into()],
+                &Returned::default(),
+            )
             .unwrap();
         assert_eq!(got.queue_id.as_deref(), Some(QID));
         assert_eq!(got.sending_domain, "example.com");
@@ -282,7 +298,10 @@ mod tests {
         let returned = Returned::from_text(&format!(
             "Message-ID: <{QID}@relay.test>\r\nTo: gone@dest.test\r\n"
         ));
-        assert!(a.attribute("fbl@bounces.example.com", &[], &returned).is_none());
+        assert!(
+            a.attribute("fbl@bounces.example.com", &[], &returned)
+                .is_none()
+        );
     }
 
     #[test]
@@ -299,7 +318,9 @@ mod tests {
         let returned = Returned::from_text(&format!(
             "Return-Path: <{sender}>\r\nTo: Rcpt <rcpt@dest.test>\r\nSubject: x\r\n"
         ));
-        let got = a.attribute("fbl@bounces.example.com", &[], &returned).unwrap();
+        let got = a
+            .attribute("fbl@bounces.example.com", &[], &returned)
+            .unwrap();
         assert_eq!(got.source, Source::ReturnedHeaders);
         assert_eq!(got.recipient, "rcpt@dest.test");
 
@@ -307,7 +328,9 @@ mod tests {
         let returned = Returned::from_text(&format!(
             "List-Unsubscribe: <https://u.example.com/u/{url}>,\r\n <mailto:u+x@bounces.example.com>\r\nTo: undisclosed-recipients:;\r\n"
         ));
-        let got = a.attribute("fbl@bounces.example.com", &[], &returned).unwrap();
+        let got = a
+            .attribute("fbl@bounces.example.com", &[], &returned)
+            .unwrap();
         assert_eq!(got.source, Source::UnsubscribeHeader);
         assert_eq!(got.queue_id.as_deref(), Some(QID));
         assert_eq!(got.recipient, "rcpt@dest.test");

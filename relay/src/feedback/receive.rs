@@ -151,8 +151,7 @@ pub fn plan(
                 .filter(|(_, d)| d.eq_ignore_ascii_case(rp))
                 .map(|(d, _)| d.as_str())
                 .collect();
-            match keys.open_unsubscribe_mailto(&local[MAILTO_PREFIX.len()..], &senders, &sending)
-            {
+            match keys.open_unsubscribe_mailto(&local[MAILTO_PREFIX.len()..], &senders, &sending) {
                 Ok(claims) => {
                     plan.kinds.push(Kind::Unsubscribe);
                     plan.unsubscribe = Some(claims);
@@ -295,6 +294,10 @@ pub async fn record(
     match (plan.events.is_empty(), plan.suppress.is_empty()) {
         (true, true) => Ok(()),
         (false, true) => events.publish(&plan.events).await,
-        _ => events.publish_suppressing(&plan.events, &plan.suppress).await,
+        _ => {
+            events
+                .publish_suppressing(&plan.events, &plan.suppress)
+                .await
+        }
     }
 }

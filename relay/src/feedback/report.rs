@@ -229,7 +229,10 @@ pub fn field_groups(text: &str) -> Vec<Vec<(String, String)>> {
 /// `smtp; 550 ...`), without angle brackets around an address.
 fn typed(value: &str) -> String {
     let v = value.split_once(';').map_or(value, |(_, v)| v).trim();
-    v.trim_start_matches('<').trim_end_matches('>').trim().to_string()
+    v.trim_start_matches('<')
+        .trim_end_matches('>')
+        .trim()
+        .to_string()
 }
 
 fn status_code(value: &str) -> Option<String> {
@@ -345,10 +348,12 @@ pub fn parse(raw: &[u8]) -> Result<Report, ParseError> {
             "message/delivery-status" | "message/global-delivery-status"
                 if kind == "delivery-status" =>
             {
-                machine.get_or_insert_with(|| String::from_utf8_lossy(part.contents()).into_owned());
+                machine
+                    .get_or_insert_with(|| String::from_utf8_lossy(part.contents()).into_owned());
             }
             "message/feedback-report" if kind == "feedback-report" => {
-                machine.get_or_insert_with(|| String::from_utf8_lossy(part.contents()).into_owned());
+                machine
+                    .get_or_insert_with(|| String::from_utf8_lossy(part.contents()).into_owned());
             }
             "text/rfc822-headers" | "message/global-headers" => {
                 returned.get_or_insert_with(|| header_block(part.contents()));
@@ -491,7 +496,10 @@ Subject: hi\r\n\
             assert_eq!(r.addresses(), vec!["gone@dest.test"]);
             assert_eq!(r.remote_mta.as_deref(), Some("inner.dest.test"));
             assert!(
-                r.diagnostic.as_deref().unwrap().starts_with(&diagnostic[..6]),
+                r.diagnostic
+                    .as_deref()
+                    .unwrap()
+                    .starts_with(&diagnostic[..6]),
                 "{:?}",
                 r.diagnostic
             );
@@ -547,7 +555,10 @@ body\n\
         assert_eq!(r.original_recipient, None);
         assert_eq!(r.diagnostic.as_deref(), Some("unknown user: \"nobody\""));
         assert_eq!(r.remote_mta, None);
-        assert_eq!(dsn.returned.message_id().as_deref(), Some("orig@example.com"));
+        assert_eq!(
+            dsn.returned.message_id().as_deref(),
+            Some("orig@example.com")
+        );
     }
 
     #[test]
@@ -586,7 +597,10 @@ body\r\n\
         assert_eq!(arf.feedback_type, "abuse");
         assert_eq!(arf.original_rcpt_to, vec!["rcpt@dest.test"]);
         assert_eq!(arf.user_agent.as_deref(), Some("ProviderFBL/1.0"));
-        assert_eq!(arf.returned.message_id().as_deref(), Some("orig@example.com"));
+        assert_eq!(
+            arf.returned.message_id().as_deref(),
+            Some("orig@example.com")
+        );
     }
 
     #[test]
@@ -595,7 +609,10 @@ body\r\n\
             ("Subject: hi\r\n\r\nplain mail\r\n", Ok("other")),
             (
                 "Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsorry\r\n--b--\r\n",
-                Err(ParseError::MissingPart("delivery-status", "message/delivery-status")),
+                Err(ParseError::MissingPart(
+                    "delivery-status",
+                    "message/delivery-status",
+                )),
             ),
             (
                 "Content-Type: multipart/report; report-type=delivery-status; boundary=b\r\n\r\n--b\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; x\r\n--b--\r\n",

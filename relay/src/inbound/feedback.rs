@@ -88,7 +88,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tracing::error!("no event log: feedback cannot be recorded");
             return Err(Refusal::QueueUnavailable);
         };
-        let write = receive::record(self.ctx.state.as_ref(), events.as_ref(), &plan, &self.ctx.relay, now);
+        let write = receive::record(
+            self.ctx.state.as_ref(),
+            events.as_ref(),
+            &plan,
+            &self.ctx.relay,
+            now,
+        );
         super::envelope::bounded(config.queue.timeout.into(), write).await?;
         for kind in &plan.kinds {
             self.ctx

@@ -600,7 +600,11 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
             .into_iter()
             .flat_map(|(domain, recipients)| {
                 recipients.into_iter().enumerate().map(move |(i, r)| {
-                    (format!("{}:{domain}:{i}", message.id), domain.clone(), vec![r])
+                    (
+                        format!("{}:{domain}:{i}", message.id),
+                        domain.clone(),
+                        vec![r],
+                    )
                 })
             })
             .collect()
