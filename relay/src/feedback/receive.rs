@@ -382,4 +382,44 @@ mod tests {
             }
         }
     }
+
+    /// A DSN a real Postfix 3.7.11 wrote (local delivery to an unknown
+    /// user after accepting the message; captured by hand, see the
+    /// feedback report), for a VERP sender sealed with the key beside it.
+    #[test]
+    fn a_real_postfix_dsn_is_a_hard_bounce_of_the_sealed_recipient() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/feedback/testdata");
+        let keys = FeedbackKeys::load(&dir.join("postfix-check.key")).unwrap();
+        let raw = std::fs::read(dir.join("postfix-3.7-unknown-user.eml")).unwrap();
+        let recipients =
+            vec!["b+cbgafsi7gsjuqfvafizignqdb62ulchuhr4ki674xocq@bounces.example.test".to_string()];
+        let p = plan(
+            &keys,
+            &config(),
+            Incoming {
+                mail_from: "",
+                recipients: &recipients,
+                raw: &raw,
+            },
+            "relay-0",
+            5,
+        );
+        assert_eq!(p.kinds, vec![Kind::Bounce]);
+        let e = &p.events[0];
+        assert_eq!(e.kind, EventType::Bounced);
+        assert_eq!(e.recipient.as_deref(), Some("zzgone@dest.test"));
+        assert_eq!(
+            e.queue_id.as_deref(),
+            Some("4c02c91f34934816a02a328336030fb5")
+        );
+        assert_eq!(e.enhanced_status.as_deref(), Some("5.1.1"));
+        assert_eq!(e.response.as_deref(), Some("unknown user: \"zzgone\""));
+        assert_eq!(e.remote_mta.as_deref(), Some("mx.dest.test"));
+        assert_eq!(
+            e.header_message_id.as_deref(),
+            Some("pfx-check-3@example.test")
+        );
+        assert_eq!(p.suppress[0].address, "zzgone@dest.test");
+        assert_eq!(p.suppress[0].reason, SuppressionReason::Bounce);
+    }
 }
