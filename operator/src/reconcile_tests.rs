@@ -16,7 +16,8 @@ use petrel_crds::dkim_key::DkimKey;
 use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
-    DkimKeyPhase, DnsRecordPurpose, DnsRecordState, condition_is_true, find_condition,
+    DkimKeyPhase, DnsRecordPurpose, DnsRecordState, DnsRecordType, condition_is_true,
+    find_condition,
 };
 use serde_json::json;
 
@@ -185,8 +186,11 @@ impl World {
     /// Publishes every record the domain's status asks for.
     fn publish_dns(&self, domain: &str) {
         for record in self.domain(domain).status.unwrap_or_default().dns_records {
-            self.dns
-                .set(&record.name, TxtAnswer::Records(vec![record.value]));
+            let answer = TxtAnswer::Records(vec![record.value]);
+            match record.type_ {
+                DnsRecordType::MX => self.dns.set_mx(&record.name, answer),
+                _ => self.dns.set(&record.name, answer),
+            }
         }
     }
 

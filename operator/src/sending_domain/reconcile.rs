@@ -22,7 +22,9 @@ use petrel_crds::status::{
 };
 
 use super::dns_endpoint;
-use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate, tracking_record};
+use super::records::{
+    DesiredRecord, TxtAnswer, desired_records, evaluate, return_path_mx, tracking_record,
+};
 use super::validate::{owned_dkim_key_spec, validate};
 use crate::apply::{FIELD_MANAGER, apply, apply_status};
 use crate::context::Context;
@@ -119,6 +121,7 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     let key_status = key.status.clone().unwrap_or_default();
 
     let mut desired = desired_records(&sd.spec, &relay.spec.egress_ips, Some(&key_status));
+    desired.extend(return_path_mx(&sd.spec, relay.spec.feedback.as_ref()));
     desired.extend(tracking_record(&sd.spec, relay.spec.tracking.as_ref()));
     let records = verify(&desired, ctx, &now).await;
     let conditions = conditions(&records, &key_status, generation, now);
@@ -191,21 +194,26 @@ async fn ensure_dkim_key(
 
 /// Looks up each distinct name once and evaluates every record against it.
 async fn verify(desired: &[DesiredRecord], ctx: &Context, now: &Time) -> Vec<DnsRecord> {
-    let mut answers: BTreeMap<&str, TxtAnswer> = BTreeMap::new();
+    // By name and type: a return-path domain has both its SPF (TXT) and its MX.
+    let mut answers: BTreeMap<(&str, DnsRecordType), TxtAnswer> = BTreeMap::new();
     for record in desired {
-        if !answers.contains_key(record.name.as_str()) {
+        let key = (record.name.as_str(), record.type_);
+        if !answers.contains_key(&key) {
             let answer = match record.type_ {
                 DnsRecordType::CNAME => ctx.dns.lookup_cname(&record.name).await,
-                _ => ctx.dns.lookup_txt(&record.name).await,
+                DnsRecordType::MX => ctx.dns.lookup_mx(&record.name).await,
+                DnsRecordType::TXT => ctx.dns.lookup_txt(&record.name).await,
             };
-            answers.insert(record.name.as_str(), answer);
+            answers.insert(key, answer);
         }
     }
     desired
         .iter()
         .map(|record| {
             let failed = TxtAnswer::Failed("not looked up".into());
-            let answer = answers.get(record.name.as_str()).unwrap_or(&failed);
+            let answer = answers
+                .get(&(record.name.as_str(), record.type_))
+                .unwrap_or(&failed);
             let (state, observed) = evaluate(record, answer);
             let message = match answer {
                 TxtAnswer::Failed(reason) => Some(format!("lookup failed: {reason}")),
@@ -255,13 +263,19 @@ pub fn conditions(
         };
         let detail: Vec<String> = not_ok
             .iter()
-            .map(|r| {
-                format!(
+            .map(|r| match &r.message {
+                // No value yet: publishing cannot help, the note says what to set.
+                Some(note) if r.value.is_empty() => format!(
+                    "{} {} has no target yet ({note})",
+                    r.name,
+                    api_spelling(&r.type_)
+                ),
+                _ => format!(
                     "{} {} {}",
                     api_spelling(&r.state),
                     r.name,
                     api_spelling(&r.type_)
-                )
+                ),
             })
             .collect();
         Condition::new(
