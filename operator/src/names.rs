@@ -48,6 +48,10 @@ pub fn feedback_service_name(relay: &SmtpRelay) -> String {
     format!("{}-feedback", base_name(relay))
 }
 
+/// Port of the relay's HTTP server (metrics, /healthz, /readyz, the admin
+/// API the operator reads reputation from), in the pod and on the Service.
+pub const HTTP_PORT: i32 = 9090;
+
 /// Key of the feedback token key in [`feedback_secret_name`].
 pub const FEEDBACK_KEY: &str = "feedback.key";
 /// Key of the admin API's bearer token in [`feedback_secret_name`].

@@ -21,7 +21,7 @@ use petrel_crds::status::{
     merge_conditions,
 };
 
-use super::dns_endpoint;
+use super::{dns_endpoint, reputation};
 use super::records::{
     DesiredRecord, TxtAnswer, desired_records, evaluate, return_path_mx, tracking_record,
 };
@@ -124,7 +124,10 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     desired.extend(return_path_mx(&sd.spec, relay.spec.feedback.as_ref()));
     desired.extend(tracking_record(&sd.spec, relay.spec.tracking.as_ref()));
     let records = verify(&desired, ctx, &now).await;
-    let conditions = conditions(&records, &key_status, generation, now);
+    let reputation =
+        reputation::sync(sd, &relay, ctx, &ns, &stored.conditions, now.clone()).await?;
+    let mut conditions = conditions(&records, &key_status, generation, now);
+    conditions.extend(reputation.conditions);
     let all_verified = records.iter().all(|r| r.state == DnsRecordState::Verified);
 
     let status = SendingDomainStatus {
@@ -137,11 +140,17 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     write_status(&domains, &name, &stored, &status, refresh_before).await?;
     dns_endpoint::reconcile(sd, ctx, &ns, &status.dns_records).await?;
     record_metrics(ctx, &ns, &sd.spec.domain, &status.dns_records);
-    Ok(Action::requeue(if all_verified {
+    let dns_recheck = if all_verified {
         ctx.settings.dns_recheck_slow
     } else {
         ctx.settings.dns_recheck_fast
-    }))
+    };
+    let reputation_recheck = if reputation.watch_closely {
+        ctx.settings.reputation_recheck_fast
+    } else {
+        ctx.settings.reputation_recheck
+    };
+    Ok(Action::requeue(dns_recheck.min(reputation_recheck)))
 }
 
 /// The operator-owned DkimKey (applied) or the referenced one (checked).

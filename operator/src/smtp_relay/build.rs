@@ -90,8 +90,7 @@ fn webhook_volume(events: Option<&sr::EventsSpec>) -> Option<Volume> {
     })
 }
 
-/// Port of the relay's HTTP server: metrics, /healthz, /readyz.
-pub const HTTP_PORT: i32 = 9090;
+pub use crate::names::HTTP_PORT;
 /// Key of the rendered config in the ConfigMap.
 pub const CONFIG_KEY: &str = "relay.yaml";
 /// Pod-template annotation over what needs a restart.

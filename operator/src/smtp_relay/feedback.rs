@@ -129,14 +129,6 @@ pub fn missing_values(stored: Option<&Secret>) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The admin bearer token in the generated Secret.
-pub fn admin_token(secret: &Secret) -> Option<String> {
-    let value = secret.data.as_ref()?.get(ADMIN_TOKEN)?;
-    let token = String::from_utf8(value.0.clone()).ok()?;
-    let token = token.trim();
-    (!token.is_empty()).then(|| token.to_string())
-}
-
 /// The Service exposing the feedback listener, when `spec.feedback` is set:
 /// separate from the apps' Service, so only the feedback port faces the
 /// internet and both may use port 25.
@@ -194,7 +186,10 @@ mod tests {
             fresh.clone(),
         );
         assert!(missing_values(Some(&full)).is_empty());
-        assert_eq!(admin_token(&full).as_deref(), Some(fresh[ADMIN_TOKEN].as_str()));
+        assert_eq!(
+            crate::reputation::admin_token(&full).as_deref(),
+            Some(fresh[ADMIN_TOKEN].as_str())
+        );
     }
 
     #[test]
