@@ -518,6 +518,9 @@ spec:
   rateLimits: {perSecond: 10, dailyQuota: 100000}
   allowedUsers: [app]
   suppression: {onSuppressed: drop}
+  unsubscribe: {enabled: true, baseUrl: "https://u.example.com", mode: replace}
+  feedbackId: "{tag:campaign}:{domain}:petrel"
+  reputation: {maxBounceRate: 2%, window: 6h}
 "#;
 
     #[test]
@@ -530,6 +533,11 @@ spec:
         assert_eq!(sd.spec.dmarc.adkim.tag(), "s");
         assert_eq!(sd.spec.dmarc.aspf.tag(), "r");
         assert_eq!(sd.spec.suppression.on_suppressed, OnSuppressed::Drop);
+        let unsubscribe = sd.spec.unsubscribe.as_ref().expect("unsubscribe");
+        assert_eq!(unsubscribe.mode, UnsubscribeMode::Replace);
+        let reputation = sd.spec.reputation.as_ref().expect("reputation");
+        assert!(reputation.enabled, "enabled by default");
+        assert_eq!(reputation.max_bounce_rate.as_deref(), Some("2%"));
         let back: SendingDomain =
             serde_json::from_str(&serde_json::to_string(&sd).expect("serializes")).expect("parses");
         assert_eq!(back, sd);
@@ -557,6 +565,9 @@ spec:
             "self == oldSelf",
             "!has(self.keyRef) || (!has(self.algorithm)",
             "self.returnPathDomain != self.domain",
+            "self.maxBounceRate.matches('[1-9]')",
+            r#""name":"PAUSED""#,
+            r#""enum":["add-if-missing","replace"]"#,
             r#""shortNames":["sd"]"#,
             r#""name":"SELECTOR""#,
         ] {

@@ -19,6 +19,7 @@ pub mod controllers;
 pub mod dkim_key;
 pub mod dns;
 pub mod dns_record;
+pub mod domain_feedback;
 pub mod error;
 pub mod http;
 pub mod kubelet;

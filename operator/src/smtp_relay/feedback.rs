@@ -17,10 +17,8 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Secret, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use petrel_crds::config as rc;
-use petrel_crds::sending_domain::SendingDomainSpec;
 use petrel_crds::smtp_relay::{SmtpRelay, TlsMode};
 
-use crate::error::InvalidSpec;
 use crate::names::{ADMIN_TOKEN, FEEDBACK_KEY, feedback_secret_name, feedback_service_name};
 
 /// Name of the feedback listener, its container port and Service port.
@@ -60,38 +58,7 @@ pub fn listener(relay: &SmtpRelay) -> Option<rc::Listener> {
     })
 }
 
-/// A domain's unsubscribe, Feedback-ID and reputation settings as the relay
-/// reads them. Errors name the SendingDomain's field.
-pub fn domain_settings(
-    spec: &SendingDomainSpec,
-) -> Result<
-    (
-        Option<rc::DomainUnsubscribe>,
-        Option<String>,
-        rc::Reputation,
-    ),
-    InvalidSpec,
-> {
-    if let Some(template) = &spec.feedback_id {
-        rc::parse_feedback_id(template).map_err(|why| {
-            InvalidSpec::new("InvalidFeedbackId", format!("spec.feedbackId: {why}"))
-        })?;
-    }
-    if let Some(u) = &spec.unsubscribe
-        && !u.base_url.starts_with("https://")
-    {
-        return Err(InvalidSpec::new(
-            "InvalidUnsubscribe",
-            "spec.unsubscribe.baseUrl: must be an https:// URL",
-        ));
-    }
-    let reputation = match &spec.reputation {
-        None => rc::Reputation::default(),
-        Some(r) => rc::Reputation::try_from(r)
-            .map_err(|e| InvalidSpec::new("InvalidReputation", e.to_string()))?,
-    };
-    Ok((spec.unsubscribe.clone(), spec.feedback_id.clone(), reputation))
-}
+pub use crate::domain_feedback::domain_settings;
 
 /// The generated Secret with `values` (see [`missing_values`]).
 pub fn secret(relay: &SmtpRelay, values: BTreeMap<String, String>) -> Secret {
@@ -189,37 +156,6 @@ mod tests {
         assert_eq!(
             crate::reputation::admin_token(&full).as_deref(),
             Some(fresh[ADMIN_TOKEN].as_str())
-        );
-    }
-
-    #[test]
-    fn domain_settings_name_the_crd_field() {
-        let spec: SendingDomainSpec = serde_yaml::from_str(
-            "{domain: example.com, relayRef: {name: main}, feedbackId: '{tag:campaign}:{domain}:petrel', unsubscribe: {enabled: true, baseUrl: 'https://u.example.com', mode: replace}, reputation: {maxBounceRate: 2%}}",
-        )
-        .unwrap();
-        let (unsubscribe, feedback_id, reputation) = domain_settings(&spec).unwrap();
-        let unsubscribe = unsubscribe.expect("unsubscribe");
-        assert!(unsubscribe.enabled);
-        assert_eq!(unsubscribe.mode, rc::UnsubscribeMode::Replace);
-        assert_eq!(feedback_id.as_deref(), Some("{tag:campaign}:{domain}:petrel"));
-        assert_eq!(reputation.max_bounce_rate.percent(), 2.0);
-        assert_eq!(reputation.min_volume, 500);
-        let bad: SendingDomainSpec = serde_yaml::from_str(
-            "{domain: example.com, relayRef: {name: main}, feedbackId: '{nope}'}",
-        )
-        .unwrap();
-        let err = domain_settings(&bad).expect_err("invalid");
-        assert_eq!(err.reason, "InvalidFeedbackId");
-        assert!(err.message.starts_with("spec.feedbackId:"), "{}", err.message);
-        let bad: SendingDomainSpec = serde_yaml::from_str(
-            "{domain: example.com, relayRef: {name: main}, reputation: {window: 10s}}",
-        )
-        .unwrap();
-        let err = domain_settings(&bad).expect_err("invalid");
-        assert_eq!(
-            err.message,
-            "spec.reputation.window: must be at least 1m"
         );
     }
 }
