@@ -1799,3 +1799,53 @@ async fn reputation_conditions_follow_the_relay_and_the_resume_annotation_resume
     })
     .await;
 }
+
+#[tokio::test]
+async fn dns_endpoint_carries_the_return_path_mx() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            external_dns: true,
+            ..Settings::default()
+        });
+        w.add_relay(feedback_relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "returnPathDomain": "bounces.example.com",
+                   "dnsPublish": {"externalDns": true}}),
+        );
+        w.settle("example").await;
+        w.reconcile_domain("example").await;
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        let endpoints = endpoint["spec"]["endpoints"].as_array().expect("endpoints");
+        let at_return_path: Vec<(&str, &str)> = endpoints
+            .iter()
+            .filter(|e| e["dnsName"] == "bounces.example.com")
+            .map(|e| {
+                (
+                    e["recordType"].as_str().unwrap_or_default(),
+                    e["targets"][0].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            at_return_path,
+            [
+                ("TXT", "v=spf1 ip4:203.0.113.7 ~all"),
+                ("MX", "10 feedback.petrel.example.net")
+            ]
+        );
+        // Without the relay's feedback host the MX has no target: not published.
+        w.api.merge(&path::<SmtpRelay>(NS, "main"), json!({"spec": {"feedback": null}}));
+        w.reconcile_domain("example").await;
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        let types: Vec<&str> = endpoint["spec"]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter_map(|e| e["recordType"].as_str())
+            .collect();
+        assert!(types.iter().all(|t| *t == "TXT"), "{types:?}");
+    })
+    .await;
+}
