@@ -12,13 +12,13 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
 use petrel_crds::sending_domain::{
-    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_READY, SendingDomain,
+    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_PAUSED, CONDITION_READY, SendingDomain,
     SendingDomainStatus,
 };
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
-    Condition, ConditionStatus, DnsRecord, DnsRecordState, DnsRecordType, conditions_equivalent,
-    merge_conditions,
+    Condition, ConditionStatus, DnsRecord, DnsRecordState, DnsRecordType, condition_is_true,
+    conditions_equivalent, merge_conditions,
 };
 
 use super::{dns_endpoint, reputation};
@@ -140,6 +140,10 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     write_status(&domains, &name, &stored, &status, refresh_before).await?;
     dns_endpoint::reconcile(sd, ctx, &ns, &status.dns_records).await?;
     record_metrics(ctx, &ns, &sd.spec.domain, &status.dns_records);
+    ctx.metrics
+        .domain_paused
+        .with_label_values(&[ns.as_str(), sd.spec.domain.as_str()])
+        .set(i64::from(condition_is_true(&status.conditions, CONDITION_PAUSED)));
     let dns_recheck = if all_verified {
         ctx.settings.dns_recheck_slow
     } else {
