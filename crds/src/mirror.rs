@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(r.auto_resume_after.map(|d| d.as_secs()), Some(86_400));
         for (yaml, field) in [
             ("{maxBounceRate: 0%}", "spec.reputation.maxBounceRate"),
-            ("{maxComplaintRate: 101%}", "spec.reputation.maxComplaintRate"),
+            (
+                "{maxComplaintRate: 101%}",
+                "spec.reputation.maxComplaintRate",
+            ),
             ("{window: 30s}", "spec.reputation.window"),
             ("{window: soon}", "spec.reputation.window"),
             ("{minVolume: 0}", "spec.reputation.minVolume"),

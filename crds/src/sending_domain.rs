@@ -182,11 +182,17 @@ pub struct ReputationSpec {
     /// Hard bounces / (delivered + hard bounces) above which the domain pauses, for example
     /// `5%` (the default). Half of it raises the ReputationWarning condition.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 12), regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$"))]
+    #[schemars(
+        length(max = 12),
+        regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$")
+    )]
     pub max_bounce_rate: Option<String>,
     /// Complaints / delivered above which the domain pauses, for example `0.1%` (the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 12), regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$"))]
+    #[schemars(
+        length(max = 12),
+        regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$")
+    )]
     pub max_complaint_rate: Option<String>,
     /// Fewest messages (delivered + hard bounces) in the window before a rate counts
     /// (default 500), so a handful of bounces on a quiet day pauses nothing.

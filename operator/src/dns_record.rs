@@ -81,7 +81,8 @@ pub fn evaluate(desired: &DesiredRecord, answer: &TxtAnswer) -> (DnsRecordState,
             exchange.trim_end_matches('.').to_ascii_lowercase()
         };
         let want = host(&desired.value);
-        return if !want.is_empty() && !records.is_empty() && records.iter().all(|r| host(r) == want) {
+        return if !want.is_empty() && !records.is_empty() && records.iter().all(|r| host(r) == want)
+        {
             (DnsRecordState::Verified, None)
         } else {
             (DnsRecordState::Mismatch, Some(records.join(" | ")))

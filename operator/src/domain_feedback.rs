@@ -38,7 +38,11 @@ pub fn domain_settings(
         Some(r) => rc::Reputation::try_from(r)
             .map_err(|e| InvalidSpec::new("InvalidReputation", e.to_string()))?,
     };
-    Ok((spec.unsubscribe.clone(), spec.feedback_id.clone(), reputation))
+    Ok((
+        spec.unsubscribe.clone(),
+        spec.feedback_id.clone(),
+        reputation,
+    ))
 }
 
 #[cfg(test)]
@@ -55,7 +59,10 @@ mod tests {
         let unsubscribe = unsubscribe.expect("unsubscribe");
         assert!(unsubscribe.enabled);
         assert_eq!(unsubscribe.mode, rc::UnsubscribeMode::Replace);
-        assert_eq!(feedback_id.as_deref(), Some("{tag:campaign}:{domain}:petrel"));
+        assert_eq!(
+            feedback_id.as_deref(),
+            Some("{tag:campaign}:{domain}:petrel")
+        );
         assert_eq!(reputation.max_bounce_rate.percent(), 2.0);
         assert_eq!(reputation.min_volume, 500);
         let bad: SendingDomainSpec = serde_yaml::from_str(
@@ -64,15 +71,16 @@ mod tests {
         .unwrap();
         let err = domain_settings(&bad).expect_err("invalid");
         assert_eq!(err.reason, "InvalidFeedbackId");
-        assert!(err.message.starts_with("spec.feedbackId:"), "{}", err.message);
+        assert!(
+            err.message.starts_with("spec.feedbackId:"),
+            "{}",
+            err.message
+        );
         let bad: SendingDomainSpec = serde_yaml::from_str(
             "{domain: example.com, relayRef: {name: main}, reputation: {window: 10s}}",
         )
         .unwrap();
         let err = domain_settings(&bad).expect_err("invalid");
-        assert_eq!(
-            err.message,
-            "spec.reputation.window: must be at least 1m"
-        );
+        assert_eq!(err.message, "spec.reputation.window: must be at least 1m");
     }
 }

@@ -1545,7 +1545,10 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
         );
         assert!(first.values().all(|v| v.len() >= 32));
         let secret: Secret = w.api.typed(&path::<Secret>(NS, FEEDBACK_SECRET));
-        assert_eq!(secret.metadata.owner_references.expect("owner")[0].kind, "SmtpRelay");
+        assert_eq!(
+            secret.metadata.owner_references.expect("owner")[0].kind,
+            "SmtpRelay"
+        );
         assert_eq!(
             secret.metadata.labels.unwrap_or_default()["app.kubernetes.io/managed-by"],
             "petrel-operator"
@@ -1574,7 +1577,10 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
         let unsubscribe = d.unsubscribe.as_ref().expect("unsubscribe");
         assert!(unsubscribe.enabled);
         assert_eq!(unsubscribe.base_url, "https://u.example.com/petrel");
-        assert_eq!(d.feedback_id.as_deref(), Some("{tag:campaign}:{domain}:petrel"));
+        assert_eq!(
+            d.feedback_id.as_deref(),
+            Some("{tag:campaign}:{domain}:petrel")
+        );
         assert_eq!(d.reputation.max_bounce_rate.percent(), 2.0);
         assert_eq!(d.reputation.window.as_secs(), 6 * 3600);
         assert_eq!(d.reputation.max_complaint_rate.percent(), 0.1);
@@ -1589,15 +1595,27 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
             .find(|v| v.name == "feedback")
             .expect("feedback volume");
         assert_eq!(
-            volume.secret.as_ref().and_then(|s| s.secret_name.as_deref()),
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
             Some(FEEDBACK_SECRET)
         );
         let c = &pod.containers[0];
-        assert!(c.volume_mounts.iter().flatten().any(|m| m.name == "feedback"
-            && m.mount_path == "/etc/petrel/feedback"
-            && m.read_only == Some(true)));
-        assert!(c.ports.iter().flatten().any(|p| p.name.as_deref() == Some("feedback")
-            && p.container_port == 11025));
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "feedback"
+                    && m.mount_path == "/etc/petrel/feedback"
+                    && m.read_only == Some(true))
+        );
+        assert!(
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some("feedback") && p.container_port == 11025)
+        );
         let svc: Service = w.api.typed(&path::<Service>(NS, "petrel-main-feedback"));
         let spec = svc.spec.expect("spec");
         assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
@@ -1605,13 +1623,22 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
         assert_eq!(port.port, 25);
         assert_eq!(
             port.target_port,
-            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
-                "feedback".into()
-            ))
+            Some(
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                    "feedback".into()
+                )
+            )
         );
         // The apps' Service keeps port 25 for the smtp listener.
         let main: Service = w.api.typed(&path::<Service>(NS, "petrel-main"));
-        assert!(main.spec.expect("spec").ports.expect("ports").iter().all(|p| p.name.as_deref() != Some("feedback")));
+        assert!(
+            main.spec
+                .expect("spec")
+                .ports
+                .expect("ports")
+                .iter()
+                .all(|p| p.name.as_deref() != Some("feedback"))
+        );
 
         // Never rewritten: more reconciles keep both values; a lost key is
         // added back without touching the other.
@@ -1636,10 +1663,22 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
 
         // Without spec.feedback: its Service goes, and the MX has no target,
         // with a condition saying what to set.
-        w.api.merge(&path::<SmtpRelay>(NS, "main"), json!({"spec": {"feedback": null}}));
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"feedback": null}}),
+        );
         w.reconcile_relay().await;
-        assert!(w.api.get(&path::<Service>(NS, "petrel-main-feedback")).is_none());
-        assert!(w.rendered_config().listeners.iter().all(|l| l.name != "feedback"));
+        assert!(
+            w.api
+                .get(&path::<Service>(NS, "petrel-main-feedback"))
+                .is_none()
+        );
+        assert!(
+            w.rendered_config()
+                .listeners
+                .iter()
+                .all(|l| l.name != "feedback")
+        );
         w.reconcile_domain("example").await;
         let status = w.domain("example").status.expect("status");
         let mx = status
@@ -1651,7 +1690,8 @@ async fn feedback_listener_service_secret_and_return_path_mx() {
         let dns = find_condition(&status.conditions, "DnsVerified").expect("DnsVerified");
         assert!(!dns.is_true());
         assert!(
-            dns.message.contains("set spec.feedback.hostname on SmtpRelay main"),
+            dns.message
+                .contains("set spec.feedback.hostname on SmtpRelay main"),
             "{}",
             dns.message
         );
@@ -1836,7 +1876,10 @@ async fn dns_endpoint_carries_the_return_path_mx() {
             ]
         );
         // Without the relay's feedback host the MX has no target: not published.
-        w.api.merge(&path::<SmtpRelay>(NS, "main"), json!({"spec": {"feedback": null}}));
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"feedback": null}}),
+        );
         w.reconcile_domain("example").await;
         let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
         let types: Vec<&str> = endpoint["spec"]["endpoints"]

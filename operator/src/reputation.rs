@@ -190,16 +190,17 @@ impl HttpReputation {
             .body(Full::new(Bytes::new()))
             .map_err(|e| ReputationError::Unreachable(format!("{url}: {e}")))?;
         let exchange = async {
-            let response = self
-                .client
-                .request(request)
-                .await
-                .map_err(|e| ReputationError::Unreachable(format!("{url}: {}", error_chain(&e))))?;
+            let response =
+                self.client.request(request).await.map_err(|e| {
+                    ReputationError::Unreachable(format!("{url}: {}", error_chain(&e)))
+                })?;
             let status = response.status();
             let body = Limited::new(response.into_body(), MAX_RESPONSE)
                 .collect()
                 .await
-                .map_err(|e| ReputationError::Unreachable(format!("{url}: reading the answer: {e}")))?
+                .map_err(|e| {
+                    ReputationError::Unreachable(format!("{url}: reading the answer: {e}"))
+                })?
                 .to_bytes();
             Ok::<_, ReputationError>((status, body))
         };
@@ -223,9 +224,11 @@ impl HttpReputation {
 fn error_message(body: &[u8]) -> String {
     let json: Option<serde_json::Value> = serde_json::from_slice(body).ok();
     let field = |k: &str| {
-        json.as_ref()
-            .and_then(|v| v.get(k))
-            .and_then(|m| m.as_str().map(String::from).or_else(|| m.get("message")?.as_str().map(String::from)))
+        json.as_ref().and_then(|v| v.get(k)).and_then(|m| {
+            m.as_str()
+                .map(String::from)
+                .or_else(|| m.get("message")?.as_str().map(String::from))
+        })
     };
     field("message")
         .or_else(|| field("error"))
@@ -250,7 +253,9 @@ impl ReputationSource for HttpReputation {
         relay: &'a RelayEndpoint,
     ) -> BoxFuture<'a, Result<Vec<DomainReputation>, ReputationError>> {
         Box::pin(async move {
-            let body = self.call(Method::GET, relay, "/admin/v1/reputation").await?;
+            let body = self
+                .call(Method::GET, relay, "/admin/v1/reputation")
+                .await?;
             serde_json::from_slice::<ReputationList>(&body)
                 .map(|l| l.domains)
                 .map_err(|e| ReputationError::Malformed(e.to_string()))
@@ -319,11 +324,9 @@ impl ReputationSource for FakeReputation {
         let mut state = self.lock();
         state.calls.push(format!("GET {}", relay.base_url));
         state.tokens.push(relay.token.clone());
-        let answer = state
-            .relays
-            .get(&relay.base_url)
-            .cloned()
-            .ok_or_else(|| ReputationError::Unreachable(format!("{}: connection refused", relay.base_url)));
+        let answer = state.relays.get(&relay.base_url).cloned().ok_or_else(|| {
+            ReputationError::Unreachable(format!("{}: connection refused", relay.base_url))
+        });
         Box::pin(async move { answer })
     }
 
@@ -334,7 +337,9 @@ impl ReputationSource for FakeReputation {
         domain: &'a str,
     ) -> BoxFuture<'a, Result<(), ReputationError>> {
         let mut state = self.lock();
-        state.calls.push(format!("RESUME {} {domain}", relay.base_url));
+        state
+            .calls
+            .push(format!("RESUME {} {domain}", relay.base_url));
         state.tokens.push(relay.token.clone());
         let answer = match state.relays.get_mut(&relay.base_url) {
             None => Err(ReputationError::Unreachable(format!(
@@ -370,7 +375,9 @@ mod tests {
     const TOKEN: &str = "s3cret-token";
 
     fn authorised(headers: &HeaderMap) -> bool {
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
             == Some(&format!("Bearer {TOKEN}"))
     }
 

@@ -147,9 +147,13 @@ fn dns_endpoint_satisfies_external_dns_crd() {
             .iter()
             .any(|t| t.starts_with("\"v=DKIM1") && t.contains("\" \""))
     );
-    assert!(endpoints.iter().any(|e| e["dnsName"] == "bounces.example.com"
-        && e["recordType"] == "MX"
-        && e["targets"][0] == "10 feedback.example.net"));
+    assert!(
+        endpoints
+            .iter()
+            .any(|e| e["dnsName"] == "bounces.example.com"
+                && e["recordType"] == "MX"
+                && e["targets"][0] == "10 feedback.example.net")
+    );
     // The check is not vacuous: an unknown record type fails it.
     let mut bad = endpoint.clone();
     bad["spec"]["endpoints"][0]["recordType"] = Value::from("SPF");

@@ -12,8 +12,8 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
 use petrel_crds::sending_domain::{
-    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_PAUSED, CONDITION_READY, SendingDomain,
-    SendingDomainStatus,
+    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_PAUSED, CONDITION_READY,
+    SendingDomain, SendingDomainStatus,
 };
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
@@ -21,11 +21,11 @@ use petrel_crds::status::{
     conditions_equivalent, merge_conditions,
 };
 
-use super::{dns_endpoint, reputation};
 use super::records::{
     DesiredRecord, TxtAnswer, desired_records, evaluate, return_path_mx, tracking_record,
 };
 use super::validate::{owned_dkim_key_spec, validate};
+use super::{dns_endpoint, reputation};
 use crate::apply::{FIELD_MANAGER, apply, apply_status};
 use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
@@ -143,7 +143,10 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     ctx.metrics
         .domain_paused
         .with_label_values(&[ns.as_str(), sd.spec.domain.as_str()])
-        .set(i64::from(condition_is_true(&status.conditions, CONDITION_PAUSED)));
+        .set(i64::from(condition_is_true(
+            &status.conditions,
+            CONDITION_PAUSED,
+        )));
     let dns_recheck = if all_verified {
         ctx.settings.dns_recheck_slow
     } else {
@@ -211,13 +214,12 @@ async fn verify(desired: &[DesiredRecord], ctx: &Context, now: &Time) -> Vec<Dns
     let mut answers: BTreeMap<(&str, DnsRecordType), TxtAnswer> = BTreeMap::new();
     for record in desired {
         let key = (record.name.as_str(), record.type_);
-        if !answers.contains_key(&key) {
-            let answer = match record.type_ {
+        if let std::collections::btree_map::Entry::Vacant(slot) = answers.entry(key) {
+            slot.insert(match record.type_ {
                 DnsRecordType::CNAME => ctx.dns.lookup_cname(&record.name).await,
                 DnsRecordType::MX => ctx.dns.lookup_mx(&record.name).await,
                 DnsRecordType::TXT => ctx.dns.lookup_txt(&record.name).await,
-            };
-            answers.insert(key, answer);
+            });
         }
     }
     desired

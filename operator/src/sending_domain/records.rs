@@ -3,8 +3,8 @@
 
 use petrel_crds::dkim_key::DkimKeyStatus;
 use petrel_crds::sending_domain::SendingDomainSpec;
-use petrel_crds::status::{DkimKeyPhase, DnsRecordPurpose, DnsRecordType};
 use petrel_crds::smtp_relay::RelayFeedbackSpec;
+use petrel_crds::status::{DkimKeyPhase, DnsRecordPurpose, DnsRecordType};
 use petrel_crds::tracking::RelayTrackingSpec;
 
 pub use crate::dns_record::{DesiredRecord, TXT_CHUNK, TxtAnswer, evaluate, split_txt};
@@ -120,7 +120,10 @@ pub fn return_path_mx(
                 "{RETURN_PATH_MX_PREFERENCE} {}",
                 f.hostname.trim_end_matches('.').to_ascii_lowercase()
             ),
-            Some("bounces and complaint reports reach the relay's feedback listener through this MX".to_string()),
+            Some(
+                "bounces and complaint reports reach the relay's feedback listener through this MX"
+                    .to_string(),
+            ),
         ),
         None => (
             String::new(),
@@ -344,8 +347,14 @@ mod tests {
         assert_eq!(record.purpose, DnsRecordPurpose::ReturnPath);
         let answer = |s: &[&str]| TxtAnswer::Records(s.iter().map(|s| s.to_string()).collect());
         let table = [
-            (answer(&["10 feedback.petrel.example.net"]), DnsRecordState::Verified),
-            (answer(&["20 Feedback.Petrel.Example.net."]), DnsRecordState::Verified),
+            (
+                answer(&["10 feedback.petrel.example.net"]),
+                DnsRecordState::Verified,
+            ),
+            (
+                answer(&["20 Feedback.Petrel.Example.net."]),
+                DnsRecordState::Verified,
+            ),
             (answer(&["10 mx.example.com"]), DnsRecordState::Mismatch),
             (
                 answer(&["10 feedback.petrel.example.net", "20 mx.example.com"]),

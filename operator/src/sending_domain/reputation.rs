@@ -11,9 +11,9 @@
 //! and only ReputationSynced says why.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::ResourceExt;
 use petrel_crds::sending_domain::{
     CONDITION_PAUSED, CONDITION_REPUTATION_SYNCED, CONDITION_REPUTATION_WARNING,
     REASON_BOUNCE_RATE_EXCEEDED, REASON_COMPLAINT_RATE_EXCEEDED, RESUME_ANNOTATION, SendingDomain,
@@ -98,7 +98,8 @@ pub fn observe(
             now.clone(),
         )
     };
-    let was_synced = find_condition(stored, CONDITION_REPUTATION_SYNCED).is_none_or(Condition::is_true);
+    let was_synced =
+        find_condition(stored, CONDITION_REPUTATION_SYNCED).is_none_or(Condition::is_true);
     let rep = match observation {
         Observation::Known(rep) => rep,
         Observation::NotListed => {
@@ -135,7 +136,12 @@ pub fn observe(
                 Vec::new()
             };
             return Outcome {
-                conditions: vec![condition(CONDITION_REPUTATION_SYNCED, false, reason, message)],
+                conditions: vec![condition(
+                    CONDITION_REPUTATION_SYNCED,
+                    false,
+                    reason,
+                    message,
+                )],
                 events,
                 watch_closely: true,
             };
@@ -203,7 +209,9 @@ pub fn observe(
         (true, false) if !was_paused => events.push(Note {
             warning: false,
             reason: "ReputationRecovered",
-            message: format!("bounce and complaint rates of {domain} are below half of their thresholds again"),
+            message: format!(
+                "bounce and complaint rates of {domain} are below half of their thresholds again"
+            ),
         }),
         _ => {}
     }
@@ -253,7 +261,10 @@ pub async fn sync(
                 true
             }
             // The relay does not know the domain: nothing to resume, and retrying will not help.
-            Err(ReputationError::Status { status: 404, message }) => {
+            Err(ReputationError::Status {
+                status: 404,
+                message,
+            }) => {
                 ctx.event(
                     sd,
                     EventType::Warning,
@@ -279,8 +290,12 @@ pub async fn sync(
         if remove {
             let api: Api<SendingDomain> = Api::namespaced(ctx.client.clone(), ns);
             let patch = json!({"metadata": {"annotations": {RESUME_ANNOTATION: null}}});
-            api.patch(&sd.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-                .await?;
+            api.patch(
+                &sd.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
         }
     }
     let answer = ctx.reputation.domains(&endpoint).await;
@@ -324,7 +339,11 @@ mod tests {
         Time(Timestamp::from_second(1_790_000_000).unwrap())
     }
 
-    fn rep(state: ReputationState, reason: Option<ReputationReason>, message: &str) -> DomainReputation {
+    fn rep(
+        state: ReputationState,
+        reason: Option<ReputationReason>,
+        message: &str,
+    ) -> DomainReputation {
         DomainReputation {
             domain: "example.com".into(),
             state,
@@ -338,7 +357,14 @@ mod tests {
     }
 
     fn step(stored: &[Condition], observation: Observation<'_>) -> (Vec<Condition>, Outcome) {
-        let out = observe("example.com", "http://petrel-main.mail.svc:9090", observation, stored, Some(1), now());
+        let out = observe(
+            "example.com",
+            "http://petrel-main.mail.svc:9090",
+            observation,
+            stored,
+            Some(1),
+            now(),
+        );
         (merge_conditions(stored, out.conditions.clone()), out)
     }
 
@@ -356,15 +382,29 @@ mod tests {
         assert!(out.events.is_empty());
         assert!(!out.watch_closely);
 
-        let warn = rep(ReputationState::Warning, Some(ReputationReason::BounceRateExceeded), "bounce rate 3.1% over 24h exceeds half of 5%");
+        let warn = rep(
+            ReputationState::Warning,
+            Some(ReputationReason::BounceRateExceeded),
+            "bounce rate 3.1% over 24h exceeds half of 5%",
+        );
         let (c, out) = step(&c, Observation::Known(&warn));
         assert_eq!(get(&c, "ReputationWarning").reason, "BounceRateHigh");
-        assert_eq!(get(&c, "ReputationWarning").message, "bounce rate 3.1% over 24h exceeds half of 5%");
+        assert_eq!(
+            get(&c, "ReputationWarning").message,
+            "bounce rate 3.1% over 24h exceeds half of 5%"
+        );
         assert!(!get(&c, "Paused").is_true());
-        assert_eq!(out.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["ReputationWarning"]);
+        assert_eq!(
+            out.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["ReputationWarning"]
+        );
         assert!(out.watch_closely);
 
-        let paused = rep(ReputationState::Paused, Some(ReputationReason::ComplaintRateExceeded), "complaint rate 0.4% over 24h exceeds 0.1%");
+        let paused = rep(
+            ReputationState::Paused,
+            Some(ReputationReason::ComplaintRateExceeded),
+            "complaint rate 0.4% over 24h exceeds 0.1%",
+        );
         let (c, out) = step(&c, Observation::Known(&paused));
         let p = get(&c, "Paused");
         assert!(p.is_true());
@@ -376,12 +416,18 @@ mod tests {
         // The same report again: nothing new to say.
         let (c2, out) = step(&c, Observation::Known(&paused));
         assert!(out.events.is_empty());
-        assert_eq!(get(&c2, "Paused").last_transition_time, get(&c, "Paused").last_transition_time);
+        assert_eq!(
+            get(&c2, "Paused").last_transition_time,
+            get(&c, "Paused").last_transition_time
+        );
 
         let (c, out) = step(&c2, Observation::Known(&ok));
         assert!(!get(&c, "Paused").is_true());
         assert!(!get(&c, "ReputationWarning").is_true());
-        assert_eq!(out.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["Resumed"]);
+        assert_eq!(
+            out.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["Resumed"]
+        );
     }
 
     #[test]
@@ -389,26 +435,49 @@ mod tests {
         let paused = rep(ReputationState::Paused, Some(ReputationReason::Other), "");
         let (c, _) = step(&[], Observation::Known(&paused));
         assert_eq!(get(&c, "Paused").reason, "ReputationPaused");
-        assert_eq!(get(&c, "Paused").message, "sending for example.com is paused");
-        let paused = rep(ReputationState::Paused, Some(ReputationReason::BounceRateExceeded), "bounce rate 7.2% over 24h exceeds 5%");
+        assert_eq!(
+            get(&c, "Paused").message,
+            "sending for example.com is paused"
+        );
+        let paused = rep(
+            ReputationState::Paused,
+            Some(ReputationReason::BounceRateExceeded),
+            "bounce rate 7.2% over 24h exceeds 5%",
+        );
         let (c, _) = step(&[], Observation::Known(&paused));
         assert_eq!(get(&c, "Paused").reason, "BounceRateExceeded");
     }
 
     #[test]
     fn an_unreachable_relay_keeps_the_last_known_state_and_warns_once() {
-        let paused = rep(ReputationState::Paused, Some(ReputationReason::BounceRateExceeded), "bounce rate 7.2% over 24h exceeds 5%");
+        let paused = rep(
+            ReputationState::Paused,
+            Some(ReputationReason::BounceRateExceeded),
+            "bounce rate 7.2% over 24h exceeds 5%",
+        );
         let (known, _) = step(&[], Observation::Known(&paused));
-        let err = ReputationError::Unreachable("http://petrel-main.mail.svc:9090/admin/v1/reputation: connection refused".into());
+        let err = ReputationError::Unreachable(
+            "http://petrel-main.mail.svc:9090/admin/v1/reputation: connection refused".into(),
+        );
         let (c, out) = step(&known, Observation::Failed(&err));
         assert_eq!(get(&c, "Paused"), get(&known, "Paused"), "unchanged");
-        assert_eq!(get(&c, "ReputationWarning"), get(&known, "ReputationWarning"));
+        assert_eq!(
+            get(&c, "ReputationWarning"),
+            get(&known, "ReputationWarning")
+        );
         let synced = get(&c, "ReputationSynced");
         assert!(!synced.is_true());
         assert_eq!(synced.reason, "RelayUnreachable");
-        assert!(synced.message.contains("connection refused"), "{}", synced.message);
+        assert!(
+            synced.message.contains("connection refused"),
+            "{}",
+            synced.message
+        );
         assert!(synced.message.contains("keep their last known state"));
-        assert_eq!(out.events.iter().map(|e| e.reason).collect::<Vec<_>>(), ["RelayUnreachable"]);
+        assert_eq!(
+            out.events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+            ["RelayUnreachable"]
+        );
         assert!(out.watch_closely);
         // Still unreachable: no new Event, no flapping.
         let (c2, out) = step(&c, Observation::Failed(&err));

@@ -290,8 +290,8 @@ pub fn relay_config(
         let key = &d.active_key;
         let limits = d.spec.rate_limits.clone().unwrap_or_default();
         let to_u32 = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
-        let (unsubscribe, feedback_id, reputation) = feedback::domain_settings(&d.spec)
-            .map_err(|e| {
+        let (unsubscribe, feedback_id, reputation) =
+            feedback::domain_settings(&d.spec).map_err(|e| {
                 InvalidSpec::new(
                     e.reason,
                     format!("SendingDomain for {}: {}", d.spec.domain, e.message),

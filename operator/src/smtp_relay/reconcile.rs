@@ -250,7 +250,9 @@ async fn ensure_feedback_secret(
         "FeedbackSecretCreated",
         "Render",
         if created {
-            format!("created Secret {ns}/{name} with the feedback token key and the admin API token")
+            format!(
+                "created Secret {ns}/{name} with the feedback token key and the admin API token"
+            )
         } else {
             format!("added the missing keys to Secret {ns}/{name}")
         },
