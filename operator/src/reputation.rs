@@ -418,7 +418,8 @@ mod tests {
                     if domain != "example.com" {
                         return (
                             StatusCode::NOT_FOUND,
-                            Json(json!({"error": format!("unknown sending domain {domain}")})),
+                            // The relay's error shape.
+                            Json(json!({"error": {"message": format!("unknown sending domain {domain}")}})),
                         );
                     }
                     (StatusCode::OK, Json(json!({"domain": domain, "state": "ok"})))
