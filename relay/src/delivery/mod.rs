@@ -21,6 +21,7 @@ pub mod maildir;
 pub mod mta_sts;
 pub mod mx;
 pub mod retry;
+mod slot;
 mod settle;
 pub mod suppression;
 pub mod tls;
