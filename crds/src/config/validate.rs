@@ -542,7 +542,8 @@ http:
 
     #[test]
     fn http_tls_needs_certificate_files() {
-        let yaml = "listeners: [{name: smtp, address: 127.0.0.1:2525}]\nhttp: {tls: true}\n";
+        let yaml = "listeners: [{name: smtp, address: 127.0.0.1:2525}]\n\
+                    queue: {embedded: {path: /q.redb}}\nhttp: {tls: true}\n";
         let errors = errors_of(yaml);
         assert!(
             errors
