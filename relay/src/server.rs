@@ -46,7 +46,9 @@ pub enum ServerError {
         source: std::io::Error,
     },
     /// `http.tls: true` without `tls.certFile`/`tls.keyFile`.
-    #[error("http.tls: serving HTTP over TLS needs certificate files: set tls.certFile and tls.keyFile")]
+    #[error(
+        "http.tls: serving HTTP over TLS needs certificate files: set tls.certFile and tls.keyFile"
+    )]
     HttpTlsWithoutFiles,
     /// Installing signal handlers failed.
     #[error("cannot install signal handlers: {0}")]
@@ -128,15 +130,14 @@ pub async fn run_until(
     let http_task = match (current.http.tls, &inbound_ctx.tls) {
         (true, Some(tls)) => {
             let handshake = config.clone();
-            let listener = http::tls_listener::TlsListener::new(
-                http_listener,
-                tls.clone(),
-                move || handshake.get().limits.tls_handshake_timeout.get(),
-            )
-            .map_err(|source| ServerError::HttpBind {
-                address: current.http.address,
-                source,
-            })?;
+            let listener =
+                http::tls_listener::TlsListener::new(http_listener, tls.clone(), move || {
+                    handshake.get().limits.tls_handshake_timeout.get()
+                })
+                .map_err(|source| ServerError::HttpBind {
+                    address: current.http.address,
+                    source,
+                })?;
             tokio::spawn(http::serve_tls(
                 listener,
                 http_state,

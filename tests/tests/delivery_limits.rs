@@ -205,13 +205,21 @@ async fn slow_deliveries_keep_their_slots_and_the_limit_holds_across_pods() {
             backend
                 .queue
                 .enqueue(
-                    message(&format!("m-slow-{i}"), "sender@example.test", &[&rcpt], "slow"),
+                    message(
+                        &format!("m-slow-{i}"),
+                        "sender@example.test",
+                        &[&rcpt],
+                        "slow",
+                    ),
                     Vec::new(),
                 )
                 .await
                 .unwrap();
         }
-        let pods = [Relay::start(config.clone()).await, Relay::start(config).await];
+        let pods = [
+            Relay::start(config.clone()).await,
+            Relay::start(config).await,
+        ];
         let got = sink.wait_for(MESSAGES, Duration::from_secs(100)).await;
         assert_eq!(got.len(), MESSAGES, "all delivered in the end");
         let max = sink.max_concurrent_connections();

@@ -56,7 +56,11 @@ async fn https(
         request = request.header("authorization", auth);
     }
     let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body.to_string()))).unwrap())
+        .send_request(
+            request
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap(),
+        )
         .await
         .map_err(|e| e.to_string())?;
     let status = response.status().as_u16();

@@ -1026,7 +1026,12 @@ mod cases {
                 .await
                 .unwrap()
         );
-        assert!(!b.state.renew_slot("mx:other.org", &a, MINUTE).await.unwrap());
+        assert!(
+            !b.state
+                .renew_slot("mx:other.org", &a, MINUTE)
+                .await
+                .unwrap()
+        );
         // Released: renewing does not take it back.
         b.state.release_slot("mx:r.org", &a).await.unwrap();
         assert!(!b.state.renew_slot("mx:r.org", &a, MINUTE).await.unwrap());

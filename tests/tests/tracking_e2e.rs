@@ -186,12 +186,7 @@ domains:
         w.write_all(&stuffed).await.unwrap();
         let queued = expect(&mut w, ".\r\n", "250").await;
         expect(&mut w, "QUIT\r\n", "221").await;
-        let queue_id = queued
-            .trim_end()
-            .rsplit(' ')
-            .next()
-            .unwrap()
-            .to_string();
+        let queue_id = queued.trim_end().rsplit(' ').next().unwrap().to_string();
         let dir = self.maildir();
         loop {
             let new: Vec<PathBuf> = files(&dir)
@@ -624,8 +619,8 @@ async fn tracking_off_or_opted_out_leaves_the_message_as_sent() {
 async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
     tokio::time::timeout(LIMIT, async {
         let relay = Relay::start().await;
-        let key = petrel_relay::tracking::TokenKey::load(&relay.dir.path().join("tracking.key"))
-            .unwrap();
+        let key =
+            petrel_relay::tracking::TokenKey::load(&relay.dir.path().join("tracking.key")).unwrap();
         let rcpts = ["ann@dest.example", "bob@dest.example", "cy@other.example"];
         let original = MessageBuilder::new()
             .from(("Shop", "news@example.test"))
@@ -640,9 +635,7 @@ async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
             .html_body(html_doc("three"))
             .write_to_vec()
             .unwrap();
-        let (queue_id, delivered) = relay
-            .send_to("news@example.test", &rcpts, &original)
-            .await;
+        let (queue_id, delivered) = relay.send_to("news@example.test", &rcpts, &original).await;
         assert_eq!(delivered.len(), 3, "one body per recipient");
         let click_prefix = format!("http://{TRACK_HOST}/c/");
         let open_prefix = format!("http://{TRACK_HOST}/o/");
@@ -661,7 +654,10 @@ async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
             assert_eq!(opens.len(), 1);
             let token = opens[0][open_prefix.len()..].strip_suffix(".gif").unwrap();
             let claims = key.open(token).unwrap();
-            assert_eq!(claims.recipient, delivered_to, "the pixel names its recipient");
+            assert_eq!(
+                claims.recipient, delivered_to,
+                "the pixel names its recipient"
+            );
             let index = rcpts.iter().position(|r| *r == delivered_to).unwrap();
             assert_eq!(
                 claims.queue_id,
@@ -682,7 +678,9 @@ async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
         // Each pixel fetched twice: one unique open per recipient.
         for path in &pixels {
             for _ in 0..2 {
-                let (status, _, _) = relay.get(TRACK_HOST, path, "Mozilla/5.0 (X11; Linux)").await;
+                let (status, _, _) = relay
+                    .get(TRACK_HOST, path, "Mozilla/5.0 (X11; Linux)")
+                    .await;
                 assert_eq!(status, 200);
             }
         }
@@ -721,7 +719,13 @@ async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
                 event.header_message_id.as_deref(),
                 Some("spring-17@example.test")
             );
-            assert!(event.queue_id.as_deref().unwrap().starts_with(&format!("{queue_id}.")));
+            assert!(
+                event
+                    .queue_id
+                    .as_deref()
+                    .unwrap()
+                    .starts_with(&format!("{queue_id}."))
+            );
         }
         // The accepted events name the copies too, one per recipient.
         let accepted = relay.events(EventType::Accepted).await;
@@ -759,9 +763,7 @@ async fn an_untracked_message_to_several_recipients_is_not_split() {
             .text_body("no HTML here")
             .write_to_vec()
             .unwrap();
-        let (queue_id, delivered) = relay
-            .send_to("news@example.test", &rcpts, &original)
-            .await;
+        let (queue_id, delivered) = relay.send_to("news@example.test", &rcpts, &original).await;
         assert_eq!(delivered.len(), 2);
         let accepted = relay.events(EventType::Accepted).await;
         assert_eq!(accepted.len(), 2);

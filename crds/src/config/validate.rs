@@ -553,7 +553,9 @@ http:
         );
         let with_files = format!("{yaml}tls: {{certFile: /tls/crt, keyFile: /tls/key}}\n");
         assert!(
-            !errors_of(&with_files).iter().any(|e| e.starts_with("http.tls")),
+            !errors_of(&with_files)
+                .iter()
+                .any(|e| e.starts_with("http.tls")),
             "{:?}",
             errors_of(&with_files)
         );

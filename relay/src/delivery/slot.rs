@@ -172,7 +172,11 @@ mod tests {
             tokio::time::sleep(ttl * 4).await;
             assert!(!guard.lost());
             assert!(
-                state.acquire_slot("dest:x", 1, ttl).await.unwrap().is_none(),
+                state
+                    .acquire_slot("dest:x", 1, ttl)
+                    .await
+                    .unwrap()
+                    .is_none(),
                 "the renewed slot is still held past its ttl"
             );
             // As when the task holding it panics or is aborted.

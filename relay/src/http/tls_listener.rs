@@ -119,10 +119,8 @@ impl Connected<IncomingStream<'_, TlsListener>> for TlsPeer {
 /// expect and the [`super::OverTls`] mark (Basic credentials are then
 /// accepted without `http.allowInsecureAuth`).
 pub async fn mark_tls(mut request: axum::extract::Request) -> axum::extract::Request {
-    if let Some(ConnectInfo(TlsPeer(peer))) = request
-        .extensions()
-        .get::<ConnectInfo<TlsPeer>>()
-        .copied()
+    if let Some(ConnectInfo(TlsPeer(peer))) =
+        request.extensions().get::<ConnectInfo<TlsPeer>>().copied()
     {
         request.extensions_mut().insert(ConnectInfo(peer));
     }

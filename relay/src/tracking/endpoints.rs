@@ -142,16 +142,16 @@ impl Endpoints {
             }
         };
         let unique = match counted {
-                Ok(Ok(n)) => Some(n == 1),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot count tracking request; unique unknown");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!("counting a tracking request timed out; unique unknown");
-                    None
-                }
-            };
+            Ok(Ok(n)) => Some(n == 1),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot count tracking request; unique unknown");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("counting a tracking request timed out; unique unknown");
+                None
+            }
+        };
         let machine = if v.machine { "true" } else { "false" };
         let labels = [c.sending_domain.as_str(), machine];
         let (total, first) = if kind == EventType::Opened {
