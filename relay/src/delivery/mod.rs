@@ -21,7 +21,7 @@ pub mod maildir;
 pub mod mta_sts;
 pub mod mx;
 pub mod retry;
-mod settle;
+pub(crate) mod settle;
 pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
@@ -63,6 +63,8 @@ pub struct DeliveryContext {
     pub queue: Arc<dyn Queue>,
     /// Suppression list, counters, slots.
     pub state: Arc<dyn SharedState>,
+    /// Queue inspection (held destinations, for the gauges).
+    pub control: Arc<dyn crate::queue::QueueControl>,
     /// Metrics registry handles.
     pub metrics: RelayMetrics,
     /// The name events carry in `relay` (see [`crate::events::relay_name`]).
@@ -96,6 +98,7 @@ impl DeliveryContext {
             config,
             queue: backend.queue,
             state: backend.state,
+            control: backend.control,
             metrics,
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),
