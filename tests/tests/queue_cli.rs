@@ -119,7 +119,8 @@ impl Run {
     }
 }
 
-/// `petrel-relay <args> --config <config>`.
+/// `petrel-relay <args> --config <config>`, in the config's directory
+/// (the relay's working directory: the queue path is relative to it).
 async fn cli(config: &Path, args: &[&str]) -> Run {
     let out = tokio::time::timeout(
         DELIVERY,
@@ -127,6 +128,7 @@ async fn cli(config: &Path, args: &[&str]) -> Run {
             .args(args)
             .arg("--config")
             .arg(config)
+            .current_dir(config.parent().expect("config in a directory"))
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .kill_on_drop(true)

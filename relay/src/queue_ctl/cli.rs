@@ -118,6 +118,18 @@ impl QueueCommand {
 /// the embedded file.
 pub async fn execute(config: &RelayConfig, command: Command) -> Result<Output, CtlError> {
     let ctx = ActionContext::of(config);
+    if let Some(embedded) = &config.queue.embedded {
+        // Opening would create an empty queue: a wrong working directory
+        // (the path is relative to it, as for the relay) must not look
+        // like an empty queue.
+        if !embedded.path.exists() {
+            return Err(CtlError::Queue(crate::queue::QueueError::Unavailable(format!(
+                "no queue file at {} (queue.embedded.path; relative paths are relative to \
+                 the working directory, as for the relay)",
+                embedded.path.display()
+            ))));
+        }
+    }
     match crate::queue::open(&config.queue).await {
         Ok(backend) => super::execute(&backend, &ctx, command, now_millis()).await,
         Err(error) if config.queue.embedded.is_some() => {
