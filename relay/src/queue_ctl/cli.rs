@@ -123,11 +123,13 @@ pub async fn execute(config: &RelayConfig, command: Command) -> Result<Output, C
         // (the path is relative to it, as for the relay) must not look
         // like an empty queue.
         if !embedded.path.exists() {
-            return Err(CtlError::Queue(crate::queue::QueueError::Unavailable(format!(
-                "no queue file at {} (queue.embedded.path; relative paths are relative to \
+            return Err(CtlError::Queue(crate::queue::QueueError::Unavailable(
+                format!(
+                    "no queue file at {} (queue.embedded.path; relative paths are relative to \
                  the working directory, as for the relay)",
-                embedded.path.display()
-            ))));
+                    embedded.path.display()
+                ),
+            )));
         }
     }
     match crate::queue::open(&config.queue).await {
