@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 mod duration;
 mod events;
+mod feedback;
 mod outbound_tls;
 mod redis_url;
 mod startup;
@@ -28,6 +29,10 @@ mod validate;
 
 pub use duration::Duration;
 pub use events::{EVENT_TYPES, EventsConfig, Webhook};
+pub use feedback::{
+    DomainUnsubscribe, FeedbackConfig, FeedbackIdPart, ListenerRole, Percent, Reputation,
+    UnsubscribeMode, parse_feedback_id,
+};
 pub use outbound_tls::{OutboundTls, OutboundTlsConfig, TlsPolicyOverride};
 pub use redis_url::{RedisTarget, parse_redis_url};
 pub use startup::{StartupConfig, StartupDelivery, StartupHttp, StartupListener, StartupQueue};
@@ -88,6 +93,11 @@ pub struct RelayConfig {
     /// The event log (retention) and the webhooks events are sent to.
     #[serde(default, skip_serializing_if = "EventsConfig::is_default")]
     pub events: EventsConfig,
+    /// The feedback loop: the key of VERP and unsubscribe tokens. Which
+    /// domains use it is `domains[].returnPathDomain` and
+    /// `domains[].unsubscribe`.
+    #[serde(default, skip_serializing_if = "FeedbackConfig::is_default")]
+    pub feedback: FeedbackConfig,
 }
 
 fn default_hostname() -> String {
@@ -112,6 +122,11 @@ pub struct Listener {
     /// would cross the network in clear.
     #[serde(default)]
     pub allow_insecure_auth: bool,
+    /// `submission` (apps relay through it; the default) or `feedback`
+    /// (the return path: DSNs, ARF reports and mailto unsubscribes for the
+    /// configured return-path domains only; never relays).
+    #[serde(default, skip_serializing_if = "ListenerRole::is_default")]
+    pub role: ListenerRole,
 }
 
 /// TLS on an SMTP listener or an outbound connection.
@@ -182,6 +197,16 @@ pub struct SendingDomain {
     /// Open and click tracking of this domain's HTML mail. Off when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracking: Option<DomainTracking>,
+    /// RFC 8058 one-click unsubscribe headers. Off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsubscribe: Option<DomainUnsubscribe>,
+    /// Template of a signed `Feedback-ID` header (Gmail's feedback loop),
+    /// e.g. `{tag:campaign}:{tag:customer}:{domain}:petrel`. None when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_id: Option<String>,
+    /// Bounce and complaint thresholds that pause the domain.
+    #[serde(default, skip_serializing_if = "Reputation::is_default")]
+    pub reputation: Reputation,
 }
 
 /// Whether the header From is bound to the sending domains of the client.

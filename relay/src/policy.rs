@@ -375,6 +375,9 @@ mod tests {
                 tracking: None,
                 rate_limits: RateLimits::default(),
                 from_header: Default::default(),
+                unsubscribe: None,
+                feedback_id: None,
+                reputation: Default::default(),
             });
         }
         c

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{Duration, EmbeddedQueue, RedisQueue, RelayConfig, TlsFiles, TlsMode};
+use super::{Duration, EmbeddedQueue, ListenerRole, RedisQueue, RelayConfig, TlsFiles, TlsMode};
 
 /// Settings fixed for the life of a relay process.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -43,6 +43,8 @@ pub struct StartupListener {
     pub address: SocketAddr,
     /// TLS mode (implicit TLS is decided at accept).
     pub tls: TlsMode,
+    /// Submission or feedback: which acceptor serves the socket.
+    pub role: ListenerRole,
 }
 
 /// The queue backend: connection, key prefix, replication wait, and the
@@ -85,6 +87,7 @@ impl RelayConfig {
                     name: l.name.clone(),
                     address: l.address,
                     tls: l.tls,
+                    role: l.role,
                 })
                 .collect(),
             tls: self.tls.clone(),

@@ -86,6 +86,7 @@ impl RelayConfig {
         self.check_limits(&mut errors);
         super::events::check(&self.events, &mut errors);
         self.check_tracking(&mut errors);
+        self.check_feedback(&mut errors);
         if errors.is_empty() {
             Ok(())
         } else {

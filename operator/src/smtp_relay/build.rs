@@ -191,6 +191,7 @@ pub fn relay_config(
             tls: l.tls.into(),
             auth: l.auth.into(),
             allow_insecure_auth: l.allow_insecure_auth,
+            role: rc::ListenerRole::default(),
         })
         .collect();
     let trusted_networks = spec
@@ -306,6 +307,9 @@ pub fn relay_config(
                 domain: t.domain.clone(),
                 https: t.https,
             }),
+            unsubscribe: None,
+            feedback_id: None,
+            reputation: rc::Reputation::default(),
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -353,6 +357,7 @@ pub fn relay_config(
             ..Default::default()
         },
         events: events_config(spec.events.as_ref())?,
+        feedback: rc::FeedbackConfig::default(),
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();
