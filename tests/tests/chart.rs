@@ -881,6 +881,7 @@ async fn alerts_cover_the_issue_and_name_only_defined_metrics() {
         "PetrelAuthFailureSpike",
         "PetrelRelayNotAvailable",
         "PetrelWebhookBacklog",
+        "PetrelSendingDomainPaused",
     ] {
         assert!(
             names.contains(wanted),
