@@ -117,16 +117,20 @@ pub async fn run_until(
             events: backend.events.clone(),
             config: config.clone(),
         });
-    let http_state = http_state.with_routes(crate::tracking::endpoints::router(
-        crate::tracking::endpoints::Endpoints {
+    let http_state = http_state.with_routes(
+        crate::tracking::endpoints::router(crate::tracking::endpoints::Endpoints {
             config: config.clone(),
             tracking: inbound_ctx.tracking.clone(),
             state: backend.state.clone(),
             events: backend.events.clone(),
             metrics: metrics.tracking.clone(),
             relay: crate::events::relay_name(&current.hostname),
-        },
-    ));
+        })
+        .merge(http::admin_queue::router(http::admin_queue::AdminQueue {
+            backend: backend.clone(),
+            config: config.clone(),
+        })),
+    );
     let http_task = match (current.http.tls, &inbound_ctx.tls) {
         (true, Some(tls)) => {
             let handshake = config.clone();
