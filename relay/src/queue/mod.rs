@@ -27,13 +27,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod control;
 pub mod embedded;
+mod embedded_control;
 mod embedded_events;
 pub mod memory;
 pub mod redis;
 
 use crate::config::QueueConfig;
 use crate::events::{Event, EventLog};
+pub use control::{Hold, QueueControl, UnitState, UnitView};
 
 /// An opened queue backend: the queue and the shared state, both served
 /// by the same store. Cheap to clone.
@@ -45,15 +48,18 @@ pub struct Backend {
     pub state: Arc<dyn SharedState>,
     /// The event outbox.
     pub events: Arc<dyn EventLog>,
+    /// Inspection and operator actions (`petrel-relay queue ...`).
+    pub control: Arc<dyn QueueControl>,
 }
 
 impl Backend {
-    /// One store serving all three roles.
-    pub fn of<B: Queue + SharedState + EventLog>(backend: Arc<B>) -> Backend {
+    /// One store serving every role.
+    pub fn of<B: Queue + SharedState + EventLog + QueueControl>(backend: Arc<B>) -> Backend {
         Backend {
             queue: backend.clone(),
             state: backend.clone(),
-            events: backend,
+            events: backend.clone(),
+            control: backend,
         }
     }
 }
@@ -173,6 +179,38 @@ pub struct DeliveryUnit {
     /// The `Message-ID` header (copied from the message).
     #[serde(default)]
     pub header_message_id: Option<String>,
+    /// The last [`HISTORY_LEN`] failed attempts, oldest first, for
+    /// `queue show`; written by the same settlement that counts them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
+    /// Time spent held (`queue hold`), added to the queue lifetime so a
+    /// hold does not make mail expire.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_ms: Millis,
+}
+
+fn is_zero(n: &Millis) -> bool {
+    *n == 0
+}
+
+/// Failed attempts kept per unit.
+pub const HISTORY_LEN: usize = 10;
+
+/// One failed attempt of a unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// When it was settled.
+    pub at: Millis,
+    /// The reply (or local reason) it failed with.
+    pub reply: String,
+}
+
+impl DeliveryUnit {
+    /// Where the queue lifetime counts from: acceptance, moved on by the
+    /// time the unit spent held.
+    pub fn lifetime_start(&self) -> Millis {
+        self.received_at.saturating_add(self.held_ms)
+    }
 }
 
 /// A unit held by one worker until `expires_at`.
@@ -209,6 +247,52 @@ pub enum SettleOp {
     Retry(Reschedule),
     /// Every recipient left failed for good: the unit is done.
     Fail,
+    /// Puts the unit back untouched, due at `until`: not an attempt
+    /// (`attempts`, `last_error` and `delay_notified` stay as they were)
+    /// and no expiry check, since nothing was tried. For units the worker
+    /// leased but must not send yet: a paused sending domain, a
+    /// rate-limited destination.
+    Postpone {
+        /// When the unit is due again.
+        until: Millis,
+    },
+}
+
+/// The unit record a settlement stores back in the queue, or `None` when
+/// the settlement finishes the unit. One decision for every backend, so
+/// they cannot disagree on what a retry or a postponement keeps.
+pub(crate) fn settled_unit(unit: &DeliveryUnit, op: SettleOp, now: Millis) -> Option<DeliveryUnit> {
+    match op {
+        SettleOp::Retry(r) if !r.recipients.is_empty() => {
+            let mut next = rescheduled(unit, r);
+            next.history.push(AttemptRecord {
+                at: now,
+                reply: next.last_error.clone().unwrap_or_default(),
+            });
+            let excess = next.history.len().saturating_sub(HISTORY_LEN);
+            next.history.drain(..excess);
+            Some(next)
+        }
+        SettleOp::Postpone { until } => Some(DeliveryUnit {
+            next_attempt_at: until,
+            ..unit.clone()
+        }),
+        // A retry with nobody left finishes the unit.
+        SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => None,
+    }
+}
+
+/// The unit after a temporary failure: one more attempt, the remaining
+/// recipients, the failure, and the delay notice kept once sent.
+pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
+    DeliveryUnit {
+        recipients: r.recipients,
+        attempts: unit.attempts.saturating_add(1),
+        next_attempt_at: r.next_attempt_at,
+        last_error: Some(r.last_error),
+        delay_notified: unit.delay_notified || r.delay_notified,
+        ..unit.clone()
+    }
 }
 
 /// Everything one delivery attempt changes, applied atomically by
@@ -254,6 +338,8 @@ pub struct QueueStats {
     pub messages: u64,
     /// Accept time of the oldest stored message, if any.
     pub oldest_received_at: Option<Millis>,
+    /// Units of held destinations (`queue hold`), in none of the above.
+    pub held: u64,
 }
 
 /// Why a queue operation failed.
@@ -335,6 +421,7 @@ pub trait Queue: Send + Sync + 'static {
     /// its last unit. `Retry` makes it due again at the given time, counts
     /// one attempt (`attempts + 1`), keeps `delay_notified` once set, and
     /// with no recipients left finishes the unit like `Complete`.
+    /// `Postpone` makes it due again at `until` and changes nothing else.
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError>;
 
     /// The unit is delivered: [`Queue::settle`] with nothing else to store.
@@ -554,6 +641,13 @@ pub trait SharedState: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Option<String>, QueueError>;
 
+    /// Extends a slot taken by [`SharedState::acquire_slot`] to `ttl` from
+    /// now, so a delivery longer than the slot's first TTL keeps it (the
+    /// worker renews it with the unit leases). `false` when `token` no
+    /// longer holds a slot under `key` (it expired or was released): the
+    /// slot may be someone else's now and is not taken back.
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError>;
+
     /// Returns a slot taken by [`SharedState::acquire_slot`].
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError>;
 
@@ -631,6 +725,8 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
             delay_notified: false,
             tags: message.tags.clone(),
             header_message_id: message.header_message_id.clone(),
+            history: Vec::new(),
+            held_ms: 0,
         })
         .collect()
 }
@@ -638,6 +734,86 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unit() -> DeliveryUnit {
+        DeliveryUnit {
+            id: "m:x.org".into(),
+            message_id: "m".into(),
+            domain: "x.org".into(),
+            recipients: vec!["a@x.org".into(), "b@x.org".into()],
+            mail_from: "s@e.test".into(),
+            sending_domain: "e.test".into(),
+            received_at: 1,
+            flags: Default::default(),
+            attempts: 2,
+            next_attempt_at: 1,
+            last_error: None,
+            delay_notified: true,
+            tags: Default::default(),
+            header_message_id: None,
+            history: Vec::new(),
+            held_ms: 0,
+        }
+    }
+
+    #[test]
+    fn retry_counts_the_attempt_and_keeps_the_delay_notice() {
+        let unit = unit();
+        let next = rescheduled(
+            &unit,
+            Reschedule {
+                recipients: vec!["b@x.org".into()],
+                next_attempt_at: 99,
+                last_error: "451 4.7.1 later".into(),
+                delay_notified: false,
+            },
+        );
+        assert_eq!(next.attempts, 3);
+        assert_eq!(next.recipients, vec!["b@x.org".to_string()]);
+        assert_eq!(next.next_attempt_at, 99);
+        assert!(next.delay_notified);
+        assert_eq!(next.last_error.as_deref(), Some("451 4.7.1 later"));
+    }
+
+    #[test]
+    fn retries_keep_the_last_attempts_with_their_replies() {
+        let mut unit = unit();
+        for i in 0..(HISTORY_LEN as u64 + 3) {
+            let r = Reschedule {
+                recipients: unit.recipients.clone(),
+                next_attempt_at: i,
+                last_error: format!("451 try {i}"),
+                delay_notified: false,
+            };
+            unit = settled_unit(&unit, SettleOp::Retry(r), 100 + i).unwrap();
+        }
+        assert_eq!(unit.history.len(), HISTORY_LEN);
+        assert_eq!(unit.history[0].reply, "451 try 3");
+        assert_eq!(
+            unit.history.last().unwrap().at,
+            100 + HISTORY_LEN as u64 + 2
+        );
+        // A postponement is not an attempt: no history entry.
+        let back = settled_unit(&unit, SettleOp::Postpone { until: 1 }, 999).unwrap();
+        assert_eq!(back.history, unit.history);
+    }
+
+    #[test]
+    fn postpone_moves_the_due_time_and_nothing_else() {
+        let mut unit = unit();
+        unit.last_error = Some("451 4.7.1 later".into());
+        let back = settled_unit(&unit, SettleOp::Postpone { until: 77 }, 5).unwrap();
+        assert_eq!(back.next_attempt_at, 77);
+        assert_eq!(
+            DeliveryUnit {
+                next_attempt_at: unit.next_attempt_at,
+                ..back
+            },
+            unit
+        );
+        assert_eq!(settled_unit(&unit, SettleOp::Complete, 5), None);
+        assert_eq!(settled_unit(&unit, SettleOp::Fail, 5), None);
+    }
 
     #[test]
     fn recipients_split_by_domain_case_insensitively() {

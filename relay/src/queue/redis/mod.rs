@@ -11,12 +11,15 @@
 //! | `{p}:due`            | zset | unit id -> next attempt (ms)             |
 //! | `{p}:leased`         | zset | unit id -> lease expiry (ms)             |
 //! | `{p}:token`          | hash | unit id -> lease token                   |
+//! | `{p}:held`           | zset | unit id -> next attempt (held destination) |
+//! | `{p}:holds`          | hash | held domain -> held since (ms)           |
 //! | `{p}:supp`           | hash | address -> [`SuppressionEntry`] JSON     |
 //! | `{p}:ctr:<key>`      | str  | counter, PEXPIRE = its window            |
 //! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
 //! | `{p}:events`         | stream | the event outbox: field `e` = event JSON, one consumer group per reader (module `events`) |
 //!
-//! A unit is in exactly one of `due` and `leased`. Every change that spans
+//! A unit is in exactly one of `due`, `leased` and `held` (module
+//! `control`: `queue hold`). Every change that spans
 //! keys is one Lua script (module `scripts`), so it is atomic.
 //!
 //! The single hash tag is a deliberate trade-off: on Redis Cluster the
@@ -33,6 +36,7 @@
 //! callers' clocks (`now`); slots and counters use Redis's own clock.
 
 mod conn;
+mod control;
 mod events;
 mod scripts;
 
@@ -46,8 +50,8 @@ use redis::AsyncCommands;
 
 use self::conn::{Conn, Connector, Target};
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule, SettleOp,
-    Settlement, SharedState, SuppressionEntry, suppression_key, units_of,
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
+    SharedState, SuppressionEntry, settled_unit, suppression_key, units_of,
 };
 use crate::config::RedisQueue;
 use crate::config::parse_redis_url;
@@ -70,6 +74,8 @@ struct Keys {
     token: String,
     supp: String,
     events: String,
+    held: String,
+    holds: String,
 }
 
 impl Keys {
@@ -86,6 +92,8 @@ impl Keys {
             token: k("token"),
             supp: k("supp"),
             events: k("events"),
+            held: k("held"),
+            holds: k("holds"),
             prefix: tag,
         }
     }
@@ -326,18 +334,6 @@ fn suppression_args(
     Ok(())
 }
 
-/// The unit after a temporary failure, as the retry script stores it.
-pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
-    DeliveryUnit {
-        recipients: r.recipients,
-        attempts: unit.attempts.saturating_add(1),
-        next_attempt_at: r.next_attempt_at,
-        last_error: Some(r.last_error),
-        delay_notified: unit.delay_notified || r.delay_notified,
-        ..unit.clone()
-    }
-}
-
 #[async_trait]
 impl Queue for RedisBackend {
     async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
@@ -424,6 +420,8 @@ impl Queue for RedisBackend {
             .key(&k.leased)
             .key(&k.unit)
             .key(&k.token)
+            .key(&k.holds)
+            .key(&k.held)
             .arg(now)
             .arg(max)
             .arg(expires_at)
@@ -494,15 +492,13 @@ impl Queue for RedisBackend {
             .arg(&lease.unit.id)
             .arg(&lease.token)
             .arg(&lease.unit.message_id);
-        match settlement.op {
-            SettleOp::Retry(r) if !r.recipients.is_empty() => {
-                let unit = rescheduled(&lease.unit, r);
-                inv.arg("retry")
+        match settled_unit(&lease.unit, settlement.op, super::now_millis()) {
+            Some(unit) => {
+                inv.arg("requeue")
                     .arg(encode(&unit, &unit.id)?)
                     .arg(unit.next_attempt_at);
             }
-            // A retry with nobody left finishes the unit.
-            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => {
+            None => {
                 inv.arg("finish").arg("").arg("");
             }
         }
@@ -532,10 +528,11 @@ impl Queue for RedisBackend {
             .zcount(&k.leased, "-inf", now)
             .zcount(&k.leased, format!("({now}"), "+inf")
             .hlen(&k.left)
-            .zrange_withscores(&k.received, 0, 0);
+            .zrange_withscores(&k.received, 0, 0)
+            .zcard(&k.held);
         let mut conn = self.connection(&self.conn).await?;
-        type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>);
-        let (due, deferred, expired, leased, messages, oldest): Reply =
+        type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>, u64);
+        let (due, deferred, expired, leased, messages, oldest, held): Reply =
             self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(QueueStats {
             // An expired lease is due again, even before a lease call moves it.
@@ -544,6 +541,7 @@ impl Queue for RedisBackend {
             leased,
             messages,
             oldest_received_at: oldest.first().map(|(_, score)| *score as Millis),
+            held,
         })
     }
 
@@ -649,6 +647,14 @@ impl SharedState for RedisBackend {
         Ok((taken == 1).then_some(token))
     }
 
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
+        let mut inv = scripts::RENEW_SLOT.prepare_invoke();
+        inv.key(self.keys.slot(key)).arg(token).arg(ms(ttl));
+        let mut conn = self.connection(&self.conn).await?;
+        let renewed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(renewed == 1)
+    }
+
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;
@@ -692,6 +698,8 @@ mod tests {
             &k.token,
             &k.supp,
             &k.events,
+            &k.held,
+            &k.holds,
         ] {
             assert!(key.starts_with("{petrel}:"), "{key}");
         }
@@ -706,40 +714,6 @@ mod tests {
         for bad in ["", "a{b", "a}b", "{x}"] {
             assert!(check_prefix(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn retry_counts_the_attempt_and_keeps_the_delay_notice() {
-        let unit = DeliveryUnit {
-            id: "m:x.org".into(),
-            message_id: "m".into(),
-            domain: "x.org".into(),
-            recipients: vec!["a@x.org".into(), "b@x.org".into()],
-            mail_from: "s@e.test".into(),
-            sending_domain: "e.test".into(),
-            received_at: 1,
-            flags: Default::default(),
-            attempts: 2,
-            next_attempt_at: 1,
-            last_error: None,
-            delay_notified: true,
-            tags: Default::default(),
-            header_message_id: None,
-        };
-        let next = rescheduled(
-            &unit,
-            Reschedule {
-                recipients: vec!["b@x.org".into()],
-                next_attempt_at: 99,
-                last_error: "451 4.7.1 later".into(),
-                delay_notified: false,
-            },
-        );
-        assert_eq!(next.attempts, 3);
-        assert_eq!(next.recipients, vec!["b@x.org".to_string()]);
-        assert_eq!(next.next_attempt_at, 99);
-        assert!(next.delay_notified);
-        assert_eq!(next.last_error.as_deref(), Some("451 4.7.1 later"));
     }
 
     #[test]

@@ -76,7 +76,8 @@ return out
 /// produced: DSN messages, events and suppression entries.
 ///
 /// KEYS: data, left, received, unit, due, leased, token, events, supp.
-/// ARGV: unit id, token, message id, mode (`finish` or `retry`), unit
+/// ARGV: unit id, token, message id, mode (`finish`, or `requeue` for a
+/// retry or a postponement: the unit stored back and due again), unit
 /// json and next attempt (both empty for `finish`), message count and per
 /// message the `store_message` arguments, event count and event JSON*,
 /// suppression count and (address, entry json)*.
@@ -87,7 +88,7 @@ pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('HGET', KEYS[7], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
-if ARGV[4] == 'retry' then
+if ARGV[4] == 'requeue' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 else
@@ -173,9 +174,13 @@ return 1
 });
 
 /// Makes expired leases due again (at their expiry), then leases up to
-/// `max` due units.
+/// `max` due units. A due unit of a held destination is moved to the held
+/// index instead (keeping its due time), so it is neither handed out nor
+/// met again by the next lease. Only with holds in place is a unit record
+/// decoded (cjson) to learn its domain; one that does not decode is leased
+/// as before, and the worker deals with it.
 ///
-/// KEYS: due, leased, unit, token.
+/// KEYS: due, leased, unit, token, holds, held.
 /// ARGV: now, max, lease expiry, token, most expired leases to reclaim.
 /// Returns the leased unit records (JSON).
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -187,18 +192,103 @@ for i = 1, #expired, 2 do
   redis.call('HDEL', KEYS[4], expired[i])
   redis.call('ZADD', KEYS[1], expired[i + 1], expired[i])
 end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local holding = redis.call('HLEN', KEYS[5]) > 0
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 local out = {}
-for _, id in ipairs(ids) do
+for i = 1, #due, 2 do
+  local id = due[i]
   redis.call('ZREM', KEYS[1], id)
   local unit = redis.call('HGET', KEYS[3], id)
   if unit then
-    redis.call('ZADD', KEYS[2], ARGV[3], id)
-    redis.call('HSET', KEYS[4], id, ARGV[4])
+    local held = false
+    if holding then
+      local ok, u = pcall(cjson.decode, unit)
+      held = ok and type(u) == 'table' and type(u.domain) == 'string'
+        and redis.call('HEXISTS', KEYS[5], u.domain) == 1
+    end
+    if held then
+      redis.call('ZADD', KEYS[6], due[i + 1], id)
+    else
+      redis.call('ZADD', KEYS[2], ARGV[3], id)
+      redis.call('HSET', KEYS[4], id, ARGV[4])
+      table.insert(out, unit)
+    end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Leases named units for an operator action, whatever index they are in,
+/// unless a worker's lease on them is still running at `now`.
+///
+/// KEYS: due, leased, unit, token, held.
+/// ARGV: now, lease expiry, token, unit ids...
+/// Returns the claimed unit records (JSON).
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local unit = redis.call('HGET', KEYS[3], id)
+  local expiry = redis.call('ZSCORE', KEYS[2], id)
+  if unit and not (expiry and tonumber(expiry) > tonumber(ARGV[1])) then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    redis.call('HSET', KEYS[4], id, ARGV[3])
     table.insert(out, unit)
   end
 end
 return out
+"#,
+    )
+});
+
+/// Holds a destination (keeping an earlier start) and moves the named
+/// units from due to held, keeping their due time.
+///
+/// KEYS: holds, due, held. ARGV: domain, now, unit ids...
+/// Returns how many units moved.
+pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local moved = 0
+for i = 3, #ARGV do
+  local at = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if at then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('ZADD', KEYS[3], at, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// Moves released units from held back to due at their due time, storing
+/// their record with the held time credited.
+///
+/// KEYS: held, due, unit. ARGV: (unit id, unit json)...
+/// Returns how many units moved.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local moved = 0
+for i = 1, #ARGV, 2 do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if at then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], at, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
 "#,
     )
 });
@@ -247,6 +337,30 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"#,
+    )
+});
+
+/// Extends a slot still held by `token` (unexpired by the server clock) to
+/// `ttl` from now; an expired one is removed and stays lost, since its
+/// place may have been taken already.
+///
+/// KEYS: slot set. ARGV: token, ttl ms. Returns 1 when extended.
+pub static RENEW_SLOT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry then return 0 end
+if tonumber(expiry) <= now then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 return 1
 "#,
