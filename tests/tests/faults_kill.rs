@@ -12,7 +12,9 @@ use petrel_tests::bench::scenario::{Scenario, accepted_ids, refused_ids};
 use petrel_tests::bench::verify::verify;
 use petrel_tests::redis::Persistence;
 
-const LIMIT: Duration = Duration::from_secs(120);
+// Generous: on a loaded 2-core machine the debug-built survivor needs a
+// while to drain the dead relay's share once its leases expire.
+const LIMIT: Duration = Duration::from_secs(240);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_kill9_one_of_two_relays_mid_delivery_loses_nothing() {
@@ -54,7 +56,7 @@ async fn faults_kill9_one_of_two_relays_mid_delivery_loses_nothing() {
         // The survivor delivers everything, including units leased by the
         // dead relay once their 10 s lease expires.
         let n = accepted.len() as u64;
-        let all = s.sink.wait_for(n, n, Duration::from_secs(60)).await;
+        let all = s.sink.wait_for(n, n, Duration::from_secs(150)).await;
         let arrivals = s.sink.arrivals();
         let verdict = verify(&accepted, &[], &arrivals, 1, 2);
         eprintln!(
