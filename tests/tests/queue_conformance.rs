@@ -675,6 +675,61 @@ mod cases {
         assert!(b.queue.message_data("m").await.is_ok());
     }
 
+    pub async fn postpone_puts_the_unit_back_without_counting_an_attempt(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@x.org"], T), Vec::new())
+            .await
+            .unwrap();
+        let lease = b.queue.lease(T, 10, MINUTE).await.unwrap().remove(0);
+        b.queue
+            .retry(&lease, later(vec!["b@x.org".into()], T + 1_000))
+            .await
+            .unwrap();
+        let retried = b
+            .queue
+            .lease(T + 1_000, 10, MINUTE)
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(retried.unit.attempts, 1);
+
+        // Postponed far beyond any queue lifetime: no expiry check applies,
+        // and the event goes out in the same step.
+        let until = T + 30 * 24 * 3_600_000;
+        let mut settlement = Settlement::only(SettleOp::Postpone { until });
+        settlement.events = vec![event(EventType::Deferred, "b@x.org")];
+        b.queue.settle(&retried, settlement).await.unwrap();
+
+        let stats = b.queue.stats(T + 1_000).await.unwrap();
+        assert_eq!((stats.due, stats.deferred, stats.leased), (0, 1, 0));
+        assert!(
+            b.queue
+                .lease(until - 1, 10, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = b.queue.lease(until, 10, MINUTE).await.unwrap().remove(0);
+        assert_eq!(again.unit.id, lease.unit.id);
+        assert_eq!(again.unit.attempts, 1, "a postponement is not an attempt");
+        assert_eq!(again.unit.recipients, vec!["b@x.org"]);
+        assert_eq!(again.unit.next_attempt_at, until);
+        assert_eq!(
+            again.unit.last_error.as_deref(),
+            Some("451 4.7.1 greylisted")
+        );
+        // The postponed lease is over: settling it again is refused.
+        assert!(matches!(
+            b.queue.complete(&retried).await,
+            Err(QueueError::LeaseLost(_))
+        ));
+        let stored = b.events.read(None, 10).await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].event.recipient.as_deref(), Some("b@x.org"));
+        b.queue.complete(&again).await.unwrap();
+        assert_eq!(b.queue.stats(until).await.unwrap().messages, 0);
+    }
+
     pub async fn retry_with_no_recipients_left_finishes_the_unit(b: Backend) {
         b.queue
             .enqueue(message("m", &["a@x.org"], T), Vec::new())
@@ -1070,6 +1125,7 @@ conformance!(
     complete_after_renew_uses_the_same_token,
     retry_reschedules_the_remaining_recipients,
     retry_with_no_recipients_left_finishes_the_unit,
+    postpone_puts_the_unit_back_without_counting_an_attempt,
     completing_the_last_unit_deletes_the_message,
     fail_removes_the_unit_like_complete,
     stats_count_units_by_state,
@@ -1640,6 +1696,7 @@ async fn redis_cluster_passes_the_conformance_cases() {
             renew_extends_the_lease_past_its_old_expiry,
             renew_of_an_expired_or_taken_over_lease_is_lost,
             retry_reschedules_the_remaining_recipients,
+            postpone_puts_the_unit_back_without_counting_an_attempt,
             completing_the_last_unit_deletes_the_message,
             stats_count_units_by_state,
             enqueue_of_the_same_id_stores_it_once,

@@ -29,10 +29,10 @@ use redb::{
 };
 
 use super::embedded_events::{self, append_events};
-use super::redis::{in_force, rescheduled};
+use super::redis::in_force;
 use super::{
-    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, SettleOp, Settlement, SharedState,
-    SuppressionEntry, now_millis, units_of,
+    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement, SharedState,
+    SuppressionEntry, now_millis, settled_unit, units_of,
 };
 use crate::config::EmbeddedQueue;
 use crate::events::Event;
@@ -394,14 +394,9 @@ impl Queue for EmbeddedBackend {
 
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
         let lease = lease.clone();
-        let retry = match settlement.op {
-            SettleOp::Retry(r) if !r.recipients.is_empty() => {
-                let unit = rescheduled(&lease.unit, r);
-                let json = encode(&unit, &unit.id)?;
-                Some((unit.next_attempt_at, json))
-            }
-            // A retry with nobody left finishes the unit.
-            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => None,
+        let retry = match settled_unit(&lease.unit, settlement.op) {
+            Some(unit) => Some((unit.next_attempt_at, encode(&unit, &unit.id)?)),
+            None => None,
         };
         let messages = settlement
             .enqueue

@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::redis::{in_force, rescheduled};
+use super::redis::in_force;
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, SettleOp, Settlement,
-    SharedState, SuppressionEntry, now_millis, units_of,
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
+    SharedState, SuppressionEntry, now_millis, settled_unit, units_of,
 };
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 
@@ -256,12 +256,11 @@ impl Queue for MemoryBackend {
             return Err(QueueError::LeaseLost(id.clone()));
         }
         store.leases.remove(id);
-        match settlement.op {
-            SettleOp::Retry(r) if !r.recipients.is_empty() => {
-                let unit = rescheduled(&lease.unit, r);
+        match settled_unit(&lease.unit, settlement.op) {
+            Some(unit) => {
                 store.units.insert(unit.id.clone(), unit);
             }
-            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => store.finish(&lease.unit),
+            None => store.finish(&lease.unit),
         }
         for message in &settlement.enqueue {
             store.store_message(message);
@@ -592,5 +591,72 @@ impl EventLog for MemoryBackend {
             trimmed: doomed.len() as u64,
             dropped_unacked: 0,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{MessageFlags, Reschedule, SettleOp};
+
+    fn message(id: &str, at: Millis) -> NewMessage {
+        NewMessage {
+            id: id.into(),
+            mail_from: "s@e.test".into(),
+            recipients: vec!["a@x.org".into()],
+            data: b"Subject: t\r\n\r\nbody\r\n".to_vec(),
+            sending_domain: "e.test".into(),
+            received_at: at,
+            flags: MessageFlags::default(),
+            tags: Default::default(),
+            header_message_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn postpone_puts_the_unit_back_without_counting_an_attempt() {
+        let q = MemoryBackend::default();
+        q.enqueue(message("m", 10), Vec::new()).await.unwrap();
+        let lease = q
+            .lease(10, 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        q.retry(
+            &lease,
+            Reschedule {
+                recipients: lease.unit.recipients.clone(),
+                next_attempt_at: 20,
+                last_error: "451 4.7.1 later".into(),
+                delay_notified: false,
+            },
+        )
+        .await
+        .unwrap();
+        let lease = q
+            .lease(20, 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        q.settle(&lease, Settlement::only(SettleOp::Postpone { until: 500 }))
+            .await
+            .unwrap();
+        assert!(
+            q.lease(499, 1, Duration::from_secs(60))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let again = q
+            .lease(500, 1, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(again.unit.attempts, 1);
+        assert_eq!(again.unit.last_error.as_deref(), Some("451 4.7.1 later"));
+        assert!(matches!(
+            q.complete(&lease).await,
+            Err(QueueError::LeaseLost(_))
+        ));
     }
 }

@@ -204,6 +204,43 @@ pub enum SettleOp {
     Retry(Reschedule),
     /// Every recipient left failed for good: the unit is done.
     Fail,
+    /// Puts the unit back untouched, due at `until`: not an attempt
+    /// (`attempts`, `last_error` and `delay_notified` stay as they were)
+    /// and no expiry check, since nothing was tried. For units the worker
+    /// leased but must not send yet: a paused sending domain, a
+    /// rate-limited destination.
+    Postpone {
+        /// When the unit is due again.
+        until: Millis,
+    },
+}
+
+/// The unit record a settlement stores back in the queue, or `None` when
+/// the settlement finishes the unit. One decision for every backend, so
+/// they cannot disagree on what a retry or a postponement keeps.
+pub(crate) fn settled_unit(unit: &DeliveryUnit, op: SettleOp) -> Option<DeliveryUnit> {
+    match op {
+        SettleOp::Retry(r) if !r.recipients.is_empty() => Some(rescheduled(unit, r)),
+        SettleOp::Postpone { until } => Some(DeliveryUnit {
+            next_attempt_at: until,
+            ..unit.clone()
+        }),
+        // A retry with nobody left finishes the unit.
+        SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => None,
+    }
+}
+
+/// The unit after a temporary failure: one more attempt, the remaining
+/// recipients, the failure, and the delay notice kept once sent.
+pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
+    DeliveryUnit {
+        recipients: r.recipients,
+        attempts: unit.attempts.saturating_add(1),
+        next_attempt_at: r.next_attempt_at,
+        last_error: Some(r.last_error),
+        delay_notified: unit.delay_notified || r.delay_notified,
+        ..unit.clone()
+    }
 }
 
 /// Everything one delivery attempt changes, applied atomically by
@@ -330,6 +367,7 @@ pub trait Queue: Send + Sync + 'static {
     /// its last unit. `Retry` makes it due again at the given time, counts
     /// one attempt (`attempts + 1`), keeps `delay_notified` once set, and
     /// with no recipients left finishes the unit like `Complete`.
+    /// `Postpone` makes it due again at `until` and changes nothing else.
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError>;
 
     /// The unit is delivered: [`Queue::settle`] with nothing else to store.
@@ -470,6 +508,61 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn unit() -> DeliveryUnit {
+        DeliveryUnit {
+            id: "m:x.org".into(),
+            message_id: "m".into(),
+            domain: "x.org".into(),
+            recipients: vec!["a@x.org".into(), "b@x.org".into()],
+            mail_from: "s@e.test".into(),
+            sending_domain: "e.test".into(),
+            received_at: 1,
+            flags: Default::default(),
+            attempts: 2,
+            next_attempt_at: 1,
+            last_error: None,
+            delay_notified: true,
+            tags: Default::default(),
+            header_message_id: None,
+        }
+    }
+
+    #[test]
+    fn retry_counts_the_attempt_and_keeps_the_delay_notice() {
+        let unit = unit();
+        let next = rescheduled(
+            &unit,
+            Reschedule {
+                recipients: vec!["b@x.org".into()],
+                next_attempt_at: 99,
+                last_error: "451 4.7.1 later".into(),
+                delay_notified: false,
+            },
+        );
+        assert_eq!(next.attempts, 3);
+        assert_eq!(next.recipients, vec!["b@x.org".to_string()]);
+        assert_eq!(next.next_attempt_at, 99);
+        assert!(next.delay_notified);
+        assert_eq!(next.last_error.as_deref(), Some("451 4.7.1 later"));
+    }
+
+    #[test]
+    fn postpone_moves_the_due_time_and_nothing_else() {
+        let mut unit = unit();
+        unit.last_error = Some("451 4.7.1 later".into());
+        let back = settled_unit(&unit, SettleOp::Postpone { until: 77 }).unwrap();
+        assert_eq!(back.next_attempt_at, 77);
+        assert_eq!(
+            DeliveryUnit {
+                next_attempt_at: unit.next_attempt_at,
+                ..back
+            },
+            unit
+        );
+        assert_eq!(settled_unit(&unit, SettleOp::Complete), None);
+        assert_eq!(settled_unit(&unit, SettleOp::Fail), None);
+    }
 
     #[test]
     fn recipients_split_by_domain_case_insensitively() {

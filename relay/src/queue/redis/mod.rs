@@ -46,8 +46,8 @@ use redis::AsyncCommands;
 
 use self::conn::{Conn, Connector, Target};
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Reschedule, SettleOp,
-    Settlement, SharedState, SuppressionEntry, units_of,
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
+    SharedState, SuppressionEntry, settled_unit, units_of,
 };
 use crate::config::RedisQueue;
 use crate::config::parse_redis_url;
@@ -312,18 +312,6 @@ fn event_args(inv: &mut redis::ScriptInvocation<'_>, events: &[Event]) -> Result
     Ok(())
 }
 
-/// The unit after a temporary failure, as the retry script stores it.
-pub(crate) fn rescheduled(unit: &DeliveryUnit, r: Reschedule) -> DeliveryUnit {
-    DeliveryUnit {
-        recipients: r.recipients,
-        attempts: unit.attempts.saturating_add(1),
-        next_attempt_at: r.next_attempt_at,
-        last_error: Some(r.last_error),
-        delay_notified: unit.delay_notified || r.delay_notified,
-        ..unit.clone()
-    }
-}
-
 #[async_trait]
 impl Queue for RedisBackend {
     async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
@@ -480,15 +468,13 @@ impl Queue for RedisBackend {
             .arg(&lease.unit.id)
             .arg(&lease.token)
             .arg(&lease.unit.message_id);
-        match settlement.op {
-            SettleOp::Retry(r) if !r.recipients.is_empty() => {
-                let unit = rescheduled(&lease.unit, r);
-                inv.arg("retry")
+        match settled_unit(&lease.unit, settlement.op) {
+            Some(unit) => {
+                inv.arg("requeue")
                     .arg(encode(&unit, &unit.id)?)
                     .arg(unit.next_attempt_at);
             }
-            // A retry with nobody left finishes the unit.
-            SettleOp::Retry(_) | SettleOp::Complete | SettleOp::Fail => {
+            None => {
                 inv.arg("finish").arg("").arg("");
             }
         }
@@ -683,40 +669,6 @@ mod tests {
         for bad in ["", "a{b", "a}b", "{x}"] {
             assert!(check_prefix(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn retry_counts_the_attempt_and_keeps_the_delay_notice() {
-        let unit = DeliveryUnit {
-            id: "m:x.org".into(),
-            message_id: "m".into(),
-            domain: "x.org".into(),
-            recipients: vec!["a@x.org".into(), "b@x.org".into()],
-            mail_from: "s@e.test".into(),
-            sending_domain: "e.test".into(),
-            received_at: 1,
-            flags: Default::default(),
-            attempts: 2,
-            next_attempt_at: 1,
-            last_error: None,
-            delay_notified: true,
-            tags: Default::default(),
-            header_message_id: None,
-        };
-        let next = rescheduled(
-            &unit,
-            Reschedule {
-                recipients: vec!["b@x.org".into()],
-                next_attempt_at: 99,
-                last_error: "451 4.7.1 later".into(),
-                delay_notified: false,
-            },
-        );
-        assert_eq!(next.attempts, 3);
-        assert_eq!(next.recipients, vec!["b@x.org".to_string()]);
-        assert_eq!(next.next_attempt_at, 99);
-        assert!(next.delay_notified);
-        assert_eq!(next.last_error.as_deref(), Some("451 4.7.1 later"));
     }
 
     #[test]

@@ -76,7 +76,8 @@ return out
 /// produced: DSN messages, events and suppression entries.
 ///
 /// KEYS: data, left, received, unit, due, leased, token, events, supp.
-/// ARGV: unit id, token, message id, mode (`finish` or `retry`), unit
+/// ARGV: unit id, token, message id, mode (`finish`, or `requeue` for a
+/// retry or a postponement: the unit stored back and due again), unit
 /// json and next attempt (both empty for `finish`), message count and per
 /// message the `store_message` arguments, event count and event JSON*,
 /// suppression count and (address, entry json)*.
@@ -87,7 +88,7 @@ pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
 if redis.call('HGET', KEYS[7], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('HDEL', KEYS[7], ARGV[1])
-if ARGV[4] == 'retry' then
+if ARGV[4] == 'requeue' then
   redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
   redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
 else
