@@ -20,5 +20,6 @@ pub mod policy;
 pub mod queue;
 pub mod refusal;
 pub mod reload;
+pub mod reputation;
 pub mod server;
 pub mod tracking;

@@ -48,6 +48,8 @@ pub struct RelayMetrics {
     pub enqueue_duration: Histogram,
     /// Engagement tracking: rewrites, opens, clicks.
     pub tracking: crate::tracking::TrackingMetrics,
+    /// The reputation guard: state and rates per sending domain.
+    pub reputation: crate::reputation::ReputationMetrics,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -127,8 +129,10 @@ impl RelayMetrics {
         registry.register(Box::new(enqueue_duration.clone()))?;
 
         let tracking = crate::tracking::TrackingMetrics::register(registry)?;
+        let reputation = crate::reputation::ReputationMetrics::register(registry)?;
         Ok(RelayMetrics {
             tracking,
+            reputation,
             received: counter(
                 registry,
                 "petrel_messages_received_total",

@@ -96,6 +96,20 @@ pub(super) async fn check_quota(
     Ok(())
 }
 
+/// 451 4.7.1 while the reputation guard has the sending domain paused
+/// (the record is shared by all relay pods).
+pub(super) async fn check_paused(
+    ctx: &InboundContext,
+    config: &RelayConfig,
+    sending: &SendingDomain,
+) -> Result<(), Refusal> {
+    let paused = bounded(config.queue.timeout.into(), ctx.reputation.refusal(sending)).await?;
+    match paused {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
+    }
+}
+
 /// Adds a checked recipient, consulting the suppression list: refused with
 /// 550 5.1.1, or kept aside as dropped, per the domain's `onSuppressed`.
 pub(super) async fn add_recipient(
@@ -148,8 +162,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// MAIL FROM: who may relay, as whom, how big, and whether the domain
-    /// still has quota.
+    /// MAIL FROM: who may relay, as whom, how big, whether the domain is
+    /// paused by the reputation guard and whether it still has quota.
     pub(super) async fn mail(
         &mut self,
         from: MailFrom<String>,
@@ -187,6 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !smtputf8 && !address.is_ascii() {
             return Err(Refusal::NeedsSmtpUtf8);
         }
+        check_paused(&self.ctx, &config, sending).await?;
         check_quota(&self.ctx, &config, sending).await?;
         self.state.envelope = Some(Envelope {
             mail_from: address.to_string(),

@@ -107,6 +107,8 @@ pub struct InboundContext {
     pub events: Option<Arc<dyn crate::events::EventLog>>,
     /// The name events carry in `relay`.
     pub relay: String,
+    /// The reputation guard: whether a sending domain is paused.
+    pub reputation: crate::reputation::Guard,
 }
 
 impl InboundContext {
@@ -145,6 +147,7 @@ impl InboundContext {
                 tracing::error!(%error, "DKIM key unusable; mail from this domain gets 451 until it is fixed");
             }
         }
+        let reputation = crate::reputation::Guard::new(config.clone(), state.clone());
         Ok(InboundContext {
             config,
             queue,
@@ -158,6 +161,7 @@ impl InboundContext {
             auth_slots: tokio::sync::Semaphore::new(auth_slots()),
             events: None,
             relay: crate::events::relay_name(&current.hostname),
+            reputation,
         })
     }
 
