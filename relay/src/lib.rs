@@ -23,3 +23,4 @@ pub mod reload;
 pub mod reputation;
 pub mod server;
 pub mod tracking;
+pub mod unsubscribe;

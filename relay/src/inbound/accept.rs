@@ -112,6 +112,10 @@ pub async fn accept(
         &ctx.metrics.tracking,
     );
 
+    // Feedback-ID and the unsubscribe headers come before the signature
+    // too, so its h= covers them.
+    let data = crate::unsubscribe::add_feedback_id(data, sending, &message_tags);
+
     // Sign on the blocking pool: RSA takes milliseconds of CPU.
     let signer = ctx.clone();
     let dkim = sending.dkim.clone();
