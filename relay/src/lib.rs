@@ -12,6 +12,7 @@ pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod events;
+pub mod feedback;
 pub mod http;
 pub mod http_client;
 pub mod inbound;

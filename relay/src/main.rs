@@ -76,23 +76,40 @@ enum EventsCommand {
 
 #[derive(Subcommand)]
 enum SuppressionCommand {
-    /// List the addresses suppressed now.
-    List,
+    /// List the entries in force now: address, reason (bounce, complaint,
+    /// unsubscribe, manual), scope (the sending domain, or `*` for every
+    /// domain), when, expiry and why.
+    List {
+        /// One JSON object per line instead of columns.
+        #[arg(long)]
+        json: bool,
+    },
     /// Suppress an address.
     Add {
         /// The address.
         address: String,
-        /// Why (shown in `list` and in RCPT refusals).
+        /// bounce, complaint, unsubscribe or manual (default). Any other
+        /// text is kept as the note of a manual entry.
         #[arg(long)]
         reason: Option<String>,
+        /// Only for mail from this sending domain; every domain when absent.
+        #[arg(long)]
+        scope: Option<String>,
+        /// Why, in words (shown by `list`).
+        #[arg(long)]
+        note: Option<String>,
         /// Lift the suppression after this long (`30d`); forever when absent.
         #[arg(long)]
         ttl: Option<petrel_relay::config::Duration>,
     },
-    /// Lift the suppression of an address.
+    /// Lift the suppression of an address: every entry of it, or only the
+    /// one for `--scope`.
     Remove {
         /// The address.
         address: String,
+        /// Only the entry scoped to this sending domain.
+        #[arg(long)]
+        scope: Option<String>,
     },
 }
 
@@ -198,17 +215,22 @@ async fn suppression(
         .context("opening the queue backend")?;
     let state = backend.state.as_ref();
     match command {
-        SuppressionCommand::List => {
+        SuppressionCommand::List { json } => {
             for e in suppression::list(state, now_millis()).await? {
+                if json {
+                    println!("{}", suppression_json(&e));
+                    continue;
+                }
                 let expires = e
                     .expires_at
                     .map(|t| format!("expires {}", millis_to_rfc3339(t)))
                     .unwrap_or_else(|| "never expires".to_string());
-                let reply = e.remote_reply.as_deref().unwrap_or("-");
+                let why = e.remote_reply.as_deref().unwrap_or("-");
                 println!(
-                    "{}\t{}\t{}\t{expires}\t{reply}",
+                    "{}\t{}\t{}\t{}\t{expires}\t{why}",
                     e.address,
                     e.reason,
+                    e.scope.as_deref().unwrap_or("*"),
                     millis_to_rfc3339(e.created_at)
                 );
             }
@@ -216,21 +238,39 @@ async fn suppression(
         SuppressionCommand::Add {
             address,
             reason,
+            scope,
+            note,
             ttl,
         } => {
+            use petrel_relay::queue::SuppressionReason;
+            // `--reason` took free text before reasons were typed: such
+            // text becomes the note of a manual entry.
+            let (reason, note) = match reason.as_deref().map(str::parse::<SuppressionReason>) {
+                None => (None, note),
+                Some(Ok(r)) => (Some(r), note),
+                Some(Err(_)) => (None, note.or(reason)),
+            };
             let e = suppression::add(
                 state,
                 &address,
-                reason.as_deref(),
-                ttl.map(Into::into),
+                suppression::Manual {
+                    reason,
+                    scope: scope.as_deref(),
+                    note,
+                    ttl: ttl.map(Into::into),
+                },
                 now_millis(),
             )
             .await?;
-            println!("suppressed {}", e.address);
+            match &e.scope {
+                Some(scope) => println!("suppressed {} for {scope} ({})", e.address, e.reason),
+                None => println!("suppressed {} ({})", e.address, e.reason),
+            }
         }
-        SuppressionCommand::Remove { address } => {
-            if suppression::remove(state, &address).await? {
-                println!("removed {address}");
+        SuppressionCommand::Remove { address, scope } => {
+            let removed = suppression::remove(state, &address, scope.as_deref()).await?;
+            if removed > 0 {
+                println!("removed {address} ({removed} entries)");
             } else {
                 eprintln!("{address} was not suppressed");
                 return Ok(ExitCode::FAILURE);
@@ -238,6 +278,17 @@ async fn suppression(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn suppression_json(e: &petrel_relay::queue::SuppressionEntry) -> serde_json::Value {
+    serde_json::json!({
+        "address": e.address,
+        "reason": e.reason,
+        "scope": e.scope,
+        "createdAt": millis_to_rfc3339(e.created_at),
+        "expiresAt": e.expires_at.map(millis_to_rfc3339),
+        "why": e.remote_reply,
+    })
 }
 
 fn millis_to_rfc3339(millis: u64) -> String {

@@ -293,17 +293,17 @@ async fn bounced_with_a_dsn_after_5xx_and_suppressed() {
         let entry = relay
             .ctx
             .state
-            .suppressed("bad@dest.test", now_millis())
+            .suppressed("bad@dest.test", "any.test", now_millis())
             .await
             .unwrap()
             .expect("suppressed");
-        assert_eq!(entry.reason, "hard-bounce");
+        assert_eq!(entry.reason, petrel_relay::queue::SuppressionReason::Bounce);
         assert!(entry.remote_reply.unwrap().contains("550 5.1.1"));
         assert!(
             relay
                 .ctx
                 .state
-                .suppressed("good@dest.test", now_millis())
+                .suppressed("good@dest.test", "any.test", now_millis())
                 .await
                 .unwrap()
                 .is_none()
@@ -506,7 +506,7 @@ async fn a_refused_sender_bounces_without_suppressing_the_recipients() {
                 relay
                     .ctx
                     .state
-                    .suppressed(address, now_millis())
+                    .suppressed(address, "any.test", now_millis())
                     .await
                     .unwrap()
                     .is_none(),
@@ -612,7 +612,7 @@ async fn delayed_warning_once_then_bounce_at_expiry() {
             relay
                 .ctx
                 .state
-                .suppressed("slow@dest.test", now_millis())
+                .suppressed("slow@dest.test", "any.test", now_millis())
                 .await
                 .unwrap()
                 .is_none(),
@@ -739,7 +739,7 @@ async fn smtputf8_message_to_a_server_without_it_bounces_5_6_7() {
             relay
                 .ctx
                 .state
-                .suppressed("josé@dest.test", now_millis())
+                .suppressed("josé@dest.test", "any.test", now_millis())
                 .await
                 .unwrap()
                 .is_none(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use petrel_relay::config::RelayConfig;
 use petrel_relay::events::{BounceType, Event, EventType};
-use petrel_relay::queue::{self, SuppressionEntry};
+use petrel_relay::queue::{self, SuppressionEntry, SuppressionReason};
 use petrel_tests::dns::DnsServer;
 use petrel_tests::ports::free_port;
 use petrel_tests::redis::RedisServer;
@@ -148,7 +148,8 @@ async fn every_outcome_is_an_event_with_its_tags() {
             .state
             .suppress(SuppressionEntry {
                 address: "gone@dest.test".into(),
-                reason: "hard-bounce".into(),
+                reason: SuppressionReason::Bounce,
+                scope: None,
                 remote_reply: None,
                 created_at: queue::now_millis(),
                 expires_at: None,

@@ -16,7 +16,7 @@ use petrel_relay::config::{EmbeddedQueue, QueueConfig, RedisQueue};
 use petrel_relay::events::{Event, EventType};
 use petrel_relay::queue::{
     self, Backend, Lease, MessageFlags, Millis, NewMessage, QueueError, Reschedule, SettleOp,
-    Settlement, SuppressionEntry,
+    Settlement, SuppressionEntry, SuppressionReason,
 };
 use petrel_tests::redis::{Persistence, RedisServer};
 
@@ -212,7 +212,8 @@ mod cases {
             ],
             suppress: vec![SuppressionEntry {
                 address: "Gone@X.org".into(),
-                reason: "hard-bounce".into(),
+                reason: SuppressionReason::Bounce,
+                scope: None,
                 remote_reply: Some("550 5.1.1 no".into()),
                 created_at: T,
                 expires_at: None,
@@ -228,7 +229,13 @@ mod cases {
             Err(QueueError::LeaseLost(_))
         ));
         assert!(b.events.read(None, 10).await.unwrap().is_empty());
-        assert!(b.state.suppressed("gone@x.org", T).await.unwrap().is_none());
+        assert!(
+            b.state
+                .suppressed("gone@x.org", "any.test", T)
+                .await
+                .unwrap()
+                .is_none()
+        );
         assert!(matches!(
             b.queue.message_data("dsn-1").await,
             Err(QueueError::NotFound(_))
@@ -240,7 +247,13 @@ mod cases {
             stored.iter().map(|e| e.event.clone()).collect::<Vec<_>>(),
             settlement.events
         );
-        assert!(b.state.suppressed("gone@x.org", T).await.unwrap().is_some());
+        assert!(
+            b.state
+                .suppressed("gone@x.org", "any.test", T)
+                .await
+                .unwrap()
+                .is_some()
+        );
         assert_eq!(b.queue.message_data("dsn-1").await.unwrap(), dsn.data);
         // The unit is rescheduled and the DSN is due now.
         let due = b.queue.lease(T, 10, MINUTE).await.unwrap();
@@ -837,7 +850,8 @@ mod cases {
     pub async fn suppression_list_adds_expires_and_removes(b: Backend) {
         let entry = |address: &str, expires_at| SuppressionEntry {
             address: address.into(),
-            reason: "hard-bounce".into(),
+            reason: SuppressionReason::Bounce,
+            scope: None,
             remote_reply: Some("550 5.1.1 no such user".into()),
             created_at: T,
             expires_at,
@@ -850,7 +864,7 @@ mod cases {
 
         let found = b
             .state
-            .suppressed("bounce@x.ORG", T)
+            .suppressed("bounce@x.ORG", "any.test", T)
             .await
             .unwrap()
             .unwrap();
@@ -861,21 +875,21 @@ mod cases {
         );
         assert!(
             b.state
-                .suppressed("temp@x.org", T + 999)
+                .suppressed("temp@x.org", "any.test", T + 999)
                 .await
                 .unwrap()
                 .is_some()
         );
         assert!(
             b.state
-                .suppressed("temp@x.org", T + 1_000)
+                .suppressed("temp@x.org", "any.test", T + 1_000)
                 .await
                 .unwrap()
                 .is_none()
         );
         assert!(
             b.state
-                .suppressed("other@x.org", T)
+                .suppressed("other@x.org", "any.test", T)
                 .await
                 .unwrap()
                 .is_none()
@@ -895,26 +909,124 @@ mod cases {
 
         // Replacing an entry keeps one entry, with the new content.
         let mut manual = entry("temp@x.org", None);
-        manual.reason = "manual".into();
+        manual.reason = SuppressionReason::Manual;
         b.state.suppress(manual).await.unwrap();
         let found = b
             .state
-            .suppressed("temp@x.org", T + 5_000)
+            .suppressed("temp@x.org", "any.test", T + 5_000)
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(found.reason, "manual");
+        assert_eq!(found.reason, SuppressionReason::Manual);
 
-        assert!(b.state.unsuppress("BOUNCE@x.org").await.unwrap());
-        assert!(!b.state.unsuppress("bounce@x.org").await.unwrap());
+        assert!(b.state.unsuppress("BOUNCE@x.org", None).await.unwrap());
+        assert!(!b.state.unsuppress("bounce@x.org", None).await.unwrap());
         assert!(
             b.state
-                .suppressed("bounce@x.org", T)
+                .suppressed("bounce@x.org", "any.test", T)
                 .await
                 .unwrap()
                 .is_none()
         );
         assert_eq!(b.state.list_suppressed(T).await.unwrap().len(), 1);
+    }
+
+    /// Unsubscribes are scoped to a sending domain; bounces and
+    /// complaints apply to every domain. An address may have both, each
+    /// removed on its own; events and entries published together are both
+    /// stored.
+    pub async fn suppression_is_scoped_to_a_sending_domain(b: Backend) {
+        let entry = |reason, scope: Option<&str>| SuppressionEntry {
+            address: "Rcpt@X.org".into(),
+            reason,
+            scope: scope.map(str::to_string),
+            remote_reply: None,
+            created_at: T,
+            expires_at: None,
+        };
+        let unsubscribed = Event {
+            sending_domain: Some("shop.test".into()),
+            ..event(EventType::Unsubscribed, "rcpt@x.org")
+        };
+        b.events
+            .publish_suppressing(
+                std::slice::from_ref(&unsubscribed),
+                &[entry(SuppressionReason::Unsubscribe, Some("Shop.test"))],
+            )
+            .await
+            .unwrap();
+        let found = b
+            .state
+            .suppressed("rcpt@x.org", "SHOP.test", T)
+            .await
+            .unwrap()
+            .expect("suppressed for shop.test");
+        assert_eq!(found.reason, SuppressionReason::Unsubscribe);
+        assert_eq!(found.scope.as_deref(), Some("shop.test"));
+        assert!(
+            b.state
+                .suppressed("rcpt@x.org", "news.test", T)
+                .await
+                .unwrap()
+                .is_none(),
+            "another sending domain is not affected"
+        );
+        let stored = b.events.read(None, 10).await.unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].event, unsubscribed);
+
+        // A bounce applies everywhere and wins over the scoped entry.
+        b.state
+            .suppress(entry(SuppressionReason::Bounce, None))
+            .await
+            .unwrap();
+        for domain in ["shop.test", "news.test"] {
+            let found = b
+                .state
+                .suppressed("rcpt@x.org", domain, T)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(found.reason, SuppressionReason::Bounce, "{domain}");
+        }
+        let mut listed: Vec<(SuppressionReason, Option<String>)> = b
+            .state
+            .list_suppressed(T)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.reason, e.scope))
+            .collect();
+        listed.sort_by_key(|(_, scope)| scope.clone());
+        assert_eq!(
+            listed,
+            vec![
+                (SuppressionReason::Bounce, None),
+                (SuppressionReason::Unsubscribe, Some("shop.test".into())),
+            ]
+        );
+        assert!(b.state.unsuppress("rcpt@x.org", None).await.unwrap());
+        assert!(
+            b.state
+                .suppressed("rcpt@x.org", "news.test", T)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            b.state
+                .suppressed("rcpt@x.org", "shop.test", T)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            b.state
+                .unsuppress("rcpt@x.org", Some("shop.test"))
+                .await
+                .unwrap()
+        );
+        assert!(b.state.list_suppressed(T).await.unwrap().is_empty());
     }
 
     pub async fn counters_add_up_within_their_window(b: Backend) {
@@ -1131,6 +1243,7 @@ conformance!(
     stats_count_units_by_state,
     enqueue_of_the_same_id_stores_it_once,
     suppression_list_adds_expires_and_removes,
+    suppression_is_scoped_to_a_sending_domain,
     counters_add_up_within_their_window,
     values_are_shared_replaced_and_expire,
     slots_respect_their_limit_and_ttl,
@@ -1253,7 +1366,8 @@ async fn redis_queue_survives_a_restart_with_aof() {
         b.state
             .suppress(SuppressionEntry {
                 address: "gone@x.org".into(),
-                reason: "hard-bounce".into(),
+                reason: SuppressionReason::Bounce,
+                scope: None,
                 remote_reply: None,
                 created_at: T,
                 expires_at: None,
@@ -1271,7 +1385,13 @@ async fn redis_queue_survives_a_restart_with_aof() {
         // The lease survived too, and expires as it would have.
         b.queue.complete(&leased).await.unwrap();
         assert_eq!(b.queue.lease(T, 10, MINUTE).await.unwrap().len(), 1);
-        assert!(b.state.suppressed("gone@x.org", T).await.unwrap().is_some());
+        assert!(
+            b.state
+                .suppressed("gone@x.org", "any.test", T)
+                .await
+                .unwrap()
+                .is_some()
+        );
     })
     .await
     .expect("test timed out");
@@ -1701,6 +1821,7 @@ async fn redis_cluster_passes_the_conformance_cases() {
             stats_count_units_by_state,
             enqueue_of_the_same_id_stores_it_once,
             suppression_list_adds_expires_and_removes,
+            suppression_is_scoped_to_a_sending_domain,
             counters_add_up_within_their_window,
             values_are_shared_replaced_and_expire,
             slots_respect_their_limit_and_ttl,

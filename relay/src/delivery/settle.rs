@@ -235,7 +235,8 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
                 if *hard {
                     settlement.suppress.push(suppression::entry(
                         &r.recipient,
-                        suppression::HARD_BOUNCE,
+                        crate::queue::SuppressionReason::Bounce,
+                        None,
                         Some(failure.to_string()),
                         now,
                         input.suppression_ttl,

@@ -1385,7 +1385,7 @@ mod record_tests {
             assert_eq!(backend.enqueued().len(), 2, "the message and one DSN");
             assert!(
                 backend
-                    .suppressed("gone@dest.test", now_millis())
+                    .suppressed("gone@dest.test", "example.test", now_millis())
                     .await
                     .unwrap()
                     .is_some()
@@ -1454,7 +1454,7 @@ mod record_tests {
             assert_eq!(backend.enqueued().len(), 1);
             assert!(
                 backend
-                    .suppressed("gone@dest.test", now_millis())
+                    .suppressed("gone@dest.test", "example.test", now_millis())
                     .await
                     .unwrap()
                     .is_none()

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::Event;
-use crate::queue::{Millis, QueueError};
+use crate::queue::{Millis, QueueError, SuppressionEntry};
 
 /// Position of an event in the log. Redis: the stream id
 /// (`1700000000000-0`); embedded: a zero-padded counter, so both sort as
@@ -54,6 +54,15 @@ pub trait EventLog: Send + Sync + 'static {
     /// Appends events that change no queue state (rejected, opened, ...).
     /// Durable on `Ok`.
     async fn publish(&self, events: &[Event]) -> Result<(), QueueError>;
+
+    /// Appends events together with the suppression entries they describe
+    /// (an asynchronous bounce, a complaint, an unsubscribe), in one atomic
+    /// step: both or neither. Durable on `Ok`.
+    async fn publish_suppressing(
+        &self,
+        events: &[Event],
+        suppress: &[SuppressionEntry],
+    ) -> Result<(), QueueError>;
 
     /// Creates consumer group `group` (one per webhook name) if missing,
     /// starting at the beginning of the retained log. Idempotent.

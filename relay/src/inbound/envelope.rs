@@ -121,7 +121,8 @@ pub(super) async fn add_recipient(
     let lower = address.to_lowercase();
     let suppressed = bounded(
         config.queue.timeout.into(),
-        ctx.state.suppressed(&lower, now_millis()),
+        ctx.state
+            .suppressed(&lower, &envelope.sending_domain, now_millis()),
     )
     .await?;
     let Some(entry) = suppressed else {
@@ -137,7 +138,7 @@ pub(super) async fn add_recipient(
     {
         SuppressedAction::Refuse => Err(Refusal::Suppressed {
             address,
-            reason: entry.reason,
+            reason: entry.reason.to_string(),
         }),
         SuppressedAction::Drop => {
             tracing::info!(

@@ -67,6 +67,9 @@ pub enum InboundError {
     /// The tracking key file is unusable.
     #[error(transparent)]
     Tracking(#[from] crate::tracking::TokenError),
+    /// The feedback key file is unusable.
+    #[error("feedback: {0}")]
+    FeedbackKey(crate::tracking::TokenError),
     /// A listener needs TLS but the config has no `tls` files.
     #[error("listener {0} uses TLS but no tls certFile/keyFile is configured")]
     NoTlsFiles(String),
@@ -100,6 +103,9 @@ pub struct InboundContext {
     pub connections: ConnectionLimits,
     /// Engagement tracking: the token key, shared with the HTTP endpoints.
     pub tracking: Arc<crate::tracking::Tracking>,
+    /// The feedback keys (VERP and unsubscribe tokens), shared with
+    /// delivery and the HTTP unsubscribe endpoints.
+    pub feedback: Arc<crate::feedback::Feedback>,
     /// Password checks running at once (see [`InboundContext::auth_permit`]).
     auth_slots: tokio::sync::Semaphore,
     /// Where `rejected` events go (see [`InboundContext::with_events`]);
@@ -158,6 +164,9 @@ impl InboundContext {
             users,
             connections: ConnectionLimits::default(),
             tracking: Arc::new(crate::tracking::Tracking::new(&current)?),
+            feedback: Arc::new(
+                crate::feedback::Feedback::new(&current).map_err(InboundError::FeedbackKey)?,
+            ),
             auth_slots: tokio::sync::Semaphore::new(auth_slots()),
             events: None,
             relay: crate::events::relay_name(&current.hostname),

@@ -470,7 +470,8 @@ async fn suppress(f: &Fixture, address: &str) {
     f.mem
         .suppress(SuppressionEntry {
             address: address.to_string(),
-            reason: "hard-bounce".into(),
+            reason: crate::queue::SuppressionReason::Bounce,
+            scope: None,
             remote_reply: None,
             created_at: 0,
             expires_at: None,

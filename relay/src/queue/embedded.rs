@@ -32,7 +32,7 @@ use super::embedded_events::{self, append_events};
 use super::redis::in_force;
 use super::{
     Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement, SharedState,
-    SuppressionEntry, now_millis, settled_unit, units_of,
+    SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
 };
 use crate::config::EmbeddedQueue;
 use crate::events::Event;
@@ -51,8 +51,8 @@ const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 const LEASES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("leases");
 /// (lease expiry, unit id): leases in expiry order.
 const LEASE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("lease_expiry");
-/// Address -> [`SuppressionEntry`] JSON.
-const SUPPRESSION: TableDefinition<&str, &[u8]> = TableDefinition::new("suppression");
+/// [`SuppressionEntry::key`] -> [`SuppressionEntry`] JSON.
+pub(super) const SUPPRESSION: TableDefinition<&str, &[u8]> = TableDefinition::new("suppression");
 /// Counter key -> (total, end of window).
 const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counters");
 /// (slot key, token) -> expiry.
@@ -243,6 +243,34 @@ fn count_split(
     Ok((early, total.saturating_sub(early)))
 }
 
+/// Suppression entries as (key, JSON), normalised, encoded before
+/// entering the blocking task.
+pub(super) fn encode_suppression(
+    entries: &[SuppressionEntry],
+) -> Result<Vec<(String, Vec<u8>)>, QueueError> {
+    entries
+        .iter()
+        .map(|e| {
+            let e = e.clone().normalised();
+            let key = e.key();
+            let json = encode(&e, &key)?;
+            Ok((key, json))
+        })
+        .collect()
+}
+
+/// Writes encoded suppression entries in `txn`.
+pub(super) fn store_suppression(
+    txn: &redb::WriteTransaction,
+    entries: &[(String, Vec<u8>)],
+) -> Result<(), QueueError> {
+    let mut table = txn.open_table(SUPPRESSION)?;
+    for (key, json) in entries {
+        table.insert(key.as_str(), json.as_slice())?;
+    }
+    Ok(())
+}
+
 pub(super) fn encode<T: serde::Serialize>(value: &T, key: &str) -> Result<Vec<u8>, QueueError> {
     serde_json::to_vec(value).map_err(|e| QueueError::Corrupt {
         key: key.to_string(),
@@ -404,17 +432,7 @@ impl Queue for EmbeddedBackend {
             .filter_map(|m| encode_message(m).transpose())
             .collect::<Result<Vec<_>, QueueError>>()?;
         let events = embedded_events::encode_events(&settlement.events)?;
-        let suppress = settlement
-            .suppress
-            .into_iter()
-            .map(|e| {
-                let e = SuppressionEntry {
-                    address: e.address.to_lowercase(),
-                    ..e
-                };
-                Ok((encode(&e, &e.address)?, e.address))
-            })
-            .collect::<Result<Vec<_>, QueueError>>()?;
+        let suppress = encode_suppression(&settlement.suppress)?;
         self.run(move |db| {
             let txn = db.begin_write()?;
             take_lease(&txn, &lease)?;
@@ -430,12 +448,7 @@ impl Queue for EmbeddedBackend {
                 store_message(&txn, m)?;
             }
             append_events(&txn, &events, now_millis())?;
-            {
-                let mut table = txn.open_table(SUPPRESSION)?;
-                for (json, address) in &suppress {
-                    table.insert(address.as_str(), json.as_slice())?;
-                }
-            }
+            store_suppression(&txn, &suppress)?;
             txn.commit()?;
             Ok(())
         })
@@ -471,15 +484,10 @@ impl Queue for EmbeddedBackend {
 #[async_trait]
 impl SharedState for EmbeddedBackend {
     async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
-        let entry = SuppressionEntry {
-            address: entry.address.to_lowercase(),
-            ..entry
-        };
-        let json = encode(&entry, &entry.address)?;
+        let encoded = encode_suppression(std::slice::from_ref(&entry))?;
         self.run(move |db| {
             let txn = db.begin_write()?;
-            txn.open_table(SUPPRESSION)?
-                .insert(entry.address.as_str(), json.as_slice())?;
+            store_suppression(&txn, &encoded)?;
             txn.commit()?;
             Ok(())
         })
@@ -489,29 +497,35 @@ impl SharedState for EmbeddedBackend {
     async fn suppressed(
         &self,
         address: &str,
+        sending_domain: &str,
         now: Millis,
     ) -> Result<Option<SuppressionEntry>, QueueError> {
-        let address = address.to_lowercase();
+        let keys = [
+            suppression_key(address, None),
+            suppression_key(address, Some(sending_domain)),
+        ];
+        let sending_domain = sending_domain.to_string();
         self.run(move |db| {
             let txn = db.begin_read()?;
             let table = txn.open_table(SUPPRESSION)?;
-            let Some(json) = table.get(address.as_str())? else {
-                return Ok(None);
-            };
-            let entry: SuppressionEntry = decode(json.value(), &address)?;
-            Ok(in_force(&entry, now).then_some(entry))
+            for key in &keys {
+                if let Some(json) = table.get(key.as_str())? {
+                    let entry: SuppressionEntry = decode(json.value(), key)?;
+                    if entry.applies(&sending_domain, now) {
+                        return Ok(Some(entry));
+                    }
+                }
+            }
+            Ok(None)
         })
         .await
     }
 
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
-        let address = address.to_lowercase();
+    async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<bool, QueueError> {
+        let key = suppression_key(address, scope);
         self.run(move |db| {
             let txn = db.begin_write()?;
-            let removed = txn
-                .open_table(SUPPRESSION)?
-                .remove(address.as_str())?
-                .is_some();
+            let removed = txn.open_table(SUPPRESSION)?.remove(key.as_str())?.is_some();
             txn.commit()?;
             Ok(removed)
         })
@@ -523,8 +537,8 @@ impl SharedState for EmbeddedBackend {
             let txn = db.begin_read()?;
             let mut out = Vec::new();
             for entry in txn.open_table(SUPPRESSION)?.iter()? {
-                let (address, json) = entry?;
-                let entry: SuppressionEntry = decode(json.value(), address.value())?;
+                let (key, json) = entry?;
+                let entry: SuppressionEntry = decode(json.value(), key.value())?;
                 if in_force(&entry, now) {
                     out.push(entry);
                 }

@@ -11,8 +11,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 
-use super::embedded::{EmbeddedBackend, decode, encode, relaxed};
-use super::{Millis, QueueError, now_millis};
+use super::embedded::{
+    EmbeddedBackend, decode, encode, encode_suppression, relaxed, store_suppression,
+};
+use super::{Millis, QueueError, SuppressionEntry, now_millis};
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 
 /// Sequence number -> (stored at, event JSON).
@@ -110,6 +112,23 @@ impl EventLog for EmbeddedBackend {
         self.run(move |db| {
             let txn = db.begin_write()?;
             append_events(&txn, &events, now_millis())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn publish_suppressing(
+        &self,
+        events: &[Event],
+        suppress: &[SuppressionEntry],
+    ) -> Result<(), QueueError> {
+        let events = encode_events(events)?;
+        let suppress = encode_suppression(suppress)?;
+        self.run(move |db| {
+            let txn = db.begin_write()?;
+            append_events(&txn, &events, now_millis())?;
+            store_suppression(&txn, &suppress)?;
             txn.commit()?;
             Ok(())
         })

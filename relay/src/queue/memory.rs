@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use super::redis::in_force;
 use super::{
     DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
-    SharedState, SuppressionEntry, now_millis, settled_unit, units_of,
+    SharedState, SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
 };
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 
@@ -45,6 +45,13 @@ struct Store {
 }
 
 impl Store {
+    fn suppress(&mut self, entries: impl IntoIterator<Item = SuppressionEntry>) {
+        for entry in entries {
+            let entry = entry.normalised();
+            self.suppression.insert(entry.key(), entry);
+        }
+    }
+
     fn store_message(&mut self, message: &NewMessage) -> bool {
         let units = units_of(message);
         if units.is_empty() || self.messages.contains_key(&message.id) {
@@ -266,12 +273,7 @@ impl Queue for MemoryBackend {
             store.store_message(message);
         }
         store.append(&settlement.events);
-        for entry in settlement.suppress {
-            let address = entry.address.to_lowercase();
-            store
-                .suppression
-                .insert(address.clone(), SuppressionEntry { address, ..entry });
-        }
+        store.suppress(settlement.suppress);
         Ok(())
     }
 
@@ -302,33 +304,31 @@ impl Queue for MemoryBackend {
 impl SharedState for MemoryBackend {
     async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
         self.gate()?;
-        let address = entry.address.to_lowercase();
-        self.store()
-            .suppression
-            .insert(address.clone(), SuppressionEntry { address, ..entry });
+        self.store().suppress([entry]);
         Ok(())
     }
 
     async fn suppressed(
         &self,
         address: &str,
+        sending_domain: &str,
         now: Millis,
     ) -> Result<Option<SuppressionEntry>, QueueError> {
         self.gate()?;
-        Ok(self
-            .store()
-            .suppression
-            .get(&address.to_lowercase())
-            .filter(|e| in_force(e, now))
+        let store = self.store();
+        Ok([None, Some(sending_domain)]
+            .into_iter()
+            .filter_map(|scope| store.suppression.get(&suppression_key(address, scope)))
+            .find(|e| e.applies(sending_domain, now))
             .cloned())
     }
 
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
+    async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<bool, QueueError> {
         self.gate()?;
         Ok(self
             .store()
             .suppression
-            .remove(&address.to_lowercase())
+            .remove(&suppression_key(address, scope))
             .is_some())
     }
 
@@ -454,6 +454,21 @@ impl EventLog for MemoryBackend {
             return Err(QueueError::Unavailable("publish failed (test)".into()));
         }
         self.store().append(events);
+        Ok(())
+    }
+
+    async fn publish_suppressing(
+        &self,
+        events: &[Event],
+        suppress: &[SuppressionEntry],
+    ) -> Result<(), QueueError> {
+        self.gate()?;
+        if Self::take(&self.failing_publishes) {
+            return Err(QueueError::Unavailable("publish failed (test)".into()));
+        }
+        let mut store = self.store();
+        store.append(events);
+        store.suppress(suppress.iter().cloned());
         Ok(())
     }
 

@@ -394,19 +394,156 @@ pub trait Queue: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), QueueError>;
 }
 
+/// Why an address is suppressed. Lower-case in JSON and on the command
+/// line (`bounce`, `complaint`, `unsubscribe`, `manual`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SuppressionReason {
+    /// A permanent failure: at delivery, or a DSN that came back later.
+    /// Entries stored before reasons were typed say `hard-bounce`.
+    #[serde(alias = "hard-bounce")]
+    Bounce,
+    /// A spam complaint (an ARF report from a feedback loop).
+    Complaint,
+    /// The recipient unsubscribed (one-click or mailto); scoped to the
+    /// sending domain.
+    Unsubscribe,
+    /// Added by hand (`petrel-relay suppression add`).
+    Manual,
+}
+
+impl SuppressionReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [SuppressionReason; 4] = [
+        SuppressionReason::Bounce,
+        SuppressionReason::Complaint,
+        SuppressionReason::Unsubscribe,
+        SuppressionReason::Manual,
+    ];
+
+    /// The JSON and CLI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SuppressionReason::Bounce => "bounce",
+            SuppressionReason::Complaint => "complaint",
+            SuppressionReason::Unsubscribe => "unsubscribe",
+            SuppressionReason::Manual => "manual",
+        }
+    }
+}
+
+impl std::fmt::Display for SuppressionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SuppressionReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        if s == "hard-bounce" {
+            return Ok(SuppressionReason::Bounce);
+        }
+        SuppressionReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown suppression reason {s:?} (expected bounce, complaint, unsubscribe or manual)")
+            })
+    }
+}
+
 /// A suppressed recipient.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredSuppression")]
 pub struct SuppressionEntry {
     /// The address, lower-cased.
     pub address: String,
-    /// Why: `hard-bounce`, `manual`, ...
-    pub reason: String,
-    /// The remote server's reply that caused it, if any.
+    /// Why.
+    pub reason: SuppressionReason,
+    /// The sending domain it applies to; every domain when absent
+    /// (bounces, complaints and manual entries; unsubscribes are scoped).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// The details of why: the remote server's reply or diagnostic, the
+    /// feedback type of a complaint, how an unsubscribe came, a note.
     pub remote_reply: Option<String>,
     /// When it was added.
     pub created_at: Millis,
     /// When it stops applying; never when absent.
     pub expires_at: Option<Millis>,
+}
+
+impl SuppressionEntry {
+    /// The key it is stored under: the address for an entry that applies
+    /// to every domain (as before scopes existed, so old entries keep
+    /// their key), `address/domain` for a scoped one. A domain never holds
+    /// a `/`, so the two kinds never share a key.
+    pub fn key(&self) -> String {
+        suppression_key(&self.address, self.scope.as_deref())
+    }
+
+    /// Whether the entry applies to mail from `sending_domain` at `now`.
+    pub fn applies(&self, sending_domain: &str, now: Millis) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
+            && self
+                .scope
+                .as_deref()
+                .is_none_or(|s| s.eq_ignore_ascii_case(sending_domain))
+    }
+
+    /// The same entry with address and scope lower-cased, as stored.
+    pub fn normalised(mut self) -> SuppressionEntry {
+        self.address = self.address.trim().to_lowercase();
+        self.scope = self.scope.map(|s| s.trim().to_ascii_lowercase());
+        self
+    }
+}
+
+/// Storage key of the entry for `address` in `scope` (see
+/// [`SuppressionEntry::key`]); both lower-cased.
+pub fn suppression_key(address: &str, scope: Option<&str>) -> String {
+    let address = address.trim().to_lowercase();
+    match scope {
+        None => address,
+        Some(domain) => format!("{address}/{}", domain.trim().to_ascii_lowercase()),
+    }
+}
+
+/// A suppression entry as stored by any version: `reason` was free text
+/// (`hard-bounce`, `manual` or whatever `suppression add --reason` was
+/// given) before reasons were typed. Unknown text decodes as `manual`
+/// with the text kept as the details, so old lists still load.
+#[derive(Deserialize)]
+struct StoredSuppression {
+    address: String,
+    reason: String,
+    #[serde(default)]
+    scope: Option<String>,
+    #[serde(default)]
+    remote_reply: Option<String>,
+    created_at: Millis,
+    #[serde(default)]
+    expires_at: Option<Millis>,
+}
+
+impl From<StoredSuppression> for SuppressionEntry {
+    fn from(s: StoredSuppression) -> SuppressionEntry {
+        let (reason, remote_reply) = match s.reason.parse::<SuppressionReason>() {
+            Ok(reason) => (reason, s.remote_reply),
+            Err(_) => (SuppressionReason::Manual, s.remote_reply.or(Some(s.reason))),
+        };
+        SuppressionEntry {
+            address: s.address,
+            reason,
+            scope: s.scope,
+            remote_reply,
+            created_at: s.created_at,
+            expires_at: s.expires_at,
+        }
+    }
 }
 
 /// State all relay pods share through the queue backend.
@@ -415,15 +552,19 @@ pub trait SharedState: Send + Sync + 'static {
     /// Adds or replaces a suppression entry.
     async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError>;
 
-    /// The entry for `address` if it is suppressed at `now`.
+    /// The entry that keeps mail from `sending_domain` from `address` at
+    /// `now`, if any: the one for every domain first, else the one scoped
+    /// to `sending_domain`.
     async fn suppressed(
         &self,
         address: &str,
+        sending_domain: &str,
         now: Millis,
     ) -> Result<Option<SuppressionEntry>, QueueError>;
 
-    /// Removes an entry; true when there was one.
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError>;
+    /// Removes the entry for `address` in `scope` (`None`: the one for
+    /// every domain); true when there was one.
+    async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<bool, QueueError>;
 
     /// Every entry still in force at `now`.
     async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError>;

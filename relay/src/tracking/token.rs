@@ -77,7 +77,7 @@ pub enum TokenError {
     #[error("invalid tracking token")]
     Invalid,
     /// The key file could not be read or created.
-    #[error("tracking key file {path}: {reason}")]
+    #[error("key file {path}: {reason}")]
     KeyFile {
         /// The file.
         path: PathBuf,
@@ -113,47 +113,39 @@ impl TokenKey {
     /// Reads the secret in `path` (trailing white space ignored, at least
     /// [`MIN_SECRET`] bytes) and derives the tracking key.
     pub fn load(path: &Path) -> Result<TokenKey, TokenError> {
-        let bytes = std::fs::read(path).map_err(|e| TokenError::KeyFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let secret = bytes.trim_ascii_end();
-        if secret.len() < MIN_SECRET {
-            return Err(TokenError::KeyFile {
-                path: path.to_path_buf(),
-                reason: format!(
-                    "holds {} bytes; at least {MIN_SECRET} are needed",
-                    secret.len()
-                ),
-            });
-        }
-        Ok(TokenKey::derive(secret, TRACKING_PURPOSE))
+        Ok(TokenKey::derive(&load_secret(path)?, TRACKING_PURPOSE))
     }
 
     /// [`TokenKey::load`], creating the file with a new random secret
     /// (mode 0600) when it does not exist. For a local run with the
     /// embedded queue only: pods sharing Redis need one key for all.
     pub fn load_or_create(path: &Path) -> Result<(TokenKey, bool), TokenError> {
-        if path.exists() {
-            return TokenKey::load(path).map(|k| (k, false));
+        let (secret, created) = load_or_create_secret(path)?;
+        Ok((TokenKey::derive(&secret, TRACKING_PURPOSE), created))
+    }
+
+    /// HMAC-SHA256 of `data` under this key (other token kinds, such as
+    /// the feedback tokens, build their own layouts on it).
+    pub fn sign(&self, data: &[u8]) -> hmac::Tag {
+        hmac::sign(&self.key, data)
+    }
+
+    /// Whether `mac` is the first `mac.len()` bytes (at least 8) of
+    /// [`TokenKey::sign`]`(data)`, compared in constant time.
+    pub fn verify_truncated(&self, data: &[u8], mac: &[u8]) -> bool {
+        if mac.len() < 8 {
+            return false;
         }
-        let err = |e: std::io::Error| TokenError::KeyFile {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        };
-        let secret: [u8; 32] = rand::random();
-        let text = format!("{}\n", URL_SAFE_NO_PAD.encode(secret));
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(path).map_err(err)?;
-        std::io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
-        file.sync_all().map_err(err)?;
-        TokenKey::load(path).map(|k| (k, true))
+        let full = self.sign(data);
+        // Every byte is compared whatever the first difference, so the
+        // time taken tells an attacker nothing about how close a guess was.
+        full.as_ref().get(..mac.len()).is_some_and(|expected| {
+            expected
+                .iter()
+                .zip(mac)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+        })
     }
 
     /// Seals `claims` into a token.
@@ -199,6 +191,52 @@ impl TokenKey {
         // Authentic from here on; still parse defensively.
         parse(body).ok_or(TokenError::Invalid)
     }
+}
+
+/// Reads a key file's secret: its bytes with trailing white space
+/// removed, at least [`MIN_SECRET`] of them. Every token kind derives its
+/// own key from it ([`TokenKey::derive`]).
+pub fn load_secret(path: &Path) -> Result<Vec<u8>, TokenError> {
+    let bytes = std::fs::read(path).map_err(|e| TokenError::KeyFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let secret = bytes.trim_ascii_end();
+    if secret.len() < MIN_SECRET {
+        return Err(TokenError::KeyFile {
+            path: path.to_path_buf(),
+            reason: format!(
+                "holds {} bytes; at least {MIN_SECRET} are needed",
+                secret.len()
+            ),
+        });
+    }
+    Ok(secret.to_vec())
+}
+
+/// [`load_secret`], creating the file with a new random secret (mode
+/// 0600) when it does not exist; true when it was created.
+pub fn load_or_create_secret(path: &Path) -> Result<(Vec<u8>, bool), TokenError> {
+    if path.exists() {
+        return load_secret(path).map(|k| (k, false));
+    }
+    let err = |e: std::io::Error| TokenError::KeyFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let secret: [u8; 32] = rand::random();
+    let text = format!("{}\n", URL_SAFE_NO_PAD.encode(secret));
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(err)?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    load_secret(path).map(|k| (k, true))
 }
 
 fn parse(body: &[u8]) -> Option<Claims> {

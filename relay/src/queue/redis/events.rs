@@ -17,7 +17,7 @@ use redis::Value;
 
 use super::{RedisBackend, decode, scripts};
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
-use crate::queue::{Millis, QueueError};
+use crate::queue::{Millis, QueueError, SuppressionEntry};
 
 /// The millisecond part of a stream id.
 fn id_millis(id: &str) -> Millis {
@@ -213,6 +213,20 @@ impl EventLog for RedisBackend {
         let mut inv = scripts::PUBLISH.prepare_invoke();
         inv.key(&self.keys.events);
         super::event_args(&mut inv, events)?;
+        let mut conn = self.connection(&self.conn).await?;
+        let _: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn publish_suppressing(
+        &self,
+        events: &[Event],
+        suppress: &[SuppressionEntry],
+    ) -> Result<(), QueueError> {
+        let mut inv = scripts::PUBLISH_SUPPRESSING.prepare_invoke();
+        inv.key(&self.keys.events).key(&self.keys.supp);
+        super::event_args(&mut inv, events)?;
+        super::suppression_args(&mut inv, suppress)?;
         let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         Ok(())

@@ -47,7 +47,7 @@ use redis::AsyncCommands;
 use self::conn::{Conn, Connector, Target};
 use super::{
     DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
-    SharedState, SuppressionEntry, settled_unit, units_of,
+    SharedState, SuppressionEntry, settled_unit, suppression_key, units_of,
 };
 use crate::config::RedisQueue;
 use crate::config::parse_redis_url;
@@ -312,6 +312,20 @@ fn event_args(inv: &mut redis::ScriptInvocation<'_>, events: &[Event]) -> Result
     Ok(())
 }
 
+/// Suppression entries as script arguments: count, then (key, json)*.
+fn suppression_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    entries: &[SuppressionEntry],
+) -> Result<(), QueueError> {
+    inv.arg(entries.len());
+    for entry in entries {
+        let entry = entry.clone().normalised();
+        let key = entry.key();
+        inv.arg(&key).arg(encode(&entry, &key)?);
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl Queue for RedisBackend {
     async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
@@ -488,14 +502,7 @@ impl Queue for RedisBackend {
             message_args(&mut inv, message)?;
         }
         event_args(&mut inv, &settlement.events)?;
-        inv.arg(settlement.suppress.len());
-        for entry in &settlement.suppress {
-            let entry = SuppressionEntry {
-                address: entry.address.to_lowercase(),
-                ..entry.clone()
-            };
-            inv.arg(&entry.address).arg(encode(&entry, &entry.address)?);
-        }
+        suppression_args(&mut inv, &settlement.suppress)?;
         let mut conn = self.connection(&self.conn).await?;
         let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         lease_held(done, &lease.unit.id)
@@ -538,33 +545,48 @@ impl Queue for RedisBackend {
 #[async_trait]
 impl SharedState for RedisBackend {
     async fn suppress(&self, entry: SuppressionEntry) -> Result<(), QueueError> {
-        let address = entry.address.to_lowercase();
-        let entry = SuppressionEntry { address, ..entry };
-        let json = encode(&entry, &entry.address)?;
+        let entry = entry.normalised();
+        let key = entry.key();
+        let json = encode(&entry, &key)?;
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self
-            .bounded(conn.hset(&self.keys.supp, &entry.address, json))
-            .await?;
+        let _: i64 = self.bounded(conn.hset(&self.keys.supp, &key, json)).await?;
         Ok(())
     }
 
     async fn suppressed(
         &self,
         address: &str,
+        sending_domain: &str,
         now: Millis,
     ) -> Result<Option<SuppressionEntry>, QueueError> {
-        let address = address.to_lowercase();
+        let keys = [
+            suppression_key(address, None),
+            suppression_key(address, Some(sending_domain)),
+        ];
         let mut conn = self.connection(&self.conn).await?;
-        let json: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.supp, &address)).await?;
-        let Some(json) = json else { return Ok(None) };
-        let entry: SuppressionEntry = decode(&json, &address)?;
-        Ok(in_force(&entry, now).then_some(entry))
+        let found: Vec<Option<Vec<u8>>> = self
+            .bounded(
+                redis::cmd("HMGET")
+                    .arg(&self.keys.supp)
+                    .arg(&keys[..])
+                    .query_async(&mut conn),
+            )
+            .await?;
+        for (json, key) in found.iter().zip(&keys) {
+            if let Some(json) = json {
+                let entry: SuppressionEntry = decode(json, key)?;
+                if entry.applies(sending_domain, now) {
+                    return Ok(Some(entry));
+                }
+            }
+        }
+        Ok(None)
     }
 
-    async fn unsuppress(&self, address: &str) -> Result<bool, QueueError> {
+    async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<bool, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let removed: i64 = self
-            .bounded(conn.hdel(&self.keys.supp, address.to_lowercase()))
+            .bounded(conn.hdel(&self.keys.supp, suppression_key(address, scope)))
             .await?;
         Ok(removed > 0)
     }
@@ -573,13 +595,13 @@ impl SharedState for RedisBackend {
         let mut conn = self.connection(&self.conn).await?;
         let all: HashMap<String, Vec<u8>> = self.bounded(conn.hgetall(&self.keys.supp)).await?;
         let mut entries = Vec::with_capacity(all.len());
-        for (address, json) in all {
-            let entry: SuppressionEntry = decode(&json, &address)?;
+        for (key, json) in all {
+            let entry: SuppressionEntry = decode(&json, &key)?;
             if in_force(&entry, now) {
                 entries.push(entry);
             }
         }
-        entries.sort_by(|a, b| a.address.cmp(&b.address));
+        entries.sort_by(|a, b| (&a.address, &a.scope).cmp(&(&b.address, &b.scope)));
         Ok(entries)
     }
 
@@ -654,6 +676,7 @@ pub(crate) fn in_force(entry: &SuppressionEntry, now: Millis) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::SuppressionReason;
 
     #[test]
     fn every_key_shares_one_hash_tag() {
@@ -688,7 +711,8 @@ mod tests {
     fn suppression_expiry_is_exclusive() {
         let entry = SuppressionEntry {
             address: "a@x.org".into(),
-            reason: "manual".into(),
+            reason: SuppressionReason::Manual,
+            scope: None,
             remote_reply: None,
             created_at: 0,
             expires_at: Some(10),

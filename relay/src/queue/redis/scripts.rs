@@ -127,6 +127,23 @@ return tonumber(ARGV[1])
     ))
 });
 
+/// Appends events and stores the suppression entries they describe.
+///
+/// KEYS: events, supp. ARGV: event count, event JSON*, entry count,
+/// (key, entry json)*. Returns the event count.
+pub static PUBLISH_SUPPRESSING: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r#"{APPEND_EVENTS}
+local i = append_events(1, 1)
+local n = tonumber(ARGV[i])
+for j = i + 1, i + 2 * n, 2 do
+  redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1])
+end
+return tonumber(ARGV[1])
+"#
+    ))
+});
+
 /// Takes a message back out after `WAIT` saw too few replicas, unless a
 /// worker already leased one of its units (then it stays: delivering it
 /// twice is better than losing it), with the events its enqueue wrote.
