@@ -50,6 +50,8 @@ pub struct RelayMetrics {
     pub tracking: crate::tracking::TrackingMetrics,
     /// The reputation guard: state and rates per sending domain.
     pub reputation: crate::reputation::ReputationMetrics,
+    /// One-click unsubscribe: headers added, endpoint requests.
+    pub unsubscribe: crate::unsubscribe::UnsubscribeMetrics,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -130,9 +132,11 @@ impl RelayMetrics {
 
         let tracking = crate::tracking::TrackingMetrics::register(registry)?;
         let reputation = crate::reputation::ReputationMetrics::register(registry)?;
+        let unsubscribe = crate::unsubscribe::UnsubscribeMetrics::register(registry)?;
         Ok(RelayMetrics {
             tracking,
             reputation,
+            unsubscribe,
             received: counter(
                 registry,
                 "petrel_messages_received_total",

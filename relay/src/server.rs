@@ -127,6 +127,16 @@ pub async fn run_until(
                 guard: reputation.clone(),
                 metrics: metrics.reputation.clone(),
             },
+        ))
+        .merge(crate::unsubscribe::endpoints::router(
+            crate::unsubscribe::endpoints::Endpoints {
+                config: config.clone(),
+                feedback: inbound_ctx.feedback.clone(),
+                state: backend.state.clone(),
+                events: backend.events.clone(),
+                metrics: metrics.unsubscribe.clone(),
+                relay: crate::events::relay_name(&current.hostname),
+            },
         )),
     );
     let http_task = tokio::spawn(http::serve(

@@ -3,6 +3,12 @@
 //! server found by MX through the in-process DNS, refusals over real
 //! SMTP, the HTTP send API and the admin API on the relay's HTTP port.
 //!
+//! Unsubscribe: the delivered message carries `List-Unsubscribe`,
+//! `List-Unsubscribe-Post` and `Feedback-ID` inside a DKIM signature
+//! mail-auth verifies; POST unsubscribes (then that domain's mail to the
+//! recipient is refused, another domain's is not), GET does not, a forged
+//! token 404s.
+//!
 //! Reputation: hard bounces from the destination pause the sending
 //! domain (451 4.7.1 at MAIL FROM, HTTP 503, queued mail held without an
 //! attempt), the pause survives a relay restart, and the admin resume
@@ -14,8 +20,16 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use mail_auth::common::crypto::Ed25519Key;
+use mail_auth::hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+};
+use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
+use mail_parser::MessageParser;
 use petrel_relay::config::RelayConfig;
-use petrel_relay::queue::{self, MessageFlags, NewMessage, SettleOp, Settlement, now_millis};
+use petrel_relay::events::EventType;
+use petrel_relay::queue::{
+    self, MessageFlags, NewMessage, SettleOp, Settlement, SuppressionReason, now_millis,
+};
 use petrel_tests::dns::DnsServer;
 use petrel_tests::ports::free_port;
 use petrel_tests::redis::RedisServer;
@@ -27,7 +41,7 @@ const LIMIT: Duration = Duration::from_secs(180);
 
 struct World {
     dir: tempfile::TempDir,
-    _dns: DnsServer,
+    dns: DnsServer,
     sink: SmtpSink,
     _redis: RedisServer,
     smtp: SocketAddr,
@@ -95,7 +109,7 @@ domains:
         RelayConfig::from_yaml(&yaml).expect("test config");
         World {
             dir,
-            _dns: dns,
+            dns,
             sink,
             _redis: redis,
             smtp,
@@ -196,6 +210,68 @@ domains:
             .filter(|r| !r.mail_from.is_empty() && r.rcpt_to.iter().any(|t| t == rcpt))
             .collect()
     }
+}
+
+impl World {
+    /// The one DKIM signature of `message` verifies against the DNS, and
+    /// its `h=` names every header of `signed`; returns the `h=` names.
+    async fn verify_dkim(&self, message: &[u8], signed: &[&str]) -> Vec<String> {
+        let mut conn = ConnectionConfig::udp();
+        conn.port = self.dns.addr().port();
+        let ns = NameServerConfig::new(self.dns.addr().ip(), true, vec![conn]);
+        let resolver = MessageAuthenticator::new(
+            ResolverConfig::from_name_servers(vec![ns]),
+            ResolverOpts::default(),
+        )
+        .unwrap();
+        let parsed = AuthenticatedMessage::parse(message).unwrap();
+        let results = resolver.verify_dkim(&parsed).await;
+        assert_eq!(results.len(), 1, "one signature");
+        assert_eq!(*results[0].result(), DkimResult::Pass);
+        let text = String::from_utf8_lossy(message);
+        let sig = text
+            .split("\r\n")
+            .skip_while(|l| !l.to_ascii_lowercase().starts_with("dkim-signature:"))
+            .take_while(|l| !l.is_empty())
+            .enumerate()
+            .take_while(|(i, l)| *i == 0 || l.starts_with([' ', '\t']))
+            .map(|(_, l)| l.trim())
+            .collect::<String>();
+        let h: Vec<String> = sig
+            .split(';')
+            .map(str::trim)
+            .find_map(|t| t.strip_prefix("h="))
+            .unwrap_or_else(|| panic!("no h= in {sig}"))
+            .split(':')
+            .map(|n| n.trim().to_ascii_lowercase())
+            .collect();
+        for name in signed {
+            assert!(
+                h.contains(&name.to_ascii_lowercase()),
+                "{name} not in h={h:?}"
+            );
+        }
+        h
+    }
+}
+
+/// The unfolded value of the header `name` (first one), if present.
+fn header(message: &[u8], name: &str) -> Option<String> {
+    let parsed = MessageParser::default().parse(message)?;
+    let raw = parsed
+        .headers_raw()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.to_string())?;
+    Some(raw.replace("\r\n", "").trim().to_string())
+}
+
+/// How many fields named `name` the header section has.
+fn count_headers(message: &[u8], name: &str) -> usize {
+    let parsed = MessageParser::default().parse(message).unwrap();
+    parsed
+        .headers_raw()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .count()
 }
 
 impl Relay {
@@ -404,6 +480,209 @@ async fn hard_bounces_pause_the_domain_until_the_admin_resumes_it() {
                 && !w.delivered_to("held@dest.test").is_empty())
             .await,
             "new and held mail delivered after the resume"
+        );
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+const UNSUBSCRIBE_DOMAINS: &str = r#"
+  - domain: example.test
+    dkim: {selector: s1, algorithm: ed25519, keyFile: KEY}
+    returnPathDomain: bounces.example.test
+    unsubscribe: {enabled: true, baseUrl: "https://u.example.test/x"}
+    feedbackId: "{tag:campaign}:{domain}:petrel"
+  - domain: other.test
+    dkim: {selector: s1, algorithm: ed25519, keyFile: KEY}
+    unsubscribe: {enabled: true, baseUrl: "https://u.other.test", mode: replace}
+"#;
+
+const FORM: &str = "Content-Type: application/x-www-form-urlencoded\r\n";
+
+#[tokio::test]
+async fn signed_unsubscribe_headers_and_one_click_post_unsubscribe_for_that_domain_only() {
+    tokio::time::timeout(LIMIT, async {
+        let w = World::new(UNSUBSCRIBE_DOMAINS).await;
+        let relay = w.start().await;
+        w.send(
+            "app@example.test",
+            "reader@dest.test",
+            "X-Petrel-Tags: campaign=spring\r\n",
+        )
+        .await;
+        assert!(
+            until(Duration::from_secs(30), async || !w
+                .delivered_to("reader@dest.test")
+                .is_empty())
+            .await,
+            "delivered"
+        );
+        let got = w.delivered_to("reader@dest.test").remove(0).data;
+        w.verify_dkim(
+            &got,
+            &["List-Unsubscribe", "List-Unsubscribe-Post", "Feedback-ID"],
+        )
+        .await;
+        let list = header(&got, "List-Unsubscribe").expect("List-Unsubscribe");
+        assert_eq!(
+            header(&got, "List-Unsubscribe-Post").as_deref(),
+            Some("List-Unsubscribe=One-Click")
+        );
+        assert_eq!(
+            header(&got, "Feedback-ID").as_deref(),
+            Some("spring:example.test:petrel")
+        );
+        // <https://u.example.test/x/u/TOKEN>, <mailto:u+T@bounces.example.test>
+        let entries: Vec<&str> = list.split(',').map(|e| e.trim()).collect();
+        assert_eq!(entries.len(), 2, "{list}");
+        let url = entries[0]
+            .strip_prefix("<https://u.example.test/x/u/")
+            .and_then(|e| e.strip_suffix('>'))
+            .unwrap_or_else(|| panic!("{list}"));
+        let token = url.to_string();
+        assert!(
+            entries[1].starts_with("<mailto:u+") && entries[1].ends_with("@bounces.example.test>"),
+            "{list}"
+        );
+        let path = format!("/u/{token}");
+        let suppressed = async || {
+            relay
+                .backend
+                .state
+                .suppressed("reader@dest.test", "example.test", now_millis())
+                .await
+                .unwrap()
+        };
+
+        // GET shows a confirm page and unsubscribes no one.
+        let (status, page) = w.http("GET", &path, "", "").await;
+        assert_eq!(status, 200, "{page}");
+        assert!(page.contains("<form method=\"post\""), "{page}");
+        assert!(
+            page.contains("name=\"List-Unsubscribe\" value=\"One-Click\""),
+            "{page}"
+        );
+        assert!(suppressed().await.is_none(), "a GET unsubscribed");
+
+        // Forged or broken tokens: 404, nothing written.
+        let mut forged = token.clone().into_bytes();
+        let i = forged.len() / 2;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        for bad in [forged.as_str(), "nope", &token[..token.len() - 2]] {
+            let (status, _) = w.http("GET", &format!("/u/{bad}"), "", "").await;
+            assert_eq!(status, 404, "GET {bad}");
+            let (status, _) = w
+                .http(
+                    "POST",
+                    &format!("/u/{bad}"),
+                    FORM,
+                    "List-Unsubscribe=One-Click",
+                )
+                .await;
+            assert_eq!(status, 404, "POST {bad}");
+        }
+        // A POST without the one-click body does nothing either.
+        let (status, _) = w.http("POST", &path, FORM, "hello=1").await;
+        assert_eq!(status, 400);
+        assert!(suppressed().await.is_none());
+
+        // The one-click POST: 200, suppressed for example.test, an event.
+        let (status, body) = w
+            .http("POST", &path, FORM, "List-Unsubscribe=One-Click")
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let entry = suppressed().await.expect("suppressed for example.test");
+        assert_eq!(entry.reason, SuppressionReason::Unsubscribe);
+        assert_eq!(entry.scope.as_deref(), Some("example.test"));
+        let events = relay.backend.events.read(None, 10_000).await.unwrap();
+        let unsub: Vec<_> = events
+            .iter()
+            .filter(|e| e.event.kind == EventType::Unsubscribed)
+            .collect();
+        assert_eq!(unsub.len(), 1, "{unsub:?}");
+        assert_eq!(
+            unsub[0].event.recipient.as_deref(),
+            Some("reader@dest.test")
+        );
+        assert_eq!(
+            unsub[0].event.sending_domain.as_deref(),
+            Some("example.test")
+        );
+        // Idempotent: a second POST is fine and writes no second event.
+        let (status, _) = w
+            .http("POST", &path, FORM, "List-Unsubscribe=One-Click")
+            .await;
+        assert_eq!(status, 200);
+
+        // example.test may no longer send to the reader (onSuppressed:
+        // refuse); other.test still may.
+        let replies = w
+            .smtp(&[
+                "EHLO client.test",
+                "MAIL FROM:<app@example.test>",
+                "RCPT TO:<reader@dest.test>",
+                "RSET",
+                "MAIL FROM:<app@other.test>",
+                "RCPT TO:<reader@dest.test>",
+                "QUIT",
+            ])
+            .await;
+        assert!(replies[2].starts_with("550 5.1.1"), "{replies:?}");
+        assert!(replies[5].starts_with("250"), "{replies:?}");
+        assert_eq!(
+            relay
+                .backend
+                .events
+                .read(None, 10_000)
+                .await
+                .unwrap()
+                .iter()
+                .filter(|e| e.event.kind == EventType::Unsubscribed)
+                .count(),
+            1
+        );
+
+        // An app's own List-Unsubscribe: kept (add-if-missing) for
+        // example.test, replaced for other.test (mode: replace); either
+        // way the signature covers what goes out.
+        let apps = "List-Unsubscribe: <mailto:app-unsub@example.test>\r\n";
+        w.send("app@example.test", "kept@dest.test", apps).await;
+        w.send(
+            "app@other.test",
+            "replaced@dest.test",
+            &apps.replace("example", "other"),
+        )
+        .await;
+        assert!(
+            until(Duration::from_secs(30), async || !w
+                .delivered_to("kept@dest.test")
+                .is_empty()
+                && !w.delivered_to("replaced@dest.test").is_empty())
+            .await
+        );
+        let kept = w.delivered_to("kept@dest.test").remove(0).data;
+        w.verify_dkim(&kept, &["List-Unsubscribe"]).await;
+        assert_eq!(
+            header(&kept, "List-Unsubscribe").as_deref(),
+            Some("<mailto:app-unsub@example.test>")
+        );
+        assert_eq!(count_headers(&kept, "List-Unsubscribe-Post"), 0);
+        let replaced = w.delivered_to("replaced@dest.test").remove(0).data;
+        w.verify_dkim(&replaced, &["List-Unsubscribe", "List-Unsubscribe-Post"])
+            .await;
+        assert_eq!(count_headers(&replaced, "List-Unsubscribe"), 1);
+        let ours = header(&replaced, "List-Unsubscribe").unwrap();
+        assert!(ours.starts_with("<https://u.other.test/u/"), "{ours}");
+        assert!(
+            !ours.contains("mailto"),
+            "no return path, no mailto: {ours}"
+        );
+        assert_eq!(
+            count_headers(&replaced, "Feedback-ID"),
+            0,
+            "no feedbackId configured"
         );
         relay.stop().await;
     })

@@ -115,6 +115,14 @@ pub async fn accept(
     // Feedback-ID and the unsubscribe headers come before the signature
     // too, so its h= covers them.
     let data = crate::unsubscribe::add_feedback_id(data, sending, &message_tags);
+    let data = crate::unsubscribe::add_list_unsubscribe(
+        data,
+        sending,
+        &id,
+        &envelope.recipients,
+        &ctx.feedback,
+        &ctx.metrics.unsubscribe,
+    );
 
     // Sign on the blocking pool: RSA takes milliseconds of CPU.
     let signer = ctx.clone();
