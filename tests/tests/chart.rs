@@ -881,6 +881,8 @@ async fn alerts_cover_the_issue_and_name_only_defined_metrics() {
         "PetrelAuthFailureSpike",
         "PetrelRelayNotAvailable",
         "PetrelWebhookBacklog",
+        "PetrelSendingDomainPaused",
+        "PetrelSendingDomainReputationWarning",
     ] {
         assert!(
             names.contains(wanted),
