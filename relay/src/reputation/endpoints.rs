@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use super::rates::{Level, Reason};
 use super::{DomainState, Guard, ReputationMetrics};
+use crate::admin::AdminDenied;
 use crate::queue::now_millis;
 
 /// What the endpoints share.
@@ -92,7 +93,7 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-async fn gate(guard: &Guard, peer: SocketAddr, headers: &HeaderMap) -> Result<(), Response> {
+async fn gate(guard: &Guard, peer: SocketAddr, headers: &HeaderMap) -> Result<(), AdminDenied> {
     let config = guard.config();
     crate::admin::check(
         peer.ip(),
@@ -101,15 +102,16 @@ async fn gate(guard: &Guard, peer: SocketAddr, headers: &HeaderMap) -> Result<()
         config.http.admin_token_file.as_deref(),
     )
     .await
-    .map_err(|denied| {
-        let mut response = error(denied.status(), &denied.to_string());
-        if denied.status() == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
+}
+
+fn denied(denied: AdminDenied) -> Response {
+    let mut response = error(denied.status(), &denied.to_string());
+    if denied.status() == StatusCode::UNAUTHORIZED {
         response
-    })
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
 }
 
 async fn list(
@@ -117,8 +119,8 @@ async fn list(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(denied) = gate(&e.guard, peer, &headers).await {
-        return denied;
+    if let Err(why) = gate(&e.guard, peer, &headers).await {
+        return denied(why);
     }
     match e.guard.evaluate_all(now_millis()).await {
         Ok(all) => {
@@ -141,8 +143,8 @@ async fn resume(
     headers: HeaderMap,
     Path(domain): Path<String>,
 ) -> Response {
-    if let Err(denied) = gate(&e.guard, peer, &headers).await {
-        return denied;
+    if let Err(why) = gate(&e.guard, peer, &headers).await {
+        return denied(why);
     }
     match e.guard.resume(&domain).await {
         Ok(Some(record)) => {

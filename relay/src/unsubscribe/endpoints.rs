@@ -59,18 +59,33 @@ pub fn router(endpoints: Endpoints) -> Router {
         .with_state(endpoints)
 }
 
+/// Why a token was not honoured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// Not sealed by this relay's key: 404.
+    BadToken,
+    /// The key cannot be loaded: 503.
+    NoKey,
+}
+
 impl Endpoints {
-    fn open(&self, token: &str) -> Result<UnsubscribeClaims, Response> {
+    fn open(&self, token: &str) -> Result<UnsubscribeClaims, Refused> {
         let keys = self.feedback.keys().map_err(|error| {
             tracing::error!(%error, "feedback key unusable; refusing unsubscribe requests");
-            self.answer(
+            Refused::NoKey
+        })?;
+        keys.open_unsubscribe(token).map_err(|_| Refused::BadToken)
+    }
+
+    fn refuse(&self, refused: Refused) -> Response {
+        match refused {
+            Refused::BadToken => self.answer("bad_token", StatusCode::NOT_FOUND, "not found\n"),
+            Refused::NoKey => self.answer(
                 "unavailable",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "try again later\n",
-            )
-        })?;
-        keys.open_unsubscribe(token)
-            .map_err(|_| self.answer("bad_token", StatusCode::NOT_FOUND, "not found\n"))
+            ),
+        }
     }
 
     fn answer(&self, result: &str, status: StatusCode, text: &'static str) -> Response {
@@ -125,7 +140,7 @@ pub fn is_one_click(headers: &HeaderMap, body: &[u8]) -> bool {
 async fn page(State(e): State<Endpoints>, Path(token): Path<String>) -> Response {
     let claims = match e.open(&token) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(refused) => return e.refuse(refused),
     };
     e.metrics.requests.with_label_values(&["page"]).inc();
     let body = format!(
@@ -149,7 +164,7 @@ async fn unsubscribe(
 ) -> Response {
     let claims = match e.open(&token) {
         Ok(c) => c,
-        Err(response) => return response,
+        Err(refused) => return e.refuse(refused),
     };
     if !is_one_click(&headers, &body) {
         return e.answer(
