@@ -52,6 +52,10 @@ pub struct RelayMetrics {
     pub reputation: crate::reputation::ReputationMetrics,
     /// One-click unsubscribe: headers added, endpoint requests.
     pub unsubscribe: crate::unsubscribe::UnsubscribeMetrics,
+    /// Mail and requests the feedback loop handled, by kind (`bounce`,
+    /// `delayed`, `complaint`, `unsubscribe`, `unattributed`, `unparsed`,
+    /// `other`): `petrel_feedback_total`.
+    pub feedback: IntCounterVec,
     /// Events recorded in the outbox, by type.
     pub events: IntCounterVec,
     /// Events that could not be recorded (a `rejected` event while the
@@ -137,6 +141,12 @@ impl RelayMetrics {
             tracking,
             reputation,
             unsubscribe,
+            feedback: counter(
+                registry,
+                "petrel_feedback_total",
+                "Feedback handled (bounce, delayed, complaint, unsubscribe, unattributed, unparsed, other).",
+                &["kind"],
+            )?,
             received: counter(
                 registry,
                 "petrel_messages_received_total",

@@ -221,6 +221,8 @@ pub enum Denied {
     },
     /// The null sender `<>` is for bounces; submissions must name a sender.
     NullSender,
+    /// A feedback listener takes mail only for the return-path domains.
+    NotReturnPath(String),
 }
 
 impl Denied {
@@ -232,6 +234,7 @@ impl Denied {
             Denied::UnknownDomain(_) => "unknown_sender_domain",
             Denied::UserNotAllowed { .. } => "sender_not_allowed",
             Denied::NullSender => "null_sender",
+            Denied::NotReturnPath(_) => "not_return_path",
         }
     }
 
@@ -250,6 +253,9 @@ impl Denied {
                 format!("Relaying denied: user {user} may not send as {domain}")
             }
             Denied::NullSender => "Relaying denied: the null sender is not accepted for submission".to_string(),
+            Denied::NotReturnPath(a) => {
+                format!("Relaying denied: {a} is not a return-path address of this relay")
+            }
         }
     }
 }

@@ -80,11 +80,10 @@ pub async fn run_until(
         )?
         .with_events(backend.events.clone()),
     );
-    let delivery_ctx = Arc::new(DeliveryContext::new(
-        config.clone(),
-        backend.clone(),
-        metrics.clone(),
-    )?);
+    let delivery_ctx = Arc::new(
+        DeliveryContext::new(config.clone(), backend.clone(), metrics.clone())?
+            .with_feedback(inbound_ctx.feedback.clone()),
+    );
 
     // Bind everything before reporting ready, so a port clash fails the
     // start instead of a half-working relay.

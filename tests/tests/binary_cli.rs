@@ -239,4 +239,57 @@ async fn suppression_add_list_remove_round_trip() {
         Some(1),
         "removing an absent address fails"
     );
+
+    // Reasons and scopes: shown by list, in columns and as JSON.
+    for args in [
+        &["add", "complained@example.org", "--reason", "complaint"][..],
+        &[
+            "add",
+            "left@example.org",
+            "--reason",
+            "unsubscribe",
+            "--scope",
+            "Example.test",
+            "--note",
+            "asked by phone",
+        ][..],
+    ] {
+        let mut all = vec!["suppression", "-c", "relay.yaml"];
+        all.extend_from_slice(args);
+        let out = petrel(dir.path(), &all, "").await;
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let out = petrel(dir.path(), &cli(&["list"]), "").await;
+    let listed = text(&out.stdout);
+    let left = listed
+        .lines()
+        .find(|l| l.starts_with("left@example.org"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    let columns: Vec<&str> = left.split('\t').collect();
+    assert_eq!(columns[1], "unsubscribe", "{left}");
+    assert_eq!(columns[2], "example.test", "{left}");
+    assert!(left.ends_with("asked by phone"), "{left}");
+    let out = petrel(dir.path(), &cli(&["list", "--json"]), "").await;
+    let rows: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["address"], "complained@example.org");
+    assert_eq!(rows[0]["reason"], "complaint");
+    assert_eq!(rows[0]["scope"], serde_json::Value::Null);
+    assert_eq!(rows[1]["scope"], "example.test");
+    assert_eq!(rows[1]["why"], "asked by phone");
+    assert!(rows[1]["createdAt"].as_str().unwrap().ends_with('Z'));
+    let out = petrel(
+        dir.path(),
+        &cli(&["remove", "left@example.org", "--scope", "other.test"]),
+        "",
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "no entry in that scope");
+    let out = petrel(dir.path(), &cli(&["remove", "left@example.org"]), "").await;
+    assert!(out.status.success(), "every entry of the address goes");
+    let out = petrel(dir.path(), &cli(&["list"]), "").await;
+    assert_eq!(text(&out.stdout).lines().count(), 1);
 }

@@ -121,6 +121,7 @@ fn message(id: &str, recipients: &[&str], received_at: Millis) -> NewMessage {
             smtputf8: false,
             eight_bit: true,
             is_dsn: false,
+            per_recipient: false,
         },
         tags: Default::default(),
         header_message_id: Some(format!("{id}@example.test")),

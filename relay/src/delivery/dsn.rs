@@ -225,6 +225,7 @@ pub fn build(ctx: &DsnContext<'_>, recipients: &[DsnRecipient]) -> Option<NewMes
             smtputf8: !unit.mail_from.is_ascii(),
             eight_bit,
             is_dsn: true,
+            per_recipient: false,
         },
         tags: Default::default(),
         header_message_id: None,

@@ -21,6 +21,7 @@ pub mod maildir;
 pub mod mta_sts;
 pub mod mx;
 pub mod retry;
+pub mod return_path;
 mod settle;
 pub mod suppression;
 pub mod tls;
@@ -83,6 +84,8 @@ pub struct DeliveryContext {
     mx_verified_tls: Mutex<Option<(Option<PathBuf>, VerifiedTls)>>,
     /// Idle outbound connections, reused by later units.
     pool: worker::Pool,
+    /// The feedback keys for VERP return paths (see [`return_path`]).
+    pub feedback: Option<Arc<crate::feedback::Feedback>>,
 }
 
 impl DeliveryContext {
@@ -105,7 +108,15 @@ impl DeliveryContext {
             verified_tls: Mutex::new(None),
             mx_verified_tls: Mutex::new(None),
             pool: worker::Pool::default(),
+            feedback: None,
         })
+    }
+
+    /// Sends with VERP return paths sealed by `feedback`'s keys (the same
+    /// keys the feedback listener opens them with).
+    pub fn with_feedback(mut self, feedback: Arc<crate::feedback::Feedback>) -> DeliveryContext {
+        self.feedback = Some(feedback);
+        self
     }
 
     /// The smarthost TLS config (see [`tls::verified`]).

@@ -834,6 +834,7 @@ async fn deliver_smtp(
     domain: &str,
 ) -> Vec<RcptOutcome> {
     let n = unit.recipients.len();
+    let verp = super::return_path::verp_sender(&ctx.config.get(), ctx.feedback.as_deref(), unit);
     let mut outcomes: Vec<Option<RcptOutcome>> = vec![None; n];
     let mut pending: Vec<usize> = (0..n).collect();
     let mut last_failure = Failure::Fault(Fault::Connect(format!("no server for {domain}")));
@@ -894,7 +895,7 @@ async fn deliver_smtp(
             .map(|&i| unit.recipients[i].clone())
             .collect();
         let env = Envelope {
-            mail_from: &unit.mail_from,
+            mail_from: verp.as_deref().unwrap_or(&unit.mail_from),
             recipients: &recipients,
             eight_bit: unit.flags.eight_bit,
             smtputf8: unit.flags.smtputf8,

@@ -9,11 +9,16 @@
 //! ```
 //! - [`key`]: the feedback key file and the keys derived from it.
 //! - [`token`]: VERP and unsubscribe tokens.
-//! - [`apply`]: suppression and events for unsubscribes, bounces and
-//!   complaints.
+//! - [`report`]: RFC 3464 DSN and RFC 5965 ARF parsing (mail-parser for
+//!   MIME); [`attribute`]: which message and recipient a report is about.
+//! - [`receive`]: one mail, planned (pure) then recorded (atomic).
+//! - [`apply`]: the unsubscribe shared with the HTTP endpoints.
 
 pub mod apply;
+pub mod attribute;
 pub mod key;
+pub mod receive;
+pub mod report;
 pub mod token;
 
 pub use apply::Via;

@@ -13,7 +13,7 @@ use super::session::Envelope;
 use crate::config::RelayConfig;
 use crate::dkim::algorithm_label;
 use crate::events::{Event, EventType, emit, tags};
-use crate::queue::{NewMessage, now_millis};
+use crate::queue::{MessageFlags, NewMessage, now_millis};
 use crate::refusal::Refusal;
 
 /// Where a message came from, for its Received header and logs.
@@ -171,7 +171,11 @@ pub async fn accept(
         data,
         sending_domain: domain.clone(),
         received_at: now_millis(),
-        flags: envelope.flags,
+        flags: MessageFlags {
+            // A VERP return path names one recipient, so each gets a unit.
+            per_recipient: sending.return_path_domain.is_some() && !envelope.flags.is_dsn,
+            ..envelope.flags
+        },
         tags: message_tags.clone(),
         header_message_id: header_message_id.clone(),
     };

@@ -176,6 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Hands the message to the shared accept path and queues the reply.
     async fn accept(&mut self, envelope: Envelope, raw: Vec<u8>) -> Result<(), Refusal> {
+        if self.listener.role == crate::config::ListenerRole::Feedback {
+            return self.feedback_data(envelope, raw).await;
+        }
         self.state.last_transaction = Some(super::rejected::Transaction::of(&envelope));
         let config = self.config.clone();
         let tls = self

@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::InboundContext;
 use super::session::{Envelope, Session, State};
-use crate::config::{RelayConfig, SendingDomain, SuppressedAction};
+use crate::config::{ListenerRole, RelayConfig, SendingDomain, SuppressedAction};
 use crate::policy::{self, AddressProblem, Client};
 use crate::queue::{MessageFlags, QueueError, now_millis};
 use crate::refusal::Refusal;
@@ -183,6 +183,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             policy::check_path(raw).map_err(|p| address_reject(p, true))?
         };
+        if self.listener.role == ListenerRole::Feedback {
+            let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
+            if !smtputf8 && !address.is_ascii() {
+                return Err(Refusal::NeedsSmtpUtf8);
+            }
+            if from.size as u64 > config.limits.max_message_size {
+                return Err(Refusal::TooBig);
+            }
+            self.feedback_mail(address, smtputf8);
+            return Ok(());
+        }
         let client = Client {
             ip: self.state.peer.ip(),
             user: self.state.user.as_deref(),
@@ -213,6 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 smtputf8,
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
                 is_dsn: false,
+                per_recipient: false,
             },
             chunks: None,
             oversize: false,
@@ -247,6 +259,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         if envelope.accepted() >= config.limits.max_recipients as usize {
             return Err(Refusal::TooManyRecipients);
+        }
+        if self.listener.role == ListenerRole::Feedback {
+            let address = address.to_string();
+            return self.feedback_rcpt(&address);
         }
         let address = address.to_string();
         let Some(envelope) = self.state.envelope.as_mut() else {

@@ -40,6 +40,7 @@ pub mod auth;
 pub mod credentials;
 mod data;
 pub mod envelope;
+mod feedback;
 pub mod from_header;
 pub mod headers;
 mod hello;

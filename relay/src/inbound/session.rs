@@ -331,7 +331,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Counts, logs, records the `rejected` event of and queues the reply
     /// of one refusal.
     fn reply_refusal(&mut self, refusal: &Refusal) {
-        if refusal.is_event_worthy() {
+        // The feedback listener is an MX open to the internet: its
+        // refusals (relaying attempts) are counted, not events of any
+        // sending domain.
+        if refusal.is_event_worthy() && self.listener.role != crate::config::ListenerRole::Feedback
+        {
             let line = self.state.refused_command.take();
             self.record_rejection(line.as_deref(), refusal);
         }

@@ -85,6 +85,7 @@ impl InboundSubmit {
                 smtputf8: !from.is_ascii() || s.recipients.iter().any(|r| !r.is_ascii()),
                 eight_bit: !s.data.is_ascii(),
                 is_dsn: false,
+                per_recipient: false,
             },
             tags: s.tags,
             ..Envelope::default()

@@ -133,6 +133,11 @@ pub struct MessageFlags {
     pub eight_bit: bool,
     /// The message is itself a DSN: never bounce it again.
     pub is_dsn: bool,
+    /// One delivery unit per recipient rather than per destination domain:
+    /// the domain sends with a VERP return path (`b+<token>@<returnPathDomain>`),
+    /// which names one recipient.
+    #[serde(default)]
+    pub per_recipient: bool,
 }
 
 /// Part of a message bound for one destination domain.
@@ -628,12 +633,34 @@ pub fn split_by_domain(recipients: &[String]) -> Vec<(String, Vec<String>)> {
     groups
 }
 
-/// The units of a new message, all due at its receive time.
+/// The units of a new message, all due at its receive time: one per
+/// destination domain (id `message:domain`), or with
+/// [`MessageFlags::per_recipient`] one per recipient (`message:domain:n`).
 pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
-    split_by_domain(&message.recipients)
+    let groups = split_by_domain(&message.recipients);
+    let groups: Vec<(String, String, Vec<String>)> = if message.flags.per_recipient {
+        groups
+            .into_iter()
+            .flat_map(|(domain, recipients)| {
+                recipients.into_iter().enumerate().map(move |(i, r)| {
+                    (
+                        format!("{}:{domain}:{i}", message.id),
+                        domain.clone(),
+                        vec![r],
+                    )
+                })
+            })
+            .collect()
+    } else {
+        groups
+            .into_iter()
+            .map(|(domain, recipients)| (format!("{}:{domain}", message.id), domain, recipients))
+            .collect()
+    };
+    groups
         .into_iter()
-        .map(|(domain, recipients)| DeliveryUnit {
-            id: format!("{}:{}", message.id, domain),
+        .map(|(id, domain, recipients)| DeliveryUnit {
+            id,
             message_id: message.id.clone(),
             domain,
             recipients,
@@ -757,6 +784,36 @@ mod tests {
         assert!(
             units.iter().all(|u| u.tags == msg.tags
                 && u.header_message_id.as_deref() == Some("abc@example.test"))
+        );
+    }
+
+    #[test]
+    fn per_recipient_messages_get_a_unit_per_recipient() {
+        let msg = NewMessage {
+            id: "m1".into(),
+            mail_from: "s@example.test".into(),
+            recipients: vec!["a@x.org".into(), "b@y.org".into(), "c@x.org".into()],
+            data: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+            sending_domain: "example.test".into(),
+            received_at: 1_000,
+            flags: MessageFlags {
+                per_recipient: true,
+                ..MessageFlags::default()
+            },
+            tags: BTreeMap::new(),
+            header_message_id: None,
+        };
+        let units: Vec<(String, Vec<String>)> = units_of(&msg)
+            .into_iter()
+            .map(|u| (u.id, u.recipients))
+            .collect();
+        assert_eq!(
+            units,
+            vec![
+                ("m1:x.org:0".to_string(), vec!["a@x.org".to_string()]),
+                ("m1:x.org:1".to_string(), vec!["c@x.org".to_string()]),
+                ("m1:y.org:0".to_string(), vec!["b@y.org".to_string()]),
+            ]
         );
     }
 

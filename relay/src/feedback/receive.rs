@@ -1,0 +1,303 @@
+//! One mail on the feedback listener, from bytes to stored outcome:
+//! [`plan`] (pure: parse, attribute, decide) then [`record`] (one atomic
+//! write). The listener answers 250 whatever the mail was (no
+//! backscatter), and only after [`record`] returned `Ok`.
+
+use std::time::Duration;
+
+use super::apply::{self, Via};
+use super::attribute::{Attribution, Attributor, addresses_in};
+use super::key::FeedbackKeys;
+use super::report::{self, Action, Arf, Dsn, Report, Returned};
+use super::token::{MAILTO_PREFIX, UnsubscribeClaims, VERP_PREFIX};
+use crate::config::RelayConfig;
+use crate::events::{BounceType, Event, EventLog, EventType};
+use crate::queue::{Millis, QueueError, SharedState, SuppressionEntry, SuppressionReason};
+
+/// What one mail (or one recipient of a DSN) turned out to be; the
+/// `kind` label of `petrel_feedback_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A 5.x.x DSN: suppressed (reason `bounce`), `bounced` event.
+    Bounce,
+    /// A 4.x.x or `Action: delayed` DSN: `delayed` event only.
+    Delayed,
+    /// An ARF report: suppressed (reason `complaint`), `complained` event.
+    Complaint,
+    /// A mailto unsubscribe.
+    Unsubscribe,
+    /// A report nothing verifiable attributes (forged, or about mail
+    /// this key did not send): nothing recorded.
+    Unattributed,
+    /// Mail that is no report the relay can read.
+    Unparsed,
+    /// A report that changes nothing (success DSN, `not-spam`).
+    Other,
+}
+
+impl Kind {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Bounce => "bounce",
+            Kind::Delayed => "delayed",
+            Kind::Complaint => "complaint",
+            Kind::Unsubscribe => "unsubscribe",
+            Kind::Unattributed => "unattributed",
+            Kind::Unparsed => "unparsed",
+            Kind::Other => "other",
+        }
+    }
+}
+
+/// A mail as the feedback listener received it.
+#[derive(Clone, Copy, Debug)]
+pub struct Incoming<'a> {
+    /// The envelope sender (`""` for `<>`, as DSNs come).
+    pub mail_from: &'a str,
+    /// The envelope recipients (all at return-path domains).
+    pub recipients: &'a [String],
+    /// The message.
+    pub raw: &'a [u8],
+}
+
+/// What a mail changes, decided before anything is written.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    /// One kind per outcome (per DSN recipient, or one for the mail).
+    pub kinds: Vec<Kind>,
+    /// Events to record.
+    pub events: Vec<Event>,
+    /// Suppression entries to add with them.
+    pub suppress: Vec<SuppressionEntry>,
+    /// A mailto unsubscribe to apply.
+    pub unsubscribe: Option<UnsubscribeClaims>,
+    /// For the log: why, in words.
+    pub notes: Vec<String>,
+}
+
+/// The address the report was sent to that matters most: a VERP or
+/// mailto one when present, else the first.
+fn main_recipient(recipients: &[String]) -> &str {
+    recipients
+        .iter()
+        .find(|r| {
+            let l = r.to_ascii_lowercase();
+            l.starts_with(VERP_PREFIX) || l.starts_with(MAILTO_PREFIX)
+        })
+        .or(recipients.first())
+        .map_or("", String::as_str)
+}
+
+fn has_prefix(address: &str, prefix: &str) -> bool {
+    address
+        .get(..prefix.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(prefix))
+}
+
+fn event(kind: EventType, a: &Attribution, returned: &Returned, relay: &str, now: Millis) -> Event {
+    let mut e = Event::new(kind, relay, now).with_recipient(&a.recipient);
+    e.queue_id = a.queue_id.clone();
+    e.sending_domain = Some(a.sending_domain.clone());
+    e.header_message_id = returned.message_id();
+    e
+}
+
+fn ttl_millis(ttl: Option<Duration>, now: Millis) -> Option<Millis> {
+    ttl.map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)))
+}
+
+/// Decides what a mail changes. Pure: the keys, the config, the mail and
+/// the time in; nothing read or written.
+pub fn plan(
+    keys: &FeedbackKeys,
+    config: &RelayConfig,
+    incoming: Incoming<'_>,
+    relay: &str,
+    now: Millis,
+) -> Plan {
+    let domains: Vec<(String, String)> = config
+        .domains
+        .iter()
+        .filter_map(|d| {
+            let rp = d.return_path_domain.as_deref()?;
+            Some((d.domain.to_ascii_lowercase(), rp.to_ascii_lowercase()))
+        })
+        .collect();
+    let attributor = Attributor {
+        keys,
+        domains: &domains,
+    };
+    let rcpt = main_recipient(incoming.recipients);
+    let ttl = config.delivery.suppression_ttl.map(|d| d.get());
+    let mut plan = Plan::default();
+    match report::parse(incoming.raw) {
+        Err(error) => {
+            plan.kinds.push(Kind::Unparsed);
+            plan.notes.push(error.to_string());
+        }
+        Ok(Report::Dsn(dsn)) => dsn_plan(&mut plan, &attributor, rcpt, &dsn, ttl, relay, now),
+        Ok(Report::Arf(arf)) => arf_plan(&mut plan, &attributor, rcpt, &arf, ttl, relay, now),
+        Ok(Report::Other(headers)) if has_prefix(rcpt, MAILTO_PREFIX) => {
+            let mut senders: Vec<String> = Vec::new();
+            if !incoming.mail_from.is_empty() {
+                senders.push(incoming.mail_from.to_lowercase());
+            }
+            senders.extend(headers.all("from").flat_map(addresses_in));
+            let senders: Vec<&str> = senders.iter().map(String::as_str).collect();
+            let (local, rp) = rcpt.rsplit_once('@').unwrap_or((rcpt, ""));
+            let sending: Vec<&str> = domains
+                .iter()
+                .filter(|(_, d)| d.eq_ignore_ascii_case(rp))
+                .map(|(d, _)| d.as_str())
+                .collect();
+            match keys.open_unsubscribe_mailto(&local[MAILTO_PREFIX.len()..], &senders, &sending) {
+                Ok(claims) => {
+                    plan.kinds.push(Kind::Unsubscribe);
+                    plan.unsubscribe = Some(claims);
+                }
+                Err(_) => {
+                    plan.kinds.push(Kind::Unattributed);
+                    plan.notes
+                        .push("mailto unsubscribe token does not match its sender".into());
+                }
+            }
+        }
+        Ok(Report::Other(_)) => {
+            plan.kinds.push(Kind::Unparsed);
+            plan.notes.push("not a DSN or ARF report".into());
+        }
+    }
+    plan
+}
+
+fn unattributed(plan: &mut Plan, what: &str, returned: &Returned) {
+    plan.kinds.push(Kind::Unattributed);
+    plan.notes.push(format!(
+        "{what} not attributable by token (Message-ID {})",
+        returned.message_id().as_deref().unwrap_or("-")
+    ));
+}
+
+fn dsn_plan(
+    plan: &mut Plan,
+    attributor: &Attributor<'_>,
+    rcpt: &str,
+    dsn: &Dsn,
+    ttl: Option<Duration>,
+    relay: &str,
+    now: Millis,
+) {
+    for r in &dsn.recipients {
+        let class = r.class();
+        let kind = match (r.action, class) {
+            (Action::Failed, Some(5)) => Kind::Bounce,
+            (Action::Delayed, _) | (Action::Failed, Some(4)) => Kind::Delayed,
+            // A failure without a usable status is still a failure.
+            (Action::Failed, None) => Kind::Bounce,
+            _ => {
+                plan.kinds.push(Kind::Other);
+                continue;
+            }
+        };
+        let Some(a) = attributor.attribute(rcpt, &r.addresses(), &dsn.returned) else {
+            unattributed(plan, "DSN", &dsn.returned);
+            continue;
+        };
+        let event_type = match kind {
+            Kind::Bounce => EventType::Bounced,
+            _ => EventType::Delayed,
+        };
+        let mut e = event(event_type, &a, &dsn.returned, relay, now);
+        e.is_async = Some(true);
+        e.remote_mta = r.remote_mta.clone().or_else(|| dsn.reporting_mta.clone());
+        let why = r
+            .diagnostic
+            .clone()
+            .or_else(|| r.status.as_ref().map(|s| format!("Status: {s}")));
+        if let Some(why) = &why {
+            e = e.with_response(why);
+        }
+        if r.status.is_some() {
+            e.enhanced_status = r.status.clone();
+        }
+        if kind == Kind::Bounce {
+            e.bounce_type = Some(BounceType::Hard);
+            plan.suppress.push(
+                SuppressionEntry {
+                    address: a.recipient.clone(),
+                    reason: SuppressionReason::Bounce,
+                    scope: None,
+                    remote_reply: why,
+                    created_at: now,
+                    expires_at: ttl_millis(ttl, now),
+                }
+                .normalised(),
+            );
+        }
+        plan.events.push(e);
+        plan.kinds.push(kind);
+    }
+}
+
+fn arf_plan(
+    plan: &mut Plan,
+    attributor: &Attributor<'_>,
+    rcpt: &str,
+    arf: &Arf,
+    ttl: Option<Duration>,
+    relay: &str,
+    now: Millis,
+) {
+    // RFC 6650: "not-spam" says the opposite of a complaint.
+    if arf.feedback_type == "not-spam" {
+        plan.kinds.push(Kind::Other);
+        return;
+    }
+    let Some(a) = attributor.attribute(rcpt, &arf.original_rcpt_to, &arf.returned) else {
+        unattributed(plan, "ARF report", &arf.returned);
+        return;
+    };
+    let mut e = event(EventType::Complained, &a, &arf.returned, relay, now);
+    e.feedback_type = Some(arf.feedback_type.clone());
+    let mut why = format!("feedback-type {}", arf.feedback_type);
+    if let Some(agent) = &arf.user_agent {
+        why.push_str(&format!(" from {agent}"));
+    }
+    plan.suppress.push(
+        SuppressionEntry {
+            address: a.recipient.clone(),
+            reason: SuppressionReason::Complaint,
+            scope: None,
+            remote_reply: Some(why),
+            created_at: now,
+            expires_at: ttl_millis(ttl, now),
+        }
+        .normalised(),
+    );
+    plan.events.push(e);
+    plan.kinds.push(Kind::Complaint);
+}
+
+/// Stores what `plan` decided, in one atomic step (or the idempotent
+/// unsubscribe). Nothing is written for unattributed or unparsed mail.
+pub async fn record(
+    state: &dyn SharedState,
+    events: &dyn EventLog,
+    plan: &Plan,
+    relay: &str,
+    now: Millis,
+) -> Result<(), QueueError> {
+    if let Some(claims) = &plan.unsubscribe {
+        return apply::unsubscribe(state, events, claims, Via::Mailto, now, relay).await;
+    }
+    match (plan.events.is_empty(), plan.suppress.is_empty()) {
+        (true, true) => Ok(()),
+        (false, true) => events.publish(&plan.events).await,
+        _ => {
+            events
+                .publish_suppressing(&plan.events, &plan.suppress)
+                .await
+        }
+    }
+}
