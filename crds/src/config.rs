@@ -700,6 +700,12 @@ pub struct HttpConfig {
     /// would cross the network in clear.
     #[serde(default)]
     pub allow_insecure_auth: bool,
+    /// Serve the HTTP listener (send API, metrics, probes, admin and
+    /// tracking endpoints) over TLS with the relay's certificate
+    /// (`tls.certFile`/`tls.keyFile`, re-read when they change). Basic
+    /// credentials are then accepted from any client. Needs a restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     /// Send API requests in flight in this pod; more get 429 before their
     /// body is read. `/healthz`, `/readyz` and `/metrics` are not counted.
     #[serde(default = "default_max_concurrent_requests")]
@@ -724,6 +730,7 @@ impl Default for HttpConfig {
         HttpConfig {
             address: default_http_address(),
             allow_insecure_auth: false,
+            tls: false,
             max_concurrent_requests: default_max_concurrent_requests(),
             max_concurrent_requests_per_client: default_max_concurrent_requests_per_client(),
             request_timeout: default_request_timeout(),

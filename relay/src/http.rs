@@ -28,6 +28,7 @@ use crate::metrics::RelayMetrics;
 use crate::refusal::Refusal;
 
 mod slots;
+pub mod tls_listener;
 use crate::queue::{Millis, Queue, QueueError, QueueStats, now_millis};
 pub use slots::{Busy, RequestSlots};
 
@@ -350,6 +351,22 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HttpError> {
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Serves [`router`] over TLS (`http.tls: true`) until `shutdown`
+/// completes: every request is marked [`OverTls`].
+pub async fn serve_tls(
+    listener: tls_listener::TlsListener,
+    state: HttpState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HttpError> {
+    let app = router(state)
+        .layer(axum::middleware::map_request(tls_listener::mark_tls))
+        .into_make_service_with_connect_info::<tls_listener::TlsPeer>();
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await?;

@@ -45,6 +45,11 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// `http.tls: true` without `tls.certFile`/`tls.keyFile`.
+    #[error(
+        "http.tls: serving HTTP over TLS needs certificate files: set tls.certFile and tls.keyFile"
+    )]
+    HttpTlsWithoutFiles,
     /// Installing signal handlers failed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
@@ -138,11 +143,31 @@ pub async fn run_until(
             },
         )),
     );
-    let http_task = tokio::spawn(http::serve(
-        http_listener,
-        http_state,
-        stopped(stop_rx.clone()),
-    ));
+    let http_task = match (current.http.tls, &inbound_ctx.tls) {
+        (true, Some(tls)) => {
+            let handshake = config.clone();
+            let listener =
+                http::tls_listener::TlsListener::new(http_listener, tls.clone(), move || {
+                    handshake.get().limits.tls_handshake_timeout.get()
+                })
+                .map_err(|source| ServerError::HttpBind {
+                    address: current.http.address,
+                    source,
+                })?;
+            tokio::spawn(http::serve_tls(
+                listener,
+                http_state,
+                stopped(stop_rx.clone()),
+            ))
+        }
+        // Validation refuses http.tls without certificate files.
+        (true, None) => return Err(ServerError::HttpTlsWithoutFiles),
+        (false, _) => tokio::spawn(http::serve(
+            http_listener,
+            http_state,
+            stopped(stop_rx.clone()),
+        )),
+    };
     let mut smtp_tasks = tokio::task::JoinSet::new();
     for (socket, listener) in smtp_sockets {
         smtp_tasks.spawn(inbound::listener::serve_on(

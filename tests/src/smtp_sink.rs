@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -254,11 +254,24 @@ struct Shared {
     notify: Notify,
     connections: AtomicUsize,
     transactions: AtomicUsize,
+    /// Connections open now, and the most ever open at once.
+    open: AtomicUsize,
+    max_open: AtomicUsize,
 }
 
 impl Shared {
     fn script<T>(&self, f: impl FnOnce(&mut Script) -> T) -> T {
         f(&mut self.script.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Counts a connection as closed, once (QUIT answered or the session
+    /// ended, whichever comes first).
+    fn close(&self, closed: &AtomicBool) {
+        if !closed.swap(true, Ordering::SeqCst) {
+            let _ = self
+                .open
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        }
     }
 
     fn received(&self) -> Vec<Received> {
@@ -349,6 +362,14 @@ impl SmtpSink {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// The most connections that were open at the same time. A connection
+    /// counts from its accept until the sink answers its QUIT (before any
+    /// stall, so a client that saw the reply knows it is no longer counted)
+    /// or the session ends.
+    pub fn max_concurrent_connections(&self) -> usize {
+        self.shared.max_open.load(Ordering::SeqCst)
+    }
+
     /// Messages received to the final dot, whatever the reply (2xx, 4xx,
     /// 5xx, too big): counts delivery attempts, e.g. a retry after 451.
     pub fn transactions(&self) -> usize {
@@ -397,6 +418,8 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<Con
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 shared.connections.fetch_add(1, Ordering::SeqCst);
+                let now_open = shared.open.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.max_open.fetch_max(now_open, Ordering::SeqCst);
                 sessions.spawn(connection(stream, shared.clone(), config.clone()));
             }
             // Reap finished sessions so the set stays small.
@@ -408,10 +431,12 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, config: Arc<Con
 /// One TCP connection: plain session, then a TLS session after STARTTLS.
 async fn connection(mut stream: TcpStream, shared: Arc<Shared>, config: Arc<Config>) {
     let mode = shared.script(|s| s.mode);
-    let mut session = Session::new(shared, config, mode, false);
+    let closed = Arc::new(AtomicBool::new(false));
+    let mut session = Session::new(shared.clone(), config, mode, false, closed.clone());
     if let Err(e) = session.greet(&mut stream).await {
         tracing::debug!("sink session ended: {e}");
     }
+    shared.close(&closed);
 }
 
 /// Why a session loop stopped.
@@ -436,10 +461,18 @@ struct Session {
     ehlo: Option<String>,
     tx: Transaction,
     out: Vec<u8>,
+    /// Set once the connection no longer counts as open.
+    closed: Arc<AtomicBool>,
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, config: Arc<Config>, mode: Mode, tls: bool) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        config: Arc<Config>,
+        mode: Mode,
+        tls: bool,
+        closed: Arc<AtomicBool>,
+    ) -> Self {
         Self {
             shared,
             config,
@@ -448,6 +481,7 @@ impl Session {
             ehlo: None,
             tx: Transaction::default(),
             out: Vec::new(),
+            closed,
         }
     }
 
@@ -471,8 +505,13 @@ impl Session {
                     .await
                     .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
                 // RFC 3207: forget everything from before the handshake.
-                let mut session =
-                    Session::new(self.shared.clone(), self.config.clone(), self.mode, true);
+                let mut session = Session::new(
+                    self.shared.clone(),
+                    self.config.clone(),
+                    self.mode,
+                    true,
+                    self.closed.clone(),
+                );
                 session.run(&mut tls).await?;
                 let _ = tls.shutdown().await;
                 Ok(())
@@ -679,6 +718,7 @@ impl Session {
             }
             Request::Noop { .. } => self.push(&Reply::ok()),
             Request::Quit => {
+                self.shared.close(&self.closed);
                 self.push(&Reply::new(221, "2.0.0 Bye"));
                 return Next::Quit;
             }
@@ -785,7 +825,13 @@ mod tests {
             hostname: "mx.test".into(),
             acceptor: None,
         });
-        Session::new(Arc::new(Shared::default()), config, Mode::Normal, false)
+        Session::new(
+            Arc::new(Shared::default()),
+            config,
+            Mode::Normal,
+            false,
+            Arc::new(AtomicBool::new(false)),
+        )
     }
 
     fn replies(s: &mut Session) -> String {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use petrel_tests::dns::DnsServer;
 use petrel_tests::redis::RedisServer;
-use petrel_tests::smtp_sink::SmtpSink;
+use petrel_tests::smtp_sink::{Mode, SmtpSink};
 
 use delivery_support::{LIMIT, Relay, message, mx_config, until};
 
@@ -171,6 +171,66 @@ async fn a_unit_held_back_past_its_lifetime_expires_with_a_dsn() {
         assert!(text.contains("Action: failed"), "{text}");
         assert!(text.contains("Status: 4.4.7"), "{text}");
         relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Issue 13 item 4: a destination slot lives a lease (the TTL), but a
+/// delivery to a slow server takes longer. Two relays (pods) sharing one
+/// Redis deliver to one destination limited to two connections, with a
+/// two-second lease and a server that waits a second before every reply:
+/// each unit takes several seconds, so without renewal the slots expire
+/// mid-delivery and other groups open more connections. The sink counts
+/// connections open at once; it must never see more than the limit.
+#[tokio::test]
+async fn slow_deliveries_keep_their_slots_and_the_limit_holds_across_pods() {
+    const LIMIT_CONNECTIONS: u32 = 2;
+    const MESSAGES: usize = 6;
+    tokio::time::timeout(Duration::from_secs(120), async {
+        let redis = RedisServer::start().await.expect("redis");
+        let dns = DnsServer::start().await.expect("dns");
+        dns.add_mx("dest.test", 10, "mx.dest.test");
+        dns.add_a("mx.dest.test", Ipv4Addr::LOCALHOST);
+        let sink = SmtpSink::builder().starttls(false).start().await.unwrap();
+        sink.set_mode(Mode::Stall(Duration::from_secs(1)));
+        let mut config = mx_config(&redis.url(), dns.addr(), sink.port());
+        config.delivery.per_destination_concurrency = LIMIT_CONNECTIONS;
+        // Below the 10 s validation floor on purpose: the slot TTL is the
+        // lease, and one unit takes longer than this.
+        config.queue.lease = Duration::from_secs(2).into();
+        let backend = petrel_relay::queue::open(&config.queue).await.unwrap();
+        for i in 0..MESSAGES {
+            let rcpt = format!("u{i}@dest.test");
+            backend
+                .queue
+                .enqueue(
+                    message(
+                        &format!("m-slow-{i}"),
+                        "sender@example.test",
+                        &[&rcpt],
+                        "slow",
+                    ),
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+        }
+        let pods = [
+            Relay::start(config.clone()).await,
+            Relay::start(config).await,
+        ];
+        let got = sink.wait_for(MESSAGES, Duration::from_secs(100)).await;
+        assert_eq!(got.len(), MESSAGES, "all delivered in the end");
+        let max = sink.max_concurrent_connections();
+        assert!(
+            max <= LIMIT_CONNECTIONS as usize,
+            "{max} connections were open at once; the limit is {LIMIT_CONNECTIONS}"
+        );
+        assert!(max >= 1);
+        for pod in pods {
+            pod.stop().await;
+        }
     })
     .await
     .expect("test timed out");

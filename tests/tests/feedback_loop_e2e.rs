@@ -644,6 +644,45 @@ async fn signed_unsubscribe_headers_and_one_click_post_unsubscribe_for_that_doma
             1
         );
 
+        // A message to two recipients goes out as one signed copy each,
+        // every link naming its own recipient.
+        let replies = w
+            .smtp(&[
+                "EHLO client.test",
+                "MAIL FROM:<app@example.test>",
+                "RCPT TO:<one@dest.test>",
+                "RCPT TO:<two@dest.test>",
+                "DATA",
+                "From: <app@example.test>\r\nTo: <one@dest.test>, <two@dest.test>\r\nSubject: both\r\n\r\nHi.\r\n.",
+                "QUIT",
+            ])
+            .await;
+        assert!(replies[5].starts_with("250"), "{replies:?}");
+        assert!(
+            until(Duration::from_secs(30), async || !w.delivered_to("one@dest.test").is_empty()
+                && !w.delivered_to("two@dest.test").is_empty())
+            .await
+        );
+        let mut tokens = Vec::new();
+        for rcpt in ["one@dest.test", "two@dest.test"] {
+            let copies = w.delivered_to(rcpt);
+            assert_eq!(copies.len(), 1, "one copy for {rcpt}");
+            assert_eq!(copies[0].rcpt_to, vec![rcpt.to_string()]);
+            w.verify_dkim(&copies[0].data, &["List-Unsubscribe"]).await;
+            let list = header(&copies[0].data, "List-Unsubscribe").unwrap();
+            let token = list
+                .split('>')
+                .next()
+                .and_then(|e| e.strip_prefix("<https://u.example.test/x/u/"))
+                .unwrap()
+                .to_string();
+            let (status, page) = w.http("GET", &format!("/u/{token}"), "", "").await;
+            assert_eq!(status, 200);
+            assert!(page.contains(rcpt), "{rcpt}: {page}");
+            tokens.push(token);
+        }
+        assert_ne!(tokens[0], tokens[1]);
+
         // An app's own List-Unsubscribe: kept (add-if-missing) for
         // example.test, replaced for other.test (mode: replace); either
         // way the signature covers what goes out.

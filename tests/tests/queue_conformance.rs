@@ -1169,6 +1169,75 @@ mod cases {
         }
     }
 
+    pub async fn slots_are_renewed_only_by_their_holder(b: Backend) {
+        let short = Duration::from_millis(200);
+        let a = b
+            .state
+            .acquire_slot("mx:r.org", 1, short)
+            .await
+            .unwrap()
+            .expect("slot free");
+        assert!(b.state.renew_slot("mx:r.org", &a, MINUTE).await.unwrap());
+        // Past its first ttl the renewed slot is still taken.
+        tokio::time::sleep(short * 3).await;
+        assert!(
+            b.state
+                .acquire_slot("mx:r.org", 1, MINUTE)
+                .await
+                .unwrap()
+                .is_none(),
+            "a renewed slot outlives its first ttl"
+        );
+        assert!(
+            !b.state
+                .renew_slot("mx:r.org", "not-a-token", MINUTE)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !b.state
+                .renew_slot("mx:other.org", &a, MINUTE)
+                .await
+                .unwrap()
+        );
+        // Released: renewing does not take it back.
+        b.state.release_slot("mx:r.org", &a).await.unwrap();
+        assert!(!b.state.renew_slot("mx:r.org", &a, MINUTE).await.unwrap());
+        let c = b
+            .state
+            .acquire_slot("mx:r.org", 1, MINUTE)
+            .await
+            .unwrap()
+            .expect("released slot is free");
+
+        // Expired: lost, and its renewal cannot push the count over the limit.
+        let tiny = Duration::from_millis(50);
+        let d = b
+            .state
+            .acquire_slot("mx:s.org", 1, tiny)
+            .await
+            .unwrap()
+            .expect("slot free");
+        tokio::time::sleep(tiny * 6).await;
+        assert!(!b.state.renew_slot("mx:s.org", &d, MINUTE).await.unwrap());
+        let e = b
+            .state
+            .acquire_slot("mx:s.org", 1, MINUTE)
+            .await
+            .unwrap()
+            .expect("the expired slot is free");
+        assert!(!b.state.renew_slot("mx:s.org", &d, MINUTE).await.unwrap());
+        assert!(b.state.renew_slot("mx:s.org", &e, MINUTE).await.unwrap());
+        assert!(
+            b.state
+                .acquire_slot("mx:s.org", 1, MINUTE)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(b.state.renew_slot("mx:r.org", &c, MINUTE).await.unwrap());
+    }
+
     pub async fn two_consumers_never_lease_the_same_unit(b: Backend) {
         const MESSAGES: usize = 60;
         for i in 0..MESSAGES {
@@ -1248,6 +1317,7 @@ conformance!(
     counters_add_up_within_their_window,
     values_are_shared_replaced_and_expire,
     slots_respect_their_limit_and_ttl,
+    slots_are_renewed_only_by_their_holder,
     two_consumers_never_lease_the_same_unit,
 );
 
@@ -1826,6 +1896,7 @@ async fn redis_cluster_passes_the_conformance_cases() {
             counters_add_up_within_their_window,
             values_are_shared_replaced_and_expire,
             slots_respect_their_limit_and_ttl,
+            slots_are_renewed_only_by_their_holder,
             two_consumers_never_lease_the_same_unit,
         );
         // The prefixes really were spread over the nodes.

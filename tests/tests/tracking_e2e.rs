@@ -141,6 +141,14 @@ domains:
 
     /// Sends `data` over SMTP and returns the delivered file.
     async fn send(&self, from: &str, to: &str, data: &[u8]) -> Vec<u8> {
+        let (_, mut delivered) = self.send_to(from, &[to], data).await;
+        delivered.remove(0)
+    }
+
+    /// Sends `data` to every address in `to` in one transaction; returns
+    /// the queue id of the 250 reply and the files delivered (one per
+    /// recipient, in no particular order).
+    async fn send_to(&self, from: &str, to: &[&str], data: &[u8]) -> (String, Vec<Vec<u8>>) {
         let before = files(&self.maildir());
         let stream = TcpStream::connect(self.smtp).await.unwrap();
         let (r, mut w) = stream.into_split();
@@ -154,14 +162,16 @@ domains:
                 r.read_line(&mut reply).await.unwrap();
                 assert!(reply.starts_with(code), "{line:?} -> {reply:?}");
                 if reply.as_bytes().get(3) != Some(&b'-') {
-                    break;
+                    return reply;
                 }
             }
         };
         expect(&mut w, "", "220").await;
         expect(&mut w, "EHLO client.test\r\n", "250").await;
         expect(&mut w, &format!("MAIL FROM:<{from}>\r\n"), "250").await;
-        expect(&mut w, &format!("RCPT TO:<{to}>\r\n"), "250").await;
+        for to in to {
+            expect(&mut w, &format!("RCPT TO:<{to}>\r\n"), "250").await;
+        }
         expect(&mut w, "DATA\r\n", "354").await;
         let mut stuffed = Vec::new();
         for line in data.split_inclusive(|&b| b == b'\n') {
@@ -174,13 +184,18 @@ domains:
             stuffed.extend_from_slice(b"\r\n");
         }
         w.write_all(&stuffed).await.unwrap();
-        expect(&mut w, ".\r\n", "250").await;
+        let queued = expect(&mut w, ".\r\n", "250").await;
         expect(&mut w, "QUIT\r\n", "221").await;
+        let queue_id = queued.trim_end().rsplit(' ').next().unwrap().to_string();
         let dir = self.maildir();
         loop {
-            let now = files(&dir);
-            if let Some(new) = now.iter().find(|f| !before.contains(f)) {
-                return std::fs::read(new).unwrap();
+            let new: Vec<PathBuf> = files(&dir)
+                .into_iter()
+                .filter(|f| !before.contains(f))
+                .collect();
+            if new.len() >= to.len() {
+                let delivered = new.iter().map(|f| std::fs::read(f).unwrap()).collect();
+                return (queue_id, delivered);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -590,6 +605,174 @@ async fn tracking_off_or_opted_out_leaves_the_message_as_sent() {
         };
         assert_eq!(body(&delivered), body(&opted));
         relay.verify_dkim(&delivered).await;
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Issue 16: a tracked message to three recipients is queued as one copy
+/// per recipient, each with tokens naming its recipient, so each
+/// recipient's first open is unique; and opens and clicks carry the
+/// message's tags and Message-ID.
+#[tokio::test]
+async fn each_recipient_gets_its_own_tokens_and_events_carry_tags() {
+    tokio::time::timeout(LIMIT, async {
+        let relay = Relay::start().await;
+        let key =
+            petrel_relay::tracking::TokenKey::load(&relay.dir.path().join("tracking.key")).unwrap();
+        let rcpts = ["ann@dest.example", "bob@dest.example", "cy@other.example"];
+        let original = MessageBuilder::new()
+            .from(("Shop", "news@example.test"))
+            .to(rcpts.to_vec())
+            .subject("Campaign")
+            .message_id("spring-17@example.test")
+            .header(
+                "X-Petrel-Tags",
+                mail_builder::headers::raw::Raw::new("campaign=spring, order=17"),
+            )
+            .text_body("text")
+            .html_body(html_doc("three"))
+            .write_to_vec()
+            .unwrap();
+        let (queue_id, delivered) = relay.send_to("news@example.test", &rcpts, &original).await;
+        assert_eq!(delivered.len(), 3, "one body per recipient");
+        let click_prefix = format!("http://{TRACK_HOST}/c/");
+        let open_prefix = format!("http://{TRACK_HOST}/o/");
+        let mut pixels = Vec::new();
+        let mut seen = Vec::new();
+        for body in &delivered {
+            relay.verify_dkim(body).await;
+            let text = String::from_utf8_lossy(body);
+            let delivered_to = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Delivered-To: "))
+                .unwrap()
+                .to_string();
+            let html = &html_parts(body)[0];
+            let opens = urls_with(html, &open_prefix);
+            assert_eq!(opens.len(), 1);
+            let token = opens[0][open_prefix.len()..].strip_suffix(".gif").unwrap();
+            let claims = key.open(token).unwrap();
+            assert_eq!(
+                claims.recipient, delivered_to,
+                "the pixel names its recipient"
+            );
+            let index = rcpts.iter().position(|r| *r == delivered_to).unwrap();
+            assert_eq!(
+                claims.queue_id,
+                format!("{queue_id}.{}", index + 1),
+                "copy ids keep the client's queue id"
+            );
+            for link in urls_with(html, &click_prefix) {
+                let claims = key.open(&link[click_prefix.len()..]).unwrap();
+                assert_eq!(claims.recipient, delivered_to, "{link}");
+            }
+            seen.push(delivered_to);
+            pixels.push(opens[0][open_prefix.len() - 3..].to_string());
+        }
+        seen.sort();
+        assert_eq!(seen, rcpts.to_vec(), "every recipient got exactly one copy");
+        assert_ne!(delivered[0], delivered[1]);
+
+        // Each pixel fetched twice: one unique open per recipient.
+        for path in &pixels {
+            for _ in 0..2 {
+                let (status, _, _) = relay
+                    .get(TRACK_HOST, path, "Mozilla/5.0 (X11; Linux)")
+                    .await;
+                assert_eq!(status, 200);
+            }
+        }
+        let opened = relay.events(EventType::Opened).await;
+        assert_eq!(opened.len(), 6);
+        for rcpt in rcpts {
+            let mine: Vec<_> = opened
+                .iter()
+                .filter(|e| e.recipient.as_deref() == Some(rcpt))
+                .collect();
+            assert_eq!(mine.len(), 2, "{rcpt}");
+            assert_eq!(
+                mine.iter().filter(|e| e.unique == Some(true)).count(),
+                1,
+                "{rcpt}: one unique open"
+            );
+        }
+        let clicked = {
+            let html = &html_parts(&delivered[0])[0];
+            let link = urls_with(html, &click_prefix)[0].clone();
+            let (status, _, _) = relay
+                .get(TRACK_HOST, &link[click_prefix.len() - 3..], "Mozilla/5.0")
+                .await;
+            assert_eq!(status, 302);
+            relay.events(EventType::Clicked).await
+        };
+        assert_eq!(clicked.len(), 1);
+        for event in opened.iter().chain(&clicked) {
+            assert_eq!(
+                event.tags.get("campaign").map(String::as_str),
+                Some("spring"),
+                "{event:?}"
+            );
+            assert_eq!(event.tags.get("order").map(String::as_str), Some("17"));
+            assert_eq!(
+                event.header_message_id.as_deref(),
+                Some("spring-17@example.test")
+            );
+            assert!(
+                event
+                    .queue_id
+                    .as_deref()
+                    .unwrap()
+                    .starts_with(&format!("{queue_id}."))
+            );
+        }
+        // The accepted events name the copies too, one per recipient.
+        let accepted = relay.events(EventType::Accepted).await;
+        let mut ids: Vec<_> = accepted
+            .iter()
+            .filter(|e| e.queue_id.as_deref().unwrap_or("").starts_with(&queue_id))
+            .map(|e| (e.recipient.clone().unwrap(), e.queue_id.clone().unwrap()))
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            vec![
+                ("ann@dest.example".to_string(), format!("{queue_id}.1")),
+                ("bob@dest.example".to_string(), format!("{queue_id}.2")),
+                ("cy@other.example".to_string(), format!("{queue_id}.3")),
+            ]
+        );
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Several recipients but nothing to track (a text-only message): one
+/// message, as before, under the client's queue id.
+#[tokio::test]
+async fn an_untracked_message_to_several_recipients_is_not_split() {
+    tokio::time::timeout(LIMIT, async {
+        let relay = Relay::start().await;
+        let rcpts = ["ann@dest.example", "bob@dest.example"];
+        let original = MessageBuilder::new()
+            .from("news@example.test")
+            .to(rcpts.to_vec())
+            .subject("Plain")
+            .text_body("no HTML here")
+            .write_to_vec()
+            .unwrap();
+        let (queue_id, delivered) = relay.send_to("news@example.test", &rcpts, &original).await;
+        assert_eq!(delivered.len(), 2);
+        let accepted = relay.events(EventType::Accepted).await;
+        assert_eq!(accepted.len(), 2);
+        assert!(
+            accepted
+                .iter()
+                .all(|e| e.queue_id.as_deref() == Some(queue_id.as_str())),
+            "{accepted:?}"
+        );
         relay.stop().await;
     })
     .await

@@ -66,6 +66,8 @@ pub struct StartupQueue {
 pub struct StartupHttp {
     /// Bound address.
     pub address: SocketAddr,
+    /// Served over TLS (the listener is built at start).
+    pub tls: bool,
 }
 
 /// Delivery settings fixed at start.
@@ -99,6 +101,7 @@ impl RelayConfig {
             },
             http: StartupHttp {
                 address: self.http.address,
+                tls: self.http.tls,
             },
             delivery: StartupDelivery {
                 workers: self.delivery.workers,
@@ -211,6 +214,7 @@ queue: {redis: {urlFile: /redis/url, keyPrefix: petrel}}
             changed(|c| c.http.address = "127.0.0.1:1".parse().unwrap()),
             vec!["http.address"]
         );
+        assert_eq!(changed(|c| c.http.tls = true), vec!["http.tls"]);
         assert_eq!(
             changed(|c| c.delivery.workers = 2),
             vec!["delivery.workers"]

@@ -158,6 +158,12 @@ impl RelayConfig {
                 }
             }
         }
+        if self.http.tls && self.tls.is_none() {
+            errors.push(FieldError::new(
+                "http.tls",
+                "serving HTTP over TLS needs certificate files: set tls.certFile and tls.keyFile",
+            ));
+        }
         if let Some(&i) = ports.get(&self.http.address.port()) {
             errors.push(FieldError::new(
                 "http.address",
@@ -533,6 +539,27 @@ http:
         assert!(errors[0].contains("unknown field `tsl`"), "{errors:?}");
         // The path is said once, not repeated by serde_yaml's own prefix.
         assert_eq!(errors[0].matches("listeners[1]").count(), 1, "{errors:?}");
+    }
+
+    #[test]
+    fn http_tls_needs_certificate_files() {
+        let yaml = "listeners: [{name: smtp, address: 127.0.0.1:2525}]\n\
+                    queue: {embedded: {path: /q.redb}}\nhttp: {tls: true}\n";
+        let errors = errors_of(yaml);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("http.tls: serving HTTP over TLS needs certificate files")),
+            "{errors:?}"
+        );
+        let with_files = format!("{yaml}tls: {{certFile: /tls/crt, keyFile: /tls/key}}\n");
+        assert!(
+            !errors_of(&with_files)
+                .iter()
+                .any(|e| e.starts_with("http.tls")),
+            "{:?}",
+            errors_of(&with_files)
+        );
     }
 
     #[test]

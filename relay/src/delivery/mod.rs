@@ -23,6 +23,7 @@ pub mod mx;
 pub mod retry;
 pub mod return_path;
 mod settle;
+mod slot;
 pub mod suppression;
 pub mod tls;
 pub mod tls_policy;

@@ -24,6 +24,7 @@ use super::limits;
 use super::mx::{self, MxHost};
 use super::retry::{RetryPolicy, throttle_delay};
 use super::settle::{self, Fate, Plan, RcptOutcome, SettleInput};
+use super::slot::{SlotGuard, renew_wait};
 use super::tls_policy;
 use crate::metrics::destination_group;
 use crate::queue::{Lease, Millis, Reschedule, Settlement, now_millis};
@@ -125,8 +126,11 @@ pub async fn run(
     if drained.is_err() {
         tasks.abort_all();
     }
-    for session in ctx.pool.drain() {
-        session.conn.client.quit().await;
+    for pooled in ctx.pool.drain() {
+        pooled.session.conn.client.quit().await;
+        if let Some(slot) = pooled.slot {
+            slot.release().await;
+        }
     }
 }
 
@@ -410,18 +414,19 @@ async fn deliver_group(
     }
     let is_smtp = cfg.delivery.transport != Transport::Maildir;
     let slot_key = limits::slot_key(&domain);
-    let slot = if is_smtp {
-        let limit = cfg.delivery.per_destination_concurrency.max(1);
-        match ctx
-            .state
-            .acquire_slot(&slot_key, limit, cfg.queue.lease.get())
-            .await
-        {
-            Ok(Some(token)) => Some(SlotGuard {
-                state: ctx.state.clone(),
-                key: slot_key.clone(),
-                token: Some(token),
-            }),
+    let limit = cfg.delivery.per_destination_concurrency.max(1);
+    // An idle connection to the destination holds a slot of its own: use
+    // it rather than take a second one.
+    let mut pooled = if is_smtp {
+        ctx.pool.take_for(&domain)
+    } else {
+        None
+    };
+    let mut slot = if let Some(p) = pooled.as_mut().filter(|p| p.slot.is_some()) {
+        p.slot.take()
+    } else if is_smtp {
+        match SlotGuard::acquire(&ctx.state, &slot_key, limit, cfg.queue.lease.get()).await {
+            Ok(Some(guard)) => Some(guard),
             Ok(None) => {
                 for lease in &leases {
                     throttle(
@@ -432,6 +437,9 @@ async fn deliver_group(
                         "waiting for a connection slot",
                     )
                     .await;
+                }
+                if let Some(p) = pooled {
+                    p.session.conn.client.quit().await;
                 }
                 return;
             }
@@ -485,7 +493,21 @@ async fn deliver_group(
             Route::Ready(_, port, settings) => Some(Pool::key(&domain, *port, settings)),
             Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
         };
-        let mut session = key.as_deref().and_then(|k| ctx.pool.take(k));
+        let mut session = match pooled.take() {
+            Some(p) if key.as_deref() == Some(p.key.as_str()) => Some(p.session),
+            other => {
+                // Settings changed under it (a reload): close it before
+                // opening another on the same slot.
+                if let Some(p) = other {
+                    p.session.conn.client.quit().await;
+                }
+                key.as_deref().and_then(|k| ctx.pool.take(k)).map(|p| {
+                    // Its slot is redundant with the group's.
+                    slot = slot.take().or(p.slot);
+                    p.session
+                })
+            }
+        };
         let lease_for = millis(cfg.queue.lease.get());
         for lease in &ready {
             // Units wait in a group while earlier ones are sent; one whose
@@ -495,19 +517,72 @@ async fn deliver_group(
                 throttle(&ctx, &cfg, lease, Duration::ZERO, "lease running out").await;
                 continue;
             }
+            if !keep_slot(&ctx, &cfg, &slot_key, limit, &mut slot, &mut session).await {
+                throttle(
+                    &ctx,
+                    &cfg,
+                    lease,
+                    Duration::from_secs(1),
+                    "connection slot lost",
+                )
+                .await;
+                continue;
+            }
             let _renewing = Renewer::start(&ctx.queue, lease, cfg.queue.lease.get());
             deliver_unit(&ctx, &cfg, &domain, &route, &mut session, lease).await;
         }
         if let Some(s) = session {
             match key {
-                Some(k) => ctx.pool.put(k, s),
+                // The connection keeps the slot while it waits in the pool:
+                // an idle connection counts at the destination too.
+                Some(k) => {
+                    ctx.pool.put(k, s, slot.take());
+                }
                 None => s.conn.client.quit().await,
             }
         }
+    } else if let Some(p) = pooled {
+        p.session.conn.client.quit().await;
     }
 
     if let Some(slot) = slot {
         slot.release().await;
+    }
+}
+
+/// Whether the group may deliver its next unit: yes without a slot (the
+/// backend failed when it was taken, or Maildir) or with one still held.
+/// A lost slot may be some other pod's now: the connection on it is
+/// closed (QUIT awaited, so the destination sees it gone) and a new slot
+/// is taken if one is free; otherwise the rest of the group goes back to
+/// the queue, as when no slot was free at the start.
+async fn keep_slot(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    key: &str,
+    limit: u32,
+    slot: &mut Option<SlotGuard>,
+    session: &mut Option<Session>,
+) -> bool {
+    if !slot.as_ref().is_some_and(SlotGuard::lost) {
+        return true;
+    }
+    if let Some(s) = session.take() {
+        s.conn.client.quit().await;
+    }
+    if let Some(old) = slot.take() {
+        old.release().await;
+    }
+    match SlotGuard::acquire(&ctx.state, key, limit, cfg.queue.lease.get()).await {
+        Ok(Some(guard)) => {
+            *slot = Some(guard);
+            true
+        }
+        Ok(None) => false,
+        Err(error) => {
+            tracing::warn!(%error, slot = %key, "cannot take a connection slot again; handing the units back");
+            false
+        }
     }
 }
 
@@ -558,53 +633,6 @@ async fn keep_renewed(queue: Arc<dyn crate::queue::Queue>, mut lease: Lease, lea
     tracing::warn!(unit = %lease.unit.id, "lease expired during delivery; another worker may deliver the unit too");
 }
 
-/// How long to wait before renewing a lease expiring at `expires_at`:
-/// every third of a lease, or sooner, at half the time left, so a lease
-/// that is already short (or a renewal that failed) is renewed before it
-/// runs out. `None` once it has expired: there is nothing left to renew.
-fn renew_wait(expires_at: Millis, now: Millis, lease_for: Duration) -> Option<Duration> {
-    let left = expires_at.checked_sub(now).filter(|&l| l > 0)?;
-    let third = millis(lease_for) / 3;
-    Some(Duration::from_millis(third.min(left / 2)))
-}
-
-/// A destination's connection slot, given back when dropped too, so a group
-/// that panics, or is aborted when the shutdown grace runs out, does not
-/// hold the slot until its TTL (a lease long) and starve the destination.
-struct SlotGuard {
-    state: Arc<dyn crate::queue::SharedState>,
-    key: String,
-    token: Option<String>,
-}
-
-impl SlotGuard {
-    /// Gives the slot back and waits for the backend to confirm.
-    async fn release(mut self) {
-        if let Some(token) = self.token.take()
-            && let Err(error) = self.state.release_slot(&self.key, &token).await
-        {
-            tracing::warn!(%error, slot = %self.key, "cannot release a connection slot; it expires with its ttl");
-        }
-    }
-}
-
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        let Some(token) = self.token.take() else {
-            return;
-        };
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let state = self.state.clone();
-            let key = std::mem::take(&mut self.key);
-            handle.spawn(async move {
-                if let Err(error) = state.release_slot(&key, &token).await {
-                    tracing::warn!(%error, slot = %key, "cannot release a connection slot; it expires with its ttl");
-                }
-            });
-        }
-    }
-}
-
 /// An open connection and whether a transaction already used it.
 pub(crate) struct Session {
     conn: Connection,
@@ -620,10 +648,22 @@ const POOL_PER_KEY: usize = 4;
 
 /// Idle connections by destination, so units leased in later batches reuse
 /// a connection instead of paying TCP, greeting and TLS again. A reused
-/// connection is checked with RSET before its next transaction.
+/// connection is checked with RSET before its next transaction. Each keeps
+/// the destination's connection slot it was opened on until it is reused
+/// or closed, so idle connections count against
+/// `delivery.perDestinationConcurrency` as they do at the destination.
 #[derive(Default)]
 pub(crate) struct Pool {
-    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<(Instant, Session)>>>,
+    idle: std::sync::Mutex<std::collections::HashMap<String, Vec<(Instant, Pooled)>>>,
+}
+
+/// An idle connection taken from the [`Pool`].
+pub(crate) struct Pooled {
+    /// Its [`Pool::key`].
+    key: String,
+    session: Session,
+    /// The slot it holds (none when the backend failed as it was taken).
+    slot: Option<SlotGuard>,
 }
 
 impl Pool {
@@ -645,31 +685,51 @@ impl Pool {
 
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<(Instant, Session)>>> {
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Vec<(Instant, Pooled)>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The most recently used idle connection for `key`, if fresh.
-    fn take(&self, key: &str) -> Option<Session> {
+    fn take(&self, key: &str) -> Option<Pooled> {
         let mut idle = self.lock();
-        let list = idle.get_mut(key)?;
-        while let Some((since, session)) = list.pop() {
+        Self::pop_fresh(idle.get_mut(key)?)
+    }
+
+    /// The most recently used fresh idle connection to `domain`, whatever
+    /// its settings: its slot is what the group needs first.
+    fn take_for(&self, domain: &str) -> Option<Pooled> {
+        let prefix = format!("{domain}|");
+        let mut idle = self.lock();
+        let key = idle
+            .iter()
+            .filter(|(k, list)| k.starts_with(&prefix) && !list.is_empty())
+            .max_by_key(|(_, list)| list.last().map(|(since, _)| *since))
+            .map(|(k, _)| k.clone())?;
+        Self::pop_fresh(idle.get_mut(&key)?)
+    }
+
+    fn pop_fresh(list: &mut Vec<(Instant, Pooled)>) -> Option<Pooled> {
+        while let Some((since, pooled)) = list.pop() {
             if since.elapsed() < POOL_IDLE {
-                return Some(Session {
-                    used: true,
-                    ..session
+                return Some(Pooled {
+                    session: Session {
+                        used: true,
+                        ..pooled.session
+                    },
+                    ..pooled
                 });
             }
-            close(session);
+            close(pooled);
         }
         None
     }
 
-    /// Keeps `session` for later, closing the oldest beyond the cap.
-    fn put(&self, key: String, session: Session) {
+    /// Keeps `session` (and its slot) for later, closing the oldest beyond
+    /// the cap.
+    fn put(&self, key: String, session: Session, slot: Option<SlotGuard>) {
         let mut idle = self.lock();
-        let list = idle.entry(key).or_default();
-        list.push((Instant::now(), session));
+        let list = idle.entry(key.clone()).or_default();
+        list.push((Instant::now(), Pooled { key, session, slot }));
         if list.len() > POOL_PER_KEY {
             let (_, oldest) = list.remove(0);
             close(oldest);
@@ -691,8 +751,8 @@ impl Pool {
         idle.retain(|_, list| !list.is_empty());
     }
 
-    /// Closes everything (shutdown).
-    fn drain(&self) -> Vec<Session> {
+    /// Everything idle (shutdown).
+    fn drain(&self) -> Vec<Pooled> {
         self.lock()
             .drain()
             .flat_map(|(_, list)| list.into_iter().map(|(_, s)| s))
@@ -700,10 +760,16 @@ impl Pool {
     }
 }
 
-/// QUIT in the background, so the caller (holding the pool lock) never waits.
-fn close(session: Session) {
+/// QUIT in the background, so the caller (holding the pool lock) never
+/// waits; the slot goes back only once the connection is closed.
+fn close(pooled: Pooled) {
     if let Ok(handle) = tokio::runtime::Handle::try_current() {
-        handle.spawn(session.conn.client.quit());
+        handle.spawn(async move {
+            pooled.session.conn.client.quit().await;
+            if let Some(slot) = pooled.slot {
+                slot.release().await;
+            }
+        });
     }
 }
 
@@ -1219,11 +1285,7 @@ mod record_tests {
             );
             let hour = Duration::from_secs(3600);
             let token = state.acquire_slot("dest:x", 1, hour).await.unwrap();
-            let guard = SlotGuard {
-                state: state.clone(),
-                key: "dest:x".into(),
-                token,
-            };
+            let guard = SlotGuard::hold(state.clone(), "dest:x", token.unwrap(), hour);
             assert!(
                 state
                     .acquire_slot("dest:x", 1, hour)

@@ -653,6 +653,37 @@ impl SharedState for EmbeddedBackend {
         .await
     }
 
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
+        let key = key.to_string();
+        let token = token.to_string();
+        self.run(move |db| {
+            let now = now_millis();
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            let renewed = {
+                let mut table = txn.open_table(SLOTS)?;
+                let expiry = table
+                    .get((key.as_str(), token.as_str()))?
+                    .map(|e| e.value());
+                match expiry {
+                    Some(expiry) if expiry > now => {
+                        let expiry = now.saturating_add(ttl.as_millis() as u64);
+                        table.insert((key.as_str(), token.as_str()), expiry)?;
+                        true
+                    }
+                    Some(_) => {
+                        table.remove((key.as_str(), token.as_str()))?;
+                        false
+                    }
+                    None => false,
+                }
+            };
+            txn.commit()?;
+            Ok(renewed)
+        })
+        .await
+    }
+
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let key = key.to_string();
         let token = token.to_string();

@@ -399,6 +399,23 @@ impl SharedState for MemoryBackend {
         Ok(Some(token))
     }
 
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
+        self.gate()?;
+        let now = now_millis();
+        let mut store = self.store();
+        let Some(held) = store.slots.get_mut(key) else {
+            return Ok(false);
+        };
+        held.retain(|(_, expiry)| *expiry > now);
+        Ok(match held.iter_mut().find(|(t, _)| t == token) {
+            Some((_, expiry)) => {
+                *expiry = now.saturating_add(ttl.as_millis() as u64);
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         self.gate()?;
         if let Some(held) = self.store().slots.get_mut(key) {

@@ -597,6 +597,13 @@ pub trait SharedState: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<Option<String>, QueueError>;
 
+    /// Extends a slot taken by [`SharedState::acquire_slot`] to `ttl` from
+    /// now, so a delivery longer than the slot's first TTL keeps it (the
+    /// worker renews it with the unit leases). `false` when `token` no
+    /// longer holds a slot under `key` (it expired or was released): the
+    /// slot may be someone else's now and is not taken back.
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError>;
+
     /// Returns a slot taken by [`SharedState::acquire_slot`].
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError>;
 

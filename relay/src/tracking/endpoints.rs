@@ -19,6 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use super::context::{self, EventContext};
 use super::machine::is_machine;
 use super::token::{Claims, Kind};
 use super::{Tracking, TrackingMetrics};
@@ -34,8 +35,8 @@ pub const PIXEL: [u8; 43] = [
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
 
-/// How long the first open or click of a message and recipient is
-/// remembered (the `unique` flag): later ones within it are repeats.
+/// How long the first open or click of a message copy and its recipient
+/// is remembered (the `unique` flag): later ones within it are repeats.
 pub const UNIQUE_WINDOW: Duration = Duration::from_secs(90 * 24 * 3600);
 
 /// Longest user agent recorded in an event.
@@ -125,20 +126,32 @@ impl Endpoints {
             "click"
         };
         let key = format!("tracking:{what}:{}:{}", c.queue_id, c.recipient);
-        let unique =
-            match tokio::time::timeout(timeout, self.state.incr_counter(&key, 1, UNIQUE_WINDOW))
-                .await
-            {
-                Ok(Ok(n)) => Some(n == 1),
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot count tracking request; unique unknown");
-                    None
-                }
-                Err(_) => {
-                    tracing::warn!("counting a tracking request timed out; unique unknown");
-                    None
-                }
-            };
+        let (counted, loaded) = tokio::join!(
+            tokio::time::timeout(timeout, self.state.incr_counter(&key, 1, UNIQUE_WINDOW)),
+            tokio::time::timeout(timeout, context::load(self.state.as_ref(), &c.queue_id)),
+        );
+        let context = match loaded {
+            Ok(Ok(context)) => context,
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot read tracking event context; event without tags");
+                EventContext::default()
+            }
+            Err(_) => {
+                tracing::warn!("reading tracking event context timed out; event without tags");
+                EventContext::default()
+            }
+        };
+        let unique = match counted {
+            Ok(Ok(n)) => Some(n == 1),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "cannot count tracking request; unique unknown");
+                None
+            }
+            Err(_) => {
+                tracing::warn!("counting a tracking request timed out; unique unknown");
+                None
+            }
+        };
         let machine = if v.machine { "true" } else { "false" };
         let labels = [c.sending_domain.as_str(), machine];
         let (total, first) = if kind == EventType::Opened {
@@ -150,7 +163,7 @@ impl Endpoints {
         if unique == Some(true) {
             first.with_label_values(&labels).inc();
         }
-        let event = engagement_event(kind, &self.relay, &v, unique);
+        let event = engagement_event(kind, &self.relay, &v, unique, context);
         match tokio::time::timeout(timeout, self.events.publish(&[event])).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot record tracking event"),
@@ -160,10 +173,18 @@ impl Endpoints {
 }
 
 /// The `opened` / `clicked` event of a verified request.
-fn engagement_event(kind: EventType, relay: &str, v: &Verified, unique: Option<bool>) -> Event {
+fn engagement_event(
+    kind: EventType,
+    relay: &str,
+    v: &Verified,
+    unique: Option<bool>,
+    context: EventContext,
+) -> Event {
     let c = &v.claims;
     let mut event = Event::new(kind, relay, now_millis());
     event.queue_id = Some(c.queue_id.clone());
+    event.tags = context.tags;
+    event.header_message_id = context.header_message_id;
     event.sending_domain = Some(c.sending_domain.clone());
     if !c.recipient.is_empty() {
         event.recipient = Some(c.recipient.clone());

@@ -9,10 +9,12 @@
 //!   base64; [`rewrite`]: the pure rewriter over lol_html.
 //! - [`token`]: HMAC-sealed tokens (queue id, recipient, URL).
 //! - [`endpoints`]: the two HTTP endpoints, routed by Host.
+//! - [`context`]: per-recipient copy ids and the tags and `Message-ID`
+//!   the events carry.
 //!
-//! A token names one recipient only when the message has one: the message
-//! is stored and signed once for all its recipients, so with several the
-//! token's recipient is empty and `unique` counts per message.
+//! Every token names its recipient: a tracked message with several
+//! recipients is queued as one copy per recipient (see [`context`]), so
+//! `unique` counts the first open and click per recipient.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,6 +24,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use crate::config::{RelayConfig, SendingDomain};
 use crate::inbound::headers;
 
+pub mod context;
 pub mod endpoints;
 pub mod machine;
 pub mod mime;
@@ -167,21 +170,27 @@ impl Tracking {
         Ok(key)
     }
 
-    /// The message as it will be signed: the opt-out header removed and,
-    /// when `domain` tracks and the message did not opt out, its HTML parts
-    /// rewritten. Never fails: a message that cannot be rewritten goes out
-    /// as it came (counted in `petrel_tracking_rewrite_total`).
+    /// The message as it will be signed for `recipient` under `queue_id`:
+    /// the opt-out header removed and, when `domain` tracks and the message
+    /// did not opt out, its HTML parts rewritten with tokens naming them.
+    /// Never fails: a message that cannot be rewritten goes out as it came
+    /// (counted in `petrel_tracking_rewrite_total`, once per call). `tracked`
+    /// says whether the body now carries tokens, so whether each recipient
+    /// needs a copy of its own.
     pub fn prepare(
         &self,
         data: Vec<u8>,
         domain: &SendingDomain,
         queue_id: &str,
-        recipients: &[String],
+        recipient: &str,
         metrics: &TrackingMetrics,
-    ) -> Vec<u8> {
+    ) -> Prepared {
         let (data, opt_out) = strip_opt_out(data);
         let Some(settings) = domain.tracking.as_ref().filter(|t| t.enabled()) else {
-            return data;
+            return Prepared {
+                data,
+                tracked: false,
+            };
         };
         let result = if opt_out {
             Err(Skip::OptedOut)
@@ -193,10 +202,7 @@ impl Tracking {
                     let mut tokens = Sealer {
                         key,
                         queue_id,
-                        recipient: match recipients {
-                            [one] => one,
-                            _ => "",
-                        },
+                        recipient,
                         sending_domain: &domain.domain,
                     };
                     let options = Options {
@@ -219,17 +225,32 @@ impl Tracking {
                 for skip in &done.skipped {
                     tracing::debug!(%queue_id, reason = %skip, "HTML part left untracked");
                 }
-                done.data
+                Prepared {
+                    data: done.data,
+                    tracked: true,
+                }
             }
             Err(skip) => {
                 metrics.rewrites.with_label_values(&[skip.label()]).inc();
                 if skip.is_warning() {
                     tracing::warn!(%queue_id, reason = %skip, "message sent untracked");
                 }
-                data
+                Prepared {
+                    data,
+                    tracked: false,
+                }
             }
         }
     }
+}
+
+/// A message ready for signing, from [`Tracking::prepare`].
+#[derive(Debug)]
+pub struct Prepared {
+    /// The message bytes.
+    pub data: Vec<u8>,
+    /// Its HTML carries tracking tokens (for one recipient).
+    pub tracked: bool,
 }
 
 /// `<dir of the queue file>/tracking.key`.

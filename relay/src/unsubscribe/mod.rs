@@ -3,10 +3,12 @@
 //! signature's `h=` covers them), and the `/u/<token>` endpoints that act
 //! on the link (`endpoints`).
 //!
-//! The link names one recipient, so the headers go on messages with one
-//! recipient (what bulk senders send); a message to several goes out
-//! without them (counted as `several_recipients`) rather than let one
-//! recipient's click unsubscribe another.
+//! The link names one recipient, so a message to several recipients of
+//! such a domain is queued as one copy per recipient (`X.1`, `X.2`, ...,
+//! as tracking does), each with its own link. A message that still
+//! reaches this with several recipients goes out without the headers
+//! (counted as `several_recipients`) rather than let one recipient's click
+//! unsubscribe another.
 
 pub mod endpoints;
 pub mod headers;

@@ -648,6 +648,14 @@ impl SharedState for RedisBackend {
         Ok((taken == 1).then_some(token))
     }
 
+    async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
+        let mut inv = scripts::RENEW_SLOT.prepare_invoke();
+        inv.key(self.keys.slot(key)).arg(token).arg(ms(ttl));
+        let mut conn = self.connection(&self.conn).await?;
+        let renewed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+        Ok(renewed == 1)
+    }
+
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;

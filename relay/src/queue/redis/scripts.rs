@@ -253,3 +253,27 @@ return 1
 "#,
     )
 });
+
+/// Extends a slot still held by `token` (unexpired by the server clock) to
+/// `ttl` from now; an expired one is removed and stays lost, since its
+/// place may have been taken already.
+///
+/// KEYS: slot set. ARGV: token, ttl ms. Returns 1 when extended.
+pub static RENEW_SLOT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not expiry then return 0 end
+if tonumber(expiry) <= now then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+"#,
+    )
+});
