@@ -18,9 +18,6 @@ pub struct ReputationMetrics {
     /// `petrel_reputation_held_total{domain}`: queued units put back
     /// because their domain is paused (one per unit and look).
     pub held: IntCounterVec,
-    /// `petrel_reputation_events_total{kind}`: outcomes counted into the
-    /// windows (`delivered`, `bounced`, `complaint`).
-    pub counted: IntCounterVec,
 }
 
 impl ReputationMetrics {
@@ -62,11 +59,6 @@ impl ReputationMetrics {
                 "petrel_reputation_held_total",
                 "Queued delivery units held back because their sending domain is paused.",
                 "domain",
-            )?,
-            counted: counter(
-                "petrel_reputation_events_total",
-                "Delivery outcomes and complaints counted into reputation windows, by kind.",
-                "kind",
             )?,
         })
     }
