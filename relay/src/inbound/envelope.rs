@@ -97,16 +97,26 @@ pub(super) async fn check_quota(
 }
 
 /// 451 4.7.1 while the reputation guard has the sending domain paused
-/// (the record is shared by all relay pods).
+/// (the record is shared by all relay pods). A backend that cannot say is
+/// no reason to refuse here: the suppression lookup and the enqueue that
+/// follow need it too and answer 451 4.3.0 themselves.
 pub(super) async fn check_paused(
     ctx: &InboundContext,
     config: &RelayConfig,
     sending: &SendingDomain,
 ) -> Result<(), Refusal> {
-    let paused = bounded(config.queue.timeout.into(), ctx.reputation.refusal(sending)).await?;
-    match paused {
-        Some(refusal) => Err(refusal),
-        None => Ok(()),
+    let timeout: Duration = config.queue.timeout.into();
+    match tokio::time::timeout(timeout, ctx.reputation.refusal(sending)).await {
+        Ok(Ok(Some(refusal))) => Err(refusal),
+        Ok(Ok(None)) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, domain = %sending.domain, "cannot read the reputation state; not refusing for it");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(domain = %sending.domain, "reading the reputation state timed out; not refusing for it");
+            Ok(())
+        }
     }
 }
 
