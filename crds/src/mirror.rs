@@ -75,9 +75,104 @@ impl From<sd::FromHeaderPolicy> for rc::FromHeaderPolicy {
     }
 }
 
+/// A SendingDomain's `spec.reputation` as the relay's `domains[].reputation`:
+/// unset fields take the relay's defaults, and each value is checked the way
+/// the relay checks it, so an error names the CRD field (`spec.reputation.window`)
+/// rather than the rendered config's.
+impl TryFrom<&sd::ReputationSpec> for rc::Reputation {
+    type Error = rc::FieldError;
+
+    fn try_from(spec: &sd::ReputationSpec) -> Result<Self, Self::Error> {
+        let at = |f: &str| format!("spec.reputation.{f}");
+        let percent = |field: &str, value: &Option<String>, default: rc::Percent| match value {
+            None => Ok(default),
+            Some(text) => match text.parse::<rc::Percent>() {
+                Ok(p) if p.percent() > 0.0 => Ok(p),
+                Ok(_) => Err(rc::FieldError::new(at(field), "must be above 0%")),
+                Err(why) => Err(rc::FieldError::new(at(field), why)),
+            },
+        };
+        let duration = |field: &str, value: &str| {
+            value
+                .parse::<rc::Duration>()
+                .map_err(|e| rc::FieldError::new(at(field), e.to_string()))
+        };
+        let defaults = rc::Reputation::default();
+        let window = match &spec.window {
+            None => defaults.window,
+            Some(text) => duration("window", text)?,
+        };
+        if std::time::Duration::from(window) < std::time::Duration::from_secs(60) {
+            return Err(rc::FieldError::new(at("window"), "must be at least 1m"));
+        }
+        let min_volume = match spec.min_volume {
+            None => defaults.min_volume,
+            Some(n) => u64::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| rc::FieldError::new(at("minVolume"), "must be at least 1"))?,
+        };
+        Ok(rc::Reputation {
+            enabled: spec.enabled,
+            max_bounce_rate: percent(
+                "maxBounceRate",
+                &spec.max_bounce_rate,
+                defaults.max_bounce_rate,
+            )?,
+            max_complaint_rate: percent(
+                "maxComplaintRate",
+                &spec.max_complaint_rate,
+                defaults.max_complaint_rate,
+            )?,
+            min_volume,
+            window,
+            auto_resume_after: spec
+                .auto_resume_after
+                .as_deref()
+                .map(|t| duration("autoResumeAfter", t))
+                .transpose()?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reputation_spec_fills_defaults_and_names_crd_fields() {
+        let empty = sd::ReputationSpec::default();
+        assert_eq!(
+            rc::Reputation::try_from(&empty).unwrap(),
+            rc::Reputation::default()
+        );
+        let spec: sd::ReputationSpec = serde_yaml::from_str(
+            "{enabled: false, maxBounceRate: 2.5%, maxComplaintRate: 0.05%, minVolume: 100, window: 6h, autoResumeAfter: 1d}",
+        )
+        .unwrap();
+        let r = rc::Reputation::try_from(&spec).unwrap();
+        assert!(!r.enabled);
+        assert_eq!(r.max_bounce_rate.percent(), 2.5);
+        assert_eq!(r.max_complaint_rate.fraction(), 0.0005);
+        assert_eq!(r.min_volume, 100);
+        assert_eq!(r.window.as_secs(), 6 * 3600);
+        assert_eq!(r.auto_resume_after.map(|d| d.as_secs()), Some(86_400));
+        for (yaml, field) in [
+            ("{maxBounceRate: 0%}", "spec.reputation.maxBounceRate"),
+            (
+                "{maxComplaintRate: 101%}",
+                "spec.reputation.maxComplaintRate",
+            ),
+            ("{window: 30s}", "spec.reputation.window"),
+            ("{window: soon}", "spec.reputation.window"),
+            ("{minVolume: 0}", "spec.reputation.minVolume"),
+            ("{autoResumeAfter: 5}", "spec.reputation.autoResumeAfter"),
+        ] {
+            let spec: sd::ReputationSpec = serde_yaml::from_str(yaml).unwrap();
+            let err = rc::Reputation::try_from(&spec).expect_err(yaml);
+            assert_eq!(err.path, field, "{yaml}");
+        }
+    }
 
     /// Each pair spells its variants the same way on the wire, so a value
     /// written in a CRD means the same in the rendered config.

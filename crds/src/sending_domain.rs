@@ -6,6 +6,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::{DomainUnsubscribe, UnsubscribeMode};
 use crate::status::{Condition, DkimAlgorithm, DnsRecord};
 
 /// Condition type: DNS verified, DKIM active and bound to an existing relay.
@@ -14,6 +15,20 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_DNS_VERIFIED: &str = "DnsVerified";
 /// Condition type: the relay signs this domain's mail with a key whose record DNS serves.
 pub const CONDITION_DKIM_ACTIVE: &str = "DkimActive";
+/// Condition type: the relay's reputation guard paused this domain's mail.
+pub const CONDITION_PAUSED: &str = "Paused";
+/// Condition type: a bounce or complaint rate is above half its threshold.
+pub const CONDITION_REPUTATION_WARNING: &str = "ReputationWarning";
+/// Condition type: the operator could read the relay's reputation of this domain (when False,
+/// Paused and ReputationWarning keep their last known state).
+pub const CONDITION_REPUTATION_SYNCED: &str = "ReputationSynced";
+/// Paused reason: the hard-bounce rate exceeds `spec.reputation.maxBounceRate`.
+pub const REASON_BOUNCE_RATE_EXCEEDED: &str = "BounceRateExceeded";
+/// Paused reason: the complaint rate exceeds `spec.reputation.maxComplaintRate`.
+pub const REASON_COMPLAINT_RATE_EXCEEDED: &str = "ComplaintRateExceeded";
+/// Annotation that resumes a paused domain (`kubectl annotate sendingdomain X petrel.dev/resume=now`);
+/// the operator removes it once the relay has resumed.
+pub const RESUME_ANNOTATION: &str = "petrel.dev/resume";
 
 /// Rotation interval of operator-created DKIM keys when the spec does not set one.
 pub const DEFAULT_ROTATION_INTERVAL: &str = "90d";
@@ -49,6 +64,12 @@ pub const DEFAULT_ROTATION_INTERVAL: &str = "90d";
         type_ = "string",
         json_path = r#".status.conditions[?(@.type=="DnsVerified")].reason"#,
         description = "DNS verification state"
+    ),
+    printcolumn(
+        name = "PAUSED",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Paused")].status"#,
+        description = "Whether the reputation guard paused the domain"
     ),
     printcolumn(
         name = "SELECTOR",
@@ -125,6 +146,85 @@ pub struct SendingDomainSpec {
     /// Publish `status.dnsRecords` through a DNS controller instead of by hand.
     #[serde(default)]
     pub dns_publish: DnsPublishSpec,
+
+    /// RFC 8058 one-click unsubscribe: the relay adds `List-Unsubscribe` (an `https://` link
+    /// under `baseUrl`, plus a `mailto:` on the return-path domain when one is set) and
+    /// `List-Unsubscribe-Post` before DKIM signing. Off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unsubscribe: Option<DomainUnsubscribe>,
+
+    /// Template of a signed `Feedback-ID` header for Gmail's feedback loop, with `{domain}` and
+    /// `{tag:NAME}` (a message tag) placeholders, for example
+    /// `{tag:campaign}:{tag:customer}:{domain}:petrel`. No header when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[^\x00-\x1f\x7f]+$"))]
+    pub feedback_id: Option<String>,
+
+    /// Reputation guard: pause this domain's mail (451 4.7.1 for new mail, queued mail held)
+    /// when its hard-bounce or complaint rate over a rolling window exceeds a threshold, until
+    /// `kubectl annotate sendingdomain NAME petrel.dev/resume=now`. Defaults apply when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reputation: Option<ReputationSpec>,
+}
+
+/// Thresholds of the reputation guard. Unset fields take the defaults.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(
+    validation = Rule::new("!has(self.maxBounceRate) || self.maxBounceRate.matches('[1-9]')").message("maxBounceRate must be above 0%").field_path(".maxBounceRate"),
+    validation = Rule::new("!has(self.maxComplaintRate) || self.maxComplaintRate.matches('[1-9]')").message("maxComplaintRate must be above 0%").field_path(".maxComplaintRate")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ReputationSpec {
+    /// Whether the guard pauses the domain (default true). Off, rates are still measured,
+    /// exported and reported as conditions.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Hard bounces / (delivered + hard bounces) above which the domain pauses, for example
+    /// `5%` (the default). Half of it raises the ReputationWarning condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 12),
+        regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$")
+    )]
+    pub max_bounce_rate: Option<String>,
+    /// Complaints / delivered above which the domain pauses, for example `0.1%` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 12),
+        regex(pattern = r"^(100(\.0+)?|[0-9]{1,2}(\.[0-9]{1,6})?)%$")
+    )]
+    pub max_complaint_rate: Option<String>,
+    /// Fewest messages (delivered + hard bounces) in the window before a rate counts
+    /// (default 500), so a handful of bounces on a quiet day pauses nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub min_volume: Option<i64>,
+    /// Length of the rolling window, for example `24h` (the default); at least `1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(s|m|h|d|w))+$"))]
+    pub window: Option<String>,
+    /// Resume by itself this long after pausing, for example `6h`. Unset: a pause lasts until
+    /// the `petrel.dev/resume` annotation resumes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = r"^([0-9]+(s|m|h|d|w))+$"))]
+    pub auto_resume_after: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for ReputationSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bounce_rate: None,
+            max_complaint_rate: None,
+            min_volume: None,
+            window: None,
+            auto_resume_after: None,
+        }
+    }
 }
 
 /// Whether the From header must be a sending domain the client may use.
@@ -387,7 +487,8 @@ pub struct SuppressionSpec {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SendingDomainStatus {
-    /// Ready, DnsVerified and DkimActive, with reasons.
+    /// Ready, DnsVerified and DkimActive, with reasons; Paused, ReputationWarning and
+    /// ReputationSynced from the relay's reputation guard.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// Every DNS record the domain needs, each with its verification state.
@@ -423,6 +524,9 @@ spec:
   rateLimits: {perSecond: 10, dailyQuota: 100000}
   allowedUsers: [app]
   suppression: {onSuppressed: drop}
+  unsubscribe: {enabled: true, baseUrl: "https://u.example.com", mode: replace}
+  feedbackId: "{tag:campaign}:{domain}:petrel"
+  reputation: {maxBounceRate: 2%, window: 6h}
 "#;
 
     #[test]
@@ -435,6 +539,11 @@ spec:
         assert_eq!(sd.spec.dmarc.adkim.tag(), "s");
         assert_eq!(sd.spec.dmarc.aspf.tag(), "r");
         assert_eq!(sd.spec.suppression.on_suppressed, OnSuppressed::Drop);
+        let unsubscribe = sd.spec.unsubscribe.as_ref().expect("unsubscribe");
+        assert_eq!(unsubscribe.mode, UnsubscribeMode::Replace);
+        let reputation = sd.spec.reputation.as_ref().expect("reputation");
+        assert!(reputation.enabled, "enabled by default");
+        assert_eq!(reputation.max_bounce_rate.as_deref(), Some("2%"));
         let back: SendingDomain =
             serde_json::from_str(&serde_json::to_string(&sd).expect("serializes")).expect("parses");
         assert_eq!(back, sd);
@@ -462,6 +571,9 @@ spec:
             "self == oldSelf",
             "!has(self.keyRef) || (!has(self.algorithm)",
             "self.returnPathDomain != self.domain",
+            "self.maxBounceRate.matches('[1-9]')",
+            r#""name":"PAUSED""#,
+            r#""enum":["add-if-missing","replace"]"#,
             r#""shortNames":["sd"]"#,
             r#""name":"SELECTOR""#,
         ] {

@@ -83,7 +83,9 @@ pub const DEFAULT_REPLICAS: i32 = 2;
 #[x_kube(
     validation = Rule::new("!(has(self.replicas) && has(self.autoscaling))").message("set either replicas or autoscaling, not both").field_path(".replicas"),
     validation = Rule::new("!self.listeners.exists(l, l.tls != 'none') || has(self.tlsSecretName)").message("listeners with tls starttls or implicit need tlsSecretName").field_path(".tlsSecretName"),
-    validation = Rule::new("!self.listeners.exists(l, l.auth != 'none') || has(self.authUsersSecretName)").message("listeners with auth optional or required need authUsersSecretName").field_path(".authUsersSecretName")
+    validation = Rule::new("!self.listeners.exists(l, l.auth != 'none') || has(self.authUsersSecretName)").message("listeners with auth optional or required need authUsersSecretName").field_path(".authUsersSecretName"),
+    validation = Rule::new("!has(self.feedback) || !self.listeners.exists(l, l.name == 'feedback')").message("the listener name feedback is taken by spec.feedback").field_path(".listeners"),
+    validation = Rule::new("!has(self.feedback) || !self.listeners.exists(l, (has(l.targetPort) ? l.targetPort : (l.port >= 1024 ? l.port : l.port + 10000)) == (has(self.feedback.targetPort) ? self.feedback.targetPort : 11025))").message("spec.feedback.targetPort must differ from every listener's targetPort").field_path(".feedback.targetPort")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SmtpRelaySpec {
@@ -197,6 +199,81 @@ pub struct SmtpRelaySpec {
     /// deferred, ...). Each event reaches each webhook at least once, from one pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<EventsSpec>,
+    /// The feedback listener (`role: feedback`): the MX target of every bound SendingDomain's
+    /// `returnPathDomain`, receiving asynchronous bounces (DSNs), complaint reports (ARF) and
+    /// mailto unsubscribes. Served by its own Service `petrel-<name>-feedback`, which must be
+    /// reachable from the internet on port 25 at `hostname`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback: Option<RelayFeedbackSpec>,
+}
+
+/// Container port of the feedback listener when `spec.feedback.targetPort` is unset: away from
+/// the `port + 10000` listeners get by default (so 25 for both does not collide).
+pub const DEFAULT_FEEDBACK_TARGET_PORT: i32 = 11025;
+
+/// The relay's feedback listener and the Service exposing it.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayFeedbackSpec {
+    /// Public host name receiving mail for the return-path domains, for example
+    /// `feedback.petrel.example.net`: each return-path domain gets an MX record pointing here
+    /// (listed in the SendingDomain's `status.dnsRecords`). It must resolve to the address of
+    /// the feedback Service (the LoadBalancer's IP, or whatever forwards port 25 to it).
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?\.)+[a-z]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub hostname: String,
+    /// Service port of the feedback listener. Mail servers deliver to port 25 (the default).
+    #[serde(default = "default_feedback_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Port the feedback listener binds inside the pod; defaults to 11025. Must differ from
+    /// every listener's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 65535))]
+    pub target_port: Option<i32>,
+    /// Type of the Service `petrel-<name>-feedback`: LoadBalancer (default, a public address
+    /// for the MX), NodePort, or ClusterIP (when something else forwards port 25 to it).
+    #[serde(default)]
+    pub service_type: FeedbackServiceType,
+    /// Annotations of the feedback Service, for example a cloud load balancer's settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_annotations: Option<BTreeMap<String, String>>,
+}
+
+impl RelayFeedbackSpec {
+    /// The port the feedback listener binds in the pod (see `targetPort`).
+    pub fn effective_target_port(&self) -> i32 {
+        self.target_port.unwrap_or(DEFAULT_FEEDBACK_TARGET_PORT)
+    }
+}
+
+fn default_feedback_port() -> i32 {
+    25
+}
+
+/// Type of the feedback Service.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FeedbackServiceType {
+    /// A cloud load balancer with a public address.
+    #[default]
+    LoadBalancer,
+    /// A port on every node.
+    NodePort,
+    /// In-cluster only; something else must forward port 25 to it.
+    ClusterIP,
+}
+
+impl FeedbackServiceType {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LoadBalancer => "LoadBalancer",
+            Self::NodePort => "NodePort",
+            Self::ClusterIP => "ClusterIP",
+        }
+    }
 }
 
 /// Event retention and webhooks.
@@ -792,6 +869,7 @@ spec:
             "self.auth == 'none' || self.tls != 'none' || self.allowInsecureAuth",
             "self.transport != 'smarthost' || has(self.smarthost)",
             "has(self.tlsSecretName)",
+            "!self.listeners.exists(l, l.name == 'feedback')",
             r#""x-kubernetes-list-type":"map""#,
             r#""default":"petrel""#,
             r#""shortNames":["smtprelay"]"#,

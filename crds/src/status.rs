@@ -143,7 +143,9 @@ pub fn conditions_equivalent(a: &[Condition], b: &[Condition]) -> bool {
 }
 
 /// Kind of DNS record a domain must publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum DnsRecordType {
     /// A text record (SPF, DKIM, DMARC).
     TXT,

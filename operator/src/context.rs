@@ -12,6 +12,7 @@ use kube::{Resource, ResourceExt};
 use crate::clock::Clock;
 use crate::dns::TxtLookup;
 use crate::metrics::Metrics;
+use crate::reputation::{HttpReputation, ReputationSource};
 use crate::stores::{Stores, Writers};
 
 pub use crate::apply::{FIELD_MANAGER, apply, apply_status};
@@ -32,6 +33,10 @@ pub struct Settings {
     pub keda: bool,
     /// external-dns support (`--external-dns`): render, own and watch DNSEndpoints.
     pub external_dns: bool,
+    /// Re-check interval of a domain's reputation while it is ok.
+    pub reputation_recheck: Duration,
+    /// Re-check interval while a domain is warning or paused, or its relay unreachable.
+    pub reputation_recheck_fast: Duration,
 }
 
 impl Default for Settings {
@@ -43,6 +48,8 @@ impl Default for Settings {
             resync: Duration::from_secs(10 * 60),
             keda: false,
             external_dns: false,
+            reputation_recheck: Duration::from_secs(5 * 60),
+            reputation_recheck_fast: Duration::from_secs(60),
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct Context {
     pub settings: Settings,
     /// DNS TXT lookups for record verification.
     pub dns: Arc<dyn TxtLookup>,
+    /// The relays' reputation guards (admin API).
+    pub reputation: Arc<dyn ReputationSource>,
     /// Caches of related objects, read instead of listing from the API.
     pub stores: Stores,
     /// The caches' write side, until the controllers take it to run the watches.
@@ -109,10 +118,17 @@ impl Context {
             clock,
             settings,
             dns,
+            reputation: Arc::new(HttpReputation::new(Duration::from_secs(5))),
             stores,
             writers: Mutex::new(Some(writers)),
             failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The same context reading reputation from `source` (tests use a fake).
+    pub fn with_reputation(mut self, source: Arc<dyn ReputationSource>) -> Self {
+        self.reputation = source;
+        self
     }
 
     /// The caches' write side, once: whoever takes it feeds the caches (the

@@ -26,6 +26,13 @@ pub trait TxtLookup: Send + Sync {
         let _ = name;
         Box::pin(async { TxtAnswer::Failed("CNAME lookups not supported".into()) })
     }
+
+    /// The MX records at `name`, each as `<preference> <exchange>` (exchange
+    /// without trailing dot).
+    fn lookup_mx<'a>(&'a self, name: &'a str) -> BoxFuture<'a, TxtAnswer> {
+        let _ = name;
+        Box::pin(async { TxtAnswer::Failed("MX lookups not supported".into()) })
+    }
 }
 
 /// Errors building a resolver.
@@ -116,9 +123,40 @@ impl TxtLookup for HickoryTxtLookup {
     fn lookup_cname<'a>(&'a self, name: &'a str) -> BoxFuture<'a, TxtAnswer> {
         Box::pin(self.cname(name))
     }
+
+    fn lookup_mx<'a>(&'a self, name: &'a str) -> BoxFuture<'a, TxtAnswer> {
+        Box::pin(self.mx(name))
+    }
 }
 
 impl HickoryTxtLookup {
+    async fn mx(&self, name: &str) -> TxtAnswer {
+        let fqdn = format!("{}.", name.trim_end_matches('.'));
+        match self.resolver.lookup(fqdn.as_str(), RecordType::MX).await {
+            Ok(lookup) => {
+                let records: Vec<String> = lookup
+                    .answers()
+                    .iter()
+                    .filter_map(|record| match &record.data {
+                        RData::MX(mx) => Some(format!(
+                            "{} {}",
+                            mx.preference,
+                            mx.exchange.to_ascii().trim_end_matches('.')
+                        )),
+                        _ => None,
+                    })
+                    .collect();
+                if records.is_empty() {
+                    TxtAnswer::NotFound
+                } else {
+                    TxtAnswer::Records(records)
+                }
+            }
+            Err(err) if err.is_nx_domain() || err.is_no_records_found() => TxtAnswer::NotFound,
+            Err(err) => TxtAnswer::Failed(err.to_string()),
+        }
+    }
+
     async fn cname(&self, name: &str) -> TxtAnswer {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.resolver.lookup(fqdn.as_str(), RecordType::CNAME).await {
@@ -171,6 +209,18 @@ impl StaticTxt {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.trim_end_matches('.').to_string(), answer);
     }
+
+    /// Serve `answer` as the MX records at `name`.
+    pub fn set_mx(&self, name: &str, answer: TxtAnswer) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(mx_key(name), answer);
+    }
+}
+
+fn mx_key(name: &str) -> String {
+    format!("MX {}", name.trim_end_matches('.'))
 }
 
 impl TxtLookup for StaticTxt {
@@ -188,6 +238,18 @@ impl TxtLookup for StaticTxt {
     /// The same table: a test sets the CNAME target as the one record.
     fn lookup_cname<'a>(&'a self, name: &'a str) -> BoxFuture<'a, TxtAnswer> {
         self.lookup_txt(name)
+    }
+
+    /// The same table, under `MX <name>` (a return-path domain has both SPF and MX).
+    fn lookup_mx<'a>(&'a self, name: &'a str) -> BoxFuture<'a, TxtAnswer> {
+        let answer = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&mx_key(name))
+            .cloned()
+            .unwrap_or(TxtAnswer::NotFound);
+        Box::pin(async move { answer })
     }
 }
 

@@ -72,6 +72,22 @@ pub fn evaluate(desired: &DesiredRecord, answer: &TxtAnswer) -> (DnsRecordState,
         TxtAnswer::NotFound => return (DnsRecordState::Missing, None),
         TxtAnswer::Failed(_) => return (DnsRecordState::Unknown, None),
     };
+    if desired.type_ == DnsRecordType::MX {
+        // Every MX of the name must lead to the wanted host, whatever its
+        // preference: a sender may use any of them, and a bounce reaching
+        // another host is lost to attribution.
+        let host = |s: &str| {
+            let exchange = s.split_whitespace().last().unwrap_or_default();
+            exchange.trim_end_matches('.').to_ascii_lowercase()
+        };
+        let want = host(&desired.value);
+        return if !want.is_empty() && !records.is_empty() && records.iter().all(|r| host(r) == want)
+        {
+            (DnsRecordState::Verified, None)
+        } else {
+            (DnsRecordState::Mismatch, Some(records.join(" | ")))
+        };
+    }
     if desired.type_ == DnsRecordType::CNAME {
         // A name has one CNAME; host names compare case-insensitively.
         let target = |s: &str| s.trim_end_matches('.').to_ascii_lowercase();

@@ -6,7 +6,8 @@
 //! import each other. What they share sits below them: [`names`] (every object
 //! name and label), [`apply`] (server-side apply, status, delete), [`claims`]
 //! (which SendingDomain owns a domain), [`dns_record`] (comparing a record with
-//! DNS), [`kubelet`] (mount timing), [`context`] and [`error`]. Only
+//! DNS), [`kubelet`] (mount timing), [`reputation`] (the relay's admin API), [`context`]
+//! and [`error`]. Only
 //! [`controllers`] (the wiring) sees all three. [`plugin`] is the kubectl
 //! plugin's library, a reader of the API beside them.
 
@@ -18,6 +19,7 @@ pub mod controllers;
 pub mod dkim_key;
 pub mod dns;
 pub mod dns_record;
+pub mod domain_feedback;
 pub mod error;
 pub mod http;
 pub mod kubelet;
@@ -25,6 +27,7 @@ pub mod leader;
 pub mod metrics;
 pub mod names;
 pub mod plugin;
+pub mod reputation;
 pub mod sending_domain;
 pub mod smtp_relay;
 pub mod stores;

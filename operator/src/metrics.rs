@@ -1,6 +1,7 @@
 //! Operator metrics (prefix `petrel_operator_`), registered in one place:
 //! reconciles by kind and result, reconcile duration, DNS record states per
-//! domain, and the age of each domain's active DKIM key.
+//! domain, the age of each domain's active DKIM key, and whether the relay's
+//! reputation guard pauses a domain.
 
 use std::time::Instant;
 
@@ -19,6 +20,8 @@ pub struct Metrics {
     pub dns_records: IntGaugeVec,
     /// Age in seconds of each domain's active DKIM key.
     pub dkim_key_age: IntGaugeVec,
+    /// 1 while the relay's reputation guard pauses a domain (its Paused condition), else 0.
+    pub domain_paused: IntGaugeVec,
 }
 
 impl Metrics {
@@ -54,6 +57,14 @@ impl Metrics {
             ),
             &["namespace", "domain"],
         )?;
+        let domain_paused = IntGaugeVec::new(
+            Opts::new(
+                "petrel_operator_sending_domain_paused",
+                "1 while the relay's reputation guard pauses the sending domain (condition Paused=True)",
+            ),
+            &["namespace", "domain"],
+        )?;
+        registry.register(Box::new(domain_paused.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(dns_records.clone()))?;
@@ -64,6 +75,7 @@ impl Metrics {
             reconcile_duration,
             dns_records,
             dkim_key_age,
+            domain_paused,
         })
     }
 

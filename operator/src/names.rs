@@ -37,6 +37,26 @@ pub fn dkim_secret_name(relay: &SmtpRelay) -> String {
     format!("{}-dkim", base_name(relay))
 }
 
+/// The relay's operator-generated Secret: the feedback token key and the
+/// admin API's bearer token (created once, never overwritten).
+pub fn feedback_secret_name(relay: &SmtpRelay) -> String {
+    format!("{}-feedback", base_name(relay))
+}
+
+/// The Service of the relay's feedback listener (the return-path MX target).
+pub fn feedback_service_name(relay: &SmtpRelay) -> String {
+    format!("{}-feedback", base_name(relay))
+}
+
+/// Port of the relay's HTTP server (metrics, /healthz, /readyz, the admin
+/// API the operator reads reputation from), in the pod and on the Service.
+pub const HTTP_PORT: i32 = 9090;
+
+/// Key of the feedback token key in [`feedback_secret_name`].
+pub const FEEDBACK_KEY: &str = "feedback.key";
+/// Key of the admin API's bearer token in [`feedback_secret_name`].
+pub const ADMIN_TOKEN: &str = "admin-token";
+
 /// File name of a key in the aggregated Secret and its mount.
 pub fn key_file_name(domain: &str, selector: &str) -> String {
     format!("{domain}.{selector}.pem")

@@ -16,7 +16,8 @@ use petrel_crds::dkim_key::DkimKey;
 use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
-    DkimKeyPhase, DnsRecordPurpose, DnsRecordState, condition_is_true, find_condition,
+    DkimKeyPhase, DnsRecordPurpose, DnsRecordState, DnsRecordType, condition_is_true,
+    find_condition,
 };
 use serde_json::json;
 
@@ -26,11 +27,14 @@ use crate::dns::StaticTxt;
 use crate::dns_record::TxtAnswer;
 use crate::fake_api::{FakeApi, path};
 use crate::metrics::Metrics;
+use crate::reputation::FakeReputation;
 use crate::stores::Writers;
 use crate::{dkim_key, sending_domain, smtp_relay};
 use kube::core::DeserializeGuard;
 
 const NS: &str = "mail";
+/// The admin API of the SmtpRelay `main` in `mail`, as the operator addresses it.
+const RELAY_URL: &str = "http://petrel-main.mail.svc:9090";
 const DAY: Duration = Duration::from_secs(86400);
 
 struct World {
@@ -38,6 +42,8 @@ struct World {
     ctx: Arc<Context>,
     clock: Arc<FakeClock>,
     dns: Arc<StaticTxt>,
+    /// The relay's reputation guard as the operator reads it.
+    reputation: Arc<FakeReputation>,
     /// The caches' write side: tests play the watches, filling the stores
     /// from the fake API's objects before each reconcile.
     writers: std::sync::Mutex<Writers>,
@@ -54,19 +60,26 @@ impl World {
             Timestamp::from_second(1_790_000_000).expect("timestamp"),
         ));
         let dns = Arc::new(StaticTxt::default());
-        let ctx = Arc::new(Context::new(
-            client,
-            Arc::new(Metrics::new().expect("metrics")),
-            clock.clone(),
-            settings,
-            dns.clone(),
-        ));
+        // The relay answers with no domains until a test says otherwise.
+        let reputation = Arc::new(FakeReputation::default());
+        reputation.set(RELAY_URL, Vec::new());
+        let ctx = Arc::new(
+            Context::new(
+                client,
+                Arc::new(Metrics::new().expect("metrics")),
+                clock.clone(),
+                settings,
+                dns.clone(),
+            )
+            .with_reputation(reputation.clone()),
+        );
         let writers = std::sync::Mutex::new(ctx.take_writers().expect("writers"));
         Self {
             api,
             ctx,
             clock,
             dns,
+            reputation,
             writers,
         }
     }
@@ -185,8 +198,11 @@ impl World {
     /// Publishes every record the domain's status asks for.
     fn publish_dns(&self, domain: &str) {
         for record in self.domain(domain).status.unwrap_or_default().dns_records {
-            self.dns
-                .set(&record.name, TxtAnswer::Records(vec![record.value]));
+            let answer = TxtAnswer::Records(vec![record.value]);
+            match record.type_ {
+                DnsRecordType::MX => self.dns.set_mx(&record.name, answer),
+                _ => self.dns.set(&record.name, answer),
+            }
         }
     }
 
@@ -726,13 +742,17 @@ async fn reconcilers_read_related_objects_from_the_stores() {
         let lists: Vec<&String> = requests.iter().filter(|r| is_list(r)).collect();
         assert!(lists.is_empty(), "listed from the API: {lists:?}");
         // Only the user's Secret (the Redis URL) is read from the API; DkimKeys,
-        // SendingDomains and the key Secrets come from the caches.
+        // SendingDomains and the key Secrets come from the caches. The feedback
+        // Secret is read once, before it is created: a cache that has not seen
+        // it yet must not make the operator generate a second key.
         let gets: Vec<&String> = requests
             .iter()
             .filter(|r| r.starts_with("GET "))
+            .filter(|r| !r.ends_with("/secrets/redis"))
             .collect();
-        assert!(
-            gets.iter().all(|r| r.ends_with("/secrets/redis")),
+        assert_eq!(
+            gets,
+            ["GET /api/v1/namespaces/mail/secrets/petrel-main-feedback"],
             "{gets:?}"
         );
     })
@@ -787,13 +807,16 @@ async fn controllers_run_on_shared_watches_and_secrets_are_listed_as_metadata() 
         let clock = Arc::new(FakeClock::new(
             Timestamp::from_second(1_790_000_000).expect("timestamp"),
         ));
-        let ctx = Arc::new(Context::new(
-            client,
-            Arc::new(Metrics::new().expect("metrics")),
-            clock,
-            Settings::default(),
-            Arc::new(StaticTxt::default()),
-        ));
+        let ctx = Arc::new(
+            Context::new(
+                client,
+                Arc::new(Metrics::new().expect("metrics")),
+                clock,
+                Settings::default(),
+                Arc::new(StaticTxt::default()),
+            )
+            .with_reputation(Arc::new(FakeReputation::default())),
+        );
         let mut spec = relay_spec();
         spec["tlsSecretName"] = json!("petrel-main-tls");
         api.insert(
@@ -1448,6 +1471,424 @@ async fn dns_publish_keeps_a_dns_endpoint_equal_to_the_status_records() {
         );
         w.reconcile_domain("example").await;
         assert!(w.api.get(DNS_ENDPOINT).is_none(), "pruned");
+    })
+    .await;
+}
+
+fn feedback_relay_spec() -> serde_json::Value {
+    let mut spec = relay_spec();
+    spec["feedback"] = json!({"hostname": "feedback.petrel.example.net"});
+    spec
+}
+
+const FEEDBACK_SECRET: &str = "petrel-main-feedback";
+
+fn feedback_domain_spec() -> serde_json::Value {
+    json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"},
+           "returnPathDomain": "bounces.example.com",
+           "unsubscribe": {"enabled": true, "baseUrl": "https://u.example.com/petrel"},
+           "feedbackId": "{tag:campaign}:{domain}:petrel",
+           "reputation": {"maxBounceRate": "2%", "window": "6h"}})
+}
+
+fn secret_data(w: &World, name: &str) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let secret: Secret = w.api.typed(&path::<Secret>(NS, name));
+    secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, v.0))
+        .collect()
+}
+
+#[tokio::test]
+async fn feedback_listener_service_secret_and_return_path_mx() {
+    bounded(async {
+        let w = World::new();
+        w.add_relay(feedback_relay_spec());
+        w.add_domain("example", feedback_domain_spec());
+        w.settle("example").await;
+
+        // The MX of the return-path domain points at the relay's feedback host,
+        // beside the SPF record there.
+        let records = w.domain("example").status.expect("status").dns_records;
+        let mx = records
+            .iter()
+            .find(|r| r.type_ == DnsRecordType::MX)
+            .expect("MX record");
+        assert_eq!(mx.name, "bounces.example.com");
+        assert_eq!(mx.value, "10 feedback.petrel.example.net");
+        assert_eq!(mx.purpose, DnsRecordPurpose::ReturnPath);
+        assert_eq!(mx.state, DnsRecordState::Missing);
+        assert!(records.iter().any(|r| r.name == "bounces.example.com"
+            && r.type_ == DnsRecordType::TXT
+            && r.value.starts_with("v=spf1")));
+        w.publish_dns("example");
+        w.settle("example").await;
+        let sd = w.domain("example");
+        let status = sd.status.expect("status");
+        assert!(
+            status
+                .dns_records
+                .iter()
+                .all(|r| r.state == DnsRecordState::Verified),
+            "{:?}",
+            status.dns_records
+        );
+        assert!(condition_is_true(&status.conditions, "DnsVerified"));
+
+        // The generated Secret: both values, owned by the relay, cached as the operator's own.
+        let first = secret_data(&w, FEEDBACK_SECRET);
+        assert_eq!(
+            first.keys().cloned().collect::<Vec<_>>(),
+            ["admin-token", "feedback.key"]
+        );
+        assert!(first.values().all(|v| v.len() >= 32));
+        let secret: Secret = w.api.typed(&path::<Secret>(NS, FEEDBACK_SECRET));
+        assert_eq!(
+            secret.metadata.owner_references.expect("owner")[0].kind,
+            "SmtpRelay"
+        );
+        assert_eq!(
+            secret.metadata.labels.unwrap_or_default()["app.kubernetes.io/managed-by"],
+            "petrel-operator"
+        );
+
+        // Rendered: the feedback listener, the key and token files, the domain's settings.
+        let config = w.rendered_config();
+        let listener = config
+            .listeners
+            .iter()
+            .find(|l| l.name == "feedback")
+            .expect("feedback listener");
+        assert_eq!(listener.role, petrel_crds::config::ListenerRole::Feedback);
+        assert_eq!(listener.address.port(), 11025);
+        assert_eq!(listener.auth, petrel_crds::config::AuthMode::None);
+        assert_eq!(
+            config.feedback.key_file.as_deref(),
+            Some(std::path::Path::new("/etc/petrel/feedback/feedback.key"))
+        );
+        assert_eq!(
+            config.http.admin_token_file.as_deref(),
+            Some(std::path::Path::new("/etc/petrel/feedback/admin-token"))
+        );
+        let d = &config.domains[0];
+        assert_eq!(d.return_path_domain.as_deref(), Some("bounces.example.com"));
+        let unsubscribe = d.unsubscribe.as_ref().expect("unsubscribe");
+        assert!(unsubscribe.enabled);
+        assert_eq!(unsubscribe.base_url, "https://u.example.com/petrel");
+        assert_eq!(
+            d.feedback_id.as_deref(),
+            Some("{tag:campaign}:{domain}:petrel")
+        );
+        assert_eq!(d.reputation.max_bounce_rate.percent(), 2.0);
+        assert_eq!(d.reputation.window.as_secs(), 6 * 3600);
+        assert_eq!(d.reputation.max_complaint_rate.percent(), 0.1);
+
+        // The pods mount the Secret and expose the feedback port; its own Service serves it.
+        let deployment: Deployment = w.api.typed(&path::<Deployment>(NS, "petrel-main"));
+        let pod = deployment.spec.and_then(|s| s.template.spec).expect("pod");
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "feedback")
+            .expect("feedback volume");
+        assert_eq!(
+            volume
+                .secret
+                .as_ref()
+                .and_then(|s| s.secret_name.as_deref()),
+            Some(FEEDBACK_SECRET)
+        );
+        let c = &pod.containers[0];
+        assert!(
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .any(|m| m.name == "feedback"
+                    && m.mount_path == "/etc/petrel/feedback"
+                    && m.read_only == Some(true))
+        );
+        assert!(
+            c.ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some("feedback") && p.container_port == 11025)
+        );
+        let svc: Service = w.api.typed(&path::<Service>(NS, "petrel-main-feedback"));
+        let spec = svc.spec.expect("spec");
+        assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+        let port = &spec.ports.expect("ports")[0];
+        assert_eq!(port.port, 25);
+        assert_eq!(
+            port.target_port,
+            Some(
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                    "feedback".into()
+                )
+            )
+        );
+        // The apps' Service keeps port 25 for the smtp listener.
+        let main: Service = w.api.typed(&path::<Service>(NS, "petrel-main"));
+        assert!(
+            main.spec
+                .expect("spec")
+                .ports
+                .expect("ports")
+                .iter()
+                .all(|p| p.name.as_deref() != Some("feedback"))
+        );
+
+        // Never rewritten: more reconciles keep both values; a lost key is
+        // added back without touching the other.
+        w.reconcile_relay().await;
+        w.reconcile_relay().await;
+        assert_eq!(secret_data(&w, FEEDBACK_SECRET), first);
+        w.api.merge(
+            &path::<Secret>(NS, FEEDBACK_SECRET),
+            json!({"data": {"admin-token": null}}),
+        );
+        w.reconcile_relay().await;
+        let healed = secret_data(&w, FEEDBACK_SECRET);
+        assert_eq!(healed["feedback.key"], first["feedback.key"]);
+        assert_ne!(healed["admin-token"], first["admin-token"]);
+        let creates = w
+            .api
+            .requests()
+            .iter()
+            .filter(|r| r.starts_with("POST") && r.ends_with("/secrets"))
+            .count();
+        assert_eq!(creates, 1, "created once");
+
+        // Without spec.feedback: its Service goes, and the MX has no target,
+        // with a condition saying what to set.
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"feedback": null}}),
+        );
+        w.reconcile_relay().await;
+        assert!(
+            w.api
+                .get(&path::<Service>(NS, "petrel-main-feedback"))
+                .is_none()
+        );
+        assert!(
+            w.rendered_config()
+                .listeners
+                .iter()
+                .all(|l| l.name != "feedback")
+        );
+        w.reconcile_domain("example").await;
+        let status = w.domain("example").status.expect("status");
+        let mx = status
+            .dns_records
+            .iter()
+            .find(|r| r.type_ == DnsRecordType::MX)
+            .expect("still listed");
+        assert_eq!(mx.value, "");
+        let dns = find_condition(&status.conditions, "DnsVerified").expect("DnsVerified");
+        assert!(!dns.is_true());
+        assert!(
+            dns.message
+                .contains("set spec.feedback.hostname on SmtpRelay main"),
+            "{}",
+            dns.message
+        );
+    })
+    .await;
+}
+
+fn reputation_of(
+    state: crate::reputation::ReputationState,
+    reason: Option<crate::reputation::ReputationReason>,
+    message: Option<&str>,
+) -> Vec<crate::reputation::DomainReputation> {
+    vec![crate::reputation::DomainReputation {
+        domain: "example.com".into(),
+        state,
+        reason,
+        message: message.map(String::from),
+        bounce_rate: 0.072,
+        complaint_rate: 0.0,
+        volume: 1234,
+        since: None,
+    }]
+}
+
+fn event_reasons(w: &World) -> Vec<String> {
+    w.api
+        .events()
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(String::from))
+        .collect()
+}
+
+#[tokio::test]
+async fn reputation_conditions_follow_the_relay_and_the_resume_annotation_resumes() {
+    use crate::reputation::{ReputationReason, ReputationState};
+    bounded(async {
+        let w = World::new();
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"}, "dkim": {"algorithm": "ed25519"}}),
+        );
+        w.settle("example").await;
+        w.publish_dns("example");
+        w.settle("example").await;
+        let message = "bounce rate 7.2% over 24h exceeds 5%";
+        w.reputation.set(
+            RELAY_URL,
+            reputation_of(
+                ReputationState::Paused,
+                Some(ReputationReason::BounceRateExceeded),
+                Some(message),
+            ),
+        );
+        let action = w.reconcile_domain("example").await;
+        assert_eq!(action, Action::requeue(Duration::from_secs(60)), "watched closely while paused");
+        let status = w.domain("example").status.expect("status");
+        let paused = find_condition(&status.conditions, "Paused").expect("Paused");
+        assert!(paused.is_true());
+        assert_eq!(paused.reason, "BounceRateExceeded");
+        assert_eq!(paused.message, message);
+        assert!(condition_is_true(&status.conditions, "ReputationWarning"));
+        assert!(condition_is_true(&status.conditions, "ReputationSynced"));
+        let pause_event = w
+            .api
+            .events()
+            .into_iter()
+            .find(|e| e["reason"] == "BounceRateExceeded")
+            .expect("an Event for the pause");
+        assert_eq!(pause_event["type"], "Warning");
+        // The operator presented the admin token of the relay's generated Secret.
+        let token = String::from_utf8(secret_data(&w, FEEDBACK_SECRET)["admin-token"].clone()).unwrap();
+        assert_eq!(w.reputation.tokens().last().cloned().flatten(), Some(token));
+
+        // Resume by annotation: the relay is asked once, the annotation goes,
+        // the condition clears, and Events say so.
+        w.api.merge(
+            &path::<SendingDomain>(NS, "example"),
+            json!({"metadata": {"annotations": {"petrel.dev/resume": "now"}}}),
+        );
+        let action = w.reconcile_domain("example").await;
+        assert_eq!(
+            w.reputation.calls().iter().filter(|c| c.starts_with("RESUME")).cloned().collect::<Vec<_>>(),
+            [format!("RESUME {RELAY_URL} example.com")]
+        );
+        let sd = w.domain("example");
+        assert!(!sd.metadata.annotations.unwrap_or_default().contains_key("petrel.dev/resume"));
+        let status = sd.status.expect("status");
+        assert!(!condition_is_true(&status.conditions, "Paused"));
+        assert!(!condition_is_true(&status.conditions, "ReputationWarning"));
+        assert_ne!(action, Action::requeue(Duration::from_secs(60)), "back to the slow pace");
+        let reasons = event_reasons(&w);
+        for reason in ["ResumeRequested", "Resumed"] {
+            assert!(reasons.iter().any(|r| r == reason), "no {reason} in {reasons:?}");
+        }
+        w.reconcile_domain("example").await;
+        assert_eq!(
+            w.reputation.calls().iter().filter(|c| c.starts_with("RESUME")).count(),
+            1,
+            "resumed once"
+        );
+
+        // Paused again, then the relay is unreachable: the pause stays as it
+        // was, one Event and a condition say why, and nothing flaps.
+        w.reputation.set(
+            RELAY_URL,
+            reputation_of(
+                ReputationState::Paused,
+                Some(ReputationReason::BounceRateExceeded),
+                Some(message),
+            ),
+        );
+        w.reconcile_domain("example").await;
+        let before = find_condition(&w.domain("example").status.expect("s").conditions, "Paused")
+            .cloned()
+            .expect("Paused");
+        assert!(before.is_true());
+        w.reputation.unreachable(RELAY_URL);
+        let events_before = w.api.events().len();
+        for _ in 0..3 {
+            w.clock.advance(Duration::from_secs(60));
+            let action = w.reconcile_domain("example").await;
+            assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+        }
+        let status = w.domain("example").status.expect("status");
+        assert_eq!(find_condition(&status.conditions, "Paused"), Some(&before));
+        let synced = find_condition(&status.conditions, "ReputationSynced").expect("synced");
+        assert!(!synced.is_true());
+        assert_eq!(synced.reason, "RelayUnreachable");
+        assert!(synced.message.contains(RELAY_URL), "{}", synced.message);
+        let new: Vec<String> = w.api.events()[events_before..]
+            .iter()
+            .filter_map(|e| e["reason"].as_str().map(String::from))
+            .collect();
+        assert_eq!(new, ["RelayUnreachable"]);
+
+        // A resume while unreachable keeps the annotation for the next try.
+        w.api.merge(
+            &path::<SendingDomain>(NS, "example"),
+            json!({"metadata": {"annotations": {"petrel.dev/resume": "now"}}}),
+        );
+        w.reconcile_domain("example").await;
+        assert!(w.domain("example").metadata.annotations.unwrap_or_default().contains_key("petrel.dev/resume"));
+        assert!(event_reasons(&w).iter().any(|r| r == "ResumeFailed"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn dns_endpoint_carries_the_return_path_mx() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            external_dns: true,
+            ..Settings::default()
+        });
+        w.add_relay(feedback_relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "returnPathDomain": "bounces.example.com",
+                   "dnsPublish": {"externalDns": true}}),
+        );
+        w.settle("example").await;
+        w.reconcile_domain("example").await;
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        let endpoints = endpoint["spec"]["endpoints"].as_array().expect("endpoints");
+        let at_return_path: Vec<(&str, &str)> = endpoints
+            .iter()
+            .filter(|e| e["dnsName"] == "bounces.example.com")
+            .map(|e| {
+                (
+                    e["recordType"].as_str().unwrap_or_default(),
+                    e["targets"][0].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            at_return_path,
+            [
+                ("TXT", "v=spf1 ip4:203.0.113.7 ~all"),
+                ("MX", "10 feedback.petrel.example.net")
+            ]
+        );
+        // Without the relay's feedback host the MX has no target: not published.
+        w.api.merge(
+            &path::<SmtpRelay>(NS, "main"),
+            json!({"spec": {"feedback": null}}),
+        );
+        w.reconcile_domain("example").await;
+        let endpoint = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        let types: Vec<&str> = endpoint["spec"]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter_map(|e| e["recordType"].as_str())
+            .collect();
+        assert!(types.iter().all(|t| *t == "TXT"), "{types:?}");
     })
     .await;
 }

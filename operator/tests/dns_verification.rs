@@ -85,3 +85,61 @@ async fn verification_states_against_a_real_dns_server() {
     .await
     .expect("bounded");
 }
+
+/// The return-path MX against a real DNS server: beside the SPF TXT at the
+/// same name, pointing at the relay's feedback host (any preference), or not.
+#[tokio::test]
+async fn return_path_mx_verifies_against_a_real_dns_server() {
+    use petrel_operator::sending_domain::records::return_path_mx;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let dns = DnsServer::start().await.expect("dns server");
+        let lookup =
+            HickoryTxtLookup::new(&[dns.addr()], Duration::from_millis(500)).expect("resolver");
+        let spec: petrel_crds::sending_domain::SendingDomainSpec = serde_yaml::from_str(
+            "{domain: example.com, relayRef: {name: main}, returnPathDomain: bounces.example.com}",
+        )
+        .expect("spec");
+        let feedback: petrel_crds::smtp_relay::RelayFeedbackSpec =
+            serde_yaml::from_str("{hostname: feedback.petrel.example.net}").expect("feedback");
+        let mx = return_path_mx(&spec, Some(&feedback)).expect("MX");
+        let check = |answer: TxtAnswer| evaluate(&mx, &answer).0;
+
+        assert_eq!(
+            check(lookup.lookup_mx(&mx.name).await),
+            DnsRecordState::Missing
+        );
+        // The SPF record at the name is not an MX.
+        dns.add_txt("bounces.example.com", "v=spf1 ip4:203.0.113.7 ~all");
+        assert_eq!(
+            check(lookup.lookup_mx(&mx.name).await),
+            DnsRecordState::Missing
+        );
+        dns.add_mx("bounces.example.com", 10, "mx.example.com");
+        let answer = lookup.lookup_mx(&mx.name).await;
+        assert_eq!(answer, TxtAnswer::Records(vec!["10 mx.example.com".into()]));
+        assert_eq!(check(answer), DnsRecordState::Mismatch);
+        dns.clear("bounces.example.com");
+        dns.add_mx("bounces.example.com", 5, "Feedback.Petrel.example.net");
+        assert_eq!(
+            check(lookup.lookup_mx(&mx.name).await),
+            DnsRecordState::Verified
+        );
+        // The TXT lookup at the same name is unaffected by the MX.
+        dns.add_txt("bounces.example.com", "v=spf1 ip4:203.0.113.7 ~all");
+        assert_eq!(
+            lookup.lookup_txt("bounces.example.com").await,
+            TxtAnswer::Records(vec!["v=spf1 ip4:203.0.113.7 ~all".into()])
+        );
+        assert_eq!(
+            check(lookup.lookup_mx(&mx.name).await),
+            DnsRecordState::Verified
+        );
+        dns.set_failure("bounces.example.com", Failure::ServFail);
+        assert_eq!(
+            check(lookup.lookup_mx(&mx.name).await),
+            DnsRecordState::Unknown
+        );
+    })
+    .await
+    .expect("bounded");
+}

@@ -85,6 +85,10 @@ fn rbac_covers_every_call_and_no_more() {
             &["get", "list", "watch", "patch", "delete"][..],
         ),
         ("", "configmaps", &["patch"][..]),
+        // The feedback Service goes when spec.feedback does.
+        ("", "services", &["patch", "delete"][..]),
+        // The petrel.dev/resume annotation is removed once the relay resumed.
+        ("petrel.dev", "sendingdomains", &["patch"][..]),
         ("apps", "deployments", &["patch", "watch"][..]),
         ("policy", "poddisruptionbudgets", &["patch"][..]),
         (
@@ -105,15 +109,17 @@ fn rbac_covers_every_call_and_no_more() {
     assert!(rules.iter().all(|r| r.verbs.iter().all(|v| v != "*")));
     assert!(!allows(&rules, "", "pods", "get"));
     assert!(!allows(&rules, "", "configmaps", "delete"));
-    // Users own SmtpRelays and SendingDomains; the operator only writes their status.
+    // Users own SmtpRelays and SendingDomains; the operator writes their
+    // status, and patches a SendingDomain only to drop its resume annotation.
     for resource in ["smtprelays", "sendingdomains"] {
-        for verb in ["create", "patch", "update", "delete"] {
+        for verb in ["create", "update", "delete"] {
             assert!(
                 !allows(&rules, "petrel.dev", resource, verb),
                 "{verb} {resource}"
             );
         }
     }
+    assert!(!allows(&rules, "petrel.dev", "smtprelays", "patch"));
     let lease_rules = role.rules.expect("lease rules");
     assert!(allows(
         &lease_rules,

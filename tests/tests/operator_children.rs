@@ -16,7 +16,7 @@ use petrel_crds::sending_domain::SendingDomain;
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{DnsRecord, DnsRecordPurpose, DnsRecordState, DnsRecordType};
 use petrel_operator::sending_domain::dns_endpoint;
-use petrel_operator::sending_domain::records::{desired_records, split_txt};
+use petrel_operator::sending_domain::records::{desired_records, return_path_mx, split_txt};
 use petrel_operator::smtp_relay::keda;
 use serde_json::Value;
 
@@ -110,8 +110,8 @@ fn dns_endpoint_satisfies_external_dns_crd() {
          spec: {domain: example.com, relayRef: {name: main}, returnPathDomain: bounces.example.com, dnsPublish: {externalDns: true}}",
     )
     .expect("domain fixture");
-    // The records the operator computes (SPF on the return path, DMARC), a
-    // split RSA-sized DKIM value, and an MX as the feedback work adds it.
+    // The records the operator computes (SPF on the return path, DMARC, the
+    // return path's MX to the relay's feedback host) and a split RSA-sized DKIM value.
     let mut records: Vec<DnsRecord> = desired_records(&sd.spec, &["203.0.113.7".into()], None)
         .iter()
         .map(|d| record(&d.name, d.type_, d.presentation()))
@@ -121,11 +121,10 @@ fn dns_endpoint_satisfies_external_dns_crd() {
         DnsRecordType::TXT,
         split_txt(&format!("v=DKIM1; k=rsa; p={}", "A".repeat(392))),
     ));
-    records.push(record(
-        "bounces.example.com",
-        DnsRecordType::MX,
-        "10 feedback.example.net.".into(),
-    ));
+    let feedback: petrel_crds::smtp_relay::RelayFeedbackSpec =
+        serde_yaml::from_str("{hostname: feedback.example.net}").expect("feedback fixture");
+    let mx = return_path_mx(&sd.spec, Some(&feedback)).expect("return-path MX");
+    records.push(record(&mx.name, mx.type_, mx.presentation()));
     let endpoint = dns_endpoint::dns_endpoint(&sd, &records).expect("asked for");
     let errors = validate(&endpoint, &schema, "DNSEndpoint");
     assert!(errors.is_empty(), "{errors:#?}");
@@ -147,6 +146,13 @@ fn dns_endpoint_satisfies_external_dns_crd() {
         targets
             .iter()
             .any(|t| t.starts_with("\"v=DKIM1") && t.contains("\" \""))
+    );
+    assert!(
+        endpoints
+            .iter()
+            .any(|e| e["dnsName"] == "bounces.example.com"
+                && e["recordType"] == "MX"
+                && e["targets"][0] == "10 feedback.example.net")
     );
     // The check is not vacuous: an unknown record type fails it.
     let mut bad = endpoint.clone();

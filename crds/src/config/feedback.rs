@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::validate::FieldError;
@@ -59,8 +60,8 @@ impl ListenerRole {
 }
 
 /// RFC 8058 one-click unsubscribe of one sending domain
-/// (`domains[].unsubscribe`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// (`domains[].unsubscribe`, and as is the SendingDomain's `spec.unsubscribe`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DomainUnsubscribe {
     /// Add `List-Unsubscribe` and `List-Unsubscribe-Post` to this domain's
@@ -69,14 +70,18 @@ pub struct DomainUnsubscribe {
     pub enabled: bool,
     /// `https://` URL routed to the relay's HTTP port; links are
     /// `<baseUrl>/u/<token>`.
+    #[schemars(
+        length(min = 9, max = 1024),
+        regex(pattern = r"^https://[^/?#\s][^?#\s]*$")
+    )]
     pub base_url: String,
     /// What to do when the message already has a `List-Unsubscribe`.
     #[serde(default)]
     pub mode: UnsubscribeMode,
 }
 
-/// Whether an app's own `List-Unsubscribe` is kept.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Whether an app's own `List-Unsubscribe` is kept: add-if-missing (default) or replace.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum UnsubscribeMode {
     /// Keep the app's header (and its `List-Unsubscribe-Post`), add ours

@@ -52,7 +52,9 @@ fn record_type(t: DnsRecordType) -> &'static str {
 pub fn endpoints(records: &[DnsRecord]) -> Vec<Value> {
     let mut order: Vec<(String, &'static str)> = Vec::new();
     let mut targets: BTreeMap<(String, &'static str), Vec<String>> = BTreeMap::new();
-    for record in records {
+    // A record without a target yet (an MX before the relay names its
+    // feedback host) has nothing to publish.
+    for record in records.iter().filter(|r| !r.value.is_empty()) {
         let key = (record.name.to_ascii_lowercase(), record_type(record.type_));
         let values = targets.entry(key.clone()).or_insert_with(|| {
             order.push(key.clone());
@@ -185,6 +187,7 @@ mod tests {
                 DnsRecordType::MX,
                 "10 feedback.example.net.",
             ),
+            record("bounces2.example.com", DnsRecordType::MX, ""),
         ];
         let got = endpoints(&records);
         assert_eq!(

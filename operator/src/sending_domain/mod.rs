@@ -3,4 +3,5 @@
 pub mod dns_endpoint;
 pub mod reconcile;
 pub mod records;
+pub mod reputation;
 pub mod validate;

@@ -12,18 +12,20 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use petrel_crds::dkim_key::{DkimKey, DkimKeyStatus};
 use petrel_crds::sending_domain::{
-    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_READY, SendingDomain,
-    SendingDomainStatus,
+    CONDITION_DKIM_ACTIVE, CONDITION_DNS_VERIFIED, CONDITION_PAUSED, CONDITION_READY,
+    SendingDomain, SendingDomainStatus,
 };
 use petrel_crds::smtp_relay::SmtpRelay;
 use petrel_crds::status::{
-    Condition, ConditionStatus, DnsRecord, DnsRecordState, DnsRecordType, conditions_equivalent,
-    merge_conditions,
+    Condition, ConditionStatus, DnsRecord, DnsRecordState, DnsRecordType, condition_is_true,
+    conditions_equivalent, merge_conditions,
 };
 
-use super::dns_endpoint;
-use super::records::{DesiredRecord, TxtAnswer, desired_records, evaluate, tracking_record};
+use super::records::{
+    DesiredRecord, TxtAnswer, desired_records, evaluate, return_path_mx, tracking_record,
+};
 use super::validate::{owned_dkim_key_spec, validate};
+use super::{dns_endpoint, reputation};
 use crate::apply::{FIELD_MANAGER, apply, apply_status};
 use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
@@ -119,9 +121,13 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     let key_status = key.status.clone().unwrap_or_default();
 
     let mut desired = desired_records(&sd.spec, &relay.spec.egress_ips, Some(&key_status));
+    desired.extend(return_path_mx(&sd.spec, relay.spec.feedback.as_ref()));
     desired.extend(tracking_record(&sd.spec, relay.spec.tracking.as_ref()));
     let records = verify(&desired, ctx, &now).await;
-    let conditions = conditions(&records, &key_status, generation, now);
+    let reputation =
+        reputation::sync(sd, &relay, ctx, &ns, &stored.conditions, now.clone()).await?;
+    let mut conditions = conditions(&records, &key_status, generation, now);
+    conditions.extend(reputation.conditions);
     let all_verified = records.iter().all(|r| r.state == DnsRecordState::Verified);
 
     let status = SendingDomainStatus {
@@ -134,11 +140,24 @@ async fn reconcile_inner(sd: &SendingDomain, ctx: &Context) -> Result<Action> {
     write_status(&domains, &name, &stored, &status, refresh_before).await?;
     dns_endpoint::reconcile(sd, ctx, &ns, &status.dns_records).await?;
     record_metrics(ctx, &ns, &sd.spec.domain, &status.dns_records);
-    Ok(Action::requeue(if all_verified {
+    ctx.metrics
+        .domain_paused
+        .with_label_values(&[ns.as_str(), sd.spec.domain.as_str()])
+        .set(i64::from(condition_is_true(
+            &status.conditions,
+            CONDITION_PAUSED,
+        )));
+    let dns_recheck = if all_verified {
         ctx.settings.dns_recheck_slow
     } else {
         ctx.settings.dns_recheck_fast
-    }))
+    };
+    let reputation_recheck = if reputation.watch_closely {
+        ctx.settings.reputation_recheck_fast
+    } else {
+        ctx.settings.reputation_recheck
+    };
+    Ok(Action::requeue(dns_recheck.min(reputation_recheck)))
 }
 
 /// The operator-owned DkimKey (applied) or the referenced one (checked).
@@ -191,21 +210,25 @@ async fn ensure_dkim_key(
 
 /// Looks up each distinct name once and evaluates every record against it.
 async fn verify(desired: &[DesiredRecord], ctx: &Context, now: &Time) -> Vec<DnsRecord> {
-    let mut answers: BTreeMap<&str, TxtAnswer> = BTreeMap::new();
+    // By name and type: a return-path domain has both its SPF (TXT) and its MX.
+    let mut answers: BTreeMap<(&str, DnsRecordType), TxtAnswer> = BTreeMap::new();
     for record in desired {
-        if !answers.contains_key(record.name.as_str()) {
-            let answer = match record.type_ {
+        let key = (record.name.as_str(), record.type_);
+        if let std::collections::btree_map::Entry::Vacant(slot) = answers.entry(key) {
+            slot.insert(match record.type_ {
                 DnsRecordType::CNAME => ctx.dns.lookup_cname(&record.name).await,
-                _ => ctx.dns.lookup_txt(&record.name).await,
-            };
-            answers.insert(record.name.as_str(), answer);
+                DnsRecordType::MX => ctx.dns.lookup_mx(&record.name).await,
+                DnsRecordType::TXT => ctx.dns.lookup_txt(&record.name).await,
+            });
         }
     }
     desired
         .iter()
         .map(|record| {
             let failed = TxtAnswer::Failed("not looked up".into());
-            let answer = answers.get(record.name.as_str()).unwrap_or(&failed);
+            let answer = answers
+                .get(&(record.name.as_str(), record.type_))
+                .unwrap_or(&failed);
             let (state, observed) = evaluate(record, answer);
             let message = match answer {
                 TxtAnswer::Failed(reason) => Some(format!("lookup failed: {reason}")),
@@ -255,13 +278,19 @@ pub fn conditions(
         };
         let detail: Vec<String> = not_ok
             .iter()
-            .map(|r| {
-                format!(
+            .map(|r| match &r.message {
+                // No value yet: publishing cannot help, the note says what to set.
+                Some(note) if r.value.is_empty() => format!(
+                    "{} {} has no target yet ({note})",
+                    r.name,
+                    api_spelling(&r.type_)
+                ),
+                _ => format!(
                     "{} {} {}",
                     api_spelling(&r.state),
                     r.name,
                     api_spelling(&r.type_)
-                )
+                ),
             })
             .collect();
         Condition::new(

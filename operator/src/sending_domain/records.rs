@@ -3,6 +3,7 @@
 
 use petrel_crds::dkim_key::DkimKeyStatus;
 use petrel_crds::sending_domain::SendingDomainSpec;
+use petrel_crds::smtp_relay::RelayFeedbackSpec;
 use petrel_crds::status::{DkimKeyPhase, DnsRecordPurpose, DnsRecordType};
 use petrel_crds::tracking::RelayTrackingSpec;
 
@@ -94,6 +95,51 @@ pub fn desired_records(
         note: None,
     });
     records
+}
+
+/// Preference of the return-path MX the operator asks for (the only MX of the name).
+pub const RETURN_PATH_MX_PREFERENCE: u16 = 10;
+
+/// The return-path domain's MX to the relay's feedback host, so bounces and
+/// reports sent to the VERP envelope sender reach the feedback listener.
+/// Without the relay's `spec.feedback` the record has no target yet: it is
+/// listed with a note saying what to set (the domain's SPF record on the
+/// return-path domain is in [`desired_records`]).
+pub fn return_path_mx(
+    spec: &SendingDomainSpec,
+    relay: Option<&RelayFeedbackSpec>,
+) -> Option<DesiredRecord> {
+    let name = spec
+        .return_path_domain
+        .as_deref()?
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let (value, note) = match relay {
+        Some(f) => (
+            format!(
+                "{RETURN_PATH_MX_PREFERENCE} {}",
+                f.hostname.trim_end_matches('.').to_ascii_lowercase()
+            ),
+            Some(
+                "bounces and complaint reports reach the relay's feedback listener through this MX"
+                    .to_string(),
+            ),
+        ),
+        None => (
+            String::new(),
+            Some(format!(
+                "set spec.feedback.hostname on SmtpRelay {}: bounces to {name} reach the relay's feedback listener through this MX",
+                spec.relay_ref.name
+            )),
+        ),
+    };
+    Some(DesiredRecord {
+        name,
+        type_: DnsRecordType::MX,
+        value,
+        purpose: DnsRecordPurpose::ReturnPath,
+        note,
+    })
 }
 
 /// The tracking domain's CNAME to the relay's public tracking host, when the
@@ -282,6 +328,64 @@ mod tests {
             tracking_record(
                 &spec("{domain: example.com, relayRef: {name: r}}"),
                 Some(&relay)
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn return_path_mx_points_at_the_feedback_host_and_verifies() {
+        let sd = spec(
+            "{domain: example.com, relayRef: {name: main}, returnPathDomain: Bounces.example.com}",
+        );
+        let feedback: RelayFeedbackSpec =
+            serde_yaml::from_str("{hostname: feedback.petrel.example.net}").unwrap();
+        let record = return_path_mx(&sd, Some(&feedback)).unwrap();
+        assert_eq!(record.name, "bounces.example.com");
+        assert_eq!(record.type_, DnsRecordType::MX);
+        assert_eq!(record.value, "10 feedback.petrel.example.net");
+        assert_eq!(record.purpose, DnsRecordPurpose::ReturnPath);
+        let answer = |s: &[&str]| TxtAnswer::Records(s.iter().map(|s| s.to_string()).collect());
+        let table = [
+            (
+                answer(&["10 feedback.petrel.example.net"]),
+                DnsRecordState::Verified,
+            ),
+            (
+                answer(&["20 Feedback.Petrel.Example.net."]),
+                DnsRecordState::Verified,
+            ),
+            (answer(&["10 mx.example.com"]), DnsRecordState::Mismatch),
+            (
+                answer(&["10 feedback.petrel.example.net", "20 mx.example.com"]),
+                DnsRecordState::Mismatch,
+            ),
+            (TxtAnswer::NotFound, DnsRecordState::Missing),
+            (TxtAnswer::Failed("timeout".into()), DnsRecordState::Unknown),
+        ];
+        for (answer, want) in table {
+            assert_eq!(evaluate(&record, &answer).0, want, "{answer:?}");
+        }
+        // No feedback host on the relay: listed without a target, saying what to set.
+        let unset = return_path_mx(&sd, None).unwrap();
+        assert_eq!(unset.value, "");
+        assert!(
+            unset
+                .note
+                .as_deref()
+                .is_some_and(|n| n.contains("spec.feedback.hostname on SmtpRelay main")),
+            "{:?}",
+            unset.note
+        );
+        assert_eq!(
+            evaluate(&unset, &answer(&["10 x.example"])).0,
+            DnsRecordState::Mismatch
+        );
+        // No return-path domain, no MX.
+        assert_eq!(
+            return_path_mx(
+                &spec("{domain: example.com, relayRef: {name: main}}"),
+                Some(&feedback)
             ),
             None
         );

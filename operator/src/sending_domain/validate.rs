@@ -67,6 +67,7 @@ pub fn validate(sd: &SendingDomain, all: &[SendingDomain]) -> Result<(), Invalid
     if let Some(interval) = &sd.spec.dkim.rotation_interval {
         parse_duration("spec.dkim.rotationInterval", interval)?;
     }
+    crate::domain_feedback::domain_settings(&sd.spec)?;
     Ok(())
 }
 
@@ -175,6 +176,26 @@ mod tests {
             validate(&own, &[]).expect_err("loop").reason,
             "InvalidSpfInclude"
         );
+    }
+
+    #[test]
+    fn bad_feedback_settings_block_the_domain_naming_the_field() {
+        let window = sd("a", "example.com", 1, ", reputation: {window: 30s}");
+        let err = validate(&window, &[]).expect_err("window too short");
+        assert_eq!(err.reason, "InvalidReputation");
+        assert_eq!(err.message, "spec.reputation.window: must be at least 1m");
+        let template = sd("a", "example.com", 1, ", feedbackId: '{tag:}'");
+        assert_eq!(
+            validate(&template, &[]).expect_err("bad template").reason,
+            "InvalidFeedbackId"
+        );
+        let fine = sd(
+            "a",
+            "example.com",
+            1,
+            ", reputation: {maxComplaintRate: 0.3%}, feedbackId: '{domain}:petrel'",
+        );
+        assert!(validate(&fine, &[]).is_ok());
     }
 
     #[test]

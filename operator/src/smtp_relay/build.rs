@@ -90,8 +90,7 @@ fn webhook_volume(events: Option<&sr::EventsSpec>) -> Option<Volume> {
     })
 }
 
-/// Port of the relay's HTTP server: metrics, /healthz, /readyz.
-pub const HTTP_PORT: i32 = 9090;
+pub use crate::names::HTTP_PORT;
 /// Key of the rendered config in the ConfigMap.
 pub const CONFIG_KEY: &str = "relay.yaml";
 /// Pod-template annotation over what needs a restart.
@@ -110,7 +109,11 @@ const SMARTHOST_DIR: &str = "/etc/petrel/smarthost";
 pub const WEBHOOKS_DIR: &str = "/etc/petrel/webhooks";
 
 pub use crate::context::BuildSettings;
-pub use crate::names::{base_name, config_map_name, dkim_secret_name, key_file_name};
+pub use crate::names::{
+    base_name, config_map_name, dkim_secret_name, feedback_secret_name, key_file_name,
+};
+
+use super::feedback;
 
 /// A SendingDomain bound to the relay, with the key it signs with now.
 #[derive(Clone, Debug)]
@@ -137,6 +140,11 @@ pub(crate) fn labels(relay: &SmtpRelay) -> BTreeMap<String, String> {
     );
     labels.insert("app.kubernetes.io/component".into(), "smtp-relay".into());
     labels
+}
+
+/// Metadata of a child object: labels and the relay as controlling owner.
+pub(crate) fn child_meta(relay: &SmtpRelay, name: String) -> ObjectMeta {
+    meta(relay, name)
 }
 
 fn meta(relay: &SmtpRelay, name: String) -> ObjectMeta {
@@ -179,7 +187,7 @@ pub fn relay_config(
 ) -> Result<rc::RelayConfig, InvalidSpec> {
     let spec = &relay.spec;
     let ns = relay.namespace().unwrap_or_else(|| "default".into());
-    let listeners = spec
+    let listeners: Vec<rc::Listener> = spec
         .listeners
         .iter()
         .map(|l| rc::Listener {
@@ -191,8 +199,9 @@ pub fn relay_config(
             tls: l.tls.into(),
             auth: l.auth.into(),
             allow_insecure_auth: l.allow_insecure_auth,
-            role: rc::ListenerRole::default(),
+            role: rc::ListenerRole::Submission,
         })
+        .chain(feedback::listener(relay))
         .collect();
     let trusted_networks = spec
         .trusted_networks
@@ -281,6 +290,13 @@ pub fn relay_config(
         let key = &d.active_key;
         let limits = d.spec.rate_limits.clone().unwrap_or_default();
         let to_u32 = |v: Option<i32>| v.and_then(|v| u32::try_from(v).ok());
+        let (unsubscribe, feedback_id, reputation) =
+            feedback::domain_settings(&d.spec).map_err(|e| {
+                InvalidSpec::new(
+                    e.reason,
+                    format!("SendingDomain for {}: {}", d.spec.domain, e.message),
+                )
+            })?;
         sending.push(rc::SendingDomain {
             domain: d.spec.domain.clone(),
             dkim: rc::DkimConfig {
@@ -307,9 +323,9 @@ pub fn relay_config(
                 domain: t.domain.clone(),
                 https: t.https,
             }),
-            unsubscribe: None,
-            feedback_id: None,
-            reputation: rc::Reputation::default(),
+            unsubscribe,
+            feedback_id,
+            reputation,
         });
     }
     sending.sort_by(|a, b| a.domain.cmp(&b.domain));
@@ -354,10 +370,16 @@ pub fn relay_config(
         },
         http: rc::HttpConfig {
             address: std::net::SocketAddr::from(([0, 0, 0, 0], HTTP_PORT as u16)),
+            // The operator reads the reputation guard and resumes domains with it.
+            admin_token_file: Some(feedback::admin_token_file()),
             ..Default::default()
         },
         events: events_config(spec.events.as_ref())?,
-        feedback: rc::FeedbackConfig::default(),
+        // Always set: every pod must seal and open tokens with one key, and
+        // domains may enable unsubscribe or a return path at any time.
+        feedback: rc::FeedbackConfig {
+            key_file: Some(feedback::key_file()),
+        },
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();
@@ -525,6 +547,7 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
             ..Default::default()
         },
         secret_volume("dkim", &dkim_secret_name(relay), None),
+        secret_volume("feedback", &feedback_secret_name(relay), None),
         secret_volume(
             "redis",
             &spec.redis.url_secret_ref.name,
@@ -539,6 +562,7 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
     let mut mounts = vec![
         mount("config", CONFIG_DIR),
         mount("dkim", DKIM_DIR),
+        mount("feedback", feedback::FEEDBACK_DIR),
         mount("redis", REDIS_DIR),
         VolumeMount {
             name: "tmp".into(),
@@ -589,6 +613,14 @@ pub fn deployment(relay: &SmtpRelay, settings: &BuildSettings) -> Deployment {
             ..Default::default()
         })
         .collect();
+    if let Some(f) = &spec.feedback {
+        ports.push(ContainerPort {
+            name: Some(feedback::LISTENER_NAME.into()),
+            container_port: f.effective_target_port(),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        });
+    }
     ports.push(ContainerPort {
         name: Some("http".into()),
         container_port: HTTP_PORT,
@@ -1048,7 +1080,10 @@ mod tests {
             .flatten()
             .map(|v| v.name.clone())
             .collect();
-        assert_eq!(volumes, ["config", "dkim", "redis", "tmp", "tls", "auth"]);
+        assert_eq!(
+            volumes,
+            ["config", "dkim", "feedback", "redis", "tmp", "tls", "auth"]
+        );
         assert_eq!(
             d.metadata.owner_references.expect("owner")[0].controller,
             Some(true)

@@ -2,6 +2,7 @@
 //! Deployment, Service, PDB, HPA or KEDA ScaledObject -> status.
 
 pub mod build;
+pub mod feedback;
 pub mod keda;
 pub mod mounted;
 pub mod reconcile;

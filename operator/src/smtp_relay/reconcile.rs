@@ -26,12 +26,12 @@ use petrel_crds::status::{
 
 use super::build::{self, BoundDomain};
 use super::rollout::{self, Rollout};
-use super::{keda, mounted, secrets};
+use super::{feedback, keda, mounted, secrets};
 use crate::apply::{apply, apply_optional, apply_status, delete};
 use crate::claims::conflicting_owner;
 use crate::context::Context;
 use crate::error::{Error, InvalidSpec, Result};
-use crate::names::{PRIVATE_KEY, dkim_key_name};
+use crate::names::{PRIVATE_KEY, dkim_key_name, feedback_secret_name, feedback_service_name};
 use crate::stores::Stores;
 
 /// What the relay signs for, and the key files its pods need.
@@ -130,6 +130,8 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         mounted::since_annotation(&since),
     )]));
     apply(&secrets_api, &build::dkim_secret_name(relay), &key_secret).await?;
+    // Before the Deployment, whose pods cannot start without it.
+    ensure_feedback_secret(relay, ctx, &secrets_api, &ns).await?;
     apply(
         &Api::<ConfigMap>::namespaced(client.clone(), &ns),
         &build::config_map_name(relay),
@@ -148,6 +150,13 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
         &build::service(relay),
     )
     .await?;
+    let services = Api::<Service>::namespaced(client.clone(), &ns);
+    match feedback::service(relay) {
+        Some(svc) => {
+            apply(&services, &feedback_service_name(relay), &svc).await?;
+        }
+        None => delete(&services, &feedback_service_name(relay)).await?,
+    }
     apply(
         &Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns),
         &build::base_name(relay),
@@ -187,6 +196,69 @@ async fn reconcile_inner(relay: &SmtpRelay, ctx: &Context) -> Result<Action> {
             .min(std::time::Duration::from_secs(secs.unsigned_abs()))
     });
     Ok(Action::requeue(after))
+}
+
+/// Creates the relay's feedback Secret (token key and admin token) when it
+/// does not exist, and adds a key it lacks; never rewrites a value it holds.
+/// The cache may lag behind a create of a moment ago, so absence is checked
+/// against the API, and the create is a create (409 when it exists), not an
+/// apply that could replace the key.
+async fn ensure_feedback_secret(
+    relay: &SmtpRelay,
+    ctx: &Context,
+    api: &Api<Secret>,
+    ns: &str,
+) -> Result<()> {
+    let name = feedback_secret_name(relay);
+    let cached = ctx.stores.owned_secret(ns, &name);
+    if feedback::missing_values(cached.as_deref()).is_empty() {
+        return Ok(());
+    }
+    let stored = api.get_opt(&name).await?;
+    let missing = feedback::missing_values(stored.as_ref());
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let created = stored.is_none();
+    match stored {
+        None => {
+            let secret = feedback::secret(relay, missing);
+            match api.create(&kube::api::PostParams::default(), &secret).await {
+                Ok(_) => {}
+                // Created meanwhile (another operator replica, a retried request): keep it.
+                Err(kube::Error::Api(status)) if status.code == 409 => return Ok(()),
+                Err(err) => return Err(err.into()),
+            }
+        }
+        Some(_) => {
+            // A merge patch adds the missing keys and leaves the others as they are.
+            let data: BTreeMap<String, k8s_openapi::ByteString> = missing
+                .into_iter()
+                .map(|(k, v)| (k, k8s_openapi::ByteString(v.into_bytes())))
+                .collect();
+            api.patch(
+                &name,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(serde_json::json!({ "data": data })),
+            )
+            .await?;
+        }
+    }
+    ctx.event(
+        relay,
+        EventType::Normal,
+        "FeedbackSecretCreated",
+        "Render",
+        if created {
+            format!(
+                "created Secret {ns}/{name} with the feedback token key and the admin API token"
+            )
+        } else {
+            format!("added the missing keys to Secret {ns}/{name}")
+        },
+    )
+    .await;
+    Ok(())
 }
 
 /// The SendingDomains bound to `relay` (not losing a domain conflict) that have
