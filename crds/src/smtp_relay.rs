@@ -315,7 +315,7 @@ pub struct WebhookSpec {
     #[schemars(
         length(min = 1, max = 12),
         inner(regex(
-            pattern = r"^(accepted|rejected|delivered|deferred|delayed|bounced|suppressed|dsn|complained|unsubscribed|opened|clicked)$"
+            pattern = r"^(accepted|rejected|delivered|deferred|delayed|bounced|suppressed|dsn|complained|unsubscribed|opened|clicked|deleted)$"
         ))
     )]
     pub types: Option<Vec<String>>,

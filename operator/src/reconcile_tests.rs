@@ -1892,3 +1892,47 @@ async fn dns_endpoint_carries_the_return_path_mx() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn dns_endpoint_is_kept_as_it_was_when_a_reconcile_fails() {
+    bounded(async {
+        let w = World::with_settings(Settings {
+            external_dns: true,
+            ..Settings::default()
+        });
+        w.add_relay(relay_spec());
+        w.add_domain(
+            "example",
+            json!({"domain": "example.com", "relayRef": {"name": "main"},
+                   "dnsPublish": {"externalDns": true}}),
+        );
+        w.settle("example").await;
+        w.reconcile_domain("example").await;
+        let before = w.api.get(DNS_ENDPOINT).expect("DNSEndpoint applied");
+        let touched = |w: &World| {
+            w.api
+                .requests()
+                .iter()
+                .filter(|r| r.contains("dnsendpoints"))
+                .count()
+        };
+
+        // The DkimKey apply fails: the reconcile errs before the DNSEndpoint.
+        let requests = touched(&w);
+        w.api.fail_next("PATCH", "dkimkeys", 500);
+        w.sync();
+        let failed =
+            sending_domain::reconcile::reconcile(Arc::new(w.domain("example")), w.ctx.clone())
+                .await;
+        assert!(failed.is_err());
+        assert_eq!(touched(&w), requests, "no DNSEndpoint request on failure");
+        assert_eq!(w.api.get(DNS_ENDPOINT), Some(before.clone()));
+
+        // The relay is gone (the spec is blocked): nothing is pruned.
+        w.api.delete(&path::<SmtpRelay>(NS, "main"));
+        w.reconcile_domain("example").await;
+        assert_eq!(touched(&w), requests, "a blocked spec leaves it alone");
+        assert_eq!(w.api.get(DNS_ENDPOINT), Some(before));
+    })
+    .await;
+}

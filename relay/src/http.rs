@@ -27,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::metrics::RelayMetrics;
 use crate::refusal::Refusal;
 
+pub mod admin_queue;
 mod slots;
 pub mod tls_listener;
 use crate::queue::{Millis, Queue, QueueError, QueueStats, now_millis};

@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod metrics;
 pub mod policy;
 pub mod queue;
+pub mod queue_ctl;
 pub mod refusal;
 pub mod reload;
 pub mod reputation;

@@ -54,6 +54,9 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Inspect and control the queue. Exit status: 0 done, 1 error,
+    /// 2 usage, 3 not found, 4 busy (a worker is delivering it; retry).
+    Queue(petrel_relay::queue_ctl::cli::QueueArgs),
 }
 
 #[derive(Subcommand)]
@@ -195,6 +198,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 tail::tail(&source, kind, follow, &mut out).await
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Queue(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let status = runtime.block_on(petrel_relay::queue_ctl::cli::run(args));
+            Ok(ExitCode::from(status as u8))
         }
         Command::Run { config } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

@@ -34,8 +34,10 @@ pub struct RelayMetrics {
     pub outbound_tls: IntCounterVec,
     /// Failed AUTH attempts, by listener.
     pub auth_failures: IntCounterVec,
-    /// Queue units by state (`due`, `deferred`, `leased`).
+    /// Queue units by state (`due`, `deferred`, `leased`, `held`).
     pub queue_units: IntGaugeVec,
+    /// Destinations held by `petrel-relay queue hold`.
+    pub held_destinations: IntGauge,
     /// Age of the oldest queued message.
     pub oldest_message_age: IntGauge,
     /// Open SMTP sessions, by listener.
@@ -95,6 +97,11 @@ impl RelayMetrics {
             "Age of the oldest message in the queue.",
         )?;
         registry.register(Box::new(oldest_message_age.clone()))?;
+        let held_destinations = IntGauge::new(
+            "petrel_queue_held_destinations",
+            "Destinations held by `petrel-relay queue hold` (their units are not attempted).",
+        )?;
+        registry.register(Box::new(held_destinations.clone()))?;
         let active_sessions = IntGaugeVec::new(
             Opts::new("petrel_smtp_sessions_active", "Open inbound SMTP sessions."),
             &["listener"],
@@ -220,6 +227,7 @@ impl RelayMetrics {
                 &["type"],
             )?,
             queue_units,
+            held_destinations,
             oldest_message_age,
             active_sessions,
             attempt_duration,

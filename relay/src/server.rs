@@ -141,7 +141,11 @@ pub async fn run_until(
                 metrics: metrics.unsubscribe.clone(),
                 relay: crate::events::relay_name(&current.hostname),
             },
-        )),
+        ))
+        .merge(http::admin_queue::router(http::admin_queue::AdminQueue {
+            backend: backend.clone(),
+            config: config.clone(),
+        })),
     );
     let http_task = match (current.http.tls, &inbound_ctx.tls) {
         (true, Some(tls)) => {

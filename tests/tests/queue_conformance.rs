@@ -16,7 +16,7 @@ use petrel_relay::config::{EmbeddedQueue, QueueConfig, RedisQueue};
 use petrel_relay::events::{Event, EventType};
 use petrel_relay::queue::{
     self, Backend, Lease, MessageFlags, Millis, NewMessage, QueueError, Reschedule, SettleOp,
-    Settlement, SuppressionEntry, SuppressionReason,
+    Settlement, SuppressionEntry, SuppressionReason, UnitState, UnitView,
 };
 use petrel_tests::redis::{Persistence, RedisServer};
 
@@ -744,6 +744,123 @@ mod cases {
         assert_eq!(b.queue.stats(until).await.unwrap().messages, 0);
     }
 
+    pub async fn control_lists_units_with_state_and_attempt_history(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
+            .await
+            .unwrap();
+        b.queue
+            .enqueue(message("later", &["c@z.org"], T + 5_000), Vec::new())
+            .await
+            .unwrap();
+        let leases = b.queue.lease(T, 1, MINUTE).await.unwrap();
+        let x = &leases[0];
+        let views = b.control.units(T).await.unwrap();
+        assert_eq!(views.len(), 3);
+        let state =
+            |views: &[UnitView], id: &str| views.iter().find(|v| v.unit.id == id).map(|v| v.state);
+        assert_eq!(state(&views, &x.unit.id), Some(UnitState::Leased));
+        assert_eq!(state(&views, "later:z.org"), Some(UnitState::Deferred));
+
+        b.queue
+            .retry(x, later(x.unit.recipients.clone(), T + 60_000))
+            .await
+            .unwrap();
+        let views = b.control.units(T + 1).await.unwrap();
+        let unit = views.iter().find(|v| v.unit.id == x.unit.id).unwrap();
+        assert_eq!(unit.state, UnitState::Deferred);
+        assert_eq!(unit.unit.next_attempt_at, T + 60_000);
+        assert_eq!(unit.unit.history.len(), 1);
+        assert_eq!(unit.unit.history[0].reply, "451 4.7.1 greylisted");
+        // A lease expired at `now` lists as due.
+        let views = b.control.units(T + 60_000 + 1).await.unwrap();
+        assert_eq!(state(&views, &x.unit.id), Some(UnitState::Due));
+    }
+
+    pub async fn hold_keeps_a_destination_from_lease_until_released(b: Backend) {
+        b.queue
+            .enqueue(message("m", &["a@x.org", "b@y.org"], T), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(b.control.hold("x.org", T).await.unwrap(), 1);
+        assert_eq!(b.control.holds().await.unwrap()[0].domain, "x.org");
+        // Mail arriving during the hold is held as soon as it is due.
+        b.queue
+            .enqueue(message("new", &["c@x.org"], T + 1_000), Vec::new())
+            .await
+            .unwrap();
+        let leased = b.queue.lease(T + 1_000, 10, MINUTE).await.unwrap();
+        assert_eq!(sorted_domains(&leased), vec!["y.org"]);
+        let stats = b.queue.stats(T + 1_000).await.unwrap();
+        assert_eq!((stats.held, stats.due, stats.leased), (2, 0, 1));
+        assert!(
+            b.queue
+                .lease(T + 3_600_000, 10, MINUTE)
+                .await
+                .unwrap()
+                .iter()
+                .all(|l| l.unit.domain != "x.org"),
+            "held units are never leased"
+        );
+        let views = b.control.units(T + 1_000).await.unwrap();
+        assert_eq!(
+            views.iter().filter(|v| v.state == UnitState::Held).count(),
+            2
+        );
+
+        assert_eq!(b.control.release("x.org", T + 10_000).await.unwrap(), 2);
+        assert!(b.control.holds().await.unwrap().is_empty());
+        let back = b.queue.lease(T + 10_000, 10, MINUTE).await.unwrap();
+        assert_eq!(back.len(), 2);
+        let old = back.iter().find(|l| l.unit.message_id == "m").unwrap();
+        let new = back.iter().find(|l| l.unit.message_id == "new").unwrap();
+        assert_eq!(old.unit.held_ms, 10_000, "held from the hold on");
+        assert_eq!(new.unit.held_ms, 9_000, "held from its arrival on");
+        assert!(matches!(
+            b.control.release("x.org", T + 20_000).await,
+            Err(QueueError::NotFound(_))
+        ));
+    }
+
+    pub async fn claim_takes_waiting_and_held_units_but_not_leased_ones(b: Backend) {
+        b.queue
+            .enqueue(
+                message("m", &["a@x.org", "b@y.org", "c@z.org"], T),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        b.control.hold("z.org", T).await.unwrap();
+        let leased = b.queue.lease(T, 1, MINUTE).await.unwrap().remove(0);
+        let ids: Vec<String> = ["m:x.org", "m:y.org", "m:z.org", "nope:x.org"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let claimed = b.control.claim(&ids, T + 1, MINUTE).await.unwrap();
+        let mut got: Vec<String> = claimed.iter().map(|l| l.unit.id.clone()).collect();
+        got.sort();
+        let mut want: Vec<String> = vec!["m:z.org".into()];
+        want.extend(
+            ["m:x.org", "m:y.org"]
+                .iter()
+                .filter(|id| **id != leased.unit.id)
+                .map(|s| s.to_string()),
+        );
+        want.sort();
+        assert_eq!(got, want);
+        // A claim is an ordinary lease: settled through the queue.
+        for lease in &claimed {
+            b.queue
+                .settle(lease, Settlement::only(SettleOp::Fail))
+                .await
+                .unwrap();
+        }
+        let stats = b.queue.stats(T + 1).await.unwrap();
+        assert_eq!((stats.leased, stats.held, stats.messages), (1, 0, 1));
+        b.queue.complete(&leased).await.unwrap();
+        assert_eq!(b.queue.stats(T + 1).await.unwrap().messages, 0);
+    }
+
     pub async fn retry_with_no_recipients_left_finishes_the_unit(b: Backend) {
         b.queue
             .enqueue(message("m", &["a@x.org"], T), Vec::new())
@@ -1308,6 +1425,9 @@ conformance!(
     retry_reschedules_the_remaining_recipients,
     retry_with_no_recipients_left_finishes_the_unit,
     postpone_puts_the_unit_back_without_counting_an_attempt,
+    control_lists_units_with_state_and_attempt_history,
+    hold_keeps_a_destination_from_lease_until_released,
+    claim_takes_waiting_and_held_units_but_not_leased_ones,
     completing_the_last_unit_deletes_the_message,
     fail_removes_the_unit_like_complete,
     stats_count_units_by_state,
@@ -1888,6 +2008,8 @@ async fn redis_cluster_passes_the_conformance_cases() {
             renew_of_an_expired_or_taken_over_lease_is_lost,
             retry_reschedules_the_remaining_recipients,
             postpone_puts_the_unit_back_without_counting_an_attempt,
+            hold_keeps_a_destination_from_lease_until_released,
+            claim_takes_waiting_and_held_units_but_not_leased_ones,
             completing_the_last_unit_deletes_the_message,
             stats_count_units_by_state,
             enqueue_of_the_same_id_stores_it_once,

@@ -46,7 +46,7 @@ fn default_retention() -> Duration {
 
 /// The event types a webhook may subscribe to (the `type` field of an
 /// event). The relay checks that this list matches its own event types.
-pub const EVENT_TYPES: [&str; 12] = [
+pub const EVENT_TYPES: [&str; 13] = [
     "accepted",
     "rejected",
     "delivered",
@@ -59,6 +59,7 @@ pub const EVENT_TYPES: [&str; 12] = [
     "unsubscribed",
     "opened",
     "clicked",
+    "deleted",
 ];
 
 /// One webhook endpoint.

@@ -166,8 +166,14 @@ pub async fn queue_pod(client: &Client, ns: &str, relay: &str) -> Result<String,
 
 /// `kubectl exec` arguments running `petrel-relay queue ARGS` in the relay
 /// container of `pod` (pure). The relay image has no shell, so the binary is
-/// run directly.
+/// run directly, with the config file the operator mounts (the queue
+/// command finds the backend, and the relay's admin API, through it).
 pub fn queue_exec_args(ns: &str, pod: &str, args: &[String]) -> Vec<String> {
+    let config = format!(
+        "{}/{}",
+        crate::smtp_relay::build::CONFIG_DIR,
+        crate::smtp_relay::build::CONFIG_KEY
+    );
     let mut out: Vec<String> = [
         "exec",
         "-n",
@@ -178,6 +184,8 @@ pub fn queue_exec_args(ns: &str, pod: &str, args: &[String]) -> Vec<String> {
         "--",
         "petrel-relay",
         "queue",
+        "--config",
+        &config,
     ]
     .into_iter()
     .map(String::from)
@@ -352,6 +360,8 @@ mod tests {
                     "--",
                     "petrel-relay",
                     "queue",
+                    "--config",
+                    "/etc/petrel/config/relay.yaml",
                     "list",
                     "--json"
                 ]

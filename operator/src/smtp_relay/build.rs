@@ -98,7 +98,7 @@ pub const RESTART_HASH_ANNOTATION: &str = "petrel.dev/restart-hash";
 /// Uid and gid the relay runs as (distroless "nonroot").
 pub const RUN_AS: i64 = 65532;
 
-const CONFIG_DIR: &str = "/etc/petrel/config";
+pub const CONFIG_DIR: &str = "/etc/petrel/config";
 const DKIM_DIR: &str = "/etc/petrel/dkim";
 const TLS_DIR: &str = "/etc/petrel/tls";
 const AUTH_DIR: &str = "/etc/petrel/auth";

@@ -253,6 +253,8 @@ mod tests {
             delay_notified: false,
             tags: Default::default(),
             header_message_id: None,
+            history: Vec::new(),
+            held_ms: 0,
         }
     }
 

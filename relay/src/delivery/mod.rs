@@ -22,7 +22,7 @@ pub mod mta_sts;
 pub mod mx;
 pub mod retry;
 pub mod return_path;
-mod settle;
+pub(crate) mod settle;
 mod slot;
 pub mod suppression;
 pub mod tls;
@@ -65,6 +65,8 @@ pub struct DeliveryContext {
     pub queue: Arc<dyn Queue>,
     /// Suppression list, counters, slots.
     pub state: Arc<dyn SharedState>,
+    /// Queue inspection (held destinations, for the gauges).
+    pub control: Arc<dyn crate::queue::QueueControl>,
     /// Metrics registry handles.
     pub metrics: RelayMetrics,
     /// The name events carry in `relay` (see [`crate::events::relay_name`]).
@@ -103,6 +105,7 @@ impl DeliveryContext {
             config,
             queue: backend.queue,
             state: backend.state,
+            control: backend.control,
             metrics,
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),

@@ -164,11 +164,14 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
     let any_temporary = failed
         .iter()
         .any(|(_, f, _, _)| f.outcome() != Outcome::Permanent);
-    let retry_at =
-        match any_temporary.then(|| input.policy.decide(unit.received_at, input.attempts, now)) {
-            Some(RetryDecision::RetryAt(at)) => Some(at),
-            Some(RetryDecision::Expire) | None => None,
-        };
+    let retry_at = match any_temporary.then(|| {
+        input
+            .policy
+            .decide(unit.lifetime_start(), input.attempts, now)
+    }) {
+        Some(RetryDecision::RetryAt(at)) => Some(at),
+        Some(RetryDecision::Expire) | None => None,
+    };
     for (rcpt, failure, remote, tls) in failed {
         let fate = match (failure.outcome(), retry_at) {
             (Outcome::Permanent, _) => Fate::Bounced {
@@ -278,7 +281,7 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
             .policy
             .delayed_dsn_due(unit.received_at, unit.delay_notified, now)
     {
-        let until = input.policy.expires_at(unit.received_at);
+        let until = input.policy.expires_at(unit.lifetime_start());
         if let Some(message) = dsn::build(&dsn_ctx(Some(until)), &deferred) {
             dsn_events(EventType::Delayed, &message, &deferred);
             enqueue.push(message);

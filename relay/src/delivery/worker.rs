@@ -148,6 +148,9 @@ async fn update_gauges(ctx: &DeliveryContext) {
             m.queue_units
                 .with_label_values(&["leased"])
                 .set(stats.leased as i64);
+            m.queue_units
+                .with_label_values(&["held"])
+                .set(stats.held as i64);
             let age = stats
                 .oldest_received_at
                 .map(|t| now.saturating_sub(t) / 1000)
@@ -155,6 +158,9 @@ async fn update_gauges(ctx: &DeliveryContext) {
             m.oldest_message_age.set(age as i64);
         }
         Err(error) => tracing::debug!(%error, "queue stats unavailable"),
+    }
+    if let Ok(holds) = ctx.control.holds().await {
+        ctx.metrics.held_destinations.set(holds.len() as i64);
     }
 }
 
@@ -203,7 +209,7 @@ async fn throttle(
     why: &str,
 ) {
     let unit = &lease.unit;
-    if now_millis() >= policy(cfg).expires_at(unit.received_at) {
+    if now_millis() >= policy(cfg).expires_at(unit.lifetime_start()) {
         let route = Route::Fail(Fault::Throttled(why.to_string()));
         deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease).await;
         return;
@@ -1194,6 +1200,8 @@ mod tests {
                 delay_notified: false,
                 tags: Default::default(),
                 header_message_id: None,
+                history: Vec::new(),
+                held_ms: 0,
             },
             token: "t".into(),
             expires_at: 0,

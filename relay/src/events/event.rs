@@ -40,11 +40,14 @@ pub enum EventType {
     Opened,
     /// The recipient clicked a link.
     Clicked,
+    /// An operator dropped the message from the queue without a DSN
+    /// (`petrel-relay queue delete`).
+    Deleted,
 }
 
 impl EventType {
     /// Every type, in declaration order.
-    pub const ALL: [EventType; 12] = [
+    pub const ALL: [EventType; 13] = [
         EventType::Accepted,
         EventType::Rejected,
         EventType::Delivered,
@@ -57,6 +60,7 @@ impl EventType {
         EventType::Unsubscribed,
         EventType::Opened,
         EventType::Clicked,
+        EventType::Deleted,
     ];
 
     /// The JSON spelling, also the metric label.
@@ -74,6 +78,7 @@ impl EventType {
             EventType::Unsubscribed => "unsubscribed",
             EventType::Opened => "opened",
             EventType::Clicked => "clicked",
+            EventType::Deleted => "deleted",
         }
     }
 }
@@ -115,6 +120,8 @@ pub enum BounceType {
     Soft,
     /// Temporary failures until the queue lifetime ran out.
     Expired,
+    /// An operator bounced it (`petrel-relay queue bounce`).
+    Admin,
 }
 
 /// One event. Every optional field is absent from the JSON when unknown;

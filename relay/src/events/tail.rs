@@ -199,7 +199,8 @@ async fn http_get(address: SocketAddr, path: &str, token: Option<&str>) -> Resul
     Ok(body)
 }
 
-fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+/// The body of a chunked HTTP/1.1 response, joined.
+pub(crate) fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     loop {
         let line_end = data

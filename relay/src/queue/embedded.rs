@@ -31,26 +31,27 @@ use redb::{
 use super::embedded_events::{self, append_events};
 use super::redis::in_force;
 use super::{
-    Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement, SharedState,
-    SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
+    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
+    SharedState, SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
 };
 use crate::config::EmbeddedQueue;
 use crate::events::Event;
 
 /// Message id -> message bytes.
-const DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("data");
+pub(super) const DATA: TableDefinition<&str, &[u8]> = TableDefinition::new("data");
 /// Message id -> units not yet finished.
-const LEFT: TableDefinition<&str, u64> = TableDefinition::new("left");
+pub(super) const LEFT: TableDefinition<&str, u64> = TableDefinition::new("left");
 /// (received_at, message id): oldest message first.
-const RECEIVED: TableDefinition<(u64, &str), ()> = TableDefinition::new("received");
+pub(super) const RECEIVED: TableDefinition<(u64, &str), ()> = TableDefinition::new("received");
 /// Unit id -> [`super::DeliveryUnit`] JSON.
-const UNITS: TableDefinition<&str, &[u8]> = TableDefinition::new("units");
+pub(super) const UNITS: TableDefinition<&str, &[u8]> = TableDefinition::new("units");
 /// (next attempt, unit id) of every unit not leased.
-const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
+pub(super) const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
 /// Unit id -> (lease expiry, token) of every leased unit.
-const LEASES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("leases");
+pub(super) const LEASES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("leases");
 /// (lease expiry, unit id): leases in expiry order.
-const LEASE_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("lease_expiry");
+pub(super) const LEASE_EXPIRY: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("lease_expiry");
 /// [`SuppressionEntry::key`] -> [`SuppressionEntry`] JSON.
 pub(super) const SUPPRESSION: TableDefinition<&str, &[u8]> = TableDefinition::new("suppression");
 /// Counter key -> (total, end of window).
@@ -59,6 +60,11 @@ const COUNTERS: TableDefinition<&str, (u64, u64)> = TableDefinition::new("counte
 const SLOTS: TableDefinition<(&str, &str), u64> = TableDefinition::new("slots");
 /// Cache key -> (expiry, value).
 const VALUES: TableDefinition<&str, (u64, &str)> = TableDefinition::new("values");
+/// (next attempt, unit id) of every unit of a held destination (module
+/// `embedded_control`); such a unit is in neither `due` nor `leases`.
+pub(super) const HELD: TableDefinition<(u64, &str), ()> = TableDefinition::new("held");
+/// Held destination -> held since.
+pub(super) const HOLDS: TableDefinition<&str, u64> = TableDefinition::new("holds");
 
 /// Expired leases moved back to due per lease call (as in Redis).
 const RECLAIM_BATCH: usize = 1000;
@@ -106,6 +112,8 @@ impl EmbeddedBackend {
             txn.open_table(SLOTS)?;
             embedded_events::create_tables(&txn)?;
             txn.open_table(VALUES)?;
+            txn.open_table(HELD)?;
+            txn.open_table(HOLDS)?;
             txn.commit()?;
             Ok(db)
         })
@@ -339,12 +347,15 @@ impl Queue for EmbeddedBackend {
                     due.insert((at, id.as_str()), ())?;
                 }
                 let units = txn.open_table(UNITS)?;
+                let holds = txn.open_table(HOLDS)?;
+                let mut held = txn.open_table(HELD)?;
+                let holding = !holds.is_empty()?;
                 for (at, id) in due_keys(&due, now, max)? {
                     due.remove((at, id.as_str()))?;
                     let Some(json) = units.get(id.as_str())? else {
                         continue;
                     };
-                    let unit = match decode(json.value(), &id) {
+                    let unit = match decode::<DeliveryUnit>(json.value(), &id) {
                         Ok(unit) => unit,
                         Err(error) => {
                             // As in Redis: one bad record must not stall
@@ -355,6 +366,12 @@ impl Queue for EmbeddedBackend {
                             continue;
                         }
                     };
+                    // A held destination's unit waits in `held` instead
+                    // (see `queue::control`).
+                    if holding && holds.get(unit.domain.as_str())?.is_some() {
+                        held.insert((at, id.as_str()), ())?;
+                        continue;
+                    }
                     leases.insert(id.as_str(), (expires_at, token.as_str()))?;
                     expiry.insert((expires_at, id.as_str()), ())?;
                     out.push(Lease {
@@ -422,7 +439,7 @@ impl Queue for EmbeddedBackend {
 
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
         let lease = lease.clone();
-        let retry = match settled_unit(&lease.unit, settlement.op) {
+        let retry = match settled_unit(&lease.unit, settlement.op, now_millis()) {
             Some(unit) => Some((unit.next_attempt_at, encode(&unit, &unit.id)?)),
             None => None,
         };
@@ -467,6 +484,7 @@ impl Queue for EmbeddedBackend {
                 leased,
                 messages: txn.open_table(LEFT)?.len()?,
                 oldest_received_at: oldest,
+                held: txn.open_table(HELD)?.len()?,
             })
         })
         .await

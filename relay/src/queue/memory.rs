@@ -5,13 +5,14 @@
 //! under test behaves as against a real backend; the real backends have
 //! their own conformance suite in `tests/tests/queue_conformance.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::control::{Hold, QueueControl, UnitState, UnitView, released};
 use super::redis::in_force;
 use super::{
     DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
@@ -42,6 +43,10 @@ struct Store {
     events: BTreeMap<u64, (Millis, Event)>,
     /// Group -> (cursor, seq -> (claimed at, consumer)).
     groups: BTreeMap<String, Group>,
+    /// Held destination -> since.
+    holds: BTreeMap<String, Millis>,
+    /// Units moved out of reach of lease by a hold.
+    held: BTreeSet<String>,
 }
 
 impl Store {
@@ -192,17 +197,27 @@ impl Queue for MemoryBackend {
         let expires_at = now.saturating_add(lease_for.as_millis() as u64);
         let mut store = self.store();
         let store = &mut *store;
-        let mut due: Vec<&DeliveryUnit> = store
+        let due: Vec<&DeliveryUnit> = store
             .units
             .values()
             .filter(|u| {
                 u.next_attempt_at <= now
+                    && !store.held.contains(&u.id)
                     && store
                         .leases
                         .get(&u.id)
                         .is_none_or(|(expiry, _)| *expiry <= now)
             })
             .collect();
+        // As the real backends: a due unit of a held destination moves to
+        // the held set instead of being leased.
+        let (held, free): (Vec<&DeliveryUnit>, Vec<&DeliveryUnit>) = due
+            .into_iter()
+            .partition(|u| store.holds.contains_key(&u.domain));
+        let mut due = free;
+        for unit in held {
+            store.held.insert(unit.id.clone());
+        }
         due.sort_by_key(|u| (u.next_attempt_at, u.id.clone()));
         let leases: Vec<Lease> = due
             .into_iter()
@@ -263,7 +278,7 @@ impl Queue for MemoryBackend {
             return Err(QueueError::LeaseLost(id.clone()));
         }
         store.leases.remove(id);
-        match settled_unit(&lease.unit, settlement.op) {
+        match settled_unit(&lease.unit, settlement.op, now_millis()) {
             Some(unit) => {
                 store.units.insert(unit.id.clone(), unit);
             }
@@ -288,6 +303,7 @@ impl Queue for MemoryBackend {
         for unit in store.units.values() {
             match store.leases.get(&unit.id) {
                 Some((expiry, _)) if *expiry > now => stats.leased += 1,
+                None if store.held.contains(&unit.id) => stats.held += 1,
                 _ if unit.next_attempt_at <= now => stats.due += 1,
                 _ => stats.deferred += 1,
             }
@@ -636,6 +652,109 @@ impl EventLog for MemoryBackend {
             trimmed: doomed.len() as u64,
             dropped_unacked: 0,
         })
+    }
+}
+
+#[async_trait]
+impl QueueControl for MemoryBackend {
+    async fn units(&self, now: Millis) -> Result<Vec<UnitView>, QueueError> {
+        self.gate()?;
+        let store = self.store();
+        Ok(store
+            .units
+            .values()
+            .map(|unit| {
+                let state = match store.leases.get(&unit.id) {
+                    Some((expiry, _)) if *expiry > now => UnitState::Leased,
+                    None if store.held.contains(&unit.id) => UnitState::Held,
+                    _ if unit.next_attempt_at <= now => UnitState::Due,
+                    _ => UnitState::Deferred,
+                };
+                UnitView {
+                    unit: unit.clone(),
+                    state,
+                }
+            })
+            .collect())
+    }
+
+    async fn claim(
+        &self,
+        unit_ids: &[String],
+        now: Millis,
+        lease_for: Duration,
+    ) -> Result<Vec<Lease>, QueueError> {
+        self.gate()?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        let mut store = self.store();
+        let mut out = Vec::new();
+        for id in unit_ids {
+            let Some(unit) = store.units.get(id).cloned() else {
+                continue;
+            };
+            if store.leases.get(id).is_some_and(|(at, _)| *at > now) {
+                continue;
+            }
+            store.held.remove(id);
+            store.leases.insert(id.clone(), (expires_at, token.clone()));
+            out.push(Lease {
+                unit,
+                token: token.clone(),
+                expires_at,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn holds(&self) -> Result<Vec<Hold>, QueueError> {
+        self.gate()?;
+        Ok(self
+            .store()
+            .holds
+            .iter()
+            .map(|(domain, since)| Hold {
+                domain: domain.clone(),
+                since: *since,
+            })
+            .collect())
+    }
+
+    async fn hold(&self, domain: &str, now: Millis) -> Result<u64, QueueError> {
+        self.gate()?;
+        let mut store = self.store();
+        let store = &mut *store;
+        store.holds.entry(domain.to_string()).or_insert(now);
+        let mut moved = 0;
+        for unit in store.units.values().filter(|u| u.domain == domain) {
+            if !store.leases.contains_key(&unit.id) && store.held.insert(unit.id.clone()) {
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    async fn release(&self, domain: &str, now: Millis) -> Result<u64, QueueError> {
+        self.gate()?;
+        let mut store = self.store();
+        let store = &mut *store;
+        let since = store.holds.remove(domain);
+        let ids: Vec<String> = store
+            .held
+            .iter()
+            .filter(|id| store.units.get(*id).is_some_and(|u| u.domain == domain))
+            .cloned()
+            .collect();
+        if since.is_none() && ids.is_empty() {
+            return Err(QueueError::NotFound(format!("hold on {domain}")));
+        }
+        for id in &ids {
+            store.held.remove(id);
+            if let Some(unit) = store.units.get_mut(id) {
+                *unit = released(unit, since.unwrap_or(now), now);
+            }
+        }
+        Ok(ids.len() as u64)
     }
 }
 

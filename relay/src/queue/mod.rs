@@ -27,13 +27,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub mod control;
 pub mod embedded;
+mod embedded_control;
 mod embedded_events;
 pub mod memory;
 pub mod redis;
 
 use crate::config::QueueConfig;
 use crate::events::{Event, EventLog};
+pub use control::{Hold, QueueControl, UnitState, UnitView};
 
 /// An opened queue backend: the queue and the shared state, both served
 /// by the same store. Cheap to clone.
@@ -45,15 +48,18 @@ pub struct Backend {
     pub state: Arc<dyn SharedState>,
     /// The event outbox.
     pub events: Arc<dyn EventLog>,
+    /// Inspection and operator actions (`petrel-relay queue ...`).
+    pub control: Arc<dyn QueueControl>,
 }
 
 impl Backend {
-    /// One store serving all three roles.
-    pub fn of<B: Queue + SharedState + EventLog>(backend: Arc<B>) -> Backend {
+    /// One store serving every role.
+    pub fn of<B: Queue + SharedState + EventLog + QueueControl>(backend: Arc<B>) -> Backend {
         Backend {
             queue: backend.clone(),
             state: backend.clone(),
-            events: backend,
+            events: backend.clone(),
+            control: backend,
         }
     }
 }
@@ -173,6 +179,38 @@ pub struct DeliveryUnit {
     /// The `Message-ID` header (copied from the message).
     #[serde(default)]
     pub header_message_id: Option<String>,
+    /// The last [`HISTORY_LEN`] failed attempts, oldest first, for
+    /// `queue show`; written by the same settlement that counts them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<AttemptRecord>,
+    /// Time spent held (`queue hold`), added to the queue lifetime so a
+    /// hold does not make mail expire.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_ms: Millis,
+}
+
+fn is_zero(n: &Millis) -> bool {
+    *n == 0
+}
+
+/// Failed attempts kept per unit.
+pub const HISTORY_LEN: usize = 10;
+
+/// One failed attempt of a unit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// When it was settled.
+    pub at: Millis,
+    /// The reply (or local reason) it failed with.
+    pub reply: String,
+}
+
+impl DeliveryUnit {
+    /// Where the queue lifetime counts from: acceptance, moved on by the
+    /// time the unit spent held.
+    pub fn lifetime_start(&self) -> Millis {
+        self.received_at.saturating_add(self.held_ms)
+    }
 }
 
 /// A unit held by one worker until `expires_at`.
@@ -223,9 +261,18 @@ pub enum SettleOp {
 /// The unit record a settlement stores back in the queue, or `None` when
 /// the settlement finishes the unit. One decision for every backend, so
 /// they cannot disagree on what a retry or a postponement keeps.
-pub(crate) fn settled_unit(unit: &DeliveryUnit, op: SettleOp) -> Option<DeliveryUnit> {
+pub(crate) fn settled_unit(unit: &DeliveryUnit, op: SettleOp, now: Millis) -> Option<DeliveryUnit> {
     match op {
-        SettleOp::Retry(r) if !r.recipients.is_empty() => Some(rescheduled(unit, r)),
+        SettleOp::Retry(r) if !r.recipients.is_empty() => {
+            let mut next = rescheduled(unit, r);
+            next.history.push(AttemptRecord {
+                at: now,
+                reply: next.last_error.clone().unwrap_or_default(),
+            });
+            let excess = next.history.len().saturating_sub(HISTORY_LEN);
+            next.history.drain(..excess);
+            Some(next)
+        }
         SettleOp::Postpone { until } => Some(DeliveryUnit {
             next_attempt_at: until,
             ..unit.clone()
@@ -291,6 +338,8 @@ pub struct QueueStats {
     pub messages: u64,
     /// Accept time of the oldest stored message, if any.
     pub oldest_received_at: Option<Millis>,
+    /// Units of held destinations (`queue hold`), in none of the above.
+    pub held: u64,
 }
 
 /// Why a queue operation failed.
@@ -681,6 +730,8 @@ pub fn units_of(message: &NewMessage) -> Vec<DeliveryUnit> {
             delay_notified: false,
             tags: message.tags.clone(),
             header_message_id: message.header_message_id.clone(),
+            history: Vec::new(),
+            held_ms: 0,
         })
         .collect()
 }
@@ -705,6 +756,8 @@ mod tests {
             delay_notified: true,
             tags: Default::default(),
             header_message_id: None,
+            history: Vec::new(),
+            held_ms: 0,
         }
     }
 
@@ -728,10 +781,33 @@ mod tests {
     }
 
     #[test]
+    fn retries_keep_the_last_attempts_with_their_replies() {
+        let mut unit = unit();
+        for i in 0..(HISTORY_LEN as u64 + 3) {
+            let r = Reschedule {
+                recipients: unit.recipients.clone(),
+                next_attempt_at: i,
+                last_error: format!("451 try {i}"),
+                delay_notified: false,
+            };
+            unit = settled_unit(&unit, SettleOp::Retry(r), 100 + i).unwrap();
+        }
+        assert_eq!(unit.history.len(), HISTORY_LEN);
+        assert_eq!(unit.history[0].reply, "451 try 3");
+        assert_eq!(
+            unit.history.last().unwrap().at,
+            100 + HISTORY_LEN as u64 + 2
+        );
+        // A postponement is not an attempt: no history entry.
+        let back = settled_unit(&unit, SettleOp::Postpone { until: 1 }, 999).unwrap();
+        assert_eq!(back.history, unit.history);
+    }
+
+    #[test]
     fn postpone_moves_the_due_time_and_nothing_else() {
         let mut unit = unit();
         unit.last_error = Some("451 4.7.1 later".into());
-        let back = settled_unit(&unit, SettleOp::Postpone { until: 77 }).unwrap();
+        let back = settled_unit(&unit, SettleOp::Postpone { until: 77 }, 5).unwrap();
         assert_eq!(back.next_attempt_at, 77);
         assert_eq!(
             DeliveryUnit {
@@ -740,8 +816,8 @@ mod tests {
             },
             unit
         );
-        assert_eq!(settled_unit(&unit, SettleOp::Complete), None);
-        assert_eq!(settled_unit(&unit, SettleOp::Fail), None);
+        assert_eq!(settled_unit(&unit, SettleOp::Complete, 5), None);
+        assert_eq!(settled_unit(&unit, SettleOp::Fail, 5), None);
     }
 
     #[test]

@@ -47,7 +47,9 @@ pub fn kind_of(event: &crate::events::Event) -> Option<Kind> {
             Some(BounceType::Hard) => Some(Kind::Bounced),
             // A returned DSN that did not say which kind: it is one.
             None if event.is_async == Some(true) => Some(Kind::Bounced),
-            Some(BounceType::Soft | BounceType::Expired) | None => None,
+            // An operator bouncing queued mail (`queue bounce`) says nothing
+            // about the list.
+            Some(BounceType::Soft | BounceType::Expired | BounceType::Admin) | None => None,
         },
         EventType::Complained => Some(Kind::Complaint),
         EventType::Accepted
@@ -58,7 +60,8 @@ pub fn kind_of(event: &crate::events::Event) -> Option<Kind> {
         | EventType::Dsn
         | EventType::Unsubscribed
         | EventType::Opened
-        | EventType::Clicked => None,
+        | EventType::Clicked
+        | EventType::Deleted => None,
     }
 }
 

@@ -11,12 +11,15 @@
 //! | `{p}:due`            | zset | unit id -> next attempt (ms)             |
 //! | `{p}:leased`         | zset | unit id -> lease expiry (ms)             |
 //! | `{p}:token`          | hash | unit id -> lease token                   |
+//! | `{p}:held`           | zset | unit id -> next attempt (held destination) |
+//! | `{p}:holds`          | hash | held domain -> held since (ms)           |
 //! | `{p}:supp`           | hash | address -> [`SuppressionEntry`] JSON     |
 //! | `{p}:ctr:<key>`      | str  | counter, PEXPIRE = its window            |
 //! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
 //! | `{p}:events`         | stream | the event outbox: field `e` = event JSON, one consumer group per reader (module `events`) |
 //!
-//! A unit is in exactly one of `due` and `leased`. Every change that spans
+//! A unit is in exactly one of `due`, `leased` and `held` (module
+//! `control`: `queue hold`). Every change that spans
 //! keys is one Lua script (module `scripts`), so it is atomic.
 //!
 //! The single hash tag is a deliberate trade-off: on Redis Cluster the
@@ -33,6 +36,7 @@
 //! callers' clocks (`now`); slots and counters use Redis's own clock.
 
 mod conn;
+mod control;
 mod events;
 mod scripts;
 
@@ -70,6 +74,8 @@ struct Keys {
     token: String,
     supp: String,
     events: String,
+    held: String,
+    holds: String,
 }
 
 impl Keys {
@@ -86,6 +92,8 @@ impl Keys {
             token: k("token"),
             supp: k("supp"),
             events: k("events"),
+            held: k("held"),
+            holds: k("holds"),
             prefix: tag,
         }
     }
@@ -412,6 +420,8 @@ impl Queue for RedisBackend {
             .key(&k.leased)
             .key(&k.unit)
             .key(&k.token)
+            .key(&k.holds)
+            .key(&k.held)
             .arg(now)
             .arg(max)
             .arg(expires_at)
@@ -482,7 +492,7 @@ impl Queue for RedisBackend {
             .arg(&lease.unit.id)
             .arg(&lease.token)
             .arg(&lease.unit.message_id);
-        match settled_unit(&lease.unit, settlement.op) {
+        match settled_unit(&lease.unit, settlement.op, super::now_millis()) {
             Some(unit) => {
                 inv.arg("requeue")
                     .arg(encode(&unit, &unit.id)?)
@@ -518,10 +528,11 @@ impl Queue for RedisBackend {
             .zcount(&k.leased, "-inf", now)
             .zcount(&k.leased, format!("({now}"), "+inf")
             .hlen(&k.left)
-            .zrange_withscores(&k.received, 0, 0);
+            .zrange_withscores(&k.received, 0, 0)
+            .zcard(&k.held);
         let mut conn = self.connection(&self.conn).await?;
-        type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>);
-        let (due, deferred, expired, leased, messages, oldest): Reply =
+        type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>, u64);
+        let (due, deferred, expired, leased, messages, oldest, held): Reply =
             self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(QueueStats {
             // An expired lease is due again, even before a lease call moves it.
@@ -530,6 +541,7 @@ impl Queue for RedisBackend {
             leased,
             messages,
             oldest_received_at: oldest.first().map(|(_, score)| *score as Millis),
+            held,
         })
     }
 
@@ -699,6 +711,8 @@ mod tests {
             &k.token,
             &k.supp,
             &k.events,
+            &k.held,
+            &k.holds,
         ] {
             assert!(key.starts_with("{petrel}:"), "{key}");
         }

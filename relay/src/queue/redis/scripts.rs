@@ -174,9 +174,13 @@ return 1
 });
 
 /// Makes expired leases due again (at their expiry), then leases up to
-/// `max` due units.
+/// `max` due units. A due unit of a held destination is moved to the held
+/// index instead (keeping its due time), so it is neither handed out nor
+/// met again by the next lease. Only with holds in place is a unit record
+/// decoded (cjson) to learn its domain; one that does not decode is leased
+/// as before, and the worker deals with it.
 ///
-/// KEYS: due, leased, unit, token.
+/// KEYS: due, leased, unit, token, holds, held.
 /// ARGV: now, max, lease expiry, token, most expired leases to reclaim.
 /// Returns the leased unit records (JSON).
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
@@ -188,18 +192,103 @@ for i = 1, #expired, 2 do
   redis.call('HDEL', KEYS[4], expired[i])
   redis.call('ZADD', KEYS[1], expired[i + 1], expired[i])
 end
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local holding = redis.call('HLEN', KEYS[5]) > 0
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 local out = {}
-for _, id in ipairs(ids) do
+for i = 1, #due, 2 do
+  local id = due[i]
   redis.call('ZREM', KEYS[1], id)
   local unit = redis.call('HGET', KEYS[3], id)
   if unit then
-    redis.call('ZADD', KEYS[2], ARGV[3], id)
-    redis.call('HSET', KEYS[4], id, ARGV[4])
+    local held = false
+    if holding then
+      local ok, u = pcall(cjson.decode, unit)
+      held = ok and type(u) == 'table' and type(u.domain) == 'string'
+        and redis.call('HEXISTS', KEYS[5], u.domain) == 1
+    end
+    if held then
+      redis.call('ZADD', KEYS[6], due[i + 1], id)
+    else
+      redis.call('ZADD', KEYS[2], ARGV[3], id)
+      redis.call('HSET', KEYS[4], id, ARGV[4])
+      table.insert(out, unit)
+    end
+  end
+end
+return out
+"#,
+    )
+});
+
+/// Leases named units for an operator action, whatever index they are in,
+/// unless a worker's lease on them is still running at `now`.
+///
+/// KEYS: due, leased, unit, token, held.
+/// ARGV: now, lease expiry, token, unit ids...
+/// Returns the claimed unit records (JSON).
+pub static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  local unit = redis.call('HGET', KEYS[3], id)
+  local expiry = redis.call('ZSCORE', KEYS[2], id)
+  if unit and not (expiry and tonumber(expiry) > tonumber(ARGV[1])) then
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    redis.call('HSET', KEYS[4], id, ARGV[3])
     table.insert(out, unit)
   end
 end
 return out
+"#,
+    )
+});
+
+/// Holds a destination (keeping an earlier start) and moves the named
+/// units from due to held, keeping their due time.
+///
+/// KEYS: holds, due, held. ARGV: domain, now, unit ids...
+/// Returns how many units moved.
+pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
+local moved = 0
+for i = 3, #ARGV do
+  local at = redis.call('ZSCORE', KEYS[2], ARGV[i])
+  if at then
+    redis.call('ZREM', KEYS[2], ARGV[i])
+    redis.call('ZADD', KEYS[3], at, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
+"#,
+    )
+});
+
+/// Moves released units from held back to due at their due time, storing
+/// their record with the held time credited.
+///
+/// KEYS: held, due, unit. ARGV: (unit id, unit json)...
+/// Returns how many units moved.
+pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local moved = 0
+for i = 1, #ARGV, 2 do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if at then
+    redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], at, ARGV[i])
+    moved = moved + 1
+  end
+end
+return moved
 "#,
     )
 });
