@@ -37,6 +37,7 @@ pub const SIGNED_HEADERS: &[&str] = &[
     "References",
     "List-Unsubscribe",
     "List-Unsubscribe-Post",
+    "Feedback-ID",
 ];
 
 /// Why a message could not be signed.

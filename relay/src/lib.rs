@@ -22,5 +22,7 @@ pub mod queue;
 pub mod queue_ctl;
 pub mod refusal;
 pub mod reload;
+pub mod reputation;
 pub mod server;
 pub mod tracking;
+pub mod unsubscribe;

@@ -50,6 +50,10 @@ pub struct RelayMetrics {
     pub enqueue_duration: Histogram,
     /// Engagement tracking: rewrites, opens, clicks.
     pub tracking: crate::tracking::TrackingMetrics,
+    /// The reputation guard: state and rates per sending domain.
+    pub reputation: crate::reputation::ReputationMetrics,
+    /// One-click unsubscribe: headers added, endpoint requests.
+    pub unsubscribe: crate::unsubscribe::UnsubscribeMetrics,
     /// Mail and requests the feedback loop handled, by kind (`bounce`,
     /// `delayed`, `complaint`, `unsubscribe`, `unattributed`, `unparsed`,
     /// `other`): `petrel_feedback_total`.
@@ -138,8 +142,12 @@ impl RelayMetrics {
         registry.register(Box::new(enqueue_duration.clone()))?;
 
         let tracking = crate::tracking::TrackingMetrics::register(registry)?;
+        let reputation = crate::reputation::ReputationMetrics::register(registry)?;
+        let unsubscribe = crate::unsubscribe::UnsubscribeMetrics::register(registry)?;
         Ok(RelayMetrics {
             tracking,
+            reputation,
+            unsubscribe,
             feedback: counter(
                 registry,
                 "petrel_feedback_total",

@@ -61,6 +61,13 @@ pub enum Refusal {
     NoRecipients,
     /// 451 4.7.1: the sending domain's daily quota is used up.
     QuotaExhausted(String),
+    /// 451 4.7.1 (HTTP 503): the reputation guard paused the sending domain.
+    Paused {
+        /// The sending domain.
+        domain: String,
+        /// Which rate is over what (`bounce rate 7.2% over 24h exceeds 5%`).
+        why: String,
+    },
     /// 550 5.1.1: the recipient is on the suppression list.
     Suppressed {
         /// The recipient.
@@ -128,7 +135,11 @@ impl Refusal {
             TooBig => 552,
             TooManyRecipients => 452,
             NoRecipients => 554,
-            QuotaExhausted(_) | QueueUnavailable | DomainRemoved | DkimUnavailable(_) => 451,
+            QuotaExhausted(_)
+            | Paused { .. }
+            | QueueUnavailable
+            | DomainRemoved
+            | DkimUnavailable(_) => 451,
             AuthFailed => 535,
             AuthBusy | AuthUnavailable => 454,
             AuthBlocked
@@ -160,7 +171,7 @@ impl Refusal {
             TooBig => "5.3.4",
             BadTags(_) => "5.6.0",
             TooManyRecipients => "4.5.3",
-            QuotaExhausted(_) => "4.7.1",
+            QuotaExhausted(_) | Paused { .. } => "4.7.1",
             Suppressed { .. } => "5.1.1",
             AuthFailed => "5.7.8",
             AuthBlocked | AuthBusy | AuthUnavailable => "4.7.0",
@@ -198,6 +209,7 @@ impl Refusal {
             QuotaExhausted(domain) => {
                 format!("Daily sending quota of {domain} exhausted, try again later").into()
             }
+            Paused { domain, why } => format!("sending for {domain} is paused: {why}").into(),
             Suppressed { address, reason } => {
                 format!("Recipient {address} is on the suppression list ({reason})").into()
             }
@@ -249,6 +261,7 @@ impl Refusal {
             TooManyRecipients => "too_many_recipients",
             NoRecipients => "no_recipients",
             QuotaExhausted(_) => "quota_exhausted",
+            Paused { .. } => "reputation_paused",
             Suppressed { .. } => "suppressed",
             AuthNeedsTls | PlaintextCredentials => "auth_needs_tls",
             AuthFailed => "auth_failed",
@@ -312,6 +325,7 @@ impl Refusal {
             | TooManyRecipients
             | NoRecipients
             | QuotaExhausted(_)
+            | Paused { .. }
             | Suppressed { .. }
             | AuthNeedsTls
             | PlaintextCredentials
@@ -372,8 +386,15 @@ impl Refusal {
             | TooManyConnections
             | TooManyConnectionsFromClient
             | TooManyErrors => 429,
-            AuthBusy | AuthUnavailable | QueueUnavailable | DomainRemoved | DkimUnavailable(_)
-            | ShuttingDown | Timeout(_) | ConnectionLost => 503,
+            AuthBusy
+            | AuthUnavailable
+            | QueueUnavailable
+            | DomainRemoved
+            | DkimUnavailable(_)
+            | Paused { .. }
+            | ShuttingDown
+            | Timeout(_)
+            | ConnectionLost => 503,
         }
     }
 
@@ -447,6 +468,15 @@ mod tests {
                 "451 4.7.1 Daily sending quota of example.test exhausted, try again later\r\n",
                 429,
                 "quota_exhausted",
+            ),
+            (
+                Refusal::Paused {
+                    domain: "example.com".into(),
+                    why: "bounce rate 7.2% over 24h exceeds 5%".into(),
+                },
+                "451 4.7.1 sending for example.com is paused: bounce rate 7.2% over 24h exceeds 5%\r\n",
+                503,
+                "reputation_paused",
             ),
             (
                 Refusal::TooManyRecipients,

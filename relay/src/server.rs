@@ -116,6 +116,7 @@ pub async fn run_until(
             events: backend.events.clone(),
             config: config.clone(),
         });
+    let reputation = crate::reputation::Guard::new(config.clone(), backend.state.clone());
     let http_state = http_state.with_routes(
         crate::tracking::endpoints::router(crate::tracking::endpoints::Endpoints {
             config: config.clone(),
@@ -125,6 +126,22 @@ pub async fn run_until(
             metrics: metrics.tracking.clone(),
             relay: crate::events::relay_name(&current.hostname),
         })
+        .merge(crate::reputation::endpoints::router(
+            crate::reputation::endpoints::Endpoints {
+                guard: reputation.clone(),
+                metrics: metrics.reputation.clone(),
+            },
+        ))
+        .merge(crate::unsubscribe::endpoints::router(
+            crate::unsubscribe::endpoints::Endpoints {
+                config: config.clone(),
+                feedback: inbound_ctx.feedback.clone(),
+                state: backend.state.clone(),
+                events: backend.events.clone(),
+                metrics: metrics.unsubscribe.clone(),
+                relay: crate::events::relay_name(&current.hostname),
+            },
+        ))
         .merge(http::admin_queue::router(http::admin_queue::AdminQueue {
             backend: backend.clone(),
             config: config.clone(),
@@ -183,6 +200,13 @@ pub async fn run_until(
         webhook_metrics,
         stop_rx.clone(),
     ));
+    let reputation_task = tokio::spawn(crate::reputation::run(
+        reputation,
+        backend.events.clone(),
+        metrics.reputation.clone(),
+        consumer_name(&current.hostname),
+        stop_rx.clone(),
+    ));
     health.set_config_loaded(true);
     tracing::info!(
         hostname = %current.hostname,
@@ -211,7 +235,11 @@ pub async fn run_until(
     if let Err(error) = delivery_task.await {
         tracing::error!(%error, "delivery task failed");
     }
-    for (name, task) in [("webhooks", webhooks_task), ("retention", retention_task)] {
+    for (name, task) in [
+        ("webhooks", webhooks_task),
+        ("retention", retention_task),
+        ("reputation", reputation_task),
+    ] {
         if let Err(error) = task.await {
             tracing::error!(%error, task = name, "events task failed");
         }

@@ -882,6 +882,7 @@ async fn alerts_cover_the_issue_and_name_only_defined_metrics() {
         "PetrelRelayNotAvailable",
         "PetrelWebhookBacklog",
         "PetrelSendingDomainPaused",
+        "PetrelSendingDomainReputationWarning",
     ] {
         assert!(
             names.contains(wanted),

@@ -71,6 +71,8 @@ pub struct DeliveryContext {
     pub metrics: RelayMetrics,
     /// The name events carry in `relay` (see [`crate::events::relay_name`]).
     pub relay: String,
+    /// The reputation guard: units of a paused sending domain are held.
+    pub reputation: crate::reputation::Guard,
     /// TLS config for MX delivery (no certificate verification; see [`tls`]).
     unverified_tls: Arc<rustls::ClientConfig>,
     /// The resolver and the nameservers it was built for, rebuilt when the
@@ -99,6 +101,7 @@ impl DeliveryContext {
         let relay = crate::events::relay_name(&config.get().hostname);
         Ok(DeliveryContext {
             relay,
+            reputation: crate::reputation::Guard::new(config.clone(), backend.state.clone()),
             config,
             queue: backend.queue,
             state: backend.state,

@@ -359,6 +359,53 @@ async fn connect_settings(
     }
 }
 
+/// Puts back the units whose sending domain the reputation guard paused,
+/// due again in [`crate::reputation::HOLD_FOR`], without counting an
+/// attempt (`Postpone`); returns the others. A unit held for longer than
+/// the queue lifetime is not expired while held: a pause must not turn
+/// into bounces for mail the app was told was accepted.
+async fn hold_paused(ctx: &DeliveryContext, leases: Vec<Lease>) -> Vec<Lease> {
+    let mut paused: BTreeMap<String, bool> = BTreeMap::new();
+    let mut ready = Vec::with_capacity(leases.len());
+    for lease in leases {
+        let sending = lease.unit.sending_domain.to_ascii_lowercase();
+        let held = match paused.get(&sending) {
+            Some(p) => *p,
+            None => {
+                let p = match ctx.reputation.is_paused(&sending).await {
+                    Ok(p) => p,
+                    Err(error) => {
+                        tracing::warn!(%error, domain = %sending, "cannot read the reputation state; delivering");
+                        false
+                    }
+                };
+                paused.insert(sending.clone(), p);
+                p
+            }
+        };
+        if !held {
+            ready.push(lease);
+            continue;
+        }
+        let until = now_millis().saturating_add(millis(crate::reputation::HOLD_FOR));
+        let op = crate::queue::Settlement::only(crate::queue::SettleOp::Postpone { until });
+        match ctx.queue.settle(&lease, op).await {
+            Ok(()) => {
+                ctx.metrics
+                    .reputation
+                    .held
+                    .with_label_values(&[&sending])
+                    .inc();
+                tracing::debug!(unit = %lease.unit.id, domain = %sending, "held: sending domain paused");
+            }
+            Err(error) => {
+                tracing::warn!(%error, unit = %lease.unit.id, "cannot hold a unit of a paused domain; its lease will expire")
+            }
+        }
+    }
+    ready
+}
+
 /// Delivers one destination's units, sharing a connection.
 async fn deliver_group(
     ctx: Arc<DeliveryContext>,
@@ -367,6 +414,10 @@ async fn deliver_group(
     leases: Vec<Lease>,
     _permit: OwnedSemaphorePermit,
 ) {
+    let leases = hold_paused(&ctx, leases).await;
+    if leases.is_empty() {
+        return;
+    }
     let is_smtp = cfg.delivery.transport != Transport::Maildir;
     let slot_key = limits::slot_key(&domain);
     let limit = cfg.delivery.per_destination_concurrency.max(1);

@@ -124,6 +124,17 @@ pub async fn accept(
     }
 
     let enqueue = async |index: usize, queue_id: String, recipients: Vec<String>, data| {
+        // Feedback-ID and the unsubscribe headers come before the
+        // signature too, so its h= covers them.
+        let data = crate::unsubscribe::add_feedback_id(data, sending, &message_tags);
+        let data = crate::unsubscribe::add_list_unsubscribe(
+            data,
+            sending,
+            &queue_id,
+            &recipients,
+            &ctx.feedback,
+            &ctx.metrics.unsubscribe,
+        );
         let data = sign(ctx, sending, &domain, data).await?;
         let mut events: Vec<Event> = recipients
             .iter()
@@ -160,7 +171,9 @@ pub async fn accept(
             enqueue(0, id.clone(), envelope.recipients.clone(), data).await?;
             1
         }
-        Copies::PerRecipient { first, original } => {
+        Copies::PerRecipient {
+            first, original, ..
+        } => {
             let mut first = Some(first);
             for (index, rcpt) in envelope.recipients.iter().enumerate() {
                 let queue_id = context::copy_id(&id, index);
@@ -248,6 +261,9 @@ enum Copies {
         first: Vec<u8>,
         /// The body before rewriting, for the others.
         original: Vec<u8>,
+        /// The copies carry tracking tokens (else they are split only for
+        /// their unsubscribe links).
+        tracked: bool,
     },
 }
 
@@ -255,7 +271,7 @@ impl Copies {
     fn tracked(&self) -> bool {
         match self {
             Copies::Shared { tracked, .. } => *tracked,
-            Copies::PerRecipient { .. } => true,
+            Copies::PerRecipient { tracked, .. } => *tracked,
         }
     }
 }
@@ -268,8 +284,10 @@ fn tracked_copies(
     data: Vec<u8>,
 ) -> Copies {
     let may_track = sending.tracking.as_ref().is_some_and(|t| t.enabled());
+    // An unsubscribe link names one recipient too.
+    let unsubscribes = sending.unsubscribe.as_ref().is_some_and(|u| u.enabled);
     // Only a message that may be split keeps its unrewritten body.
-    let original = (may_track && recipients.len() > 1).then(|| data.clone());
+    let original = ((may_track || unsubscribes) && recipients.len() > 1).then(|| data.clone());
     let first_id = match original {
         Some(_) => context::copy_id(id, 0),
         None => id.to_string(),
@@ -281,10 +299,11 @@ fn tracked_copies(
         recipients.first().map_or("", String::as_str),
         &ctx.metrics.tracking,
     );
-    match original.filter(|_| first.tracked) {
+    match original.filter(|_| first.tracked || unsubscribes) {
         Some(original) => Copies::PerRecipient {
             first: first.data,
             original,
+            tracked: first.tracked,
         },
         None => Copies::Shared {
             data: first.data,

@@ -96,6 +96,30 @@ pub(super) async fn check_quota(
     Ok(())
 }
 
+/// 451 4.7.1 while the reputation guard has the sending domain paused
+/// (the record is shared by all relay pods). A backend that cannot say is
+/// no reason to refuse here: the suppression lookup and the enqueue that
+/// follow need it too and answer 451 4.3.0 themselves.
+pub(super) async fn check_paused(
+    ctx: &InboundContext,
+    config: &RelayConfig,
+    sending: &SendingDomain,
+) -> Result<(), Refusal> {
+    let timeout: Duration = config.queue.timeout.into();
+    match tokio::time::timeout(timeout, ctx.reputation.refusal(sending)).await {
+        Ok(Ok(Some(refusal))) => Err(refusal),
+        Ok(Ok(None)) => Ok(()),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, domain = %sending.domain, "cannot read the reputation state; not refusing for it");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(domain = %sending.domain, "reading the reputation state timed out; not refusing for it");
+            Ok(())
+        }
+    }
+}
+
 /// Adds a checked recipient, consulting the suppression list: refused with
 /// 550 5.1.1, or kept aside as dropped, per the domain's `onSuppressed`.
 pub(super) async fn add_recipient(
@@ -149,8 +173,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// MAIL FROM: who may relay, as whom, how big, and whether the domain
-    /// still has quota.
+    /// MAIL FROM: who may relay, as whom, how big, whether the domain is
+    /// paused by the reputation guard and whether it still has quota.
     pub(super) async fn mail(
         &mut self,
         from: MailFrom<String>,
@@ -199,6 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !smtputf8 && !address.is_ascii() {
             return Err(Refusal::NeedsSmtpUtf8);
         }
+        check_paused(&self.ctx, &config, sending).await?;
         check_quota(&self.ctx, &config, sending).await?;
         self.state.envelope = Some(Envelope {
             mail_from: address.to_string(),

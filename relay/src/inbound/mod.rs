@@ -114,6 +114,8 @@ pub struct InboundContext {
     pub events: Option<Arc<dyn crate::events::EventLog>>,
     /// The name events carry in `relay`.
     pub relay: String,
+    /// The reputation guard: whether a sending domain is paused.
+    pub reputation: crate::reputation::Guard,
 }
 
 impl InboundContext {
@@ -152,6 +154,7 @@ impl InboundContext {
                 tracing::error!(%error, "DKIM key unusable; mail from this domain gets 451 until it is fixed");
             }
         }
+        let reputation = crate::reputation::Guard::new(config.clone(), state.clone());
         Ok(InboundContext {
             config,
             queue,
@@ -168,6 +171,7 @@ impl InboundContext {
             auth_slots: tokio::sync::Semaphore::new(auth_slots()),
             events: None,
             relay: crate::events::relay_name(&current.hostname),
+            reputation,
         })
     }
 

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use super::InboundContext;
 use super::accept::{self, Origin};
 use super::credentials;
-use super::envelope::{add_recipient, address_reject, check_quota};
+use super::envelope::{add_recipient, address_reject, check_paused, check_quota};
 use super::session::Envelope;
 use crate::config::AuthMode;
 use crate::http::{Authorized, HttpClient, SendLimits, Submission, Submit};
@@ -76,6 +76,7 @@ impl InboundSubmit {
         if s.recipients.len() > config.limits.max_recipients as usize {
             return Err(Refusal::TooManyRecipients);
         }
+        check_paused(&self.ctx, &config, sending).await?;
         check_quota(&self.ctx, &config, sending).await?;
         let mut envelope = Envelope {
             mail_from: from.to_string(),

@@ -608,6 +608,24 @@ impl SharedState for EmbeddedBackend {
         .await
     }
 
+    async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, QueueError> {
+        let keys = keys.to_vec();
+        self.run(move |db| {
+            let now = now_millis();
+            let txn = db.begin_read()?;
+            let table = txn.open_table(COUNTERS)?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in &keys {
+                out.push(match table.get(key.as_str())?.map(|v| v.value()) {
+                    Some((total, ends)) if ends > now => total,
+                    _ => 0,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn acquire_slot(
         &self,
         key: &str,

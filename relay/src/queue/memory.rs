@@ -383,6 +383,19 @@ impl SharedState for MemoryBackend {
         })
     }
 
+    async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, QueueError> {
+        self.gate()?;
+        let now = now_millis();
+        let store = self.store();
+        Ok(keys
+            .iter()
+            .map(|key| match store.counters.get(key) {
+                Some((total, ends)) if *ends > now => *total,
+                _ => 0,
+            })
+            .collect())
+    }
+
     async fn acquire_slot(
         &self,
         key: &str,

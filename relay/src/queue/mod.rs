@@ -631,6 +631,11 @@ pub trait SharedState: Send + Sync + 'static {
     /// The counter's current total (0 when absent or expired).
     async fn counter(&self, key: &str) -> Result<u64, QueueError>;
 
+    /// Several counters at once, in the order of `keys` (0 for absent or
+    /// expired ones): one round trip instead of one per key, for sums over
+    /// many buckets (the reputation guard's rolling windows).
+    async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, QueueError>;
+
     /// Takes one of `limit` slots named `key` (per-destination connections
     /// over all pods) for at most `ttl`, so a dead pod's slots come back.
     /// `None` when all slots are taken.

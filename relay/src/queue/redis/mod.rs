@@ -630,6 +630,19 @@ impl SharedState for RedisBackend {
         Ok(value.unwrap_or(0))
     }
 
+    async fn counters(&self, keys: &[String]) -> Result<Vec<u64>, QueueError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for key in keys {
+            cmd.arg(self.keys.counter(key));
+        }
+        let mut conn = self.connection(&self.conn).await?;
+        let values: Vec<Option<u64>> = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(0)).collect())
+    }
+
     async fn acquire_slot(
         &self,
         key: &str,
