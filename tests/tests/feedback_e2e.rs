@@ -459,6 +459,65 @@ async fn bounces_complaints_and_unsubscribes_come_back_through_the_feedback_list
             "refusals on the feedback listener are no events"
         );
 
+        // (f) The fallback: an ARF report whose returned headers carry only
+        // the original Message-ID and To (no Return-Path, no
+        // List-Unsubscribe) is attributed by the record stored at accept,
+        // and only to a recipient of that message.
+        let got = deliver(smtp_port, &sink, "app@example.test", &["fan@dest.test", "co@dest.test"], 6).await;
+        let fan = got.iter().find(|r| r.rcpt_to[0] == "fan@dest.test").expect("fan's copy");
+        let token = fan.mail_from.strip_prefix("b+").unwrap().rsplit_once('@').unwrap().0;
+        let fan_queue_id = keys.open_verp(token, &["fan@dest.test"], &["example.test"]).unwrap().queue_id;
+        let bare = |message_id: &str, to: &str| format!("Message-ID: <{message_id}>\r\nTo: {to}\r\n\r\nhello\r\n").into_bytes();
+        let fbl = format!("fbl@{RETURN_PATH}");
+        let before = metrics(http_port).await;
+        let mut fb = Client::connect(feedback_port).await;
+        // A Message-ID the relay never sent, naming a real recipient.
+        let unknown = arf(&fbl, "fan@dest.test", &bare("never-sent@example.test", "fan@dest.test"));
+        let reply = fb.send("fbl@provider.test", &[&fbl], &unknown).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        // The real Message-ID, naming someone it was not sent to.
+        let stranger = arf(&fbl, "stranger@dest.test", &bare("fan.dest.test@example.test", "stranger@dest.test"));
+        let reply = fb.send("fbl@provider.test", &[&fbl], &stranger).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        for address in ["fan@dest.test", "co@dest.test", "stranger@dest.test"] {
+            assert!(
+                backend.state.suppressed(address, "example.test", queue::now_millis()).await.unwrap().is_none(),
+                "{address} must not be suppressed by a report the record does not back"
+            );
+        }
+        let after = metrics(http_port).await;
+        assert_eq!(counter(&after, "unattributed") - counter(&before, "unattributed"), 2, "{after}");
+        assert_eq!(counter(&after, "complaint"), 1, "{after}");
+        // The real Message-ID and a real recipient.
+        let genuine = arf(&fbl, "fan@dest.test", &bare("fan.dest.test@example.test", "fan@dest.test"));
+        let reply = fb.send("fbl@provider.test", &[&fbl], &genuine).await;
+        assert!(reply.starts_with("250"), "{reply}");
+        fb.cmd("QUIT", "221").await;
+        let entry = backend
+            .state
+            .suppressed("fan@dest.test", "example.test", queue::now_millis())
+            .await
+            .unwrap()
+            .expect("suppressed after the complaint found by Message-ID");
+        assert_eq!(entry.reason, SuppressionReason::Complaint);
+        assert!(
+            backend.state.suppressed("co@dest.test", "example.test", queue::now_millis()).await.unwrap().is_none(),
+            "the co-recipient is not reported"
+        );
+        let all = events(&backend).await;
+        let c: Vec<&Event> = all
+            .iter()
+            .filter(|e| e.kind == EventType::Complained && e.recipient.as_deref() == Some("fan@dest.test"))
+            .collect();
+        assert_eq!(c.len(), 1, "{all:?}");
+        assert_eq!(c[0].queue_id.as_deref(), Some(fan_queue_id.as_str()));
+        assert_eq!(c[0].sending_domain.as_deref(), Some("example.test"));
+        assert_eq!(c[0].header_message_id.as_deref(), Some("fan.dest.test@example.test"));
+        assert!(!all.iter().any(|e| e.recipient.as_deref() == Some("stranger@dest.test")));
+        let last = metrics(http_port).await;
+        assert_eq!(counter(&last, "complaint"), 2, "{last}");
+        assert_eq!(counter(&last, "unattributed"), counter(&after, "unattributed"), "{last}");
+
         let _ = stop.send(());
         relay.await.unwrap().unwrap();
     })

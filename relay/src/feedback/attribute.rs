@@ -1,5 +1,5 @@
-//! Which message and recipient a report is about, from evidence that
-//! cannot be forged without the feedback key:
+//! Which message and recipient a report is about. First from evidence
+//! that cannot be forged without the feedback key:
 //!
 //! 1. the VERP token of the address the report was sent to
 //!    (`b+<token>@<returnPathDomain>`), checked against the recipients the
@@ -11,14 +11,22 @@
 //!    (the URL token names domain, recipient and message; the mailto one
 //!    domain and recipient).
 //!
-//! The `Message-ID` and queue id of the returned headers are not used to
-//! attribute: every recipient of a message sees them, so anyone could
-//! forge a report naming any address with them, suppressing strangers or
-//! pushing a domain over its complaint threshold. They are only logged
-//! with an unattributed report.
+//! Then, when none of them is there, from the returned `Message-ID` and
+//! the queue id of Petrel's `Received` header (`id <queue id>`), looked
+//! up in what the relay stored of each message it sent
+//! ([`super::sent`]): the report is attributed only to a recipient it
+//! names (`Final-Recipient`/`Original-Recipient`, `Original-Rcpt-To`,
+//! the returned `To`/`Delivered-To`/`X-Original-To`) that is one of the
+//! recipients that message was really sent to. Every recipient of a
+//! message sees its `Message-ID`, so alone it would let anyone name any
+//! address (suppressing strangers, or pushing a domain over its complaint
+//! threshold); bound to the stored recipients, a forger can at most
+//! report a co-recipient of a message they received themselves, and a
+//! `Message-ID` the relay never sent attributes nothing.
 
 use super::key::FeedbackKeys;
 use super::report::Returned;
+use super::sent::{self, SentMessage};
 use super::token::{MAILTO_PREFIX, VERP_PREFIX};
 
 /// Where an attribution came from.
@@ -30,6 +38,9 @@ pub enum Source {
     ReturnedHeaders,
     /// An unsubscribe token in the returned `List-Unsubscribe`.
     UnsubscribeHeader,
+    /// The stored record of the message the returned `Message-ID` (or
+    /// Petrel's `Received` queue id) names, for one of its recipients.
+    MessageRecord,
 }
 
 /// The message and recipient a report is about.
@@ -45,13 +56,17 @@ pub struct Attribution {
     pub source: Source,
 }
 
-/// What attribution needs to know: the keys and each sending domain's
-/// return-path domain.
+/// What attribution needs to know: the keys, each sending domain's
+/// return-path domain and the stored records of the messages the report's
+/// returned headers name.
 pub struct Attributor<'a> {
     /// The feedback keys.
     pub keys: &'a FeedbackKeys,
     /// (sending domain, return-path domain), lower-cased.
     pub domains: &'a [(String, String)],
+    /// Records of sent messages found by the returned `Message-ID` or
+    /// queue id (empty when none was looked up).
+    pub records: &'a [SentMessage],
 }
 
 fn is_base32(b: u8) -> bool {
@@ -219,7 +234,14 @@ impl Attributor<'_> {
                 }
             }
         }
-        None
+        let senders: Vec<&str> = self.domains.iter().map(|(d, _)| d.as_str()).collect();
+        let (record, recipient) = sent::matching(self.records, &candidates, &senders)?;
+        Some(Attribution {
+            queue_id: Some(record.queue_id.clone()),
+            sending_domain: record.sending_domain.clone(),
+            recipient,
+            source: Source::MessageRecord,
+        })
     }
 }
 
@@ -267,6 +289,7 @@ mod tests {
         let a = Attributor {
             keys: &keys,
             domains: &domains,
+            records: &[],
         };
         let sender = keys
             .verp_sender(QID, "example.com", "gone@dest.test", "bounces.example.com")
@@ -305,12 +328,61 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_record_attributes_only_its_own_recipients() {
+        let keys = keys();
+        let domains = domains();
+        let records = [SentMessage {
+            queue_id: QID.into(),
+            sending_domain: "example.com".into(),
+            recipients: vec!["gone@dest.test".into(), "co@dest.test".into()],
+        }];
+        let a = Attributor {
+            keys: &keys,
+            domains: &domains,
+            records: &records,
+        };
+        let returned =
+            Returned::from_text("Message-ID: <m@example.com>\r\nTo: Gone <Gone@dest.test>\r\n");
+        let got = a
+            .attribute("fbl@bounces.example.com", &[], &returned)
+            .unwrap();
+        assert_eq!(got.source, Source::MessageRecord);
+        assert_eq!(got.queue_id.as_deref(), Some(QID));
+        assert_eq!(got.sending_domain, "example.com");
+        assert_eq!(got.recipient, "gone@dest.test");
+        // A recipient the report names that the message was not sent to.
+        let returned =
+            Returned::from_text("Message-ID: <m@example.com>\r\nTo: stranger@dest.test\r\n");
+        assert!(
+            a.attribute(
+                "fbl@bounces.example.com",
+                &["else@dest.test".into()],
+                &returned
+            )
+            .is_none()
+        );
+        // A key-bound token still comes first.
+        let sender = keys
+            .verp_sender(QID, "example.com", "co@dest.test", "bounces.example.com")
+            .unwrap();
+        let returned = Returned::from_text(&format!(
+            "Return-Path: <{sender}>\r\nTo: gone@dest.test, co@dest.test\r\n"
+        ));
+        let got = a
+            .attribute("fbl@bounces.example.com", &[], &returned)
+            .unwrap();
+        assert_eq!(got.source, Source::ReturnedHeaders);
+        assert_eq!(got.recipient, "co@dest.test");
+    }
+
+    #[test]
     fn returned_headers_attribute_reports_sent_elsewhere() {
         let keys = keys();
         let domains = domains();
         let a = Attributor {
             keys: &keys,
             domains: &domains,
+            records: &[],
         };
         let sender = keys
             .verp_sender(QID, "example.com", "rcpt@dest.test", "bounces.example.com")

@@ -1,6 +1,8 @@
 //! One mail on the feedback listener, from bytes to stored outcome:
 //! [`plan`] (pure: parse, attribute, decide) then [`record`] (one atomic
-//! write). The listener answers 250 whatever the mail was (no
+//! write). When key-bound evidence attributes nothing, the listener reads
+//! the records [`lookup_keys`] names ([`super::sent::load`]) and plans
+//! again with them ([`plan_with`]). The listener answers 250 whatever the mail was (no
 //! backscatter), and only after [`record`] returned `Ok`.
 
 use std::time::Duration;
@@ -9,6 +11,7 @@ use super::apply::{self, Via};
 use super::attribute::{Attribution, Attributor, addresses_in};
 use super::key::FeedbackKeys;
 use super::report::{self, Action, Arf, Dsn, Report, Returned};
+use super::sent::{self, SentMessage};
 use super::token::{MAILTO_PREFIX, UnsubscribeClaims, VERP_PREFIX};
 use crate::config::RelayConfig;
 use crate::events::{BounceType, Event, EventLog, EventType};
@@ -107,12 +110,56 @@ fn ttl_millis(ttl: Option<Duration>, now: Millis) -> Option<Millis> {
     ttl.map(|t| now.saturating_add(u64::try_from(t.as_millis()).unwrap_or(u64::MAX)))
 }
 
-/// Decides what a mail changes. Pure: the keys, the config, the mail and
-/// the time in; nothing read or written.
+/// Decides what a mail changes from key-bound evidence only. Pure: the
+/// keys, the config, the mail and the time in; nothing read or written.
 pub fn plan(
     keys: &FeedbackKeys,
     config: &RelayConfig,
     incoming: Incoming<'_>,
+    relay: &str,
+    now: Millis,
+) -> Plan {
+    plan_with(keys, config, incoming, &[], relay, now)
+}
+
+/// Whether some outcome of `plan` is unattributed, so the stored records
+/// of the returned headers are worth reading.
+pub fn needs_records(plan: &Plan) -> bool {
+    plan.kinds.contains(&Kind::Unattributed) && plan.unsubscribe.is_none()
+}
+
+/// The [`SharedState`] keys of the sent-message records a report's
+/// returned headers name: its `Message-ID` and the queue id of Petrel's
+/// own `Received` header (`by <hostname> (Petrel) ... id <queue id>`).
+/// Pure; empty for mail that is no DSN or ARF report.
+pub fn lookup_keys(raw: &[u8], hostname: &str) -> Vec<String> {
+    let returned = match report::parse(raw) {
+        Ok(Report::Dsn(dsn)) => dsn.returned,
+        Ok(Report::Arf(arf)) => arf.returned,
+        _ => return Vec::new(),
+    };
+    let mut keys: Vec<String> = returned
+        .message_id()
+        .and_then(|id| sent::normalise_message_id(&id))
+        .map(|id| sent::message_id_key(&id))
+        .into_iter()
+        .collect();
+    for id in sent::petrel_queue_ids(returned.all("received"), hostname) {
+        let key = sent::queue_id_key(&id);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+/// [`plan`], with the `records` of sent messages the returned headers
+/// name as the last resort of attribution. Pure.
+pub fn plan_with(
+    keys: &FeedbackKeys,
+    config: &RelayConfig,
+    incoming: Incoming<'_>,
+    records: &[SentMessage],
     relay: &str,
     now: Millis,
 ) -> Plan {
@@ -127,6 +174,7 @@ pub fn plan(
     let attributor = Attributor {
         keys,
         domains: &domains,
+        records,
     };
     let rcpt = main_recipient(incoming.recipients);
     let ttl = config.delivery.suppression_ttl.map(|d| d.get());
@@ -174,7 +222,7 @@ pub fn plan(
 fn unattributed(plan: &mut Plan, what: &str, returned: &Returned) {
     plan.kinds.push(Kind::Unattributed);
     plan.notes.push(format!(
-        "{what} not attributable by token (Message-ID {})",
+        "{what} not attributable by token or sent-message record (Message-ID {})",
         returned.message_id().as_deref().unwrap_or("-")
     ));
 }
@@ -381,6 +429,60 @@ mod tests {
                 assert_eq!(e.queue_id.as_deref(), Some(QID));
             }
         }
+    }
+
+    #[test]
+    fn a_report_with_only_a_message_id_needs_the_record_and_a_recipient_of_it() {
+        let keys = FeedbackKeys::from_secret(&[1u8; 32]);
+        let config = config();
+        let arf = |rcpt: &str| {
+            format!(
+                "Content-Type: multipart/report; report-type=feedback-report; boundary=B\r\n\r\n--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nVersion: 1\r\nOriginal-Rcpt-To: {rcpt}\r\n--B\r\nContent-Type: message/rfc822\r\n\r\nReceived: from c ([192.0.2.1])\r\n\tby relay.test (Petrel) with ESMTP\r\n\tid {QID};\r\n\tMon, 23 Nov 2026 13:00:00 +0000\r\nMessage-ID: <m1@example.test>\r\nTo: {rcpt}\r\n\r\nhi\r\n--B--\r\n"
+            )
+        };
+        let raw = arf("fan@dest.test");
+        assert_eq!(
+            lookup_keys(raw.as_bytes(), "relay.test"),
+            vec![
+                sent::message_id_key("m1@example.test"),
+                sent::queue_id_key(QID)
+            ]
+        );
+        let recipients = vec!["fbl@bounces.example.test".to_string()];
+        let run = |raw: &[u8], records: &[SentMessage]| {
+            plan_with(
+                &keys,
+                &config,
+                Incoming {
+                    mail_from: "fbl@provider.test",
+                    recipients: &recipients,
+                    raw,
+                },
+                records,
+                "relay-0",
+                5,
+            )
+        };
+        let p = run(raw.as_bytes(), &[]);
+        assert_eq!(p.kinds, vec![Kind::Unattributed]);
+        assert!(needs_records(&p));
+        let records = [SentMessage {
+            queue_id: QID.into(),
+            sending_domain: "example.test".into(),
+            recipients: vec!["fan@dest.test".into(), "co@dest.test".into()],
+        }];
+        let p = run(raw.as_bytes(), &records);
+        assert_eq!(p.kinds, vec![Kind::Complaint]);
+        assert_eq!(p.suppress[0].address, "fan@dest.test");
+        assert_eq!(p.suppress[0].reason, SuppressionReason::Complaint);
+        assert_eq!(p.events[0].queue_id.as_deref(), Some(QID));
+        assert_eq!(
+            p.events[0].header_message_id.as_deref(),
+            Some("m1@example.test")
+        );
+        let p = run(arf("stranger@dest.test").as_bytes(), &records);
+        assert_eq!(p.kinds, vec![Kind::Unattributed]);
+        assert!(p.suppress.is_empty() && p.events.is_empty());
     }
 
     /// A DSN a real Postfix 3.7.11 wrote (local delivery to an unknown

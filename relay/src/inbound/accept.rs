@@ -13,6 +13,7 @@ use super::session::Envelope;
 use crate::config::RelayConfig;
 use crate::dkim::algorithm_label;
 use crate::events::{Event, EventType, emit, tags};
+use crate::feedback::sent::{self, SentMessage};
 use crate::queue::{MessageFlags, NewMessage, now_millis};
 use crate::refusal::Refusal;
 use crate::tracking::context::{self, EventContext};
@@ -122,6 +123,17 @@ pub async fn accept(
             Err(_) => tracing::warn!(%id, "storing tracking event context timed out"),
         }
     }
+    if sending.return_path_domain.is_some() {
+        remember_sent(
+            ctx,
+            config,
+            &id,
+            &domain,
+            &envelope.recipients,
+            &header_message_id,
+        )
+        .await;
+    }
 
     let enqueue = async |index: usize, queue_id: String, recipients: Vec<String>, data| {
         // Feedback-ID and the unsubscribe headers come before the
@@ -221,6 +233,34 @@ pub async fn accept(
     ctx.metrics.received.with_label_values(&[&domain]).inc();
     tracing::info!(event = "message_accepted", %id, copies = total, %domain, peer = %origin.ip, user = ?origin.user, "message queued");
     Ok(Some(id))
+}
+
+/// Stores what feedback attribution falls back on when a report carries
+/// no token (see [`crate::feedback::sent`]). Missing, such a report is
+/// only counted unattributed: not worth refusing the message for, so a
+/// failure is logged and the message accepted.
+async fn remember_sent(
+    ctx: &Arc<InboundContext>,
+    config: &RelayConfig,
+    id: &str,
+    domain: &str,
+    recipients: &[String],
+    header_message_id: &Option<String>,
+) {
+    let record = SentMessage {
+        queue_id: id.to_string(),
+        sending_domain: domain.to_ascii_lowercase(),
+        recipients: recipients.iter().map(|r| r.to_lowercase()).collect(),
+    };
+    let timeout: Duration = config.queue.timeout.into();
+    let store = sent::store(ctx.state.as_ref(), &record, header_message_id.as_deref());
+    match tokio::time::timeout(timeout, store).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => {
+            tracing::warn!(%error, %id, "cannot store the sent-message record; reports about this message without a token will be unattributed")
+        }
+        Err(_) => tracing::warn!(%id, "storing the sent-message record timed out"),
+    }
 }
 
 /// The message's tags: the envelope's (HTTP `tags`) and those of its

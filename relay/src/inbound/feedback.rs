@@ -8,12 +8,15 @@
 //! `b+<token>` and `u+<token>`: feedback loops send ARF reports to the
 //! address the sender registered (`fbl@`, `abuse@`), and RFC 5321 4.5.1
 //! wants `postmaster@` to work; such mail is attributed by the tokens in
-//! its returned headers, or counted as unattributed or unparsed.
+//! its returned headers, else by the stored record of the message their
+//! `Message-ID` (or Petrel's `Received` queue id) names, for a recipient
+//! of that message only, or counted as unattributed or unparsed.
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::session::{Envelope, Session, State};
 use crate::feedback::receive::{self, Incoming};
+use crate::feedback::sent;
 use crate::policy::Denied;
 use crate::queue::{MessageFlags, now_millis};
 use crate::refusal::Refusal;
@@ -83,7 +86,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             recipients: &envelope.recipients,
             raw: &raw,
         };
-        let plan = receive::plan(&keys, &config, incoming, &self.ctx.relay, now);
+        let mut plan = receive::plan(&keys, &config, incoming, &self.ctx.relay, now);
+        if receive::needs_records(&plan) {
+            let lookup = receive::lookup_keys(&raw, &config.hostname);
+            if !lookup.is_empty() {
+                // Unreadable records could attribute the report later: the
+                // sender retries on the 451, as for a failed write.
+                let load = sent::load(self.ctx.state.as_ref(), &lookup);
+                let records = super::envelope::bounded(config.queue.timeout.into(), load).await?;
+                if !records.is_empty() {
+                    plan = receive::plan_with(
+                        &keys,
+                        &config,
+                        incoming,
+                        &records,
+                        &self.ctx.relay,
+                        now,
+                    );
+                }
+            }
+        }
         let Some(events) = self.ctx.events.clone() else {
             tracing::error!("no event log: feedback cannot be recorded");
             return Err(Refusal::QueueUnavailable);
