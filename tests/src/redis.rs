@@ -77,9 +77,11 @@ pub enum Persistence {
     #[default]
     None,
     /// Append-only file, fsync every second (`--appendfsync everysec`), as in
-    /// production. The AOF is written on every command, so a SIGKILL of
-    /// redis-server alone loses nothing (the OS still has the pages); only a
-    /// machine crash could lose the last second.
+    /// production. The AOF is normally written before each reply, so a
+    /// SIGKILL of redis-server alone usually loses nothing (the OS still has
+    /// the pages); but while a background fsync is slow Redis postpones that
+    /// write for up to two seconds, so the last writes can be lost. Tests that
+    /// assert an acknowledged write survives a SIGKILL use [`Persistence::AofAlways`].
     Aof,
     /// Append-only file, fsync on every write: data acknowledged before a
     /// SIGKILL is always on disk. Use this for "250 means durable" tests.

@@ -1540,8 +1540,11 @@ async fn redis_enqueue_fails_while_redis_is_down_and_leaves_nothing_half_written
 #[tokio::test]
 async fn redis_queue_survives_a_restart_with_aof() {
     tokio::time::timeout(LIMIT, async {
+        // `always`: with `everysec` Redis may postpone the AOF write while a
+        // background fsync is slow, so the last acknowledged write (here the
+        // suppression) can die with a SIGKILL; one CI run on a busy disk lost it.
         let mut server = RedisServer::builder()
-            .persistence(Persistence::Aof)
+            .persistence(Persistence::AofAlways)
             .start()
             .await
             .unwrap();
@@ -1591,8 +1594,9 @@ async fn redis_queue_survives_a_restart_with_aof() {
 #[tokio::test]
 async fn redis_outbox_survives_a_restart_with_aof() {
     tokio::time::timeout(LIMIT, async {
+        // `always`, for the reason given in redis_queue_survives_a_restart_with_aof.
         let mut server = RedisServer::builder()
-            .persistence(Persistence::Aof)
+            .persistence(Persistence::AofAlways)
             .start()
             .await
             .unwrap();
