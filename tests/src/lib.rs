@@ -8,6 +8,7 @@
 //!   answers as scripted.
 //! - [`webhook_receiver`]: an HTTP server that verifies webhook signatures
 //!   and counts distinct events.
+//! - [`relay_proc`]: the real `petrel-relay` binary as a child process.
 //! - [`https`]: an HTTPS server with one scripted answer (MTA-STS policy hosts).
 //!
 //! Every helper binds 127.0.0.1 only, owns its resources (temp dirs, child
@@ -37,6 +38,7 @@ pub mod dns;
 pub mod https;
 pub mod ports;
 pub mod redis;
+pub mod relay_proc;
 pub mod smtp_sink;
 pub mod tls;
 pub mod webhook_receiver;

@@ -8,6 +8,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use petrel_tests::relay_proc::relay_bin;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -16,22 +17,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `petrel-relay` binary cargo built next to this test executable.
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("petrel-relay"))
-        .expect("test executable has a target dir");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p petrel-relay` first",
-        bin.display()
-    );
-    bin
 }
 
 /// Runs the binary with `args` in `dir`, feeding `stdin`, bounded by `LIMIT`

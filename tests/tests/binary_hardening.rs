@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use petrel_tests::ports::{free_port, wait_for_port};
 use petrel_tests::redis::RedisServer;
+use petrel_tests::relay_proc::relay_bin;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -23,22 +24,6 @@ const RELOAD: Duration = Duration::from_secs(30);
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The `petrel-relay` binary next to this test executable.
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("petrel-relay"))
-        .expect("test executable has a target dir");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p petrel-relay` first",
-        bin.display()
-    );
-    bin
 }
 
 fn loopback(port: u16) -> SocketAddr {

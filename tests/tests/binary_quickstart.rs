@@ -8,7 +8,6 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use mail_auth::hickory_resolver::config::{
@@ -17,17 +16,15 @@ use mail_auth::hickory_resolver::config::{
 use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 use petrel_crds::config::RelayConfig;
 use petrel_tests::dns::{DnsServer, Failure};
-use petrel_tests::ports::{free_port, wait_for_port};
+use petrel_tests::ports::free_port;
 use petrel_tests::redis::RedisServer;
+use petrel_tests::relay_proc::RelayProc;
 use petrel_tests::smtp_sink::SmtpSink;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 
 /// Upper bound for a whole test.
 const LIMIT: Duration = Duration::from_secs(120);
-/// How long a started relay gets to open its ports.
-const START: Duration = Duration::from_secs(30);
 /// How long a delivery may take (a retry after 1s, lease expiry after a kill).
 const DELIVERY: Duration = Duration::from_secs(60);
 
@@ -48,23 +45,6 @@ fn example_key() -> PathBuf {
     repo().join("examples/local/dkim-example.test.key")
 }
 
-/// The `petrel-relay` binary cargo built next to this test executable
-/// (`target/<profile>/deps/<test>` -> `target/<profile>/petrel-relay`).
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("petrel-relay"))
-        .expect("test executable has a target dir");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p petrel-relay` first",
-        bin.display()
-    );
-    bin
-}
-
 /// The DKIM TXT record published for the example key, taken from the
 /// comment in relay.yaml, so the test checks what the README tells users.
 fn example_dkim_record() -> String {
@@ -75,86 +55,6 @@ fn example_dkim_record() -> String {
         .expect("relay.yaml names its public key in a comment");
     assert!(line.contains("k=ed25519; p="), "{line}");
     line
-}
-
-/// A running `petrel-relay run`; SIGKILLed when dropped so a failing test
-/// leaks no process.
-struct RelayProc {
-    child: Child,
-    log: PathBuf,
-    smtp: SocketAddr,
-    http: SocketAddr,
-}
-
-impl RelayProc {
-    /// Starts the binary in `dir` on `config` and waits for both ports.
-    async fn start(dir: &Path, config: &Path, smtp: SocketAddr, http: SocketAddr) -> RelayProc {
-        let log = dir.join(format!("relay-{}.log", free_port()));
-        let log_file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(relay_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn petrel-relay");
-        let mut relay = RelayProc {
-            child,
-            log,
-            smtp,
-            http,
-        };
-        for addr in [smtp, http] {
-            if let Err(e) = wait_for_port(addr, START).await {
-                let status = relay.child.try_wait().ok().flatten();
-                panic!(
-                    "relay not listening: {e}; exit {status:?}; log:\n{}",
-                    relay.log()
-                );
-            }
-        }
-        relay
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM, as Kubernetes stops a pod; returns whether it exited 0.
-    async fn terminate(mut self) -> bool {
-        let pid = self.child.id().expect("relay still running");
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -TERM {pid}");
-        // An idle relay has nothing to drain: it must be gone well within
-        // the default shutdown grace (limits.shutdownGrace, 30s).
-        let exit = tokio::time::timeout(GRACE, self.child.wait())
-            .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "relay still running {GRACE:?} after SIGTERM:\n{}",
-                    self.log()
-                )
-            })
-            .expect("wait for relay");
-        if !exit.success() {
-            eprintln!("relay exit {exit:?}; log:\n{}", self.log());
-        }
-        exit.success()
-    }
-
-    /// SIGKILL: a crash, nothing flushed on the way out.
-    async fn crash(mut self) {
-        self.child.kill().await.expect("kill -9 relay");
-    }
 }
 
 /// A minimal SMTP client over plain TCP: one command, one (multi-line) reply.
@@ -414,7 +314,7 @@ async fn quick_start_signs_delivers_to_maildir_and_reports_metrics() {
         let (status, body) = http_get(relay.http, "/readyz").await;
         assert_eq!(status, 200, "/readyz: {body}");
 
-        assert!(relay.terminate().await, "SIGTERM must exit 0");
+        assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
     })
     .await
     .expect("test timed out");
@@ -541,7 +441,7 @@ async fn refuses_open_relay_and_keeps_accepted_mail_across_kill_9() {
         assert_eq!(got[0].rcpt_to, vec!["user@dest.test".to_string()]);
         assert_eq!(got[0].mail_from, "app@example.test");
         verify_dkim(dns.addr(), &got[0].data).await;
-        assert!(relay.terminate().await, "SIGTERM must exit 0");
+        assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
         assert_eq!(sink.received().len(), 1, "delivered once");
     })
     .await
@@ -589,7 +489,7 @@ async fn redis_queue_delivers_by_mx_with_valid_dkim() {
             1.0,
         )
         .await;
-        assert!(relay.terminate().await, "SIGTERM must exit 0");
+        assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
     })
     .await
     .expect("test timed out");

@@ -18,18 +18,19 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use petrel_tests::dns::DnsServer;
-use petrel_tests::ports::{free_port, wait_for_port};
+use petrel_tests::ports::free_port;
 use petrel_tests::redis::RedisServer;
+use petrel_tests::relay_proc::{RelayProc, relay_bin};
 use petrel_tests::smtp_sink::{Reply, SmtpSink};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// Upper bound for a whole test.
 const LIMIT: Duration = Duration::from_secs(240);
-/// How long a started relay gets to open its ports.
-const START: Duration = Duration::from_secs(30);
+/// Longest wait for a SIGTERMed relay to exit.
+const GRACE: Duration = Duration::from_secs(60);
 /// How long an attempt or a delivery may take to show.
 const DELIVERY: Duration = Duration::from_secs(60);
 /// How long a held destination is watched for attempts that must not come.
@@ -39,70 +40,8 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn relay_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("petrel-relay"))
-        .expect("test executable has a target dir");
-    assert!(bin.is_file(), "{} is missing", bin.display());
-    bin
-}
-
 fn loopback(port: u16) -> SocketAddr {
     (Ipv4Addr::LOCALHOST, port).into()
-}
-
-/// A running `petrel-relay run`, killed when dropped.
-struct RelayProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl RelayProc {
-    async fn start(dir: &Path, config: &Path, smtp: SocketAddr, http: SocketAddr) -> RelayProc {
-        let log = dir.join(format!("relay-{}.log", free_port()));
-        let log_file = std::fs::File::create(&log).expect("create log");
-        let child = Command::new(relay_bin())
-            .arg("run")
-            .arg("--config")
-            .arg(config)
-            .current_dir(dir)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log_file))
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn petrel-relay");
-        let relay = RelayProc { child, log };
-        for addr in [smtp, http] {
-            if let Err(e) = wait_for_port(addr, START).await {
-                panic!("relay not listening: {e}; log:\n{}", relay.log());
-            }
-        }
-        relay
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM and wait: the embedded file is free afterwards.
-    async fn stop(mut self) {
-        let pid = self.child.id().expect("running");
-        let status = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        tokio::time::timeout(Duration::from_secs(60), self.child.wait())
-            .await
-            .expect("relay stops")
-            .expect("wait");
-    }
 }
 
 /// What one CLI run printed and how it exited.
@@ -499,7 +438,7 @@ async fn live(store: Store) {
 
     bad_ids(cfg).await;
     let log = relay.log();
-    relay.stop().await;
+    assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
     drop(log);
 }
 
@@ -508,7 +447,7 @@ async fn offline() {
     let s = setup(Store::Embedded).await;
     let relay = RelayProc::start(&s.dir, &s.config, s.smtp, s.http).await;
     let (first, second) = two_deferred(&s).await;
-    relay.stop().await;
+    assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
     let cfg = s.config.as_path();
 
     queue(cfg, &["retry", &first], 0).await;
@@ -535,7 +474,7 @@ async fn offline() {
     let relay = RelayProc::start(&s.dir, &s.config, s.smtp, s.http).await;
     let dsn = wait_dsn(&s.sink).await;
     assert!(dsn.contains("Status: 5.0.0"), "{dsn}");
-    relay.stop().await;
+    assert!(relay.terminate(GRACE).await, "SIGTERM must exit 0");
 }
 
 #[tokio::test]
