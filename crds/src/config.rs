@@ -327,10 +327,19 @@ pub struct RedisQueue {
     /// client gets 250. 0: the primary's acknowledgement is enough.
     #[serde(default)]
     pub wait_replicas: u32,
+    /// Partitions of the queue, each under its own `{prefix:N}` hash tag,
+    /// so Redis Cluster spreads messages, bodies and indexes over every
+    /// master. A message lives in one partition, chosen from its id.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
 }
 
 fn default_key_prefix() -> String {
     "petrel".to_string()
+}
+
+fn default_partitions() -> u32 {
+    16
 }
 
 /// Embedded single-node queue.
@@ -379,6 +388,17 @@ pub struct DeliveryConfig {
     /// MTA-STS (RFC 8461): look up and honour recipient domains' policies.
     #[serde(default = "default_true")]
     pub mta_sts: bool,
+    /// DANE (RFC 7672): look up DNSSEC-validated TLSA records of MX hosts
+    /// and, where usable ones exist, require TLS verified against them.
+    #[serde(default = "default_true")]
+    pub dane: bool,
+    /// TLS-RPT (RFC 8460): count outbound TLS results per policy domain
+    /// and send the daily aggregate report to the domain's `rua`.
+    #[serde(default = "default_true")]
+    pub tls_rpt: bool,
+    /// Who the TLS-RPT reports say they are from.
+    #[serde(default)]
+    pub tls_report: TlsReportConfig,
     /// Connections to one destination, summed over all relay pods.
     #[serde(default = "default_per_destination_concurrency")]
     pub per_destination_concurrency: u32,
@@ -411,6 +431,9 @@ impl Default for DeliveryConfig {
             outbound_tls: OutboundTls::default(),
             tls: OutboundTlsConfig::default(),
             mta_sts: true,
+            dane: true,
+            tls_rpt: true,
+            tls_report: TlsReportConfig::default(),
             per_destination_concurrency: default_per_destination_concurrency(),
             per_destination_rate: None,
             workers: default_workers(),
@@ -441,6 +464,19 @@ fn default_per_destination_concurrency() -> u32 {
 
 fn default_workers() -> u32 {
     64
+}
+
+/// The sender of TLS-RPT aggregate reports (RFC 8460 section 4.4).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsReportConfig {
+    /// `organization-name` of the report. The relay's hostname when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization_name: Option<String>,
+    /// `contact-info` of the report (an address or URL). `postmaster@`
+    /// the relay's hostname when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact_info: Option<String>,
 }
 
 /// Delivery transport.

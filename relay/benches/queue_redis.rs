@@ -88,6 +88,7 @@ fn queue(c: &mut Criterion) {
         url_file: None,
         key_prefix: "bench".into(),
         wait_replicas: 0,
+        partitions: 16,
     };
     let backend = rt
         .block_on(RedisBackend::open(&config, Duration::from_secs(5)))

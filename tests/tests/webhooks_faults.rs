@@ -187,6 +187,7 @@ async fn webhooks_renew_keeps_only_the_callers_claims_on_both_backends() {
                     url_file: None,
                     key_prefix: "petrel-renew".into(),
                     wait_replicas: 0,
+                    partitions: 16,
                 }),
                 None,
             ),

@@ -355,6 +355,7 @@ pub fn relay_config(
                     .wait_replicas
                     .and_then(|w| u32::try_from(w).ok())
                     .unwrap_or(0),
+                partitions: 16,
             }),
             embedded: None,
             lease: rc::Duration::from_secs(600),
