@@ -1,16 +1,28 @@
 //! `petrel-bench`: Petrel's throughput and latency, side by side with
 //! Postfix and the loopback ceiling, in one run on this machine.
 //!
-//! For every size x recipients combination it runs, each from a fresh state:
-//! the injector straight into the sink (the loopback ceiling), Petrel with N
-//! relays sharing one spawned `redis-server` (AOF everysec), and with
-//! `--postfix` Postfix relaying to the same sink. It prints one table and the
-//! Petrel/Postfix ratios. Figures, never assertions: this is not a test.
+//! For every injector x size x recipients combination it runs, each from a
+//! fresh state: the injector straight into the sink (the loopback ceiling),
+//! Petrel with N relays sharing one spawned `redis-server` (AOF everysec),
+//! and with `--postfix` Postfix relaying to the same sink. It prints one
+//! table and the Petrel/Postfix ratios. Figures, never assertions: this is
+//! not a test.
+//!
+//! Two injectors: `petrel` (in-process clients and a counting sink that also
+//! measures end-to-end latency) and `smtp-source` (Postfix's own
+//! `smtp-source` injecting and `smtp-sink` counting: a harness that owes
+//! nothing to this project). Delivered rates are measured at the sink (the
+//! time its count reached what was accepted), accept rates at the injector.
+//!
+//! `--backlog N` first fills the queue with N postponed 1 KB messages for
+//! another destination and reports Redis memory per queued message; compare
+//! its rows with a run without it.
 //!
 //! ```text
 //! cargo build --release -p petrel-relay -p petrel-tests --bin petrel-bench
-//! target/release/petrel-bench --messages 20000 --postfix
+//! target/release/petrel-bench --messages 20000 --postfix --injector petrel,smtp-source
 //! ```
+
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -19,8 +31,10 @@ use std::time::{Duration, Instant};
 use anyhow_lite::{Context, Result};
 use clap::{Parser, ValueEnum};
 use petrel_crds::config::Webhook;
+use petrel_tests::bench::backlog::{self, Backlog};
 use petrel_tests::bench::inject::{self, Plan};
 use petrel_tests::bench::postfix::{self, Postfix};
+use petrel_tests::bench::postfix_tools::{self, PostfixSink, SourcePlan};
 use petrel_tests::bench::procstat;
 use petrel_tests::bench::relay::{Destination, RelayBuilder, RelayProcess};
 use petrel_tests::bench::sink::Sink;
@@ -36,17 +50,25 @@ struct Args {
     /// Messages per run (M).
     #[arg(long, default_value_t = 20_000)]
     messages: u64,
-    /// Concurrent SMTP clients (C).
+    /// Concurrent SMTP clients of the in-process injector (C).
     #[arg(long, default_value_t = 50)]
     concurrency: usize,
+    /// Parallel sessions of `smtp-source` (`-s`).
+    #[arg(long, default_value_t = 20)]
+    source_sessions: usize,
+    /// Injectors, comma-separated: `petrel` (in-process clients, counting
+    /// sink with end-to-end latency) and/or `smtp-source` (Postfix's
+    /// smtp-source into smtp-sink).
+    #[arg(long, value_delimiter = ',', default_value = "petrel")]
+    injector: Vec<InjectorArg>,
     /// Message sizes, comma-separated, with optional k/m suffix (S).
-    #[arg(long, value_delimiter = ',', default_value = "1k,20k", value_parser = parse_size)]
+    #[arg(long, value_delimiter = ',', default_value = "1k,20k,100k", value_parser = parse_size)]
     size: Vec<usize>,
     /// Recipients per message, comma-separated (R).
-    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    #[arg(long, value_delimiter = ',', default_value = "1")]
     recipients: Vec<usize>,
     /// Relay process counts to try, comma-separated (N).
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    #[arg(long, value_delimiter = ',', default_value = "1")]
     relays: Vec<usize>,
     /// Session modes: `new` connection per message, `kept` sessions, or both.
     #[arg(long, value_delimiter = ',', default_value = "new")]
@@ -74,6 +96,12 @@ struct Args {
     /// in this process), to compare delivered msg/s with and without it.
     #[arg(long)]
     webhook: bool,
+    /// Before each Petrel run, fill the queue with this many 1 KB messages
+    /// for a postponed destination (due in a day), written through the
+    /// queue API, and report Redis memory per queued message. Adds a
+    /// `petrel xN +backlog` row next to the empty-queue one.
+    #[arg(long)]
+    backlog: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,6 +114,23 @@ enum Sessions {
 enum TransportArg {
     Smarthost,
     Mx,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InjectorArg {
+    /// The in-process injector and counting sink.
+    Petrel,
+    /// Postfix's `smtp-source` into Postfix's `smtp-sink`.
+    SmtpSource,
+}
+
+impl InjectorArg {
+    fn label(self) -> &'static str {
+        match self {
+            InjectorArg::Petrel => "petrel",
+            InjectorArg::SmtpSource => "smtp-source",
+        }
+    }
 }
 
 fn parse_size(s: &str) -> std::result::Result<usize, String> {
@@ -117,6 +162,7 @@ mod anyhow_lite {
 /// One workload.
 #[derive(Debug, Clone, Copy)]
 struct Load {
+    injector: InjectorArg,
     size: usize,
     recipients: usize,
     sessions: Sessions,
@@ -161,44 +207,66 @@ async fn bench(args: Args) -> std::process::ExitCode {
             "petrel-bench: --postfix given but postfix is not installed: run .ci/install-postfix.sh"
         );
     }
+    if args.injector.contains(&InjectorArg::SmtpSource) && !postfix_tools::available() {
+        eprintln!(
+            "petrel-bench: --injector smtp-source needs smtp-source and smtp-sink: run .ci/install-postfix.sh"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     println!("{}", machine_header(&args));
     let mut tables = String::new();
-    for &sessions in &args.sessions {
-        for &size in &args.size {
-            for &recipients in &args.recipients {
-                let load = Load {
-                    size,
-                    recipients,
-                    sessions,
-                };
-                let mut rows = Vec::new();
-                if !args.no_ceiling {
-                    rows.push(run_or_note("sink (ceiling)", ceiling(&args, load).await));
+    for &injector in &args.injector {
+        for &sessions in &args.sessions {
+            for &size in &args.size {
+                for &recipients in &args.recipients {
+                    let load = Load {
+                        injector,
+                        size,
+                        recipients,
+                        sessions,
+                    };
+                    let rows = run_load(&args, load, with_postfix).await;
+                    let table = render(&args, load, &rows);
+                    println!("{table}");
+                    tables.push_str(&table);
+                    tables.push('\n');
                 }
-                for &n in &args.relays {
-                    rows.push(run_or_note(
-                        &format!("petrel x{n}"),
-                        petrel(&args, load, n, false).await,
-                    ));
-                    if args.webhook {
-                        rows.push(run_or_note(
-                            &format!("petrel x{n} +wh"),
-                            petrel(&args, load, n, true).await,
-                        ));
-                    }
-                }
-                if with_postfix {
-                    rows.push(run_or_note("postfix", postfix_run(&args, load).await));
-                }
-                let table = render(&args, load, &rows);
-                println!("{table}");
-                tables.push_str(&table);
-                tables.push('\n');
             }
         }
     }
     println!("==== summary ====\n{tables}");
     std::process::ExitCode::SUCCESS
+}
+
+/// Every system on one workload, Petrel and Postfix alternating with the
+/// ceiling first.
+async fn run_load(args: &Args, load: Load, with_postfix: bool) -> Vec<Row> {
+    let mut rows = Vec::new();
+    if !args.no_ceiling {
+        rows.push(run_or_note("sink (ceiling)", ceiling(args, load).await));
+    }
+    for &n in &args.relays {
+        rows.push(run_or_note(
+            &format!("petrel x{n}"),
+            petrel(args, load, n, Extra::None).await,
+        ));
+        if args.webhook {
+            rows.push(run_or_note(
+                &format!("petrel x{n} +wh"),
+                petrel(args, load, n, Extra::Webhook).await,
+            ));
+        }
+        if let Some(backlog) = args.backlog {
+            rows.push(run_or_note(
+                &format!("petrel x{n} +backlog"),
+                petrel(args, load, n, Extra::Backlog(backlog)).await,
+            ));
+        }
+    }
+    if with_postfix {
+        rows.push(run_or_note("postfix", postfix_run(args, load).await));
+    }
+    rows
 }
 
 fn run_or_note(system: &str, result: Result<Row>) -> Row {
@@ -229,31 +297,151 @@ fn plan(args: &Args, load: Load, targets: Vec<SocketAddr>, system: &str) -> Plan
     plan
 }
 
+/// Where a run's messages end up and are counted: the in-process sink
+/// (which also times each message end to end) or Postfix's `smtp-sink`.
+enum Counter {
+    Bench(Sink),
+    Postfix(PostfixSink),
+}
+
+impl Counter {
+    async fn start(injector: InjectorArg) -> Result<Counter> {
+        Ok(match injector {
+            InjectorArg::Petrel => Counter::Bench(Sink::start().await.context("starting sink")?),
+            InjectorArg::SmtpSource => Counter::Postfix(
+                PostfixSink::start()
+                    .await
+                    .context("starting smtp-sink")?,
+            ),
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Counter::Bench(s) => s.addr(),
+            Counter::Postfix(s) => s.addr(),
+        }
+    }
+
+    /// Waits up to `step` for `messages` (with `rcpts` recipients in all).
+    async fn wait_for(&self, messages: u64, rcpts: u64, step: Duration) -> bool {
+        match self {
+            Counter::Bench(s) => s.wait_for(messages, rcpts, step).await,
+            Counter::Postfix(s) => s.wait_for(messages, step).await,
+        }
+    }
+
+    fn delivered(&self) -> u64 {
+        match self {
+            Counter::Bench(s) => s.unique(),
+            Counter::Postfix(s) => s.messages(),
+        }
+    }
+
+    fn take_latencies(&self) -> Vec<Duration> {
+        match self {
+            Counter::Bench(s) => s.take_latencies(),
+            Counter::Postfix(_) => Vec::new(),
+        }
+    }
+}
+
+/// What the injector reports back, whichever it was.
+struct Injected {
+    accepted: u64,
+    refused: u64,
+    failed: u64,
+    accept_rate: f64,
+    latencies: Vec<Duration>,
+    note: String,
+}
+
+/// Runs the load's injector against `targets` (messages split evenly over
+/// them for smtp-source, which speaks to one server).
+async fn inject_load(
+    args: &Args,
+    load: Load,
+    targets: Vec<SocketAddr>,
+    system: &str,
+) -> Injected {
+    match load.injector {
+        InjectorArg::Petrel => {
+            let report = inject::run(plan(args, load, targets, system)).await;
+            Injected {
+                accepted: report.accepted.len() as u64,
+                refused: (report.transient.len() + report.permanent.len()) as u64,
+                failed: report.failed.len() as u64,
+                accept_rate: report.accept_rate(),
+                latencies: report.latencies(),
+                note: String::new(),
+            }
+        }
+        InjectorArg::SmtpSource => {
+            let n = targets.len().max(1) as u64;
+            let start = Instant::now();
+            let runs = targets.iter().enumerate().map(|(i, &target)| {
+                let share = args.messages / n + u64::from((i as u64) < args.messages % n);
+                let plan = SourcePlan {
+                    target,
+                    messages: share,
+                    sessions: (args.source_sessions / n as usize).max(1),
+                    size: load.size,
+                    recipients: load.recipients,
+                    kept_sessions: load.sessions == Sessions::Kept,
+                    from: "sender@example.test".into(),
+                    to: "rcpt@example.net".into(),
+                };
+                async move {
+                    postfix_tools::run_source(&plan, Duration::from_secs(args.run_timeout)).await
+                }
+            });
+            let results = futures::future::join_all(runs).await;
+            let elapsed = start.elapsed();
+            let mut accepted = 0;
+            let mut note = String::new();
+            for r in results {
+                match r {
+                    Ok(r) => accepted += r.accepted,
+                    Err(e) => note = format!("smtp-source: {e}"),
+                }
+            }
+            Injected {
+                accepted,
+                refused: 0,
+                failed: 0,
+                accept_rate: accepted as f64 / elapsed.as_secs_f64().max(1e-9),
+                latencies: Vec::new(),
+                note,
+            }
+        }
+    }
+}
+
 /// Injects, waits for the sink to have every accepted message, and fills
 /// the figures both sides observe. `observe` samples the system under test
 /// every 100 ms while it runs (for Postfix's summed RSS).
 async fn drive(
     args: &Args,
     load: Load,
-    plan: Plan,
-    sink: &Sink,
+    targets: Vec<SocketAddr>,
+    counter: &Counter,
     system: &str,
     mut observe: impl FnMut(),
 ) -> Row {
     let start = Instant::now();
     let bound = Duration::from_secs(args.run_timeout);
-    let injector = tokio::spawn(inject::run(plan));
+    let injector = inject_load(args, load, targets, system);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let report = {
+    let injected = {
         tokio::pin!(injector);
         loop {
             tokio::select! {
-                r = &mut injector => break r.unwrap_or_default(),
+                r = &mut injector => break r,
                 _ = tick.tick() => observe(),
             }
         }
     };
-    let accepted = report.accepted.len() as u64;
+    let accepted = injected.accepted;
     let want_rcpts = accepted * load.recipients as u64;
     let mut complete = false;
     loop {
@@ -262,52 +450,73 @@ async fn drive(
             break;
         }
         let step = left.min(Duration::from_millis(100));
-        if sink.wait_for(accepted, want_rcpts, step).await {
+        if counter.wait_for(accepted, want_rcpts, step).await {
             complete = true;
             break;
         }
         observe();
     }
     let delivered_at = start.elapsed();
-    let mut accept_lat = report.latencies();
-    let mut e2e = sink.take_latencies();
-    let delivered = sink.unique();
+    let mut accept_lat = injected.latencies;
+    let mut e2e = counter.take_latencies();
+    let delivered = counter.delivered();
+    let mut note = injected.note;
+    if !complete {
+        note = format!(
+            "{note} timeout: {delivered}/{accepted} delivered after {}s",
+            bound.as_secs()
+        );
+    }
     Row {
         system: system.to_string(),
         accepted,
-        refused: (report.transient.len() + report.permanent.len()) as u64,
-        failed: report.failed.len() as u64,
+        refused: injected.refused,
+        failed: injected.failed,
         delivered,
-        accept_rate: report.accept_rate(),
-        delivered_rate: complete.then(|| delivered as f64 / delivered_at.as_secs_f64()),
+        accept_rate: injected.accept_rate,
+        delivered_rate: (complete && accepted > 0)
+            .then(|| delivered as f64 / delivered_at.as_secs_f64()),
         accept_p50: percentile(&mut accept_lat, 50.0),
         accept_p99: percentile(&mut accept_lat, 99.0),
         e2e_p50: percentile(&mut e2e, 50.0),
         e2e_p99: percentile(&mut e2e, 99.0),
-        note: if complete {
-            String::new()
-        } else {
-            format!(
-                "timeout: {delivered}/{accepted} delivered after {}s",
-                bound.as_secs()
-            )
-        },
+        note: note.trim().to_string(),
         ..Row::default()
     }
 }
 
 async fn ceiling(args: &Args, load: Load) -> Result<Row> {
-    let sink = Sink::start().await.context("starting sink")?;
-    let plan = plan(args, load, vec![sink.addr()], "sink");
-    let mut row = drive(args, load, plan, &sink, "sink (ceiling)", || {}).await;
-    row.note = format!("{} injector+sink in-process", row.note)
-        .trim()
-        .to_string();
+    let counter = Counter::start(load.injector).await?;
+    let mut row = drive(
+        args,
+        load,
+        vec![counter.addr()],
+        &counter,
+        "sink (ceiling)",
+        || {},
+    )
+    .await;
+    let how = match load.injector {
+        InjectorArg::Petrel => "injector+sink in-process",
+        InjectorArg::SmtpSource => "smtp-source straight into smtp-sink",
+    };
+    row.note = format!("{} {how}", row.note).trim().to_string();
     Ok(row)
 }
 
-async fn petrel(args: &Args, load: Load, n: usize, webhook: bool) -> Result<Row> {
-    let sink = Sink::start().await.context("starting sink")?;
+/// What a Petrel run adds to the plain relay.
+#[derive(Debug, Clone, Copy)]
+enum Extra {
+    None,
+    /// One webhook, to a counting receiver.
+    Webhook,
+    /// A queue pre-filled with this many postponed messages.
+    Backlog(u64),
+}
+
+async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> {
+    let counter = Counter::start(load.injector).await?;
+    let webhook = matches!(extra, Extra::Webhook);
     // With `--webhook`: a verifying, counting receiver and one webhook to it.
     let secret_dir = tempfile::tempdir().context("creating a temp dir")?;
     let receiver = if webhook {
@@ -330,14 +539,28 @@ async fn petrel(args: &Args, load: Load, n: usize, webhook: bool) -> Result<Row>
         .await
         .context("starting redis-server")?;
     let redis_pid = redis_pid(&redis).await;
+    let filled = match extra {
+        Extra::Backlog(count) => Some(
+            backlog::fill(
+                &redis,
+                &Backlog {
+                    messages: count,
+                    ..Backlog::default()
+                },
+            )
+            .await
+            .context("filling the backlog")?,
+        ),
+        Extra::None | Extra::Webhook => None,
+    };
     let (destination, _dns) = match args.transport {
-        TransportArg::Smarthost => (Destination::Smarthost(sink.addr()), None),
+        TransportArg::Smarthost => (Destination::Smarthost(counter.addr()), None),
         TransportArg::Mx => {
             let dns = DnsServer::start().await.context("starting DNS server")?;
             dns.add_mx("example.net", 10, "mx.example.net");
             dns.add_a("mx.example.net", std::net::Ipv4Addr::LOCALHOST);
             let d = Destination::Mx {
-                port: sink.addr().port(),
+                port: counter.addr().port(),
                 nameservers: vec![dns.addr()],
             };
             (d, Some(dns))
@@ -360,13 +583,12 @@ async fn petrel(args: &Args, load: Load, n: usize, webhook: bool) -> Result<Row>
     let cpu_before: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let redis_before = redis_pid.and_then(procstat::cpu_time);
     let targets = relays.iter().map(RelayProcess::smtp_addr).collect();
-    let system = if webhook {
-        format!("petrel x{n} +wh")
-    } else {
-        format!("petrel x{n}")
+    let system = match extra {
+        Extra::None => format!("petrel x{n}"),
+        Extra::Webhook => format!("petrel x{n} +wh"),
+        Extra::Backlog(_) => format!("petrel x{n} +backlog"),
     };
-    let plan = plan(args, load, targets, &system);
-    let mut row = drive(args, load, plan, &sink, &system, || {}).await;
+    let mut row = drive(args, load, targets, &counter, &system, || {}).await;
     if let Some(r) = &receiver {
         // Events keep arriving after the last delivery; wait a little for
         // the tail (not part of the delivered rate) and say how many came.
@@ -382,6 +604,11 @@ async fn petrel(args: &Args, load: Load, n: usize, webhook: bool) -> Result<Row>
         )
         .trim()
         .to_string();
+    }
+    if let Some(filled) = &filled {
+        row.note = format!("{} {}", row.note, filled.describe())
+            .trim()
+            .to_string();
     }
     let cpu_after: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let per_msg = |d: Duration| d.as_secs_f64() * 1000.0 / row.delivered.max(1) as f64;
@@ -413,15 +640,14 @@ async fn redis_pid(redis: &RedisServer) -> Option<u32> {
 }
 
 async fn postfix_run(args: &Args, load: Load) -> Result<Row> {
-    let sink = Sink::start().await.context("starting sink")?;
-    let pf = Postfix::start(sink.addr())
+    let counter = Counter::start(load.injector).await?;
+    let pf = Postfix::start(counter.addr())
         .await
         .context("starting postfix")?;
     let master = pf.master_pid().await;
     let cpu_before = master.and_then(procstat::tree_cpu_time);
-    let plan = plan(args, load, vec![pf.addr()], "postfix");
     let mut peak_kb = 0u64;
-    let mut row = drive(args, load, plan, &sink, "postfix", || {
+    let mut row = drive(args, load, vec![pf.addr()], &counter, "postfix", || {
         if let Some(m) = master {
             peak_kb = peak_kb.max(procstat::tree_pss_kb(m));
         }
@@ -466,12 +692,13 @@ fn machine_header(args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "M={} messages per run, C={} clients, transport {:?}, Redis AOF everysec, relay log {}",
-        args.messages, args.concurrency, args.transport, args.relay_log
+        "M={} messages per run, C={} in-process clients, smtp-source -s {}, transport {:?}, Redis AOF everysec, relay log {}",
+        args.messages, args.concurrency, args.source_sessions, args.transport, args.relay_log
     );
     let _ = write!(
         s,
-        "rss: petrel = sum of VmHWM of its relays; postfix = peak of summed PSS (shared pages once) of all its processes.\n\
+        "acc msg/s at the injector; dlv msg/s at the sink (all accepted messages counted there, from the first connect); dlv/acc = dlv msg/s / acc msg/s.\n\
+         rss: petrel = sum of VmHWM of its relays; postfix = peak of summed PSS (shared pages once) of all its processes.\n\
          cpu: ms of CPU per delivered message (= s per 1000) of the relay processes; postfix: master + all children."
     );
     s
@@ -483,13 +710,15 @@ fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
 }
 
 /// Table columns: latencies in ms, rates in messages per second, `refus` =
-/// refused or failed at the client, cpu in CPU-seconds per 1000 delivered.
-const COLUMNS: [&str; 13] = [
+/// refused or failed at the client, `dlv/acc` = delivered rate over accept
+/// rate, cpu in CPU-seconds per 1000 delivered.
+const COLUMNS: [&str; 14] = [
     "system",
     "accepted",
     "refus",
     "acc msg/s",
     "dlv msg/s",
+    "dlv/acc",
     "acc p50",
     "acc p99",
     "e2e p50",
@@ -504,7 +733,8 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "\n## size {} B, {} rcpt/msg, {} sessions, {} messages, {} clients",
+        "\n## injector {}, size {} B, {} rcpt/msg, {} sessions, {} messages, {} clients",
+        load.injector.label(),
         load.size,
         load.recipients,
         match load.sessions {
@@ -512,11 +742,14 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
             Sessions::Kept => "kept",
         },
         args.messages,
-        args.concurrency
+        match load.injector {
+            InjectorArg::Petrel => args.concurrency,
+            InjectorArg::SmtpSource => args.source_sessions,
+        }
     );
     let _ = writeln!(
         s,
-        "{:<15} {:>7} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
+        "{:<20} {:>8} {:>6} {:>9} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
         COLUMNS[0],
         COLUMNS[1],
         COLUMNS[2],
@@ -529,17 +762,24 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
         COLUMNS[9],
         COLUMNS[10],
         COLUMNS[11],
-        COLUMNS[12]
+        COLUMNS[12],
+        COLUMNS[13]
     );
     for r in rows {
+        let ratio = r
+            .delivered_rate
+            .filter(|_| r.accept_rate > 0.0)
+            .map(|d| format!("{:.0}%", 100.0 * d / r.accept_rate))
+            .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "{:<15} {:>8} {:>6} {:>9.0} {:>9} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
+            "{:<20} {:>8} {:>6} {:>9.0} {:>9} {:>7} {:>8} {:>8} {:>9} {:>9} {:>8} {:>10} {:>10}  {}",
             r.system,
             r.accepted,
             r.refused + r.failed,
             r.accept_rate,
             fmt_opt(r.delivered_rate, 0),
+            ratio,
             fmt_ms(r.accept_p50),
             fmt_ms(r.accept_p99),
             fmt_ms(r.e2e_p50),
@@ -554,11 +794,20 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
     let ceiling = rows.iter().find(|r| r.system == "sink (ceiling)");
     for r in rows.iter().filter(|r| r.system.starts_with("petrel")) {
         let mut parts = Vec::new();
-        if let Some(plain) = r.system.strip_suffix(" +wh")
-            && let Some(base) = rows.iter().find(|b| b.system == plain)
-            && let (Some(a), Some(b)) = (r.delivered_rate, base.delivered_rate)
-        {
-            parts.push(format!("delivered rate {:.2}x without the webhook", a / b));
+        for suffix in [" +wh", " +backlog"] {
+            if let Some(plain) = r.system.strip_suffix(suffix)
+                && let Some(base) = rows.iter().find(|b| b.system == plain)
+            {
+                if let (Some(a), Some(b)) = (r.delivered_rate, base.delivered_rate) {
+                    parts.push(format!("delivered rate {:.0}% of {plain}", 100.0 * a / b));
+                }
+                if base.accept_rate > 0.0 {
+                    parts.push(format!(
+                        "accept rate {:.0}% of {plain}",
+                        100.0 * r.accept_rate / base.accept_rate
+                    ));
+                }
+            }
         }
         if let Some(p) = postfix {
             if let (Some(a), Some(b)) = (r.delivered_rate, p.delivered_rate) {
@@ -576,6 +825,12 @@ fn render(args: &Args, load: Load, rows: &[Row]) -> String {
                     a.as_secs_f64() / b.as_secs_f64().max(1e-9)
                 ));
             }
+        }
+        if let Some(d) = r.delivered_rate.filter(|_| r.accept_rate > 0.0) {
+            parts.push(format!(
+                "delivered/accepted {:.0}%",
+                100.0 * d / r.accept_rate
+            ));
         }
         if let (Some(c), Some(d)) = (ceiling, r.delivered_rate)
             && c.accept_rate > 0.0
