@@ -4,14 +4,18 @@
 //! Keys come from the files named in the config. The operator rotates keys
 //! in place (same path, new content) and the config itself can change, so
 //! keys are cached by domain and re-read whenever the key file's metadata
-//! (mtime, length, inode) or the configured selector/algorithm changes: one
-//! `stat` per message, no watcher to keep in step with config reloads.
+//! (mtime, length, inode) or the configured selector/algorithm changes. The
+//! metadata is looked at (one `stat`) at most once per [`RECHECK`] per
+//! domain rather than per message: a rotated key is used within a second
+//! (a Secret update takes far longer to reach the pod), and no watcher has
+//! to be kept in step with config reloads.
 //! A domain whose key is missing or unreadable is an error: the caller
 //! refuses the message (451 4.3.0) rather than sending it unsigned.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
@@ -80,17 +84,28 @@ enum Signer {
     Rsa(DkimSigner<RsaKey<Sha256>, Done>),
 }
 
+/// How long a key file's metadata is trusted before it is looked at again.
+pub const RECHECK: Duration = Duration::from_secs(1);
+
 struct Entry {
     config: DkimConfig,
     fingerprint: Fingerprint,
     signer: Arc<Signer>,
+    /// When the file's metadata was last seen to match `fingerprint`.
+    checked: Instant,
 }
 
 /// The signing keys of all sending domains, loaded on first use and
 /// re-read when their files change.
-#[derive(Default)]
 pub struct DkimKeys {
     cache: Mutex<HashMap<String, Arc<Entry>>>,
+    recheck: Duration,
+}
+
+impl Default for DkimKeys {
+    fn default() -> DkimKeys {
+        DkimKeys::with_recheck(RECHECK)
+    }
 }
 
 /// Reads a PEM private key file.
@@ -152,6 +167,15 @@ impl DkimKeys {
         DkimKeys::default()
     }
 
+    /// An empty cache that looks at key files again after `recheck`
+    /// (zero: before every signature).
+    pub fn with_recheck(recheck: Duration) -> DkimKeys {
+        DkimKeys {
+            cache: Mutex::new(HashMap::new()),
+            recheck,
+        }
+    }
+
     /// Loads (or re-validates) the key of `domain` now, so a broken key is
     /// found at start-up or config reload rather than on the first message.
     pub fn preload(&self, domain: &str, config: &DkimConfig) -> Result<(), DkimError> {
@@ -160,15 +184,29 @@ impl DkimKeys {
 
     fn signer(&self, domain: &str, config: &DkimConfig) -> Result<Arc<Signer>, DkimError> {
         let key = domain.to_ascii_lowercase();
+        let cached = self.lock().get(&key).filter(|e| e.config == *config).cloned();
+        if let Some(entry) = &cached
+            && entry.checked.elapsed() < self.recheck
+        {
+            return Ok(entry.signer.clone());
+        }
         let fp = fingerprint(&config.key_file).map_err(|e| DkimError::Unreadable {
             domain: domain.to_string(),
             path: config.key_file.clone(),
             reason: e.to_string(),
         })?;
-        if let Some(entry) = self.lock().get(&key)
+        if let Some(entry) = cached
             && entry.fingerprint == fp
-            && entry.config == *config
         {
+            self.lock().insert(
+                key,
+                Arc::new(Entry {
+                    config: entry.config.clone(),
+                    fingerprint: fp,
+                    signer: entry.signer.clone(),
+                    checked: Instant::now(),
+                }),
+            );
             return Ok(entry.signer.clone());
         }
         // Loading happens outside the lock: a slow disk must not stall
@@ -181,6 +219,7 @@ impl DkimKeys {
                 config: config.clone(),
                 fingerprint: fp,
                 signer: signer.clone(),
+                checked: Instant::now(),
             }),
         );
         Ok(signer)
@@ -193,8 +232,9 @@ impl DkimKeys {
     }
 
     /// Signs `message` (CRLF headers and body) for `domain` and returns the
-    /// `DKIM-Signature: ...\r\n` header to prepend. CPU-bound (RSA): call
-    /// from a blocking task.
+    /// `DKIM-Signature: ...\r\n` header to prepend. CPU-bound: RSA takes
+    /// milliseconds (call it from a blocking task), ed25519 some 25 us plus
+    /// hashing the body (see [`signs_inline`]).
     pub fn sign(
         &self,
         domain: &str,
@@ -215,6 +255,21 @@ impl DkimKeys {
             header.push_str("\r\n");
         }
         Ok(header)
+    }
+}
+
+/// Largest message signed on the calling (async) thread with ed25519:
+/// hashing 64 KiB takes about 100 us, about what a task may hold a runtime
+/// thread; beyond that, and for RSA, the hand-off to the blocking pool (two
+/// thread wake-ups, some 20-50 us) is the smaller cost.
+pub const INLINE_SIGN_MAX: usize = 64 * 1024;
+
+/// Whether a message of `len` bytes is signed inline rather than on the
+/// blocking pool.
+pub fn signs_inline(algorithm: DkimAlgorithm, len: usize) -> bool {
+    match algorithm {
+        DkimAlgorithm::Ed25519 => len <= INLINE_SIGN_MAX,
+        DkimAlgorithm::Rsa2048 => false,
     }
 }
 
@@ -261,7 +316,7 @@ mod tests {
             algorithm: DkimAlgorithm::Ed25519,
             key_file: path.clone(),
         };
-        let keys = DkimKeys::new();
+        let keys = DkimKeys::with_recheck(Duration::ZERO);
         let h1 = keys.sign("Example.test", &cfg, MSG).unwrap();
         assert!(
             h1.starts_with(
@@ -288,6 +343,49 @@ mod tests {
         let h2 = keys.sign("example.test", &cfg, MSG).unwrap();
         let b = |h: &str| h.split("b=").last().unwrap().to_string();
         assert_ne!(b(&h1), b(&h2));
+    }
+
+    #[test]
+    fn key_files_are_looked_at_again_only_after_the_recheck_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key.pem");
+        let cfg = DkimConfig {
+            selector: "s1".into(),
+            algorithm: DkimAlgorithm::Ed25519,
+            key_file: path.clone(),
+        };
+        let cached = DkimKeys::with_recheck(Duration::from_secs(3600));
+        let every_time = DkimKeys::with_recheck(Duration::ZERO);
+        std::fs::write(&path, ed25519_pem()).unwrap();
+        cached.sign("example.test", &cfg, MSG).unwrap();
+        every_time.sign("example.test", &cfg, MSG).unwrap();
+        // Gone from disk: the cached key signs on inside its interval, the
+        // other cache notices at once.
+        std::fs::remove_file(&path).unwrap();
+        assert!(cached.sign("example.test", &cfg, MSG).is_ok());
+        assert!(matches!(
+            every_time.sign("example.test", &cfg, MSG),
+            Err(DkimError::Unreadable { .. })
+        ));
+        // A changed config is never served from the cache.
+        let moved = DkimConfig {
+            key_file: dir.path().join("elsewhere.pem"),
+            ..cfg
+        };
+        assert!(cached.sign("example.test", &moved, MSG).is_err());
+    }
+
+    #[test]
+    fn only_small_ed25519_messages_sign_inline() {
+        let cases = [
+            (DkimAlgorithm::Ed25519, 1024, true),
+            (DkimAlgorithm::Ed25519, INLINE_SIGN_MAX, true),
+            (DkimAlgorithm::Ed25519, INLINE_SIGN_MAX + 1, false),
+            (DkimAlgorithm::Rsa2048, 1024, false),
+        ];
+        for (algorithm, len, inline) in cases {
+            assert_eq!(signs_inline(algorithm, len), inline, "{algorithm:?} {len}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ use super::envelope::{backend_reject, quota_key};
 use super::headers::{self, TraceInfo};
 use super::session::Envelope;
 use crate::config::RelayConfig;
-use crate::dkim::algorithm_label;
+use crate::dkim::{algorithm_label, signs_inline};
 use crate::events::{Event, EventType, emit, tags};
 use crate::feedback::sent::{self, SentMessage};
 use crate::queue::{MessageFlags, NewMessage, now_millis};
@@ -379,26 +379,38 @@ async fn enqueue_message(
     }
 }
 
-/// Signs `data` for `domain` on the blocking pool (RSA takes milliseconds
-/// of CPU) and counts it.
+/// Signs `data` for `domain` and counts it: inline for small ed25519
+/// messages, on the blocking pool otherwise (RSA takes milliseconds of CPU;
+/// see [`crate::dkim::signs_inline`]).
 async fn sign(
     ctx: &Arc<InboundContext>,
     sending: &crate::config::SendingDomain,
     domain: &str,
     data: Vec<u8>,
 ) -> Result<Vec<u8>, Refusal> {
-    let signer = ctx.clone();
-    let dkim = sending.dkim.clone();
-    let sign_domain = domain.to_string();
-    let signed = tokio::task::spawn_blocking(move || {
-        signer.dkim.sign(&sign_domain, &dkim, &data).map(|header| {
-            let mut out = Vec::with_capacity(header.len() + data.len());
-            out.extend_from_slice(header.as_bytes());
-            out.extend_from_slice(&data);
-            out
+    let prepend = |header: String, data: &[u8]| {
+        let mut out = Vec::with_capacity(header.len() + data.len());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out
+    };
+    let signed = if signs_inline(sending.dkim.algorithm, data.len()) {
+        Ok(ctx
+            .dkim
+            .sign(domain, &sending.dkim, &data)
+            .map(|header| prepend(header, &data)))
+    } else {
+        let signer = ctx.clone();
+        let dkim = sending.dkim.clone();
+        let sign_domain = domain.to_string();
+        tokio::task::spawn_blocking(move || {
+            signer
+                .dkim
+                .sign(&sign_domain, &dkim, &data)
+                .map(|header| prepend(header, &data))
         })
-    })
-    .await;
+        .await
+    };
     match signed {
         Ok(Ok(d)) => {
             ctx.metrics

@@ -582,6 +582,7 @@ async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> 
     let pids: Vec<u32> = relays.iter().filter_map(RelayProcess::pid).collect();
     let cpu_before: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let redis_before = redis_pid.and_then(procstat::cpu_time);
+    let calls_before = redis_calls(&redis).await;
     let targets = relays.iter().map(RelayProcess::smtp_addr).collect();
     let system = match extra {
         Extra::None => format!("petrel x{n}"),
@@ -610,6 +611,13 @@ async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> 
             .trim()
             .to_string();
     }
+    if let (Some(before), Some(after)) = (calls_before, redis_calls(&redis).await) {
+        // Round trips are most of the cost on loopback: say how many.
+        let per = after.saturating_sub(before) as f64 / row.delivered.max(1) as f64;
+        row.note = format!("{} {per:.1} redis calls/msg", row.note)
+            .trim()
+            .to_string();
+    }
     let cpu_after: Duration = pids.iter().filter_map(|&p| procstat::cpu_time(p)).sum();
     let per_msg = |d: Duration| d.as_secs_f64() * 1000.0 / row.delivered.max(1) as f64;
     row.cpu_ms_per_msg = Some(per_msg(cpu_after.saturating_sub(cpu_before)));
@@ -630,6 +638,15 @@ async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> 
         }
     }
     Ok(row)
+}
+
+/// Commands Redis has executed (`total_commands_processed`; a script
+/// counts once).
+async fn redis_calls(redis: &RedisServer) -> Option<u64> {
+    let info = redis.raw_command(&["INFO", "stats"]).await.ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 async fn redis_pid(redis: &RedisServer) -> Option<u32> {
