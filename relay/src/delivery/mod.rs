@@ -2,7 +2,8 @@
 //! back to the sender as a bounce.
 //!
 //! ```text
-//! scheduler (lease loop) -> group (per destination: slot, rate, route)
+//! scheduler (lease loop) -> dispatch (per destination: up to N groups)
+//!   -> group (per connection: slot, rate, route)
 //!   -> route + mx (where) -> transport: smtp (smtp_client: connect/TLS,
 //!      transaction, wire) | maildir -> classify (what it means)
 //!   -> settle::plan (pure) -> record (one queue operation):
@@ -18,6 +19,7 @@
 //! Start it with [`DeliveryContext::new`] and [`run`].
 
 pub mod classify;
+mod dispatch;
 pub mod dsn;
 mod group;
 mod leases;

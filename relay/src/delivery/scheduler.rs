@@ -1,22 +1,25 @@
 //! The lease loop: lease due units up to the free worker permits, group
-//! them by destination and hand each group to [`super::group`].
+//! them by destination, and let [`super::dispatch`] spread each
+//! destination's units over up to `perDestinationConcurrency` groups
+//! ([`super::group`]), one connection each.
 //!
 //! Concurrency: at most `workers` units are in flight in this pod (a
-//! semaphore); each destination group takes one of the destination's
-//! connection slots, shared by all pods, or goes back to the queue for a
-//! moment. A throttled or slow destination holds only its own units, so
-//! it never holds up another.
+//! semaphore, waiting units included); each destination group takes one of
+//! the destination's connection slots, shared by all pods, or goes back to
+//! the queue for a moment. A throttled or slow destination holds only its
+//! own units, so it never holds up another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{Id, JoinError, JoinSet};
 
 use super::DeliveryContext;
+use super::dispatch::Dispatch;
 use super::group::deliver_group;
-use crate::queue::{Lease, now_millis};
+use crate::queue::{Lease, SettleOp, Settlement, now_millis};
 
 /// Longest pause between queue polls when nothing is due.
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -37,6 +40,9 @@ pub async fn run(
     let workers = ctx.config.get().delivery.workers.max(1) as usize;
     let permits = Arc::new(Semaphore::new(workers));
     let mut tasks: JoinSet<()> = JoinSet::new();
+    // Which destination each running group delivers to.
+    let mut running: HashMap<Id, String> = HashMap::new();
+    let mut dispatch = Dispatch::default();
     // Aborted when the loop ends (this handle dropped with it).
     let gauges = AbortOnDrop(crate::queue_gauges::spawn(
         ctx.queue.clone(),
@@ -47,16 +53,35 @@ pub async fn run(
     tokio::pin!(shutdown);
     tracing::info!(workers, "delivery workers started");
     loop {
-        while tasks.try_join_next().is_some() {}
+        while let Some(done) = tasks.try_join_next_with_id() {
+            ended(&mut dispatch, &mut running, done);
+        }
         ctx.pool.sweep();
+        let cfg = ctx.config.get();
+        let limit = cfg.delivery.per_destination_concurrency.max(1) as usize;
+        for batch in dispatch.start(limit) {
+            let domain = batch.domain.clone();
+            let handle = tasks.spawn(deliver_group(
+                ctx.clone(),
+                cfg.clone(),
+                batch.domain,
+                batch.leases,
+                batch.permit,
+            ));
+            running.insert(handle.id(), domain);
+        }
         let available = permits.available_permits();
         if available == 0 {
+            // Every permit is in a running group or waits for one (which
+            // then runs): a group ending frees one or the other.
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tasks.join_next() => continue,
+                Some(done) = tasks.join_next_with_id() => {
+                    ended(&mut dispatch, &mut running, done);
+                    continue
+                }
             }
         }
-        let cfg = ctx.config.get();
         let lease_for = cfg.queue.lease.get();
         let leases = match ctx
             .queue
@@ -76,6 +101,11 @@ pub async fn run(
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
+                // A group ending may let waiting units start.
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    ended(&mut dispatch, &mut running, done);
+                    continue
+                }
             }
         }
         for (domain, group) in group_by_destination(leases) {
@@ -84,13 +114,16 @@ pub async fn run(
             let Ok(permit) = permits.clone().acquire_many_owned(n).await else {
                 break;
             };
-            tasks.spawn(deliver_group(
-                ctx.clone(),
-                cfg.clone(),
-                domain,
-                group,
-                permit,
-            ));
+            dispatch.add(domain, group, permit);
+        }
+    }
+    // Units that never reached a connection go back at once, due now, for
+    // another pod (not an attempt): waiting out their lease would delay them.
+    let now = now_millis();
+    for lease in dispatch.take_waiting() {
+        let op = Settlement::only(SettleOp::Postpone { until: now });
+        if let Err(error) = ctx.queue.settle(&lease, op).await {
+            tracing::warn!(%error, unit = %lease.unit.id, "cannot hand back a waiting unit; its lease will expire");
         }
     }
     drop(gauges);
@@ -106,6 +139,21 @@ pub async fn run(
         if let Some(slot) = pooled.slot {
             slot.release().await;
         }
+    }
+}
+
+/// Books a finished (or panicked) group as ended.
+fn ended(
+    dispatch: &mut Dispatch,
+    running: &mut HashMap<Id, String>,
+    done: Result<(Id, ()), JoinError>,
+) {
+    let id = match done {
+        Ok((id, ())) => id,
+        Err(e) => e.id(),
+    };
+    if let Some(domain) = running.remove(&id) {
+        dispatch.finished(&domain);
     }
 }
 

@@ -75,6 +75,10 @@ pub struct Transaction {
     pub host_failure: bool,
     /// The connection is gone or in an unknown state.
     pub connection_lost: bool,
+    /// The transaction is over at the server too (its end of data was
+    /// answered, MAIL was refused, or nothing was sent): the next MAIL may
+    /// follow at once, without an RSET round trip first.
+    pub ended: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
@@ -179,6 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                 })),
                 host_failure: false,
                 connection_lost: false,
+                ended: true,
             };
         }
         if let Some(limit) = self.caps.size
@@ -195,6 +200,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                 })),
                 host_failure: false,
                 connection_lost: false,
+                ended: true,
             };
         }
         match self.send_inner(env, data).await {
@@ -217,6 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                     results,
                     host_failure: true,
                     connection_lost: true,
+                    ended: false,
                 }
             }
         }
@@ -296,6 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                 results: vec![Err(Failure::Session(mail_reply.clone())); n],
                 host_failure,
                 connection_lost: mail_reply.code == 421,
+                ended: true,
             });
         }
 
@@ -313,6 +321,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             );
         }
 
+        // Open until the end of data is answered: a refused DATA (or none
+        // sent, every recipient refused) leaves MAIL in effect at the server.
+        let mut ended = false;
         let final_reply = match data_reply {
             Some(d) if d.code == 354 => {
                 if accepted == 0 {
@@ -321,18 +332,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                     self.write(b".\r\n", "DATA")
                         .await
                         .map_err(|f| (f, vec![]))?;
-                    let _ = self.read_reply(self.timeouts.data, "end of DATA").await;
+                    ended = self
+                        .read_reply(self.timeouts.data, "end of DATA")
+                        .await
+                        .is_ok();
                     None
                 } else {
                     let body = dot_stuff(data);
                     self.write(&body, "DATA")
                         .await
                         .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?;
-                    Some(
-                        self.read_reply(self.timeouts.data, "end of DATA")
-                            .await
-                            .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?,
-                    )
+                    let reply = self
+                        .read_reply(self.timeouts.data, "end of DATA")
+                        .await
+                        .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?;
+                    ended = true;
+                    Some(reply)
                 }
             }
             // DATA must be answered 354 or refused: a 2xx means the body
@@ -365,6 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             results,
             host_failure: lost,
             connection_lost: lost,
+            ended,
         })
     }
 }
@@ -468,7 +484,7 @@ mod tests {
             smtputf8: false,
         };
         let t = c.send(&env, b"Subject: x\r\n\r\n.dot\r\n").await;
-        assert!(!t.host_failure && !t.connection_lost);
+        assert!(!t.host_failure && !t.connection_lost && t.ended);
         assert_eq!(t.results[0].as_ref().unwrap().code, 250);
         assert_eq!(
             t.results[1].as_ref().unwrap_err().reply().unwrap().code,
@@ -486,6 +502,56 @@ mod tests {
             "{seen:?}"
         );
         assert!(seen.contains(&"data:..dot".to_string()), "{seen:?}");
+    }
+
+    /// Messages back to back over one pipelining connection: after a
+    /// transaction whose end of data was answered the next MAIL follows at
+    /// once; one left open (every recipient refused, DATA refused) is not
+    /// `ended`, so the caller resets it first. The script checks the order.
+    #[tokio::test]
+    async fn only_a_transaction_left_open_needs_a_reset() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(server(
+            b,
+            vec![
+                ("EHLO", "250-mx\r\n250 PIPELINING\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "550 5.1.1 no such user\r\n"),
+                ("DATA", "554 5.5.1 no valid recipients\r\n"),
+                ("RSET", "250 ok\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "250 ok\r\n"),
+                ("DATA", "354 go\r\n"),
+                ("<data end>", "250 2.0.0 queued\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "250 ok\r\n"),
+                ("DATA", "354 go\r\n"),
+                ("<data end>", "451 4.3.0 try later\r\n"),
+            ],
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        assert!(c.ehlo("relay.test").await.unwrap().unwrap().pipelining);
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+        };
+        let mut ended = Vec::new();
+        for _ in 0..3 {
+            let t = c.send(&env, b"x\r\n").await;
+            assert!(!t.connection_lost, "{t:?}");
+            ended.push(t.ended);
+            if !t.ended {
+                assert!(c.rset().await.unwrap());
+            }
+        }
+        assert_eq!(ended, vec![false, true, true]);
+        drop(c);
+        let seen = srv.await.unwrap();
+        assert_eq!(seen.iter().filter(|l| *l == "RSET").count(), 1, "{seen:?}");
     }
 
     #[tokio::test]
@@ -509,6 +575,8 @@ mod tests {
             smtputf8: false,
         };
         let t = c.send(&env, b"x\r\n").await;
+        // MAIL refused: no transaction is left open at the server.
+        assert!(t.ended);
         drop(c);
         srv.await.unwrap();
         for r in &t.results {

@@ -6,9 +6,12 @@ use std::time::{Duration, Instant};
 use super::super::leases::SlotGuard;
 use super::super::smtp_client::{ConnectSettings, Connection};
 
-/// An open connection and whether a transaction already used it.
+/// An open connection and whether it needs an RSET before the next
+/// transaction.
 pub(crate) struct Session {
     pub(crate) conn: Connection,
+    /// A transaction used it and may have left state behind at the server,
+    /// or it sat idle in the pool (RSET then also shows it is still alive).
     pub(crate) used: bool,
 }
 
@@ -16,8 +19,11 @@ pub(crate) struct Session {
 /// destination. Short: servers drop idle clients, and an idle connection
 /// still counts against the destination's goodwill.
 const POOL_IDLE: Duration = Duration::from_secs(5);
-/// Idle connections kept per destination.
-const POOL_PER_KEY: usize = 4;
+/// Idle connections kept per destination. The scheduler spreads a busy
+/// destination over up to `perDestinationConcurrency` connections at once,
+/// and each idle one holds a slot, so the slots bound this in practice;
+/// a cap of 4 closed most of them after every batch.
+const POOL_PER_KEY: usize = 32;
 
 /// Idle connections by destination, so units leased in later batches reuse
 /// a connection instead of paying TCP, greeting and TLS again. A reused

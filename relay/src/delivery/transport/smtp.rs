@@ -71,7 +71,8 @@ async fn deliver_smtp(
     let mut last_failure = Failure::Fault(Fault::Connect(format!("no server for {domain}")));
     let mut next_host = 0usize;
     while !pending.is_empty() {
-        // Reuse the open connection after RSET, or open a new one.
+        // Reuse the open connection (after RSET when the last transaction
+        // may have left state behind), or open a new one.
         if let Some(s) = session.as_mut()
             && s.used
         {
@@ -134,7 +135,9 @@ async fn deliver_smtp(
             smtputf8: unit.flags.smtputf8,
         };
         let t = s.conn.client.send(&env, data).await;
-        s.used = true;
+        // Back to back over one connection: after a transaction that ended
+        // cleanly the next MAIL goes without an RSET round trip.
+        s.used = !t.ended;
         let host = s.conn.host.clone();
         let tls = s.conn.tls;
         let mut still = Vec::new();
