@@ -103,6 +103,23 @@ fn header_end(data: &[u8]) -> usize {
     data.len()
 }
 
+/// Whether the header section of `data` has an [`HEADER`] field, so a
+/// message without one is passed on as it is, not copied by
+/// [`take_header`].
+pub fn carries_header(data: &[u8]) -> bool {
+    let end = header_end(data);
+    data[..end]
+        .split(|&b| b == b'\n')
+        .filter(|line| !matches!(line.first(), Some(b' ' | b'\t')))
+        .any(|line| {
+            line.iter().position(|&b| b == b':').is_some_and(|n| {
+                line[..n]
+                    .trim_ascii_end()
+                    .eq_ignore_ascii_case(HEADER.as_bytes())
+            })
+        })
+}
+
 /// Removes every `X-Petrel-Tags` field (with its folded lines) from the
 /// header of `data` and returns the message without it and the tags it
 /// named (merged; a key in two fields is a [`TagError::Duplicate`]).
@@ -205,6 +222,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn finds_the_tags_header_only_in_the_header_section() {
+        let table: [(&[u8], bool); 6] = [
+            (b"From: a\r\nX-Petrel-Tags: a=b\r\n\r\nbody\r\n", true),
+            (b"x-petrel-tags : a=b\r\n\r\n", true),
+            (b"From: a\r\nSubject: x\r\n\r\nX-Petrel-Tags: a=b\r\n", false),
+            (b"Subject: x\r\n X-Petrel-Tags: folded into Subject\r\n\r\n", false),
+            (b"X-Petrel-Tagsy: a=b\r\n\r\n", false),
+            (b"", false),
+        ];
+        for (data, want) in table {
+            assert_eq!(
+                carries_header(data),
+                want,
+                "{}",
+                String::from_utf8_lossy(data)
+            );
+            // Agrees with what take_header finds.
+            if let Ok((_, found)) = take_header(data) {
+                assert_eq!(found.is_some(), want, "{}", String::from_utf8_lossy(data));
+            }
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub async fn accept(
     let domain = envelope.sending_domain.clone();
     // Tags leave the message here, before it is signed: the header is for
     // the relay, not for the recipient.
-    let (raw, message_tags) = message_tags(&envelope, &raw)?;
+    let (raw, message_tags) = message_tags(&envelope, raw)?;
     let id = uuid::Uuid::new_v4().simple().to_string();
     let event = |kind, queue_id: &str, rcpt: &str, header_message_id: &Option<String>| {
         let mut e = Event::new(kind, &ctx.relay, now_millis()).with_recipient(rcpt);
@@ -268,10 +268,14 @@ async fn remember_sent(
 /// message (550 5.6.0 naming the tag) rather than losing the tags.
 fn message_tags(
     envelope: &Envelope,
-    raw: &[u8],
+    raw: Vec<u8>,
 ) -> Result<(Vec<u8>, std::collections::BTreeMap<String, String>), Refusal> {
+    if !tags::carries_header(&raw) {
+        // Nearly every message: nothing to take out, nothing to copy.
+        return Ok((raw, envelope.tags.clone()));
+    }
     let bad = |e: tags::TagError| Refusal::BadTags(e.to_string());
-    let (raw, from_header) = tags::take_header(raw).map_err(bad)?;
+    let (raw, from_header) = tags::take_header(&raw).map_err(bad)?;
     let mut all = envelope.tags.clone();
     if let Some(from_header) = from_header {
         for (k, v) in from_header {

@@ -612,9 +612,10 @@ async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> 
             .to_string();
     }
     if let (Some(before), Some(after)) = (calls_before, redis_calls(&redis).await) {
-        // Round trips are most of the cost on loopback: say how many.
+        // Commands Redis ran (inside scripts too): how much work each
+        // message costs the queue.
         let per = after.saturating_sub(before) as f64 / row.delivered.max(1) as f64;
-        row.note = format!("{} {per:.1} redis calls/msg", row.note)
+        row.note = format!("{} {per:.1} redis cmds/msg", row.note)
             .trim()
             .to_string();
     }
@@ -640,8 +641,8 @@ async fn petrel(args: &Args, load: Load, n: usize, extra: Extra) -> Result<Row> 
     Ok(row)
 }
 
-/// Commands Redis has executed (`total_commands_processed`; a script
-/// counts once).
+/// Commands Redis has executed (`total_commands_processed`: a script call
+/// and every command it runs).
 async fn redis_calls(redis: &RedisServer) -> Option<u64> {
     let info = redis.raw_command(&["INFO", "stats"]).await.ok()?;
     info.lines()

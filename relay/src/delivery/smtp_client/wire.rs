@@ -84,17 +84,21 @@ pub fn parse_reply(raw: &[u8]) -> Result<Reply, Fault> {
 }
 
 /// Dot-stuffs `data` for DATA (RFC 5321 4.5.2) and appends the final
-/// `.`, making sure the message ends with CRLF first.
+/// `.`, making sure the message ends with CRLF first. Copies the runs
+/// between line-initial dots whole (found with `memmem`): a byte-at-a-time
+/// loop here was a tenth of the relay's CPU on 100 KB messages.
 pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in data {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
+    if data.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    let mut start = 0;
+    for lf in memchr::memmem::find_iter(data, b"\n.") {
+        out.extend_from_slice(&data[start..=lf]);
+        out.push(b'.');
+        start = lf + 1;
+    }
+    out.extend_from_slice(&data[start..]);
     if !out.is_empty() && !out.ends_with(b"\r\n") {
         if out.ends_with(b"\n") {
             out.pop();
@@ -203,6 +207,48 @@ mod tests {
         assert_eq!(dot_stuff(b""), b".\r\n");
         assert_eq!(dot_stuff(b"x\r"), b"x\r\n.\r\n");
         assert_eq!(dot_stuff(b"x\r\n."), b"x\r\n..\r\n.\r\n");
+    }
+
+    /// The run-copying version stuffs exactly like the byte-at-a-time
+    /// definition, on dots after bare LFs, runs of dotted lines and ends.
+    #[test]
+    fn dot_stuffing_matches_the_byte_at_a_time_definition() {
+        fn reference(data: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut at_line_start = true;
+            for &b in data {
+                if at_line_start && b == b'.' {
+                    out.push(b'.');
+                }
+                out.push(b);
+                at_line_start = b == b'\n';
+            }
+            if !out.is_empty() && !out.ends_with(b"\r\n") {
+                if out.ends_with(b"\n") {
+                    out.pop();
+                }
+                if !out.ends_with(b"\r") {
+                    out.push(b'\r');
+                }
+                out.push(b'\n');
+            }
+            out.extend_from_slice(b".\r\n");
+            out
+        }
+        let inputs: [&[u8]; 9] = [
+            b"",
+            b".",
+            b"..\n.\n.",
+            b"a\n.b\r\n.\r\n..\r\nc",
+            b"\n\n.\n",
+            b"x.y\r\n z.\r\n",
+            b"no dots at all\r\n",
+            b"\r\n.\r\n.\r\n",
+            b"tail\r",
+        ];
+        for input in inputs {
+            assert_eq!(dot_stuff(input), reference(input), "{input:?}");
+        }
     }
 
     #[test]
