@@ -87,7 +87,8 @@ pub async fn run_until(
     );
     let delivery_ctx = Arc::new(
         DeliveryContext::new(config.clone(), backend.clone(), metrics.clone())?
-            .with_feedback(inbound_ctx.feedback.clone()),
+            .with_feedback(inbound_ctx.feedback.clone())
+            .with_wake(inbound_ctx.enqueued.clone()),
     );
 
     // Bind everything before reporting ready, so a port clash fails the

@@ -98,6 +98,9 @@ pub struct DeliveryContext {
     pool: transport::pool::Pool,
     /// The feedback keys for VERP return paths (see [`return_path`]).
     pub feedback: Option<Arc<crate::feedback::Feedback>>,
+    /// Notified when this pod enqueued a message: the scheduler, idle,
+    /// leases at once (see [`DeliveryContext::with_wake`]).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl DeliveryContext {
@@ -122,6 +125,7 @@ impl DeliveryContext {
             mx_verified_tls: Mutex::new(None),
             pool: transport::pool::Pool::default(),
             feedback: None,
+            wake: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
@@ -129,6 +133,15 @@ impl DeliveryContext {
     /// keys the feedback listener opens them with).
     pub fn with_feedback(mut self, feedback: Arc<crate::feedback::Feedback>) -> DeliveryContext {
         self.feedback = Some(feedback);
+        self
+    }
+
+    /// Wakes the idle scheduler when `wake` is notified (inbound's
+    /// [`crate::inbound::InboundContext::enqueued`]): a message accepted
+    /// here starts delivery without waiting out the idle poll. Other pods'
+    /// messages are still found by polling.
+    pub fn with_wake(mut self, wake: Arc<tokio::sync::Notify>) -> DeliveryContext {
+        self.wake = wake;
         self
     }
 

@@ -101,6 +101,8 @@ pub async fn run(
             tokio::select! {
                 _ = &mut shutdown => break,
                 _ = tokio::time::sleep(IDLE_POLL) => continue,
+                // This pod just enqueued a message.
+                _ = ctx.wake.notified() => continue,
                 // A group ending may let waiting units start.
                 Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     ended(&mut dispatch, &mut running, done);

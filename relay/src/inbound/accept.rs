@@ -370,6 +370,7 @@ async fn enqueue_message(
         Ok(Ok(())) => {
             timer.observe_duration();
             emit::count(&ctx.metrics, &counted);
+            ctx.enqueued.notify_one();
             Ok(())
         }
         Ok(Err(e)) => {

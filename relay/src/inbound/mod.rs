@@ -117,6 +117,9 @@ pub struct InboundContext {
     pub relay: String,
     /// The reputation guard: whether a sending domain is paused.
     pub reputation: crate::reputation::Guard,
+    /// Notified after every enqueue, so this pod's delivery scheduler
+    /// leases at once instead of at its next idle poll.
+    pub enqueued: Arc<tokio::sync::Notify>,
 }
 
 impl InboundContext {
@@ -173,6 +176,7 @@ impl InboundContext {
             events: None,
             relay: crate::events::relay_name(&current.hostname),
             reputation,
+            enqueued: Arc::new(tokio::sync::Notify::new()),
         })
     }
 
