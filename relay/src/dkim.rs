@@ -184,7 +184,11 @@ impl DkimKeys {
 
     fn signer(&self, domain: &str, config: &DkimConfig) -> Result<Arc<Signer>, DkimError> {
         let key = domain.to_ascii_lowercase();
-        let cached = self.lock().get(&key).filter(|e| e.config == *config).cloned();
+        let cached = self
+            .lock()
+            .get(&key)
+            .filter(|e| e.config == *config)
+            .cloned();
         if let Some(entry) = &cached
             && entry.checked.elapsed() < self.recheck
         {

@@ -624,6 +624,46 @@ async fn delayed_warning_once_then_bounce_at_expiry() {
     .expect("test timed out");
 }
 
+/// Units leased together for one destination go out over parallel
+/// connections, up to `perDestinationConcurrency`, instead of one after
+/// another over one.
+#[tokio::test]
+async fn units_for_one_destination_spread_over_its_connections() {
+    tokio::time::timeout(LIMIT, async {
+        let w = world(SmtpSink::start().await.unwrap()).await;
+        let backend = petrel_relay::queue::open(
+            &mx_config(&w.redis.url(), w.dns.addr(), w.sink.port()).queue,
+        )
+        .await
+        .unwrap();
+        for i in 0..6 {
+            let rcpt = format!("u{i}@dest.test");
+            backend
+                .queue
+                .enqueue(
+                    message(
+                        &format!("m-spread-{i}"),
+                        "sender@example.test",
+                        &[&rcpt],
+                        "spread",
+                    ),
+                    Vec::new(),
+                )
+                .await
+                .unwrap();
+        }
+        let mut config = mx_config(&w.redis.url(), w.dns.addr(), w.sink.port());
+        config.delivery.per_destination_concurrency = 3;
+        let relay = Relay::start(config).await;
+        let got = w.sink.wait_for(6, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 6);
+        assert_eq!(w.sink.connections(), 3, "six units over three connections");
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn units_for_one_destination_share_a_connection() {
     tokio::time::timeout(LIMIT, async {
@@ -650,13 +690,17 @@ async fn units_for_one_destination_share_a_connection() {
                 .await
                 .unwrap();
         }
-        let relay = w.relay().await;
+        // One connection allowed: the scheduler would otherwise spread the
+        // three units over three parallel connections.
+        let mut config = mx_config(&w.redis.url(), w.dns.addr(), w.sink.port());
+        config.delivery.per_destination_concurrency = 1;
+        let relay = Relay::start(config).await;
         let got = w.sink.wait_for(3, Duration::from_secs(20)).await;
         assert_eq!(got.len(), 3);
         assert_eq!(
             w.sink.connections(),
             1,
-            "three transactions over one connection (RSET between)"
+            "three transactions over one connection"
         );
         relay.stop().await;
     })

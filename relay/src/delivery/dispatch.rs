@@ -89,10 +89,8 @@ impl Dispatch {
                     permit,
                 });
             }
-            *self.running.entry(domain.clone()).or_default() += out
-                .iter()
-                .filter(|b| b.domain == *domain)
-                .count();
+            *self.running.entry(domain.clone()).or_default() +=
+                out.iter().filter(|b| b.domain == *domain).count();
             // Nothing is left over (one permit per unit), but were it, it
             // would wait rather than be dropped.
             waiting.leases = rest.collect();
@@ -166,7 +164,11 @@ mod tests {
             (5, 0, &[]),
             (1, 20, &[1]),
             (10, 3, &[4, 3, 3]),
-            (64, 20, &[4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3]),
+            (
+                64,
+                20,
+                &[4, 4, 4, 4, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3],
+            ),
             (3, 3, &[1, 1, 1]),
         ];
         for (waiting, free, want) in cases {
@@ -185,7 +187,11 @@ mod tests {
         let permits = Arc::new(Semaphore::new(10));
         let mut d = Dispatch::default();
         let take = |n| permits.clone().try_acquire_many_owned(n).unwrap();
-        d.add("a.test".into(), (0..5).map(|i| lease("a.test", i)).collect(), take(5));
+        d.add(
+            "a.test".into(),
+            (0..5).map(|i| lease("a.test", i)).collect(),
+            take(5),
+        );
         d.add("b.test".into(), vec![lease("b.test", 9)], take(1));
         let batches = d.start(2);
         let got: Vec<(&str, Vec<&str>, usize)> = batches

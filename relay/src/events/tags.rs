@@ -229,8 +229,14 @@ mod tests {
         let table: [(&[u8], bool); 6] = [
             (b"From: a\r\nX-Petrel-Tags: a=b\r\n\r\nbody\r\n", true),
             (b"x-petrel-tags : a=b\r\n\r\n", true),
-            (b"From: a\r\nSubject: x\r\n\r\nX-Petrel-Tags: a=b\r\n", false),
-            (b"Subject: x\r\n X-Petrel-Tags: folded into Subject\r\n\r\n", false),
+            (
+                b"From: a\r\nSubject: x\r\n\r\nX-Petrel-Tags: a=b\r\n",
+                false,
+            ),
+            (
+                b"Subject: x\r\n X-Petrel-Tags: folded into Subject\r\n\r\n",
+                false,
+            ),
             (b"X-Petrel-Tagsy: a=b\r\n\r\n", false),
             (b"", false),
         ];

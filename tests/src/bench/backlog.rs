@@ -129,8 +129,9 @@ pub async fn fill(redis: &RedisServer, backlog: &Backlog) -> Result<Filled, Back
     let backend = queue::open(&config).await?;
     let before = memory(redis).await?;
     let start = Instant::now();
-    let mut line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n"
-        .repeat(backlog.size / 76 + 1);
+    let mut line =
+        b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n"
+            .repeat(backlog.size / 76 + 1);
     line.truncate(backlog.size);
     let body = line;
     let q = backend.queue.clone();
@@ -215,8 +216,7 @@ mod tests {
         assert_eq!(filled.postponed, 300);
         assert!(filled.memory_bytes > 300 * 1024, "{filled:?}");
         let config: petrel_crds::config::QueueConfig =
-            serde_json::from_value(serde_json::json!({ "redis": { "url": redis.url() } }))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({ "redis": { "url": redis.url() } })).unwrap();
         let backend = queue::open(&config).await.unwrap();
         let due = backend
             .queue

@@ -23,7 +23,6 @@
 //! target/release/petrel-bench --messages 20000 --postfix --injector petrel,smtp-source
 //! ```
 
-
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -308,11 +307,9 @@ impl Counter {
     async fn start(injector: InjectorArg) -> Result<Counter> {
         Ok(match injector {
             InjectorArg::Petrel => Counter::Bench(Sink::start().await.context("starting sink")?),
-            InjectorArg::SmtpSource => Counter::Postfix(
-                PostfixSink::start()
-                    .await
-                    .context("starting smtp-sink")?,
-            ),
+            InjectorArg::SmtpSource => {
+                Counter::Postfix(PostfixSink::start().await.context("starting smtp-sink")?)
+            }
         })
     }
 
@@ -358,12 +355,7 @@ struct Injected {
 
 /// Runs the load's injector against `targets` (messages split evenly over
 /// them for smtp-source, which speaks to one server).
-async fn inject_load(
-    args: &Args,
-    load: Load,
-    targets: Vec<SocketAddr>,
-    system: &str,
-) -> Injected {
+async fn inject_load(args: &Args, load: Load, targets: Vec<SocketAddr>, system: &str) -> Injected {
     match load.injector {
         InjectorArg::Petrel => {
             let report = inject::run(plan(args, load, targets, system)).await;
