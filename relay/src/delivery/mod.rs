@@ -28,6 +28,7 @@ pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
 pub mod tls_result;
+pub mod tls_rpt;
 pub mod worker;
 
 use std::net::SocketAddr;
