@@ -84,6 +84,106 @@ pub(super) async fn apply_mta_sts(
     }
 }
 
+/// What a message itself asks of TLS (RFC 8689), which decides whether it
+/// can share connections with other mail to its destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MessageTls {
+    /// Nothing: the destination's policy applies.
+    Default,
+    /// `MAIL FROM ... REQUIRETLS`: verified TLS to a server offering
+    /// REQUIRETLS, or a bounce with 5.7.30.
+    Required,
+    /// `TLS-Required: No`: the recipient domain's policy (MTA-STS,
+    /// `verified`) does not stop delivery; TLS is used when offered.
+    Optional,
+}
+
+impl MessageTls {
+    /// The class of a unit's flags (REQUIRETLS wins over the header,
+    /// which inbound already ignores on such messages).
+    pub fn of(flags: &crate::queue::MessageFlags) -> MessageTls {
+        if flags.require_tls {
+            MessageTls::Required
+        } else if flags.tls_optional {
+            MessageTls::Optional
+        } else {
+            MessageTls::Default
+        }
+    }
+}
+
+/// Labels of settings whose certificate check names the MX host.
+const VERIFIED_LABELS: &[&str] = &["verified", "mta-sts", "dane"];
+
+/// The destination's hosts and settings adjusted for what the message
+/// asks (pure once the destination's policy is applied):
+/// `Required` keeps a verified policy (MTA-STS, DANE, `verified`) and
+/// otherwise verifies PKIX against the MX name; `Optional` drops the
+/// destination's policy for opportunistic TLS without verification.
+pub fn for_message(
+    class: MessageTls,
+    settings: ConnectSettings,
+    verified: std::sync::Arc<rustls::ClientConfig>,
+    unverified: std::sync::Arc<rustls::ClientConfig>,
+) -> ConnectSettings {
+    match class {
+        MessageTls::Default => settings,
+        MessageTls::Required if VERIFIED_LABELS.contains(&settings.tls_label) => ConnectSettings {
+            tls: TlsPolicy::Required,
+            require_tls: true,
+            ..settings
+        },
+        MessageTls::Required => ConnectSettings {
+            tls: TlsPolicy::Required,
+            tls_config: verified,
+            tls_label: "verified",
+            require_tls: true,
+            ..settings
+        },
+        MessageTls::Optional => ConnectSettings {
+            tls: TlsPolicy::Opportunistic,
+            tls_config: unverified,
+            tls_label: "opportunistic",
+            require_tls: false,
+            ..settings
+        },
+    }
+}
+
+/// The destination's policy and the message's wishes together: MTA-STS
+/// (unless `TLS-Required: No`), then [`for_message`].
+pub(super) async fn apply_message_tls(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    domain: &str,
+    class: MessageTls,
+    hosts: Vec<MxHost>,
+    settings: ConnectSettings,
+) -> Result<(Vec<MxHost>, ConnectSettings), Fault> {
+    if cfg.delivery.transport != Transport::Mx {
+        // A smarthost is ours: its settings stand; REQUIRETLS still needs
+        // the smarthost to offer it.
+        let require_tls = class == MessageTls::Required;
+        return Ok((
+            hosts,
+            ConnectSettings {
+                require_tls,
+                ..settings
+            },
+        ));
+    }
+    let (hosts, settings) = if class == MessageTls::Optional {
+        (hosts, settings)
+    } else {
+        apply_mta_sts(ctx, cfg, domain, hosts, settings).await?
+    };
+    let (verified, _) = ctx.verified_configs(cfg.delivery.tls.ca_file.as_deref())?;
+    Ok((
+        hosts,
+        for_message(class, settings, verified, ctx.unverified_tls.clone()),
+    ))
+}
+
 /// The TLS result type of a failed connection attempt, `None` when the
 /// failure is not about TLS (network, greeting, DNS).
 pub fn failure_result(failure: &super::classify::Failure) -> Option<&'static str> {
@@ -99,6 +199,97 @@ pub fn failure_result(failure: &super::classify::Failure) -> Option<&'static str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(label: &'static str) -> ConnectSettings {
+        ConnectSettings {
+            ehlo_name: "relay.test".into(),
+            timeouts: super::super::smtp_client::Timeouts {
+                connect: std::time::Duration::from_secs(1),
+                greeting: std::time::Duration::from_secs(1),
+                command: std::time::Duration::from_secs(1),
+                data: std::time::Duration::from_secs(1),
+            },
+            tls: TlsPolicy::Opportunistic,
+            tls_config: super::super::tls::unverified().unwrap(),
+            tls_label: label,
+            auth: None,
+            require_tls: false,
+        }
+    }
+
+    #[test]
+    fn what_the_message_asks_changes_the_settings() {
+        let verified = super::super::tls::verified_mx(None).unwrap();
+        let unverified = super::super::tls::unverified().unwrap();
+        let table = [
+            (
+                MessageTls::Default,
+                "opportunistic",
+                TlsPolicy::Opportunistic,
+                "opportunistic",
+                false,
+            ),
+            (
+                MessageTls::Required,
+                "opportunistic",
+                TlsPolicy::Required,
+                "verified",
+                true,
+            ),
+            (
+                MessageTls::Required,
+                "encrypted",
+                TlsPolicy::Required,
+                "verified",
+                true,
+            ),
+            (
+                MessageTls::Required,
+                "mta-sts",
+                TlsPolicy::Required,
+                "mta-sts",
+                true,
+            ),
+            (
+                MessageTls::Optional,
+                "mta-sts",
+                TlsPolicy::Opportunistic,
+                "opportunistic",
+                false,
+            ),
+            (
+                MessageTls::Optional,
+                "verified",
+                TlsPolicy::Opportunistic,
+                "opportunistic",
+                false,
+            ),
+        ];
+        for (class, label, tls, want_label, require) in table {
+            let s = for_message(class, settings(label), verified.clone(), unverified.clone());
+            assert_eq!(
+                (s.tls, s.tls_label, s.require_tls),
+                (tls, want_label, require),
+                "{class:?} {label}"
+            );
+        }
+        let s = for_message(
+            MessageTls::Required,
+            settings("encrypted"),
+            verified.clone(),
+            unverified.clone(),
+        );
+        assert!(
+            std::sync::Arc::ptr_eq(&s.tls_config, &verified),
+            "encrypted becomes verified"
+        );
+        let flags = crate::queue::MessageFlags {
+            require_tls: true,
+            tls_optional: true,
+            ..Default::default()
+        };
+        assert_eq!(MessageTls::of(&flags), MessageTls::Required);
+    }
 
     #[test]
     fn only_opportunistic_may_fall_back_to_plain_text() {

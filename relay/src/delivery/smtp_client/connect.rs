@@ -94,6 +94,9 @@ pub struct ConnectSettings {
     pub tls_label: &'static str,
     /// AUTH user and password (smarthost).
     pub auth: Option<(String, String)>,
+    /// The message was sent with REQUIRETLS (RFC 8689): after STARTTLS the
+    /// server must offer REQUIRETLS too, else this host is unusable.
+    pub require_tls: bool,
 }
 
 /// A ready connection.
@@ -228,6 +231,16 @@ async fn connect_once(
             .await
             .map_err(Failure::Fault)?
         {
+            Ok(caps) if settings.require_tls && !caps.require_tls => {
+                // RFC 8689 section 4.2.1 step 5: another MX may offer it.
+                client.quit().await;
+                return Err(Failure::Fault(Fault::Unsendable {
+                    status: "5.7.30",
+                    reason: format!(
+                        "REQUIRETLS support required: {host} does not offer REQUIRETLS after STARTTLS"
+                    ),
+                }));
+            }
             Ok(_) => {}
             Err(reply) => return Err(refused(reply)),
         }
@@ -357,6 +370,7 @@ mod tests {
             tls_config: crate::delivery::tls::unverified().unwrap(),
             tls_label: "opportunistic",
             auth: None,
+            require_tls: false,
         }
     }
 

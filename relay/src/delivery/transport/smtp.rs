@@ -132,6 +132,7 @@ async fn deliver_smtp(
             recipients: &recipients,
             eight_bit: unit.flags.eight_bit,
             smtputf8: unit.flags.smtputf8,
+            require_tls: settings.require_tls,
         };
         let t = s.conn.client.send(&env, data).await;
         s.used = true;
@@ -165,6 +166,16 @@ async fn deliver_smtp(
         {
             s.conn.client.quit().await;
         }
+    }
+    if settings.require_tls && tls_policy::failure_result(&last_failure).is_some() {
+        // RFC 8689 section 4.2.1: no MX host gave verified TLS; the
+        // message is returned rather than retried (section 4.2.2).
+        last_failure = Failure::Fault(Fault::Unsendable {
+            status: "5.7.30",
+            reason: format!(
+                "REQUIRETLS support required: no MX host of {domain} met it ({last_failure})"
+            ),
+        });
     }
     outcomes
         .into_iter()
