@@ -840,6 +840,7 @@ mod tests {
             pipelining: true,
             eightbitmime: true,
             smtputf8: false,
+            requiretls: false,
             size: Some(1000),
             hostname: "mx.test".into(),
             acceptor: None,

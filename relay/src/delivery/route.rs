@@ -122,6 +122,7 @@ pub(crate) async fn connect_settings(
                 },
                 auth,
                 require_tls: false,
+                tls_report: None,
             })
         }
         _ => {
@@ -134,6 +135,7 @@ pub(crate) async fn connect_settings(
                 tls_label: mode.as_str(),
                 auth: None,
                 require_tls: false,
+                tls_report: None,
             })
         }
     }

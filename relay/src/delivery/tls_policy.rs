@@ -11,6 +11,10 @@ use super::classify::Fault;
 use super::mta_sts::{self, FetchSettings, Mode};
 use super::mx::MxHost;
 use super::smtp_client::{ConnectSettings, TlsPolicy};
+use super::tls_rpt::probe::probing_config;
+use super::tls_rpt::{self, Entry, FailureDetail, Outcome, PolicyDesc, TlsReport};
+use crate::queue::now_millis;
+use std::sync::Arc;
 
 /// The configured mode for mail to `domain`.
 pub fn configured(cfg: &RelayConfig, domain: &str) -> OutboundTls {
@@ -57,8 +61,30 @@ pub(super) async fn apply_mta_sts(
     };
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let found = mta_sts::discover(ctx.state.as_ref(), &fetch, &domain).await;
-    let Some(cached) = found.policy else {
+    if let Some(problem) = &found.problem
+        && cfg.delivery.tls_rpt
+    {
+        // RFC 8460 section 4.3.2.2: a policy that could not be had is a
+        // failure of the domain's policy, reported under the cached one.
+        let policy = found
+            .policy
+            .as_ref()
+            .map(|c| PolicyDesc::sts(&c.policy))
+            .unwrap_or_else(PolicyDesc::none);
+        let detail = FailureDetail {
+            result_type: problem.result_type().to_string(),
+            ..FailureDetail::default()
+        };
+        count(ctx, &domain, &policy, Outcome::Failure(detail)).await;
+    }
+    let Some(mut cached) = found.policy else {
         return Ok((hosts, settings));
+    };
+    let report = |probe| {
+        cfg.delivery.tls_rpt.then(|| TlsReport {
+            policy: Arc::new(PolicyDesc::sts(&cached.policy)),
+            probe,
+        })
     };
     match cached.policy.mode {
         Mode::None => Ok((hosts, settings)),
@@ -66,21 +92,92 @@ pub(super) async fn apply_mta_sts(
             if let Err(why) = mta_sts::allowed_hosts(&cached.policy, hosts.clone(), |h| &h.name) {
                 tracing::warn!(destination = %domain, why, "MTA-STS testing: enforce would defer this delivery");
             }
+            // Certificates are checked for the report only, delivery goes
+            // on as configured (RFC 8461 section 5).
+            let probe = if cfg.delivery.tls_rpt && settings.tls != TlsPolicy::Disabled {
+                match super::tls::mozilla_roots(ca_file)
+                    .map_err(|e| e.to_string())
+                    .and_then(|roots| probing_config(Arc::new(roots)).map_err(|e| e.to_string()))
+                {
+                    Ok(probing) => Some(probing),
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot build the TLS-RPT certificate probe");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let tls_report = report(probe.as_ref().map(|(_, p)| p.clone()));
+            let settings = match probe {
+                // Only where the configured mode did not verify anyway.
+                Some((config, _)) if settings.tls_label != "verified" => ConnectSettings {
+                    tls_config: config,
+                    tls_report,
+                    ..settings
+                },
+                _ => ConnectSettings {
+                    tls_report: report(None),
+                    ..settings
+                },
+            };
             Ok((hosts, settings))
         }
         Mode::Enforce => {
-            let hosts = mta_sts::allowed_hosts(&cached.policy, hosts, |h| &h.name)
-                .map_err(|why| Fault::TlsPolicy(format!("{domain}: {why}")))?;
+            let hosts = match mta_sts::allowed_hosts(&cached.policy, hosts.clone(), |h| &h.name) {
+                Ok(allowed) => allowed,
+                Err(why) => {
+                    // RFC 8461 section 5.1: the policy may have changed
+                    // without a new TXT id; check before deferring.
+                    match mta_sts::refetch(ctx.state.as_ref(), &fetch, &domain, &cached.id).await {
+                        Ok(fresh) if fresh.policy != cached.policy => {
+                            tracing::info!(destination = %domain, mode = fresh.policy.mode.as_str(), "MTA-STS policy refetched after no MX matched");
+                            cached = fresh;
+                            if cached.policy.mode != Mode::Enforce {
+                                return Ok((hosts, settings));
+                            }
+                            mta_sts::allowed_hosts(&cached.policy, hosts, |h| &h.name)
+                                .map_err(|why| Fault::TlsPolicy(format!("{domain}: {why}")))?
+                        }
+                        Ok(_) | Err(_) => {
+                            return Err(Fault::TlsPolicy(format!("{domain}: {why}")));
+                        }
+                    }
+                }
+            };
+            let tls_report = cfg.delivery.tls_rpt.then(|| TlsReport {
+                policy: Arc::new(PolicyDesc::sts(&cached.policy)),
+                probe: None,
+            });
             Ok((
                 hosts,
                 ConnectSettings {
                     tls: TlsPolicy::Required,
                     tls_config: mx_tls,
                     tls_label: "mta-sts",
+                    tls_report,
                     ..settings
                 },
             ))
         }
+    }
+}
+
+/// Counts one TLS-RPT session; a backend that cannot count costs the
+/// report one session, never the delivery.
+pub(super) async fn count(
+    ctx: &DeliveryContext,
+    domain: &str,
+    policy: &PolicyDesc,
+    outcome: Outcome,
+) {
+    let entry = Entry {
+        domain: domain.to_string(),
+        policy: policy.clone(),
+        outcome,
+    };
+    if let Err(error) = tls_rpt::store::record(ctx.state.as_ref(), now_millis(), &entry).await {
+        tracing::debug!(%error, domain, "cannot count a TLS-RPT session");
     }
 }
 
@@ -145,6 +242,7 @@ pub fn for_message(
             tls_config: unverified,
             tls_label: "opportunistic",
             require_tls: false,
+            tls_report: None,
             ..settings
         },
     }
@@ -214,6 +312,7 @@ mod tests {
             tls_label: label,
             auth: None,
             require_tls: false,
+            tls_report: None,
         }
     }
 

@@ -97,6 +97,8 @@ pub struct ConnectSettings {
     /// The message was sent with REQUIRETLS (RFC 8689): after STARTTLS the
     /// server must offer REQUIRETLS too, else this host is unusable.
     pub require_tls: bool,
+    /// Sessions are counted for TLS-RPT under this policy (MTA-STS).
+    pub tls_report: Option<super::super::tls_rpt::TlsReport>,
 }
 
 /// A ready connection.
@@ -371,6 +373,7 @@ mod tests {
             tls_label: "opportunistic",
             auth: None,
             require_tls: false,
+            tls_report: None,
         }
     }
 

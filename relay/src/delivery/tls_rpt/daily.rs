@@ -226,7 +226,7 @@ async fn mail(
             }
         }
     }
-    let message = send::queued(&from, to, day, domain, index, data, now);
+    let message = send::queued(&from, to, day, domain, index, data, now_millis());
     ctx.queue
         .enqueue(message, Vec::new())
         .await

@@ -11,6 +11,7 @@
 //! the thin I/O around them.
 
 pub mod daily;
+pub mod probe;
 pub mod record;
 pub mod report;
 pub mod rua;
@@ -18,3 +19,16 @@ pub mod send;
 pub mod store;
 
 pub use record::{Entry, FailureDetail, Outcome, PolicyDesc, PolicyType};
+
+use std::sync::Arc;
+
+/// What a connection reports to TLS-RPT: the policy it runs under and,
+/// when its certificate is not enforced (MTA-STS `testing`), the probe
+/// that says whether it would have passed.
+#[derive(Clone, Debug)]
+pub struct TlsReport {
+    /// The policy.
+    pub policy: Arc<PolicyDesc>,
+    /// Set in `testing` mode.
+    pub probe: Option<Arc<probe::Probe>>,
+}

@@ -124,7 +124,8 @@ pub fn message(
 }
 
 /// The queued message of a mailto report (id unique per day, domain and
-/// address: queuing it twice stores it once). `data` is the signed message.
+/// address: queuing it twice stores it once). `data` is the signed
+/// message; `now` the real time (it is when the message is due).
 pub fn queued(
     from: &str,
     to: &str,
