@@ -152,7 +152,9 @@ mod tests {
         let state = crate::queue::memory::MemoryBackend::default();
         let day = Duration::from_secs(86_400);
         let a = reserve(&state, "d.test", 10, 3, day, NOW).await.unwrap();
-        let b = reserve(&state, "d.test", 10, 2, day, NOW + 10).await.unwrap();
+        let b = reserve(&state, "d.test", 10, 2, day, NOW + 10)
+            .await
+            .unwrap();
         let other = reserve(&state, "e.test", 10, 1, day, NOW).await.unwrap();
         assert_eq!(a, [NOW + 1000, NOW + 1100, NOW + 1200]);
         assert_eq!(b, [NOW + 1300, NOW + 1400]);
