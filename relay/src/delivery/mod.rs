@@ -26,6 +26,7 @@ mod leases;
 pub mod limits;
 pub mod mta_sts;
 pub mod mx;
+mod pacing;
 mod record;
 pub mod retry;
 pub mod return_path;
@@ -37,6 +38,7 @@ pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
 pub mod tls_result;
+pub mod tls_rpt;
 pub mod transport;
 
 use std::net::SocketAddr;
