@@ -548,6 +548,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: false,
             smtputf8: false,
+            require_tls: false,
         };
         let mut ended = Vec::new();
         for _ in 0..3 {
