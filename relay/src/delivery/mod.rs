@@ -15,6 +15,7 @@
 
 pub mod classify;
 pub mod client;
+pub mod dane;
 pub mod dsn;
 pub mod limits;
 pub mod maildir;
@@ -57,6 +58,9 @@ pub enum DeliveryError {
 /// Verified rustls configs: for SMTP to MX hosts, for HTTPS policy fetches.
 type VerifiedTls = (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>);
 
+/// A validating resolver with the nameservers and anchor file it uses.
+type DaneResolver = (Vec<SocketAddr>, Option<PathBuf>, TokioResolver);
+
 /// Everything the delivery workers share.
 pub struct DeliveryContext {
     /// The relay config, re-read on change.
@@ -78,6 +82,9 @@ pub struct DeliveryContext {
     /// The resolver and the nameservers it was built for, rebuilt when the
     /// config names other nameservers.
     resolver: Mutex<Option<(Vec<SocketAddr>, TokioResolver)>>,
+    /// DANE's DNSSEC-validating resolver and what it was built from
+    /// (nameservers, `delivery.mx.trustAnchorFile`).
+    dane_resolver: Mutex<Option<DaneResolver>>,
     /// TLS config for a smarthost (verified against the system roots),
     /// built on first use: reading the root bundle per connection is slow.
     verified_tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
@@ -109,6 +116,7 @@ impl DeliveryContext {
             metrics,
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),
+            dane_resolver: Mutex::new(None),
             verified_tls: Mutex::new(None),
             mx_verified_tls: Mutex::new(None),
             pool: worker::Pool::default(),
@@ -180,6 +188,32 @@ impl DeliveryContext {
         }
         let resolver = mx::build_resolver(nameservers)?;
         *guard = Some((nameservers.to_vec(), resolver.clone()));
+        Ok(resolver)
+    }
+
+    /// DANE's validating resolver, built on first use and when the
+    /// nameservers or the trust anchor file change.
+    fn dane_resolver(&self, cfg: &RelayConfig) -> Result<TokioResolver, classify::Fault> {
+        let mx = &cfg.delivery.mx;
+        let anchor_file = mx.trust_anchor_file.as_deref();
+        let mut guard = self.dane_resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((servers, file, resolver)) = guard.as_ref()
+            && servers.as_slice() == mx.nameservers.as_slice()
+            && file.as_deref() == anchor_file
+        {
+            return Ok(resolver.clone());
+        }
+        let anchors = dane::anchors::load(anchor_file).map_err(|e| classify::Fault::Dane {
+            result: "dnssec-invalid",
+            detail: e.to_string(),
+        })?;
+        let resolver = mx::build_validating_resolver(&mx.nameservers, Arc::new(anchors))
+            .map_err(|e| classify::Fault::DnsTemporary(e.to_string()))?;
+        *guard = Some((
+            mx.nameservers.clone(),
+            anchor_file.map(Path::to_path_buf),
+            resolver.clone(),
+        ));
         Ok(resolver)
     }
 }
