@@ -660,6 +660,14 @@ pub struct DeliverySpec {
     /// Honour recipient domains' MTA-STS policies (RFC 8461).
     #[serde(default = "default_mta_sts")]
     pub mta_sts: bool,
+    /// DANE (RFC 7672): where an MX host publishes DNSSEC-validated TLSA records, require TLS
+    /// with a certificate matching them (wins over MTA-STS and outboundTls for that host).
+    #[serde(default = "default_dane")]
+    pub dane: bool,
+}
+
+fn default_dane() -> bool {
+    true
 }
 
 fn default_mta_sts() -> bool {
@@ -677,6 +685,7 @@ impl Default for DeliverySpec {
             outbound_tls: OutboundTls::Opportunistic,
             tls_policies: Vec::new(),
             mta_sts: true,
+            dane: true,
         }
     }
 }
