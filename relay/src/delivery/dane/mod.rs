@@ -29,7 +29,7 @@ use rustls::pki_types::ServerName;
 
 use super::DeliveryContext;
 use super::classify::Fault;
-use super::client::{ConnectSettings, TlsPolicy};
+use super::smtp_client::{ConnectSettings, TlsPolicy};
 use super::mx::MxHost;
 use lookup::{Security, TlsaAnswer};
 use tlsa::Tlsa;
