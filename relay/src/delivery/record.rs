@@ -224,7 +224,7 @@ mod tests {
             ))),
             remote: Some("mx.dest.test".into()),
             tls: true,
-            tls_policy: None,
+            tls_policy: Some("verified"),
         }
     }
 
@@ -233,7 +233,7 @@ mod tests {
             result: Ok(Reply::new(250, Some([2, 0, 0]), "ok")),
             remote: Some("mx.dest.test".into()),
             tls: true,
-            tls_policy: None,
+            tls_policy: Some("dane"),
         }
     }
 
@@ -310,6 +310,11 @@ mod tests {
             );
             assert_eq!(events[0].remote_mta.as_deref(), Some("mx.dest.test"));
             assert_eq!(events[0].tls, Some(true));
+            assert_eq!(events[0].tls_policy.as_deref(), Some("verified"));
+            assert_eq!(events[1].tls_policy.as_deref(), Some("dane"));
+            let json = serde_json::to_value(&events[1]).unwrap();
+            assert_eq!(json["tlsPolicy"], "dane", "{json}");
+            assert_eq!(json["tls"], true, "{json}");
             assert_eq!(events[0].attempt, Some(1));
             assert_eq!(
                 events[2].dsn_queue_id.as_deref(),

@@ -410,6 +410,7 @@ mod schema_drift {
             "bounceType",
             "async",
             "relay",
+            "tlsPolicy",
         ] {
             assert!(props.contains_key(field), "{field} missing from the schema");
         }

@@ -131,20 +131,13 @@ pub fn association(cert: &CertificateDer<'_>, part: Part, digest_kind: Digest) -
 mod tests {
     use super::*;
 
+    /// A self-signed certificate for `mx.dane.test` (made once with
+    /// openssl and committed: the relay does not depend on rcgen).
     fn cert() -> CertificateDer<'static> {
-        let key = rcgen_free_cert();
-        CertificateDer::from(key)
-    }
-
-    /// A self-signed certificate, DER (generated once with rcgen and
-    /// embedded: the relay does not depend on rcgen).
-    fn rcgen_free_cert() -> Vec<u8> {
-        const PEM: &str = include_str!("testdata/mx.pem");
-        rustls_pemfile::certs(&mut PEM.as_bytes())
+        rustls_pemfile::certs(&mut include_str!("testdata/mx.pem").as_bytes())
             .next()
             .expect("a certificate")
             .expect("valid PEM")
-            .to_vec()
     }
 
     fn record(usage: u8, selector: u8, matching: u8, data: Vec<u8>) -> TLSA {
