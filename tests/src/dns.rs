@@ -113,7 +113,11 @@ fn signing_key(zone: &Zone, name: &str, qtype: RecordType) -> Option<Arc<ZoneKey
 /// The types an NSEC at `name` lists for a NODATA answer: the parent side
 /// of a delegation knows only its NS.
 fn nsec_types(zone: &Zone, name: &str, qtype: RecordType) -> Vec<RecordType> {
-    let records = zone.names.get(&key(name)).map(|e| e.records.as_slice()).unwrap_or(&[]);
+    let records = zone
+        .names
+        .get(&key(name))
+        .map(|e| e.records.as_slice())
+        .unwrap_or(&[]);
     let is_cut = records.iter().any(|r| r.record_type() == RecordType::NS)
         && !zone.keys.contains_key(&key(name));
     if is_cut && qtype == RecordType::DS {
@@ -204,10 +208,7 @@ impl RequestHandler for Handler {
         };
         let qname: Name = query.name().into();
         let qtype = query.query_type();
-        let dnssec_ok = request
-            .edns
-            .as_ref()
-            .is_some_and(|e| e.flags().dnssec_ok);
+        let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
         let (answer, ttl, signing, corrupt, types) = {
             let mut zone = self.zone.write().unwrap_or_else(PoisonError::into_inner);
             zone.queries.push((key(&qname.to_ascii()), qtype));
@@ -242,7 +243,12 @@ impl RequestHandler for Handler {
                 if let Some(k) = &signing {
                     if rdatas.is_empty() {
                         let proof = dnssec::nsec(&qname, ttl, types);
-                        signatures.extend(k.sign(&qname, ttl, &[proof.data.clone()], corrupt));
+                        signatures.extend(k.sign(
+                            &qname,
+                            ttl,
+                            std::slice::from_ref(&proof.data),
+                            corrupt,
+                        ));
                         authorities.push(proof);
                     } else {
                         let mut by_type: Vec<RecordType> =
@@ -361,7 +367,12 @@ impl DnsServer {
     pub fn add_tlsa(&self, name: &str, usage: u8, selector: u8, matching: u8, data: Vec<u8>) {
         self.add(
             name,
-            RData::TLSA(TLSA::new(usage.into(), selector.into(), matching.into(), data)),
+            RData::TLSA(TLSA::new(
+                usage.into(),
+                selector.into(),
+                matching.into(),
+                data,
+            )),
         );
     }
 

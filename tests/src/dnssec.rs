@@ -111,7 +111,8 @@ mod tests {
     fn signs_and_names_the_anchor() {
         let key = ZoneKey::generate("dane.test").unwrap();
         assert!(
-            key.anchor_line().starts_with("dane.test. IN DNSKEY 257 3 15 "),
+            key.anchor_line()
+                .starts_with("dane.test. IN DNSKEY 257 3 15 "),
             "{}",
             key.anchor_line()
         );

@@ -69,7 +69,8 @@ async fn validated_lookups_tell_secure_insecure_and_bogus_apart() {
     tokio::time::timeout(LIMIT, async {
         let z = zones().await;
         let data = vec![0xab; 32];
-        z.dns.add_tlsa("_25._tcp.mx.dane.test", 3, 1, 1, data.clone());
+        z.dns
+            .add_tlsa("_25._tcp.mx.dane.test", 3, 1, 1, data.clone());
         let r = z.resolver();
 
         assert_eq!(lookup::mx_security(&r, "dane.test").await, Security::Secure);
@@ -142,7 +143,9 @@ impl World {
     /// sink's port (`_<port>._tcp.mx.dane.test`).
     fn tlsa(&self, usage: u8, selector: u8, matching: u8, data: Vec<u8>) {
         let name = format!("_{}._tcp.mx.dane.test", self.sink.port());
-        self.zones.dns.add_tlsa(&name, usage, selector, matching, data);
+        self.zones
+            .dns
+            .add_tlsa(&name, usage, selector, matching, data);
     }
 
     /// DANE-EE SPKI SHA-256 of the sink's certificate.
@@ -157,7 +160,10 @@ async fn send(relay: &Relay, id: &str, rcpt: &str) {
     relay
         .ctx
         .queue
-        .enqueue(message(id, "sender@example.test", &[rcpt], "dane"), Vec::new())
+        .enqueue(
+            message(id, "sender@example.test", &[rcpt], "dane"),
+            Vec::new(),
+        )
         .await
         .expect("enqueue");
 }
@@ -212,7 +218,12 @@ async fn dane_ta_chains_to_the_published_anchor_and_checks_the_name() {
     tokio::time::timeout(LIMIT, async {
         let w = world(sink().await).await;
         let ca = w.sink.ca().expect("sink CA").cert_der().clone();
-        w.tlsa(2, 0, 1, association(&ca, Part::Certificate, Digest::Sha256).unwrap());
+        w.tlsa(
+            2,
+            0,
+            1,
+            association(&ca, Part::Certificate, Digest::Sha256).unwrap(),
+        );
         let relay = Relay::start(w.config()).await;
         send(&relay, "ta-ok", "user@dane.test").await;
         let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
@@ -237,7 +248,12 @@ async fn dane_ta_defers_on_a_certificate_for_another_name() {
             .expect("sink");
         let w = world(other).await;
         let ca = w.sink.ca().expect("sink CA").cert_der().clone();
-        w.tlsa(2, 0, 1, association(&ca, Part::Certificate, Digest::Sha256).unwrap());
+        w.tlsa(
+            2,
+            0,
+            1,
+            association(&ca, Part::Certificate, Digest::Sha256).unwrap(),
+        );
         let relay = Relay::start(w.config()).await;
         send(&relay, "ta-name", "user@dane.test").await;
         assert_deferred_unsent(&relay, &w.sink).await;
@@ -299,7 +315,11 @@ async fn a_bogus_tlsa_answer_defers_without_connecting() {
         let relay = Relay::start(w.config()).await;
         send(&relay, "bogus", "user@dane.test").await;
         assert_deferred_unsent(&relay, &w.sink).await;
-        assert_eq!(w.sink.connections(), 0, "no connection to a host with bogus TLSA");
+        assert_eq!(
+            w.sink.connections(),
+            0,
+            "no connection to a host with bogus TLSA"
+        );
         relay.stop().await;
     })
     .await

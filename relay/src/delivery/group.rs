@@ -206,12 +206,14 @@ pub(crate) async fn deliver_group(
                 Ok(settings) => {
                     match tls_policy::apply_mta_sts(&ctx, &cfg, &domain, hosts, settings).await {
                         // DANE after MTA-STS: per host, it wins over it.
-                        Ok((hosts, settings)) => match dane::plan(&ctx, &cfg, &domain, &hosts).await {
-                            Ok(plan) => {
-                                Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
+                        Ok((hosts, settings)) => {
+                            match dane::plan(&ctx, &cfg, &domain, &hosts).await {
+                                Ok(plan) => {
+                                    Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
+                                }
+                                Err(fault) => Route::Fail(fault),
                             }
-                            Err(fault) => Route::Fail(fault),
-                        },
+                        }
                         Err(fault) => Route::Fail(fault),
                     }
                 }

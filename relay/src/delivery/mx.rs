@@ -112,7 +112,10 @@ fn builder(
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     opts.use_hosts_file = ResolveHosts::Never;
     opts.ndots = 0;
-    Ok(TokioResolver::builder_with_config(config, TokioRuntimeProvider::default()).with_options(opts))
+    Ok(
+        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts),
+    )
 }
 
 /// MX records in delivery order: lowest preference first, equal

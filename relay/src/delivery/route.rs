@@ -5,9 +5,9 @@
 use petrel_crds::config::{RelayConfig, TlsMode, Transport};
 
 use super::classify::Fault;
+use super::dane::DanePlan;
 use super::mx::{self, MxHost};
 use super::smtp_client::{ConnectSettings, Timeouts, TlsPolicy};
-use super::dane::DanePlan;
 use super::{DeliveryContext, tls_policy};
 
 /// Where a group goes.

@@ -217,8 +217,7 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
     for r in &records {
         match &r.fate {
             Fate::Delivered(reply) => {
-                let e = event(EventType::Delivered, r)
-                    .with_response(&reply.one_line());
+                let e = event(EventType::Delivered, r).with_response(&reply.one_line());
                 settlement.events.push(e);
             }
             Fate::Deferred(failure) => {

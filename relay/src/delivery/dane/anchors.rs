@@ -57,9 +57,14 @@ mod tests {
 
     #[test]
     fn file_keys_add_to_the_root_anchors() {
-        let line = "dane.test. 3600 IN DNSKEY 257 3 15 l02Woi0iS8Aa25FQkUd9RMzZHJpBoRQwAQEX1SxZJA4=";
+        let line =
+            "dane.test. 3600 IN DNSKEY 257 3 15 l02Woi0iS8Aa25FQkUd9RMzZHJpBoRQwAQEX1SxZJA4=";
         let anchors = parse(line).unwrap();
-        assert_eq!(anchors.len(), TrustAnchors::default().len(), "root keys kept");
+        assert_eq!(
+            anchors.len(),
+            TrustAnchors::default().len(),
+            "root keys kept"
+        );
         assert!(parse("; only a comment\n").is_err());
         assert!(parse("dane.test. IN DNSKEY nonsense").is_err());
         let dir = tempfile::tempdir().unwrap();

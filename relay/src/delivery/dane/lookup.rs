@@ -49,7 +49,10 @@ fn fqdn(name: &str) -> String {
 /// The security of a set of answer records of `rtype`: secure only when
 /// every one is.
 pub fn security_of(records: &[Record], rtype: RecordType) -> Security {
-    let mut records = records.iter().filter(|r| r.record_type() == rtype).peekable();
+    let mut records = records
+        .iter()
+        .filter(|r| r.record_type() == rtype)
+        .peekable();
     if records.peek().is_none() {
         return Security::Insecure;
     }

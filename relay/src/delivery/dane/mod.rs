@@ -29,8 +29,8 @@ use rustls::pki_types::ServerName;
 
 use super::DeliveryContext;
 use super::classify::Fault;
-use super::smtp_client::{ConnectSettings, TlsPolicy};
 use super::mx::MxHost;
+use super::smtp_client::{ConnectSettings, TlsPolicy};
 use lookup::{Security, TlsaAnswer};
 use tlsa::Tlsa;
 

@@ -75,12 +75,10 @@ impl DaneVerifier {
         let roots = RootCertStore {
             roots: vec![anchor],
         };
-        let webpki = WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            self.provider.clone(),
-        )
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let webpki =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
         let mut last = self.mismatch();
         for name in &self.names {
             match webpki.verify_server_cert(end_entity, intermediates, name, ocsp, now) {

@@ -95,24 +95,28 @@ async fn deliver_smtp(
             while session.is_none() && next_host < hosts.len() {
                 let host = &hosts[next_host];
                 next_host += 1;
-                let settings =
-                    match dane::settings_for(dane, &host.name, settings, &ctx.unverified_tls) {
-                        Ok(s) => s,
-                        Err(fault) => {
-                            // Bogus or failed TLSA lookup: not this host.
-                            let failure = Failure::Fault(fault);
-                            if let Some(result) = tls_policy::failure_result(&failure) {
-                                ctx.metrics
-                                    .outbound_tls
-                                    .with_label_values(&[dane::LABEL, result])
-                                    .inc();
-                            }
-                            tracing::debug!(host = %host.name, %failure, tls_policy = dane::LABEL, "host unusable; trying the next");
-                            last_policy = dane::LABEL;
-                            last_failure = failure;
-                            continue;
+                let settings = match dane::settings_for(
+                    dane,
+                    &host.name,
+                    settings,
+                    &ctx.unverified_tls,
+                ) {
+                    Ok(s) => s,
+                    Err(fault) => {
+                        // Bogus or failed TLSA lookup: not this host.
+                        let failure = Failure::Fault(fault);
+                        if let Some(result) = tls_policy::failure_result(&failure) {
+                            ctx.metrics
+                                .outbound_tls
+                                .with_label_values(&[dane::LABEL, result])
+                                .inc();
                         }
-                    };
+                        tracing::debug!(host = %host.name, %failure, tls_policy = dane::LABEL, "host unusable; trying the next");
+                        last_policy = dane::LABEL;
+                        last_failure = failure;
+                        continue;
+                    }
+                };
                 let settings = settings.as_ref();
                 last_policy = settings.tls_label;
                 for ip in &host.addrs {
