@@ -224,6 +224,11 @@ impl RequestHandler for Handler {
         };
         let mut response_edns = Edns::new();
         response_edns.set_dnssec_ok(dnssec_ok);
+        // The client's buffer size, as a real server answers (UDP replies
+        // beyond it are truncated and retried over TCP).
+        if let Some(e) = request.edns.as_ref() {
+            response_edns.set_max_payload(e.max_payload());
+        }
         let mut builder = builder;
         if request.edns.is_some() {
             builder.edns(&response_edns);

@@ -92,6 +92,9 @@ pub struct DeliveryContext {
     /// DANE's DNSSEC-validating resolver and what it was built from
     /// (nameservers, `delivery.mx.trustAnchorFile`).
     dane_resolver: Mutex<Option<DaneResolver>>,
+    /// Whether that resolver's nameservers serve DNSSEC, and when that was
+    /// last checked (see [`dane::lookup::dnssec_available`]).
+    dnssec_probe: Mutex<Option<(std::time::Instant, bool)>>,
     /// TLS config for a smarthost (verified against the system roots),
     /// built on first use: reading the root bundle per connection is slow.
     verified_tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
@@ -124,6 +127,7 @@ impl DeliveryContext {
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),
             dane_resolver: Mutex::new(None),
+            dnssec_probe: Mutex::new(None),
             verified_tls: Mutex::new(None),
             mx_verified_tls: Mutex::new(None),
             pool: transport::pool::Pool::default(),
@@ -216,6 +220,7 @@ impl DeliveryContext {
         })?;
         let resolver = mx::build_validating_resolver(&mx.nameservers, Arc::new(anchors))
             .map_err(|e| classify::Fault::DnsTemporary(e.to_string()))?;
+        *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *guard = Some((
             mx.nameservers.clone(),
             anchor_file.map(Path::to_path_buf),
@@ -223,9 +228,37 @@ impl DeliveryContext {
         ));
         Ok(resolver)
     }
+
+    /// Whether DANE's resolver can validate, checked again after an hour
+    /// (a minute when it could not, so a DNS hiccup at start does not turn
+    /// DANE off for long).
+    async fn dnssec_available(&self, resolver: &TokioResolver) -> bool {
+        let fresh = |(at, ok): (std::time::Instant, bool)| {
+            let ttl = if ok { DNSSEC_RECHECK } else { DNSSEC_RETRY };
+            (at.elapsed() < ttl).then_some(ok)
+        };
+        let cached = *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ok) = cached.and_then(fresh) {
+            return ok;
+        }
+        let ok = dane::lookup::dnssec_available(resolver).await;
+        if !ok {
+            tracing::warn!(
+                "DANE inactive: the nameservers do not serve validatable DNSSEC (the root DNSKEY does not validate)"
+            );
+        }
+        *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), ok));
+        ok
+    }
 }
 
 /// `d` in queue milliseconds, saturating.
 pub(crate) fn millis(d: std::time::Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// How long a working DNSSEC check holds.
+const DNSSEC_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How soon a failed DNSSEC check is tried again.
+const DNSSEC_RETRY: std::time::Duration = std::time::Duration::from_secs(60);

@@ -83,6 +83,18 @@ fn classify_error(what: &str, e: &NetError) -> Security {
     }
 }
 
+/// Whether the resolver's nameservers serve DNSSEC: the root's DNSKEY
+/// RRset validates against the anchors. Without that every answer would
+/// look bogus, so DANE is inactive rather than deferring all mail (RFC
+/// 7672 needs a DNSSEC-capable resolver; Postfix likewise treats answers
+/// from a non-validating resolver as insecure).
+pub async fn dnssec_available(resolver: &TokioResolver) -> bool {
+    match resolver.lookup(".", RecordType::DNSKEY).await {
+        Ok(lookup) => security_of(lookup.answers(), RecordType::DNSKEY) == Security::Secure,
+        Err(_) => false,
+    }
+}
+
 /// Whether `domain`'s MX RRset is signed and valid. No MX records (the
 /// domain itself is the MX) counts as insecure: only the host name
 /// itself is then a reference identifier.

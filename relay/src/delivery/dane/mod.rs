@@ -131,6 +131,9 @@ pub(super) async fn plan(
         return Ok(DanePlan::none());
     }
     let resolver = ctx.dane_resolver(cfg)?;
+    if !ctx.dnssec_available(&resolver).await {
+        return Ok(DanePlan::none());
+    }
     let domain = domain.trim_end_matches('.').to_ascii_lowercase();
     let secure_domain = match lookup::mx_security(&resolver, &domain).await {
         Security::Secure => Some(domain.clone()),
