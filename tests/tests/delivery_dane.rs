@@ -344,3 +344,48 @@ async fn an_unsigned_zone_falls_back_to_the_configured_policy() {
     .await
     .expect("test timed out");
 }
+
+/// `dane.test` also publishes an MTA-STS `enforce` policy listing the MX,
+/// but the sink's certificate chains to no anchor the relay trusts for
+/// PKIX: MTA-STS alone would defer. Its DANE-EE record matches, and DANE
+/// wins for that host (RFC 8461 section 2): delivered, policy `dane`.
+#[tokio::test]
+async fn dane_wins_over_an_mta_sts_enforce_policy() {
+    use petrel_tests::https::HttpsServer;
+    use petrel_tests::tls::TestCa;
+    tokio::time::timeout(LIMIT, async {
+        let w = world(sink().await).await;
+        w.tlsa_for_sink();
+        w.zones.dns.add_txt("_mta-sts.dane.test", "v=STSv1; id=1;");
+        w.zones.dns.add_a("mta-sts.dane.test", Ipv4Addr::LOCALHOST);
+        let policy_ca = TestCa::new().unwrap();
+        let https =
+            HttpsServer::start(&policy_ca.issue_server_cert(&["mta-sts.dane.test"]).unwrap())
+                .await
+                .expect("https");
+        https.respond(
+            200,
+            "text/plain; charset=utf-8",
+            "version: STSv1\r\nmode: enforce\r\nmx: mx.dane.test\r\nmax_age: 86400\r\n",
+        );
+        let ca_file = w.dir.path().join("policy-ca.pem");
+        std::fs::write(&ca_file, policy_ca.cert_pem()).unwrap();
+        let mut config = w.config();
+        config.delivery.tls.ca_file = Some(ca_file);
+        config.delivery.mx.mta_sts_port = https.port();
+        let relay = Relay::start(config).await;
+        send(&relay, "sts-dane", "user@dane.test").await;
+        let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1);
+        assert!(got[0].tls);
+        assert!(
+            !https.requests().is_empty(),
+            "the MTA-STS policy was fetched"
+        );
+        assert_eq!(tls_count(&relay, "dane", "tls"), 1);
+        assert_eq!(tls_count(&relay, "mta-sts", "tls"), 0);
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
