@@ -17,9 +17,9 @@ use super::retry::{policy, throttle_delay};
 use super::route::{Route, connect_settings, route};
 use super::transport::pool::{Pool, Session};
 use super::transport::{Transport, Unroutable, maildir::Maildir, smtp::Smtp};
-use super::{DeliveryContext, dane, limits, millis, tls_policy};
+use super::{DeliveryContext, dane, limits, millis, pacing, tls_policy};
 use crate::metrics::destination_group;
-use crate::queue::{Lease, Reschedule, now_millis};
+use crate::queue::{Lease, Millis, Reschedule, SettleOp, Settlement, now_millis};
 
 /// Wait for a unit whose message data is missing or unreadable.
 const DATA_RETRY: Duration = Duration::from_secs(60);
@@ -74,6 +74,86 @@ async fn throttle(
     tracing::debug!(unit = %unit.id, destination = %unit.domain, why, "throttled");
     if let Err(error) = ctx.queue.retry(lease, reschedule).await {
         tracing::warn!(%error, unit = %unit.id, "cannot hand back a throttled unit; its lease will expire");
+    }
+}
+
+/// Takes the destination's rate (`limit` per second) for the units that
+/// may go now and postpones the rest, each to its own place in the
+/// destination's line ([`pacing`]), so a throttled backlog is leased once
+/// per unit rather than once a second. Returns the units that may go.
+async fn pace(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    domain: &str,
+    limit: u32,
+    leases: Vec<Lease>,
+) -> Vec<Lease> {
+    let window = [limits::destination_window(domain, limit)];
+    let mut ready = Vec::with_capacity(leases.len());
+    let mut surplus = Vec::new();
+    for lease in leases {
+        // Once the window is full the rest of the group is over it too:
+        // no need to count each of them.
+        if !surplus.is_empty() {
+            surplus.push(lease);
+            continue;
+        }
+        match limits::take_rate(ctx.state.as_ref(), &window).await {
+            Ok(None) => ready.push(lease),
+            Ok(Some(_)) => surplus.push(lease),
+            Err(error) => {
+                tracing::warn!(%error, "rate limit check failed; delivering anyway");
+                ready.push(lease);
+            }
+        }
+    }
+    if surplus.is_empty() {
+        return ready;
+    }
+    let keep = cfg.delivery.max_queue_lifetime.get();
+    match pacing::reserve(
+        ctx.state.as_ref(),
+        domain,
+        limit,
+        surplus.len(),
+        keep,
+        now_millis(),
+    )
+    .await
+    {
+        Ok(times) => {
+            for (lease, until) in surplus.iter().zip(times) {
+                postpone(ctx, cfg, lease, until).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, destination = %domain, "cannot reserve send times; handing the units back");
+            for lease in &surplus {
+                throttle(ctx, cfg, lease, Duration::from_secs(1), "rate limit").await;
+            }
+        }
+    }
+    ready
+}
+
+/// Postpones a unit over the destination's rate to `until`, its place in
+/// the line; not an attempt. Past the maximum queue lifetime it expires
+/// instead, with a DSN, as [`throttle`] does.
+async fn postpone(ctx: &DeliveryContext, cfg: &RelayConfig, lease: &Lease, until: Millis) {
+    let unit = &lease.unit;
+    if now_millis() >= policy(cfg).expires_at(unit.lifetime_start()) {
+        let route = Route::Fail(Fault::Throttled("rate limit".to_string()));
+        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease).await;
+        return;
+    }
+    let op = Settlement::only(SettleOp::Postpone { until });
+    match ctx.queue.settle(lease, op).await {
+        Ok(()) => {
+            tracing::debug!(unit = %unit.id, destination = %unit.domain, until, "paced: postponed to its send time")
+        }
+        Err(error) => {
+            tracing::warn!(%error, unit = %unit.id, "cannot postpone a paced unit; its lease will expire")
+        }
     }
 }
 
@@ -137,6 +217,16 @@ pub(crate) async fn deliver_group(
         return;
     }
     let is_smtp = cfg.delivery.transport != TransportKind::Maildir;
+    // The destination's rate first, before a slot is taken: the units over
+    // it wait for their own send times and need no connection.
+    let dest_rate = cfg.delivery.per_destination_rate.filter(|_| is_smtp);
+    let leases = match dest_rate {
+        Some(rate) => pace(&ctx, &cfg, &domain, rate, leases).await,
+        None => leases,
+    };
+    if leases.is_empty() {
+        return;
+    }
     let slot_key = limits::slot_key(&domain);
     let limit = cfg.delivery.per_destination_concurrency.max(1);
     // An idle connection to the destination holds a slot of its own: use
@@ -176,7 +266,8 @@ pub(crate) async fn deliver_group(
         None
     };
 
-    // Rate limits, per unit.
+    // The sending domains' rate limits, per unit (the destination's was
+    // taken by `pace`).
     let mut ready = Vec::with_capacity(leases.len());
     for lease in leases {
         let unit = &lease.unit;
@@ -184,11 +275,7 @@ pub(crate) async fn deliver_group(
             &unit.sending_domain,
             cfg.domain(&unit.sending_domain).map(|d| &d.rate_limits),
             &domain,
-            if is_smtp {
-                cfg.delivery.per_destination_rate
-            } else {
-                None
-            },
+            None,
         );
         match limits::take_rate(ctx.state.as_ref(), &windows).await {
             Ok(None) => ready.push(lease),

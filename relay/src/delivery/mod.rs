@@ -25,6 +25,7 @@ mod leases;
 pub mod limits;
 pub mod mta_sts;
 pub mod mx;
+mod pacing;
 mod record;
 pub mod retry;
 pub mod return_path;
