@@ -243,7 +243,8 @@ impl DeliveryContext {
             return ok;
         }
         let ok = dane::lookup::dnssec_available(resolver).await;
-        if !ok {
+        // Once per change, not on every recheck.
+        if !ok && cached.map(|(_, was)| was) != Some(false) {
             tracing::warn!(
                 "DANE inactive: the nameservers do not serve validatable DNSSEC (the root DNSKEY does not validate)"
             );
