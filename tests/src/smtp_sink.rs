@@ -120,6 +120,8 @@ pub struct Received {
     pub body_8bitmime: bool,
     /// MAIL FROM carried SMTPUTF8.
     pub smtputf8: bool,
+    /// MAIL FROM carried REQUIRETLS.
+    pub requiretls: bool,
 }
 
 impl Received {
@@ -136,6 +138,7 @@ pub struct SinkBuilder {
     pipelining: bool,
     eightbitmime: bool,
     smtputf8: bool,
+    requiretls: bool,
     size: Option<usize>,
     hostname: String,
 }
@@ -147,6 +150,7 @@ impl Default for SinkBuilder {
             pipelining: true,
             eightbitmime: true,
             smtputf8: true,
+            requiretls: false,
             size: Some(32 * 1024 * 1024),
             hostname: "mx.example.org".into(),
         }
@@ -173,6 +177,11 @@ impl SinkBuilder {
     /// Advertise SMTPUTF8 (default on).
     pub fn smtputf8(mut self, on: bool) -> Self {
         self.smtputf8 = on;
+        self
+    }
+    /// Advertise REQUIRETLS (RFC 8689) after STARTTLS (default off).
+    pub fn requiretls(mut self, on: bool) -> Self {
+        self.requiretls = on;
         self
     }
     /// Maximum message size, advertised as SIZE and enforced (default 32 MiB).
@@ -208,6 +217,7 @@ impl SinkBuilder {
             pipelining: self.pipelining,
             eightbitmime: self.eightbitmime,
             smtputf8: self.smtputf8,
+            requiretls: self.requiretls,
             size: self.size,
             hostname: self.hostname,
             acceptor,
@@ -228,6 +238,7 @@ struct Config {
     pipelining: bool,
     eightbitmime: bool,
     smtputf8: bool,
+    requiretls: bool,
     size: Option<usize>,
     hostname: String,
     acceptor: Option<TlsAcceptor>,
@@ -641,6 +652,7 @@ impl Session {
                 ehlo: self.ehlo.clone().unwrap_or_default(),
                 body_8bitmime: tx.flags & MAIL_BODY_8BITMIME != 0,
                 smtputf8: tx.flags & MAIL_SMTPUTF8 != 0,
+                requiretls: tx.flags & smtp_proto::MAIL_REQUIRETLS != 0,
             };
             self.shared
                 .received
@@ -684,6 +696,10 @@ impl Session {
                     self.push(&Reply::new(503, "5.5.1 Nested MAIL"));
                 } else if from.size > self.config.max_size() {
                     self.push(&Reply::new(552, "5.3.4 Message too big"));
+                } else if from.flags & smtp_proto::MAIL_REQUIRETLS != 0
+                    && !(self.config.requiretls && self.tls)
+                {
+                    self.push(&Reply::new(555, "5.5.4 REQUIRETLS not offered"));
                 } else {
                     let reply = self
                         .shared
@@ -765,6 +781,9 @@ impl Session {
         if c.acceptor.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
+        if c.requiretls && self.tls {
+            lines.push("REQUIRETLS".into());
+        }
         lines.push("ENHANCEDSTATUSCODES".into());
         let last = lines.len() - 1;
         lines
@@ -830,6 +849,7 @@ mod tests {
             pipelining: true,
             eightbitmime: true,
             smtputf8: false,
+            requiretls: false,
             size: Some(1000),
             hostname: "mx.test".into(),
             acceptor: None,

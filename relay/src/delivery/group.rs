@@ -15,6 +15,7 @@ use super::leases::{Renewer, SlotGuard};
 use super::record::settle;
 use super::retry::{policy, throttle_delay};
 use super::route::{Route, connect_settings, route};
+use super::tls_policy::MessageTls;
 use super::transport::pool::{Pool, Session};
 use super::transport::{Transport, Unroutable, maildir::Maildir, smtp::Smtp};
 use super::{DeliveryContext, dane, limits, millis, pacing, tls_policy};
@@ -287,14 +288,19 @@ pub(crate) async fn deliver_group(
         }
     }
 
-    if !ready.is_empty() {
+    // Mail that asks for REQUIRETLS or says `TLS-Required: No` gets
+    // settings of its own and connections of its own (never pooled: a
+    // pooled connection did not check what such mail needs).
+    for (class, ready) in by_message_tls(ready) {
         let route = match route(&ctx, &cfg, &domain).await {
             Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg, &domain).await {
                 Ok(settings) => {
-                    match tls_policy::apply_mta_sts(&ctx, &cfg, &domain, hosts, settings).await {
+                    match tls_policy::apply_message_tls(&ctx, &cfg, &domain, class, hosts, settings)
+                        .await
+                    {
                         // DANE after MTA-STS: per host, it wins over it.
                         Ok((hosts, settings)) => {
-                            match dane::plan(&ctx, &cfg, &domain, &hosts).await {
+                            match dane::plan(&ctx, &cfg, &domain, class, &hosts).await {
                                 Ok(plan) => {
                                     Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
                                 }
@@ -309,15 +315,20 @@ pub(crate) async fn deliver_group(
             other => other,
         };
         let key = match &route {
-            Route::Ready(_, port, settings, plan) => {
+            Route::Ready(_, port, settings, plan) if class == MessageTls::Default => {
                 let key = Pool::key(&domain, *port, settings);
                 // A connection opened under DANE is never reused under
                 // another policy, nor the other way round.
                 Some(if plan.any() { key + "|dane" } else { key })
             }
-            Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
+            Route::Ready(..) | Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
         };
         let mut session = match pooled.take() {
+            Some(p) if key.is_none() => {
+                // Not for this class: kept for the default one, if any.
+                pooled = Some(p);
+                None
+            }
             Some(p) if key.as_deref() == Some(p.key.as_str()) => Some(p.session),
             other => {
                 // Settings changed under it (a reload): close it before
@@ -365,13 +376,27 @@ pub(crate) async fn deliver_group(
                 None => s.conn.client.quit().await,
             }
         }
-    } else if let Some(p) = pooled {
+    }
+    if let Some(p) = pooled {
         p.session.conn.client.quit().await;
     }
 
     if let Some(slot) = slot {
         slot.release().await;
     }
+}
+
+/// The leases split by what their messages ask of TLS, default first,
+/// each part in lease order.
+fn by_message_tls(leases: Vec<Lease>) -> BTreeMap<MessageTls, Vec<Lease>> {
+    let mut parts: BTreeMap<MessageTls, Vec<Lease>> = BTreeMap::new();
+    for lease in leases {
+        parts
+            .entry(MessageTls::of(&lease.unit.flags))
+            .or_default()
+            .push(lease);
+    }
+    parts
 }
 
 /// Whether the group may deliver its next unit: yes without a slot (the

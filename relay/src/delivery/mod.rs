@@ -37,6 +37,7 @@ pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
 pub mod tls_result;
+pub mod tls_rpt;
 pub mod transport;
 
 use std::net::SocketAddr;

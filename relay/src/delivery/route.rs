@@ -123,6 +123,8 @@ pub(crate) async fn connect_settings(
                     "verified"
                 },
                 auth,
+                require_tls: false,
+                tls_report: None,
             })
         }
         _ => {
@@ -134,6 +136,8 @@ pub(crate) async fn connect_settings(
                 tls_config: ctx.mx_tls_config(mode, cfg.delivery.tls.ca_file.as_deref())?,
                 tls_label: mode.as_str(),
                 auth: None,
+                require_tls: false,
+                tls_report: None,
             })
         }
     }

@@ -31,6 +31,7 @@ use super::DeliveryContext;
 use super::classify::Fault;
 use super::mx::MxHost;
 use super::smtp_client::{ConnectSettings, TlsPolicy};
+use super::tls_policy::MessageTls;
 use lookup::{Security, TlsaAnswer};
 use tlsa::Tlsa;
 
@@ -125,9 +126,15 @@ pub(super) async fn plan(
     ctx: &DeliveryContext,
     cfg: &RelayConfig,
     domain: &str,
+    class: MessageTls,
     hosts: &[MxHost],
 ) -> Result<DanePlan, Fault> {
-    if !cfg.delivery.dane || cfg.delivery.transport != Transport::Mx {
+    // `TLS-Required: No` (RFC 8689 section 5) sets DANE aside as it does
+    // MTA-STS.
+    if !cfg.delivery.dane
+        || cfg.delivery.transport != Transport::Mx
+        || class == MessageTls::Optional
+    {
         return Ok(DanePlan::none());
     }
     let resolver = ctx.dane_resolver(cfg)?;

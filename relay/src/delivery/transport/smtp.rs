@@ -10,6 +10,8 @@ use super::super::mx::MxHost;
 use super::super::settle::RcptOutcome;
 use super::super::smtp_client::{self, ConnectSettings, Envelope};
 use super::super::tls_policy;
+use super::super::tls_result::TlsResult;
+use super::super::tls_rpt::{FailureDetail, Outcome as ReportOutcome, TlsReport};
 use super::Transport;
 use super::pool::Session;
 use crate::metrics::destination_group;
@@ -120,10 +122,18 @@ async fn deliver_smtp(
                 let settings = settings.as_ref();
                 last_policy = settings.tls_label;
                 for ip in &host.addrs {
+                    if let Some(probe) = settings.tls_report.as_ref().and_then(|r| r.probe.as_ref())
+                    {
+                        probe.take();
+                    }
                     match smtp_client::connect(SocketAddr::new(*ip, port), &host.name, settings)
                         .await
                     {
                         Ok(conn) => {
+                            if let Some(report) = &settings.tls_report {
+                                let outcome = session_outcome(report, conn.tls, &host.name, *ip);
+                                tls_policy::count(ctx, domain, &report.policy, outcome).await;
+                            }
                             let tls = if conn.tls { "tls" } else { "plaintext" };
                             ctx.metrics
                                 .outbound_sessions
@@ -146,6 +156,10 @@ async fn deliver_smtp(
                                     .outbound_tls
                                     .with_label_values(&[settings.tls_label, result])
                                     .inc();
+                                if let Some(report) = &settings.tls_report {
+                                    let outcome = failed(result, &host.name, *ip);
+                                    tls_policy::count(ctx, domain, &report.policy, outcome).await;
+                                }
                             }
                             tracing::debug!(host = %host.name, %ip, %failure, tls_policy = settings.tls_label, "host failed; trying the next");
                             last_failure = failure;
@@ -167,6 +181,7 @@ async fn deliver_smtp(
             recipients: &recipients,
             eight_bit: unit.flags.eight_bit,
             smtputf8: unit.flags.smtputf8,
+            require_tls: settings.require_tls,
         };
         let t = s.conn.client.send(&env, data).await;
         s.used = true;
@@ -203,6 +218,16 @@ async fn deliver_smtp(
             s.conn.client.quit().await;
         }
     }
+    if settings.require_tls && tls_policy::failure_result(&last_failure).is_some() {
+        // RFC 8689 section 4.2.1: no MX host gave verified TLS; the
+        // message is returned rather than retried (section 4.2.2).
+        last_failure = Failure::Fault(Fault::Unsendable {
+            status: "5.7.30",
+            reason: format!(
+                "REQUIRETLS support required: no MX host of {domain} met it ({last_failure})"
+            ),
+        });
+    }
     outcomes
         .into_iter()
         .map(|o| {
@@ -214,4 +239,32 @@ async fn deliver_smtp(
             })
         })
         .collect()
+}
+
+/// A TLS-RPT failure of `result` at `host` (`ip`).
+fn failed(result: &str, host: &str, ip: std::net::IpAddr) -> ReportOutcome {
+    ReportOutcome::Failure(FailureDetail {
+        result_type: result.to_string(),
+        receiving_mx_hostname: Some(host.to_string()),
+        receiving_ip: Some(ip.to_string()),
+        sending_mta_ip: None,
+    })
+}
+
+/// How an established session counts for TLS-RPT: plain text is
+/// `starttls-not-supported`; under a probe (MTA-STS `testing`) the
+/// certificate's verdict decides; otherwise TLS was as the policy asks.
+fn session_outcome(
+    report: &TlsReport,
+    tls: bool,
+    host: &str,
+    ip: std::net::IpAddr,
+) -> ReportOutcome {
+    if !tls {
+        return failed(TlsResult::StarttlsNotSupported.as_str(), host, ip);
+    }
+    match report.probe.as_ref().and_then(|p| p.take()) {
+        Some(Err(result)) => failed(result.as_str(), host, ip),
+        Some(Ok(())) | None => ReportOutcome::Success,
+    }
 }
