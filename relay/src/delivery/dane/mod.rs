@@ -32,6 +32,7 @@ use super::classify::Fault;
 use super::mx::MxHost;
 use super::smtp_client::{ConnectSettings, TlsPolicy};
 use super::tls_policy::MessageTls;
+use super::tls_rpt::{PolicyDesc, PolicyType, TlsReport};
 use lookup::{Security, TlsaAnswer};
 use tlsa::Tlsa;
 
@@ -175,6 +176,10 @@ pub fn settings_for<'a>(
     base: &'a ConnectSettings,
     unverified: &Arc<rustls::ClientConfig>,
 ) -> Result<Cow<'a, ConnectSettings>, Fault> {
+    let records: &[Tlsa] = match plan.host(host) {
+        HostDane::Verify(records) => records,
+        _ => &[],
+    };
     let tls_config = match plan.host(host) {
         HostDane::None => return Ok(Cow::Borrowed(base)),
         HostDane::Unusable { result, detail } => {
@@ -198,6 +203,16 @@ pub fn settings_for<'a>(
         tls: TlsPolicy::Required,
         tls_config,
         tls_label: LABEL,
+        // TLS-RPT counts this host's sessions under its TLSA records, not
+        // under the destination's MTA-STS policy.
+        tls_report: Some(TlsReport {
+            policy: Arc::new(PolicyDesc {
+                policy_type: PolicyType::Tlsa,
+                strings: records.iter().map(Tlsa::presentation).collect(),
+                mx_host: Vec::new(),
+            }),
+            probe: None,
+        }),
         ..base.clone()
     }))
 }

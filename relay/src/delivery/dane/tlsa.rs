@@ -85,6 +85,26 @@ impl Tlsa {
         })
     }
 
+    /// The record in presentation form (`3 1 1 <hex>`), as TLS-RPT's
+    /// `policy-string` lists it.
+    pub fn presentation(&self) -> String {
+        let usage = match self.usage {
+            Usage::TrustAnchor => 2,
+            Usage::EndEntity => 3,
+        };
+        let selector = match self.part {
+            Part::Certificate => 0,
+            Part::PublicKey => 1,
+        };
+        let matching = match self.digest {
+            Digest::Exact => 0,
+            Digest::Sha256 => 1,
+            Digest::Sha512 => 2,
+        };
+        let hex: String = self.data.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{usage} {selector} {matching} {hex}")
+    }
+
     /// Whether `cert` is what this record pins (usage aside).
     pub fn matches(&self, cert: &CertificateDer<'_>) -> bool {
         let Some(part) = select(cert, self.part) else {
@@ -186,6 +206,13 @@ mod tests {
                 assert!(!tlsa.matches(&cert), "{part:?} {digest:?} altered");
             }
         }
+        let ee = Tlsa {
+            usage: Usage::EndEntity,
+            part: Part::PublicKey,
+            digest: Digest::Sha256,
+            data: vec![0xab, 0x01],
+        };
+        assert_eq!(ee.presentation(), "3 1 1 ab01");
         let spki = public_key_info(&cert).unwrap();
         assert_eq!(spki[0], 0x30, "SPKI is a DER SEQUENCE");
         assert!(cert.as_ref().windows(spki.len()).any(|w| w == spki));
