@@ -682,6 +682,14 @@ pub struct DeliverySpec {
     /// Organisation name and contact in the TLS-RPT reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_report: Option<TlsReportSpec>,
+    /// DANE (RFC 7672): where an MX host publishes DNSSEC-validated TLSA records, require TLS
+    /// with a certificate matching them (wins over MTA-STS and outboundTls for that host).
+    #[serde(default = "default_dane")]
+    pub dane: bool,
+}
+
+fn default_dane() -> bool {
+    true
 }
 
 fn default_mta_sts() -> bool {
@@ -703,6 +711,7 @@ impl Default for DeliverySpec {
             outbound_tls: OutboundTls::Opportunistic,
             tls_policies: Vec::new(),
             mta_sts: true,
+            dane: true,
             tls_rpt: true,
             tls_report: None,
         }

@@ -37,6 +37,7 @@
 
 pub mod bench;
 pub mod dns;
+pub mod dnssec;
 pub mod https;
 pub mod ports;
 pub mod postfix;

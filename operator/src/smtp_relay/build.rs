@@ -263,6 +263,7 @@ pub fn relay_config(
                 .collect(),
         },
         mta_sts: delivery_spec.mta_sts,
+        dane: delivery_spec.dane,
         tls_rpt: delivery_spec.tls_rpt,
         tls_report: delivery_spec
             .tls_report
@@ -1021,12 +1022,13 @@ mod tests {
     #[test]
     fn outbound_tls_modes_and_per_destination_policies_render() {
         let relay = relay(
-            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, dane: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
         );
         let config = relay_config(&relay, &[], None).expect("renders");
         // `required` is the old name of `verified`.
         assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
         assert!(!config.delivery.mta_sts);
+        assert!(!config.delivery.dane);
         assert!(config.delivery.tls_rpt, "TLS-RPT on by default");
         assert_eq!(
             config.delivery.tls.policies,

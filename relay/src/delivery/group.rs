@@ -18,7 +18,7 @@ use super::route::{Route, connect_settings, route};
 use super::tls_policy::MessageTls;
 use super::transport::pool::{Pool, Session};
 use super::transport::{Transport, Unroutable, maildir::Maildir, smtp::Smtp};
-use super::{DeliveryContext, limits, millis, pacing, tls_policy};
+use super::{DeliveryContext, dane, limits, millis, pacing, tls_policy};
 use crate::metrics::destination_group;
 use crate::queue::{Lease, Millis, Reschedule, SettleOp, Settlement, now_millis};
 
@@ -298,7 +298,15 @@ pub(crate) async fn deliver_group(
                     match tls_policy::apply_message_tls(&ctx, &cfg, &domain, class, hosts, settings)
                         .await
                     {
-                        Ok((hosts, settings)) => Route::Ready(hosts, port, Box::new(settings)),
+                        // DANE after MTA-STS: per host, it wins over it.
+                        Ok((hosts, settings)) => {
+                            match dane::plan(&ctx, &cfg, &domain, class, &hosts).await {
+                                Ok(plan) => {
+                                    Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
+                                }
+                                Err(fault) => Route::Fail(fault),
+                            }
+                        }
                         Err(fault) => Route::Fail(fault),
                     }
                 }
@@ -307,8 +315,11 @@ pub(crate) async fn deliver_group(
             other => other,
         };
         let key = match &route {
-            Route::Ready(_, port, settings) if class == MessageTls::Default => {
-                Some(Pool::key(&domain, *port, settings))
+            Route::Ready(_, port, settings, plan) if class == MessageTls::Default => {
+                let key = Pool::key(&domain, *port, settings);
+                // A connection opened under DANE is never reused under
+                // another policy, nor the other way round.
+                Some(if plan.any() { key + "|dane" } else { key })
             }
             Route::Ready(..) | Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
         };
@@ -460,10 +471,11 @@ async fn deliver_unit(
     let outcomes = match route {
         Route::Fail(fault) => Unroutable(fault).deliver(unit, &data).await,
         Route::Maildir(root) => Maildir { cfg, root }.deliver(unit, &data).await,
-        Route::Ready(hosts, port, settings) => {
+        Route::Ready(hosts, port, settings, dane) => {
             Smtp {
                 ctx,
                 settings,
+                dane,
                 hosts,
                 port: *port,
                 session,
