@@ -330,6 +330,9 @@ pub struct RedisQueue {
     /// Partitions of the queue, each under its own `{prefix:N}` hash tag,
     /// so Redis Cluster spreads messages, bodies and indexes over every
     /// master. A message lives in one partition, chosen from its id.
+    /// 1 to 1024. Changing it on a live queue is safe: the highest count
+    /// ever used is recorded in Redis and every partition up to it is
+    /// still leased from.
     #[serde(default = "default_partitions")]
     pub partitions: u32,
 }
@@ -341,6 +344,11 @@ fn default_key_prefix() -> String {
 fn default_partitions() -> u32 {
     16
 }
+
+/// Most partitions `queue.redis.partitions` may name: each partition is
+/// one more script call per lease round, and 1024 already spreads a queue
+/// over far more masters than a cluster has.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Embedded single-node queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
