@@ -254,6 +254,8 @@ impl RedisBackend {
     /// Up to `count` entries of one stream for `consumer`. A partition
     /// whose stream has no group yet (it came with a higher partition
     /// count after the reader started) gets the group, from its start.
+    /// Returns the entries and, for a reclaim, the cursor to go on from
+    /// (`0-0` once the pending list is scanned through).
     async fn fetch(
         &self,
         keys: &ShardKeys,
@@ -261,20 +263,23 @@ impl RedisBackend {
         consumer: &str,
         count: usize,
         how: Fetch,
-    ) -> Result<Vec<StoredEvent>, QueueError> {
+        cursor: &str,
+    ) -> Result<(Vec<StoredEvent>, String), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let mut cmd = match how {
             Fetch::Reclaim(after) => {
                 let mut cmd = redis::cmd("XAUTOCLAIM");
-                // Scanning from 0-0 each time keeps no cursor state; the
-                // pending list is bounded by what readers hold. 0 takes
-                // over every pending entry (not `ms`, whose floor of 1
-                // would spare those claimed this millisecond).
+                // A claim scans from 0-0 (no cursor state kept between
+                // claims; the pending list is bounded by what readers
+                // hold), its later rounds on from where the last stopped,
+                // so they do not take back what this claim already took.
+                // 0 takes over every pending entry (not `ms`, whose floor
+                // of 1 would spare those claimed this millisecond).
                 cmd.arg(&keys.events)
                     .arg(group)
                     .arg(consumer)
                     .arg(after.as_millis() as u64)
-                    .arg("0-0")
+                    .arg(cursor)
                     .arg("COUNT")
                     .arg(count);
                 cmd
@@ -302,11 +307,15 @@ impl RedisBackend {
             Err(e) => return Err(e),
         };
         let mut out = Vec::new();
+        let mut next = "0-0".to_string();
         match (how, &reply) {
             // [next cursor, entries, deleted ids]
             (Fetch::Reclaim(_), Value::Array(parts)) => {
                 if let Some(v) = parts.get(1) {
                     out = entries_of(v, keys);
+                }
+                if let Some(cursor) = parts.first().and_then(text) {
+                    next = cursor;
                 }
             }
             // [[stream key, entries]] (or a map), nil when nothing is new.
@@ -326,7 +335,7 @@ impl RedisBackend {
             }
             _ => {}
         }
-        Ok(out)
+        Ok((out, next))
     }
 
     /// Up to about `want` entries over all `streams`: an equal share of
@@ -346,29 +355,41 @@ impl RedisBackend {
             return Ok(out);
         }
         let first = want.div_ceil(streams.len());
-        let mut asks: Vec<(Arc<ShardKeys>, usize)> =
-            streams.iter().map(|k| (k.clone(), first)).collect();
+        let mut asks: Vec<(Arc<ShardKeys>, usize, String)> = streams
+            .iter()
+            .map(|k| (k.clone(), first, "0-0".to_string()))
+            .collect();
         for _ in 0..CLAIM_ROUNDS {
             let got = futures::future::try_join_all(
                 asks.iter()
-                    .map(|(keys, n)| self.fetch(keys, group, consumer, *n, how)),
+                    .map(|(keys, n, cursor)| self.fetch(keys, group, consumer, *n, how, cursor)),
             )
             .await?;
-            // Streams that filled their share may have more.
-            let full: Vec<Arc<ShardKeys>> = asks
-                .iter()
-                .zip(&got)
-                .filter(|((_, n), got)| got.len() >= *n)
-                .map(|((k, _), _)| k.clone())
-                .collect();
-            out.extend(got.into_iter().flatten());
+            // Streams that filled their share may have more (a reclaim
+            // scan that came round to 0-0 has not).
+            let mut full = Vec::new();
+            for ((keys, n, _), (events, cursor)) in asks.iter().zip(got) {
+                let more = match how {
+                    Fetch::Reclaim(_) => cursor != "0-0",
+                    Fetch::Fresh => true,
+                };
+                if events.len() >= *n && more {
+                    full.push((keys.clone(), cursor));
+                }
+                out.extend(events);
+            }
             let left = want.saturating_sub(out.len());
             if left == 0 || full.is_empty() {
                 break;
             }
             let open = vec![u64::MAX; full.len()];
             let quotas = plan_quotas(&open, left, self.layout.next_start(full.len()));
-            asks = full.into_iter().zip(quotas).filter(|(_, q)| *q > 0).collect();
+            asks = full
+                .into_iter()
+                .zip(quotas)
+                .filter(|(_, q)| *q > 0)
+                .map(|((keys, cursor), q)| (keys, q, cursor))
+                .collect();
         }
         Ok(out)
     }
