@@ -19,11 +19,12 @@ pub(super) enum Shard {
 }
 
 impl Shard {
-    /// The hash tag of the shard's keys.
+    /// The hash tag of the shard's keys: `{prefix}` for the legacy shard,
+    /// `{prefix:N:S}` for partition N (see [`partition_tag`]).
     pub(super) fn tag(self, prefix: &str) -> String {
         match self {
             Shard::Legacy => format!("{{{prefix}}}"),
-            Shard::Part(n) => format!("{{{prefix}:{n}}}"),
+            Shard::Part(n) => format!("{{{}}}", partition_tag(prefix, n)),
         }
     }
 
@@ -50,6 +51,51 @@ impl Shard {
             Shard::Part(n) => u64::from(n) + 1,
         }
     }
+}
+
+/// The Redis Cluster slot of a hash tag's content (CRC16/XMODEM, as Redis
+/// computes it).
+pub(super) fn slot_of(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.as_bytes() {
+        crc ^= u16::from(*byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc & 0x3fff
+}
+
+/// Slots per partition window: 16384 slots over the 1024 partitions most.
+const WINDOW: u32 = 16;
+
+/// The tag content of partition `n`: `prefix:n:S`, with the smallest
+/// salt `S` that puts its slot in window `reverse10(n)` of the slot space
+/// (the van der Corput order: 0, 1/2, 1/4, 3/4, ...). So the first N
+/// partitions sit evenly spread over the slots for any prefix (exactly
+/// evenly when N is a power of two, as the default 16 is),
+/// and a cluster whose masters own equal contiguous slot ranges (what
+/// `redis-cli --cluster create` and rebalancing make) gets an equal share
+/// of them; plain `prefix:n` tags fall where CRC16 puts them, which for 16
+/// partitions over 3 masters is often 4/5/7. The tag depends on `n` and
+/// the prefix only, never on the partition count, so changing
+/// `partitions` renames nothing.
+pub(super) fn partition_tag(prefix: &str, n: u32) -> String {
+    let start = (n.reverse_bits() >> 22) * WINDOW;
+    let mut tag = String::new();
+    // About 1024 tries on average; the bound only guards the loop.
+    for salt in 0..(1u32 << 20) {
+        tag = format!("{prefix}:{n}:{salt}");
+        let slot = u32::from(slot_of(&tag));
+        if (start..start + WINDOW).contains(&slot) {
+            break;
+        }
+    }
+    tag
 }
 
 /// The partition of message `id` among `partitions` (at least 1): FNV-1a
@@ -251,6 +297,7 @@ mod tests {
         assert_eq!(legacy.events, "{petrel}:events");
         assert_eq!(legacy.supp_out, "{petrel}:supp");
         let p = ShardKeys::new("petrel", Shard::Part(3));
+        let tag = format!("{{petrel:3:");
         for key in [
             &p.data,
             &p.left,
@@ -263,12 +310,47 @@ mod tests {
             &p.events,
             &p.supp_out,
         ] {
-            assert!(key.starts_with("{petrel:3}:"), "{key}");
+            assert!(key.starts_with(&tag), "{key}");
+            assert!(key.starts_with(&Shard::Part(3).tag("petrel")), "{key}");
         }
         let shared = SharedKeys::new("petrel");
         assert_eq!(shared.supp, "{petrel}:supp");
         assert_eq!(shared.counter("auth:1.2.3.4"), "{petrel}:ctr:auth:1.2.3.4");
         assert_eq!(shared.slot("mx:gmail"), "{petrel}:slot:mx:gmail");
+    }
+
+    #[test]
+    fn slots_are_computed_as_redis_does() {
+        // From the Redis Cluster specification.
+        assert_eq!(slot_of("123456789"), 0x31c3);
+        assert_eq!(slot_of("user1000"), 3443);
+    }
+
+    #[test]
+    fn partitions_spread_evenly_over_the_slots_of_three_masters() {
+        for prefix in ["petrel", "petrel-test", "x"] {
+            // Powers of two sit exactly evenly (others within the
+            // van der Corput discrepancy).
+            for n in [2u32, 4, 16, 64] {
+                let mut per_master = [0u32; 3];
+                for p in 0..n {
+                    let slot = u32::from(slot_of(&partition_tag(prefix, p)));
+                    // The ranges `redis-cli --cluster create` gives 3 masters.
+                    per_master[match slot {
+                        0..=5460 => 0,
+                        5461..=10922 => 1,
+                        _ => 2,
+                    }] += 1;
+                }
+                let (lo, hi) = (n / 3, n.div_ceil(3) + 1);
+                assert!(
+                    per_master.iter().all(|c| (lo..=hi).contains(c)),
+                    "{prefix} {n}: {per_master:?}"
+                );
+            }
+        }
+        assert_eq!(partition_tag("petrel", 5), partition_tag("petrel", 5));
+        assert_ne!(partition_tag("petrel", 5), partition_tag("other", 5));
     }
 
     #[test]
