@@ -22,15 +22,13 @@ use axum::routing::{get, post};
 use base64::Engine;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
 
-use crate::metrics::RelayMetrics;
 use crate::refusal::Refusal;
 
 pub mod admin_queue;
 mod slots;
 pub mod tls_listener;
-use crate::queue::{Millis, Queue, QueueError, QueueStats, now_millis};
+use crate::queue::{Queue, QueueError};
 pub use slots::{Busy, RequestSlots};
 
 /// How long `/readyz` waits for the queue backend before calling it unreachable;
@@ -991,57 +989,13 @@ fn too_large(max: usize) -> Response {
 #[derive(Clone, Copy, Debug)]
 pub struct OverTls;
 
-/// Sets the queue gauges from [`QueueStats`] taken at `now`.
-pub fn record_queue_stats(metrics: &RelayMetrics, stats: &QueueStats, now: Millis) {
-    for (state, value) in [
-        ("due", stats.due),
-        ("deferred", stats.deferred),
-        ("leased", stats.leased),
-    ] {
-        metrics
-            .queue_units
-            .with_label_values(&[state])
-            .set(i64::try_from(value).unwrap_or(i64::MAX));
-    }
-    let age_secs = stats
-        .oldest_received_at
-        .map(|at| now.saturating_sub(at) / 1000)
-        .unwrap_or(0);
-    metrics
-        .oldest_message_age
-        .set(i64::try_from(age_secs).unwrap_or(i64::MAX));
-}
-
-/// Refreshes the queue depth and oldest-message gauges every `interval`.
-/// Every relay pod reports the same shared queue; dashboards take `max`.
-/// A failed read keeps the last values and is logged (readiness reports
-/// the outage).
-pub fn spawn_queue_gauges(
-    queue: Arc<dyn Queue>,
-    metrics: RelayMetrics,
-    interval: Duration,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            ticker.tick().await;
-            let now = now_millis();
-            match tokio::time::timeout(interval.max(PING_TIMEOUT), queue.stats(now)).await {
-                Ok(Ok(stats)) => record_queue_stats(&metrics, &stats, now),
-                Ok(Err(err)) => tracing::warn!(%err, "cannot read queue stats"),
-                Err(_) => tracing::warn!("queue stats timed out"),
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Mutex;
 
-    use crate::queue::{MessageFlags, NewMessage, Reschedule, SettleOp, Settlement};
+    use crate::metrics::RelayMetrics;
+    use crate::queue::{MessageFlags, NewMessage, Reschedule, SettleOp, Settlement, now_millis};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// The shared in-memory backend: reachability is switched with
@@ -1305,7 +1259,8 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let task = spawn_queue_gauges(
+        let task = crate::queue_gauges::spawn(
+            server.queue.clone(),
             server.queue.clone(),
             server.metrics.clone(),
             Duration::from_millis(20),
@@ -1332,14 +1287,6 @@ mod tests {
         );
         let age = gauges.oldest_message_age.get();
         assert!((90..=100).contains(&age), "oldest age {age}");
-    }
-
-    #[test]
-    fn record_queue_stats_of_empty_queue_is_zero_age() {
-        let (_, metrics) = RelayMetrics::standalone();
-        metrics.oldest_message_age.set(99);
-        record_queue_stats(&metrics, &QueueStats::default(), 5_000);
-        assert_eq!(metrics.oldest_message_age.get(), 0);
     }
 
     const SEND: &str = r#"{"from":{"name":"Shop","email":"shop@example.com"},"to":["a@x.org"],"cc":["b@y.org"],"bcc":["A@x.org","c@z.org"],"subject":"Your receipt","text":"Thanks!","headers":{"X-Campaign":"receipts"}}"#;

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod policy;
 pub mod queue;
 pub mod queue_ctl;
+pub mod queue_gauges;
 pub mod refusal;
 pub mod reload;
 pub mod reputation;

@@ -24,7 +24,7 @@ use mail_auth::hickory_resolver::config::{
 };
 use mail_auth::{AuthenticatedMessage, DkimResult, MessageAuthenticator};
 use petrel_relay::config::RelayConfig;
-use petrel_relay::inbound::{InboundContext, serve_all};
+use petrel_relay::inbound::{InboundContext, serve_on};
 use petrel_relay::queue::{self, Backend};
 use petrel_relay::reload::Reloading;
 use petrel_tests::dns::DnsServer;
@@ -157,13 +157,16 @@ domains:
         );
         let (shutdown, rx) = watch::channel(false);
         let (plain, submission, smtps) = (addr(0), addr(1), addr(2));
-        let bound = sockets
+        let servers = sockets
             .into_iter()
             .zip(config.listeners.iter().cloned())
+            .map(|(socket, listener)| {
+                let (ctx, rx) = (ctx.clone(), rx.clone());
+                tokio::spawn(async move {
+                    serve_on(socket, listener, ctx, rx).await.unwrap();
+                })
+            })
             .collect();
-        let servers = vec![tokio::spawn(async move {
-            serve_all(bound, ctx, rx).await.unwrap();
-        })];
         Relay {
             _dir: dir,
             ca,

@@ -12,7 +12,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use mail_auth::common::crypto::Ed25519Key;
 use petrel_relay::config::RelayConfig;
-use petrel_relay::http::{Health, HttpState, serve, spawn_queue_gauges};
+use petrel_relay::http::{Health, HttpState, serve};
 use petrel_relay::inbound::{InboundContext, InboundSubmit, listener::serve_on};
 use petrel_relay::metrics::RelayMetrics;
 use petrel_relay::queue;
@@ -104,7 +104,12 @@ http:
     tokio::spawn(serve(http_socket, state, async move {
         let _ = stopped.await;
     }));
-    spawn_queue_gauges(backend.queue.clone(), metrics, Duration::from_millis(50));
+    petrel_relay::queue_gauges::spawn(
+        backend.queue.clone(),
+        backend.control.clone(),
+        metrics,
+        Duration::from_millis(50),
+    );
     Relay {
         _dir: dir,
         smtp,

@@ -2,33 +2,40 @@
 //! back to the sender as a bounce.
 //!
 //! ```text
-//! worker (lease, group by destination, limits)
-//!   -> mx (where) -> client (SMTP, STARTTLS) -> classify (what it means)
-//!   -> complete | retry (when again) | dsn (bounce) + suppression
+//! scheduler (lease loop) -> group (per destination: slot, rate, route)
+//!   -> route + mx (where) -> transport: smtp (smtp_client: connect/TLS,
+//!      transaction, wire) | maildir -> classify (what it means)
+//!   -> settle::plan (pure) -> record (one queue operation):
+//!      complete | retry (when again) | dsn (bounce) + suppression
 //! ```
-//! `maildir` replaces mx + client for the local quick start; a smarthost
-//! replaces mx with one fixed server. `limits` paces deliveries through the
+//! `leases` keeps unit leases and connection slots renewed while a
+//! delivery runs; `transport::pool` keeps idle connections.
+//! The Maildir transport replaces mx + SMTP for the local quick start; a
+//! smarthost replaces mx with one fixed server. `limits` paces deliveries through the
 //! queue backend's shared state, so all pods together respect them, and
 //! `suppression` holds the library side of `petrel-relay suppression`.
 //!
 //! Start it with [`DeliveryContext::new`] and [`run`].
 
 pub mod classify;
-pub mod client;
 pub mod dsn;
+mod group;
+mod leases;
 pub mod limits;
-pub mod maildir;
 pub mod mta_sts;
 pub mod mx;
+mod record;
 pub mod retry;
 pub mod return_path;
+mod route;
+mod scheduler;
 pub(crate) mod settle;
-mod slot;
+pub mod smtp_client;
 pub mod suppression;
 pub mod tls;
 pub mod tls_policy;
 pub mod tls_result;
-pub mod worker;
+pub mod transport;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,10 +45,10 @@ use hickory_resolver::TokioResolver;
 use petrel_crds::config::{OutboundTls, RelayConfig};
 
 use crate::metrics::RelayMetrics;
-use crate::queue::{Backend, Queue, SharedState};
+use crate::queue::{Backend, Millis, Queue, SharedState};
 use crate::reload::Reloading;
 
-pub use worker::run;
+pub use scheduler::run;
 
 /// Why delivery could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +93,7 @@ pub struct DeliveryContext {
     /// setting changes.
     mx_verified_tls: Mutex<Option<(Option<PathBuf>, VerifiedTls)>>,
     /// Idle outbound connections, reused by later units.
-    pool: worker::Pool,
+    pool: transport::pool::Pool,
     /// The feedback keys for VERP return paths (see [`return_path`]).
     pub feedback: Option<Arc<crate::feedback::Feedback>>,
 }
@@ -111,7 +118,7 @@ impl DeliveryContext {
             resolver: Mutex::new(None),
             verified_tls: Mutex::new(None),
             mx_verified_tls: Mutex::new(None),
-            pool: worker::Pool::default(),
+            pool: transport::pool::Pool::default(),
             feedback: None,
         })
     }
@@ -182,4 +189,9 @@ impl DeliveryContext {
         *guard = Some((nameservers.to_vec(), resolver.clone()));
         Ok(resolver)
     }
+}
+
+/// `d` in queue milliseconds, saturating.
+pub(crate) fn millis(d: std::time::Duration) -> Millis {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -82,6 +82,20 @@ pub fn throttle_delay(base: Duration, jitter_ms: u64) -> Duration {
     base + Duration::from_millis(jitter_ms % 1000)
 }
 
+/// The retry policy `cfg` sets.
+pub(crate) fn policy(cfg: &petrel_crds::config::RelayConfig) -> RetryPolicy {
+    RetryPolicy {
+        schedule: cfg
+            .delivery
+            .retry_schedule
+            .iter()
+            .map(|d| d.get())
+            .collect(),
+        max_lifetime: cfg.delivery.max_queue_lifetime.get(),
+        delayed_dsn_after: cfg.delivery.delayed_dsn_after.map(|d| d.get()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use super::classify::{Failure, Outcome, Reply, is_hard_bounce};
-use super::client::RcptResult;
 use super::dsn::{self, DsnAction, DsnContext, DsnRecipient};
 use super::retry::{RetryDecision, RetryPolicy};
+use super::smtp_client::RcptResult;
 use super::suppression;
 use crate::events::{BounceType, Event, EventType, format_timestamp};
 use crate::queue::{DeliveryUnit, Millis, Reschedule, SettleOp, Settlement};

@@ -8,9 +8,9 @@ use petrel_crds::config::{OutboundTls, RelayConfig, Transport};
 
 use super::DeliveryContext;
 use super::classify::Fault;
-use super::client::{ConnectSettings, TlsPolicy};
 use super::mta_sts::{self, FetchSettings, Mode};
 use super::mx::MxHost;
+use super::smtp_client::{ConnectSettings, TlsPolicy};
 
 /// The configured mode for mail to `domain`.
 pub fn configured(cfg: &RelayConfig, domain: &str) -> OutboundTls {

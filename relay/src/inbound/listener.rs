@@ -69,11 +69,6 @@ impl ConnectionLimits {
             }
         }
     }
-
-    /// Open connections in total.
-    pub fn total(&self) -> u32 {
-        self.lock().total
-    }
 }
 
 /// Releases the connection slot and the active-session gauge on drop, so
@@ -93,66 +88,6 @@ impl Drop for ConnectionGuard {
             .with_label_values(&[&self.listener])
             .dec();
     }
-}
-
-/// Binds `listener.address` and serves it until `shutdown` turns true
-/// and the sessions have drained. Owned arguments, so it can be spawned.
-pub async fn serve(
-    listener: Listener,
-    ctx: Arc<InboundContext>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), InboundError> {
-    let socket = TcpListener::bind(listener.address)
-        .await
-        .map_err(|source| InboundError::Io {
-            name: listener.name.clone(),
-            source,
-        })?;
-    serve_on(socket, listener, ctx, shutdown).await
-}
-
-/// Binds every listener of the config now, so a port in use stops the
-/// relay at start rather than in a background task.
-pub async fn bind_all(
-    listeners: &[Listener],
-) -> Result<Vec<(TcpListener, Listener)>, InboundError> {
-    let mut bound = Vec::with_capacity(listeners.len());
-    for listener in listeners {
-        let socket = TcpListener::bind(listener.address)
-            .await
-            .map_err(|source| InboundError::Io {
-                name: listener.name.clone(),
-                source,
-            })?;
-        bound.push((socket, listener.clone()));
-    }
-    Ok(bound)
-}
-
-/// Serves sockets from [`bind_all`] until `shutdown` turns true and every
-/// listener has drained; the first listener error is returned.
-pub async fn serve_all(
-    bound: Vec<(TcpListener, Listener)>,
-    ctx: Arc<InboundContext>,
-    shutdown: watch::Receiver<bool>,
-) -> Result<(), InboundError> {
-    let mut listeners = JoinSet::new();
-    for (socket, listener) in bound {
-        listeners.spawn(serve_on(socket, listener, ctx.clone(), shutdown.clone()));
-    }
-    let mut result = Ok(());
-    while let Some(done) = listeners.join_next().await {
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                if result.is_ok() {
-                    result = Err(e);
-                }
-            }
-            Err(join) => tracing::error!(error = %join, "SMTP listener task failed"),
-        }
-    }
-    result
 }
 
 /// Serves an already bound socket (tests bind port 0 and read the port).
@@ -343,6 +278,10 @@ mod tests {
         );
         limits.release(a);
         assert!(limits.try_acquire(b, 3, 2).is_ok());
-        assert_eq!(limits.total(), 3);
+        // Three open again: the total is full.
+        assert_eq!(
+            limits.try_acquire("10.0.0.3".parse().unwrap(), 3, 2),
+            Err(Refusal::TooManyConnections)
+        );
     }
 }

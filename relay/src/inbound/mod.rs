@@ -19,8 +19,9 @@
 //! let backend = queue::open(&config.get().queue).await?;
 //! let ctx = Arc::new(InboundContext::new(config.clone(), backend.queue, backend.state, metrics)?);
 //! let (stop, shutdown) = tokio::sync::watch::channel(false);
-//! let bound = inbound::bind_all(&config.get().listeners).await?; // port errors now
-//! let smtp = tokio::spawn(inbound::serve_all(bound, ctx.clone(), shutdown));
+//! // Bind every listener first, so a port in use fails the start.
+//! let socket = tokio::net::TcpListener::bind(listener.address).await?;
+//! let smtp = tokio::spawn(inbound::serve_on(socket, listener, ctx.clone(), shutdown));
 //! let http = HttpState::new(registry, health, queue)?.with_send_api(Arc::new(InboundSubmit::new(ctx.clone())), limits);
 //! // on SIGTERM: stop.send(true), then `smtp.await` (sessions drain for
 //! // limits.shutdownGrace, then it returns).
@@ -52,7 +53,7 @@ pub mod session;
 pub mod submit;
 pub mod tls;
 
-pub use listener::{ConnectionLimits, bind_all, serve, serve_all};
+pub use listener::{ConnectionLimits, serve_on};
 pub use session::{Finished, Session, SessionState, State};
 pub use submit::InboundSubmit;
 

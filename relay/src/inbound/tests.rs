@@ -951,13 +951,6 @@ async fn http_submissions_take_the_same_path() {
     .await;
 }
 
-/// `serve` must be spawnable on the multi-threaded runtime.
-#[allow(dead_code)]
-fn serve_is_send(listener: Listener, ctx: Arc<InboundContext>, rx: watch::Receiver<bool>) {
-    fn is_send<T: Send + 'static>(_: T) {}
-    is_send(serve(listener, ctx, rx));
-}
-
 /// Sends `payload` a byte at a time until the session hangs up (writes
 /// fail once it has dropped its end); true when it hung up early.
 async fn dribble(c: &mut Client, payload: &[u8]) -> bool {

@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use petrel_crds::config::RelayConfig;
+
+use super::super::classify::{Failure, Fault, Reply};
+use super::super::settle::RcptOutcome;
+
 /// Distinguishes files written in the same microsecond by this process.
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
@@ -85,6 +90,70 @@ pub fn deliver(
         return Err(e);
     }
     Ok(new)
+}
+
+/// Delivery into the Maildir tree at `root`, one file per recipient.
+pub(crate) struct Maildir<'a> {
+    /// The config (the hostname in file names and headers).
+    pub cfg: &'a RelayConfig,
+    /// The tree.
+    pub root: &'a Path,
+}
+
+impl super::Transport for Maildir<'_> {
+    async fn deliver(
+        &mut self,
+        unit: &crate::queue::DeliveryUnit,
+        data: &[u8],
+    ) -> Vec<RcptOutcome> {
+        deliver_maildir(self.cfg, self.root, unit, data).await
+    }
+}
+
+async fn deliver_maildir(
+    cfg: &RelayConfig,
+    root: &std::path::Path,
+    unit: &crate::queue::DeliveryUnit,
+    data: &[u8],
+) -> Vec<RcptOutcome> {
+    let root = root.to_path_buf();
+    let hostname = cfg.hostname.clone();
+    let mail_from = unit.mail_from.clone();
+    let recipients = unit.recipients.clone();
+    let data = data.to_vec();
+    let joined = tokio::task::spawn_blocking(move || {
+        recipients
+            .iter()
+            .map(|rcpt| deliver(&root, &hostname, &mail_from, rcpt, &data))
+            .collect::<Vec<_>>()
+    })
+    .await;
+    match joined {
+        Ok(results) => results
+            .into_iter()
+            .map(|r| RcptOutcome {
+                result: match r {
+                    Ok(path) => Ok(Reply::new(
+                        250,
+                        Some([2, 0, 0]),
+                        format!("delivered to {}", path.display()),
+                    )),
+                    Err(e) => Err(Failure::Fault(Fault::Local(e.to_string()))),
+                },
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+        Err(e) => unit
+            .recipients
+            .iter()
+            .map(|_| RcptOutcome {
+                result: Err(Failure::Fault(Fault::Local(e.to_string()))),
+                remote: None,
+                tls: false,
+            })
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -1,56 +1,16 @@
-//! The outbound SMTP client: one connection to one server, any number of
-//! transactions over it.
-//!
-//! [`SmtpClient`] is generic over the stream so tests drive it over an
-//! in-memory duplex; [`connect`] does TCP, the greeting, EHLO, STARTTLS
-//! (per the TLS policy) and AUTH, and hands back a ready client. Replies
-//! are parsed with smtp-proto; every read and write runs under the RFC 5321
-//! timeout of its stage, and every buffer is bounded.
+//! The transaction state machine of the outbound SMTP client: greeting,
+//! EHLO (HELO fallback), AUTH, MAIL/RCPT/DATA with or without PIPELINING,
+//! RSET between transactions, QUIT; and what each recipient's replies
+//! mean for it.
 
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
 use smtp_proto::EhloResponse;
-use smtp_proto::response::parser::ResponseReceiver;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::tls_result::TlsResult;
-use tokio_rustls::client::TlsStream;
-
-use super::classify::{Failure, Fault, Reply, Severity};
-
-/// Longest reply accepted (all lines together).
-const MAX_REPLY: usize = 64 * 1024;
-
-/// RFC 5321 timeouts for each stage.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// TCP connect and TLS handshake.
-    pub connect: Duration,
-    /// The greeting.
-    pub greeting: Duration,
-    /// Each command's reply, and each write.
-    pub command: Duration,
-    /// The reply to the end of DATA.
-    pub data: Duration,
-}
-
-impl From<&petrel_crds::config::OutboundTimeouts> for Timeouts {
-    fn from(t: &petrel_crds::config::OutboundTimeouts) -> Self {
-        Timeouts {
-            connect: t.connect.get(),
-            greeting: t.greeting.get(),
-            command: t.command.get(),
-            data: t.data.get(),
-        }
-    }
-}
+use super::wire::{SmtpClient, address, dot_stuff, parse_reply};
+use crate::delivery::classify::{Failure, Fault, Reply, Severity};
 
 /// What the server announced in its EHLO reply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -72,7 +32,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    fn from_ehlo(ehlo: &EhloResponse<String>) -> Capabilities {
+    pub(super) fn from_ehlo(ehlo: &EhloResponse<String>) -> Capabilities {
         Capabilities {
             pipelining: ehlo.has_capability(smtp_proto::EXT_PIPELINING),
             size: ehlo
@@ -117,147 +77,7 @@ pub struct Transaction {
     pub connection_lost: bool,
 }
 
-/// One SMTP connection.
-pub struct SmtpClient<S> {
-    stream: S,
-    buf: Vec<u8>,
-    timeouts: Timeouts,
-    /// What the server offers (after the last EHLO).
-    pub caps: Capabilities,
-}
-
-fn io_fault(e: std::io::Error) -> Fault {
-    Fault::Io(e.to_string())
-}
-
-/// Length of the first complete reply in `buf`, if there is one: lines up
-/// to one whose fourth byte is not `-`.
-fn complete_reply_len(buf: &[u8]) -> Option<usize> {
-    let mut start = 0;
-    while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
-        let line = &buf[start..start + nl + 1];
-        start += nl + 1;
-        if line.get(3) != Some(&b'-') {
-            return Some(start);
-        }
-    }
-    None
-}
-
-/// Parses one complete reply with smtp-proto.
-pub fn parse_reply(raw: &[u8]) -> Result<Reply, Fault> {
-    let mut receiver = ResponseReceiver::default();
-    match receiver.parse(&mut raw.iter()) {
-        Ok(r) => {
-            let esc = (r.esc != [0, 0, 0]).then_some(r.esc);
-            Ok(Reply {
-                code: r.code,
-                esc,
-                message: r.message,
-            })
-        }
-        Err(e) => Err(Fault::Protocol(format!(
-            "bad reply {:?}: {e:?}",
-            String::from_utf8_lossy(&raw[..raw.len().min(80)])
-        ))),
-    }
-}
-
-/// Dot-stuffs `data` for DATA (RFC 5321 4.5.2) and appends the final
-/// `.`, making sure the message ends with CRLF first.
-pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
-    let mut at_line_start = true;
-    for &b in data {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !out.is_empty() && !out.ends_with(b"\r\n") {
-        if out.ends_with(b"\n") {
-            out.pop();
-        }
-        // A trailing CR gets its LF, not a second CR (no bare CR on the wire).
-        if !out.ends_with(b"\r") {
-            out.push(b'\r');
-        }
-        out.push(b'\n');
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
-/// Removes CR, LF and angle brackets from an address put on a command line.
-fn address(a: &str) -> String {
-    a.chars()
-        .filter(|c| !matches!(c, '\r' | '\n' | '<' | '>'))
-        .collect()
-}
-
 impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
-    /// Wraps a connected stream (the greeting not yet read).
-    pub fn new(stream: S, timeouts: Timeouts) -> SmtpClient<S> {
-        SmtpClient {
-            stream,
-            buf: Vec::new(),
-            timeouts,
-            caps: Capabilities::default(),
-        }
-    }
-
-    /// The raw bytes of the next reply.
-    async fn read_raw(&mut self, timeout: Duration, stage: &'static str) -> Result<Vec<u8>, Fault> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(len) = complete_reply_len(&self.buf) {
-                return Ok(self.buf.drain(..len).collect());
-            }
-            if self.buf.len() > MAX_REPLY {
-                return Err(Fault::Protocol(format!("reply to {stage} too long")));
-            }
-            let mut chunk = [0u8; 4096];
-            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
-                .await
-                .map_err(|_| Fault::Timeout(stage))?
-                .map_err(io_fault)?;
-            if n == 0 {
-                return Err(Fault::Io(format!(
-                    "connection closed while waiting for {stage}"
-                )));
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    /// The next reply.
-    pub async fn read_reply(
-        &mut self,
-        timeout: Duration,
-        stage: &'static str,
-    ) -> Result<Reply, Fault> {
-        let raw = self.read_raw(timeout, stage).await?;
-        parse_reply(&raw)
-    }
-
-    async fn write(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), Fault> {
-        let timeout = self.timeouts.command.max(self.timeouts.data);
-        tokio::time::timeout(timeout, async {
-            self.stream.write_all(bytes).await?;
-            self.stream.flush().await
-        })
-        .await
-        .map_err(|_| Fault::Timeout(stage))?
-        .map_err(io_fault)
-    }
-
-    /// Sends one command line and reads its reply.
-    pub async fn command(&mut self, line: &str, stage: &'static str) -> Result<Reply, Fault> {
-        self.write(format!("{line}\r\n").as_bytes(), stage).await?;
-        self.read_reply(self.timeouts.command, stage).await
-    }
-
     /// Reads the greeting.
     pub async fn greeting(&mut self) -> Result<Reply, Fault> {
         self.read_reply(self.timeouts.greeting, "greeting").await
@@ -327,11 +147,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             let _ = self.stream.shutdown().await;
         })
         .await;
-    }
-
-    /// The stream and any bytes already read past the last reply.
-    pub fn into_parts(self) -> (S, Vec<u8>) {
-        (self.stream, self.buf)
     }
 
     fn mail_command(&self, env: &Envelope<'_>, size: usize) -> String {
@@ -571,277 +386,9 @@ fn rcpt_errors(mail: &Reply, rcpts: &[Reply]) -> Vec<RcptResult> {
         .collect()
 }
 
-/// A TCP stream, upgraded to TLS or not.
-pub enum Stream {
-    /// Plain text.
-    Plain(TcpStream),
-    /// After STARTTLS or implicit TLS.
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
-/// How to use TLS on a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TlsPolicy {
-    /// STARTTLS when offered, plain text otherwise.
-    Opportunistic,
-    /// STARTTLS must be offered and succeed.
-    Required,
-    /// TLS from the first byte (smarthost on 465).
-    Implicit,
-    /// Never (smarthost `tls: none`).
-    Disabled,
-}
-
-/// Everything [`connect`] needs.
-#[derive(Clone)]
-pub struct ConnectSettings {
-    /// Our name for EHLO.
-    pub ehlo_name: String,
-    /// Stage timeouts.
-    pub timeouts: Timeouts,
-    /// TLS policy.
-    pub tls: TlsPolicy,
-    /// rustls config for the handshake (whether certificates are verified).
-    pub tls_config: Arc<rustls::ClientConfig>,
-    /// The TLS policy in force, for logs, metrics and the connection pool
-    /// key (`opportunistic`, `encrypted`, `verified`, `mta-sts`, `none`).
-    pub tls_label: &'static str,
-    /// AUTH user and password (smarthost).
-    pub auth: Option<(String, String)>,
-}
-
-/// A ready connection.
-pub struct Connection {
-    /// The client, after EHLO (and STARTTLS, AUTH).
-    pub client: SmtpClient<Stream>,
-    /// TLS is in use.
-    pub tls: bool,
-    /// The server's host name (for logs and DSNs).
-    pub host: String,
-}
-
-async fn handshake(
-    tcp: TcpStream,
-    host: &str,
-    addr: SocketAddr,
-    settings: &ConnectSettings,
-) -> Result<TlsStream<TcpStream>, Fault> {
-    let name = rustls::pki_types::ServerName::try_from(host.to_string())
-        .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
-    let connector = TlsConnector::from(settings.tls_config.clone());
-    tokio::time::timeout(settings.timeouts.connect, connector.connect(name, tcp))
-        .await
-        .map_err(|_| Fault::Timeout("TLS handshake"))?
-        .map_err(|e| {
-            let detail = format!("{e} (TLS policy {})", settings.tls_label);
-            match TlsResult::of_io(&e) {
-                Some(result) => Fault::Certificate {
-                    result: result.as_str(),
-                    detail,
-                },
-                None => Fault::Tls(detail),
-            }
-        })
-}
-
-/// A greeting or EHLO refusal: about the server, never the recipients.
-fn refused(reply: Reply) -> Failure {
-    Failure::Session(reply)
-}
-
-/// Connects to `addr` (server `host`), reads the greeting, says EHLO, does
-/// STARTTLS and AUTH per `settings`. Any failure is about this host: the
-/// caller tries the next one.
-///
-/// With `opportunistic` TLS, a server that offers STARTTLS but then refuses
-/// it or fails the handshake (often an old stack speaking only TLS 1.0,
-/// which rustls refuses) gets the mail in plain text on a new connection,
-/// as Postfix's `may` level does: otherwise it would be deferred until the
-/// mail expires. This gives an attacker nothing that stripping STARTTLS
-/// from the EHLO reply does not already; `required` never falls back.
-pub async fn connect(
-    addr: SocketAddr,
-    host: &str,
-    settings: &ConnectSettings,
-) -> Result<Connection, Failure> {
-    match connect_once(addr, host, settings).await {
-        Err(Failure::Fault(Fault::Tls(_) | Fault::Timeout("TLS handshake")))
-            if settings.tls == TlsPolicy::Opportunistic =>
-        {
-            let plain = ConnectSettings {
-                tls: TlsPolicy::Disabled,
-                ..settings.clone()
-            };
-            connect_once(addr, host, &plain).await
-        }
-        other => other,
-    }
-}
-
-async fn connect_once(
-    addr: SocketAddr,
-    host: &str,
-    settings: &ConnectSettings,
-) -> Result<Connection, Failure> {
-    let t = settings.timeouts;
-    let tcp = tokio::time::timeout(t.connect, TcpStream::connect(addr))
-        .await
-        .map_err(|_| Failure::Fault(Fault::Timeout("connect")))?
-        .map_err(|e| Failure::Fault(Fault::Connect(format!("{addr}: {e}"))))?;
-    let _ = tcp.set_nodelay(true);
-
-    if settings.tls == TlsPolicy::Implicit {
-        let tls = handshake(tcp, host, addr, settings)
-            .await
-            .map_err(Failure::Fault)?;
-        let mut client = SmtpClient::new(Stream::Tls(Box::new(tls)), t);
-        return finish(&mut client, settings, true)
-            .await
-            .map(|()| Connection {
-                client,
-                tls: true,
-                host: host.to_string(),
-            });
-    }
-
-    let mut plain = SmtpClient::new(tcp, t);
-    let greeting = plain.greeting().await.map_err(Failure::Fault)?;
-    if greeting.severity() != Severity::Positive {
-        return Err(refused(greeting));
-    }
-    let caps = match plain
-        .ehlo(&settings.ehlo_name)
-        .await
-        .map_err(Failure::Fault)?
-    {
-        Ok(caps) => caps,
-        Err(reply) => return Err(refused(reply)),
-    };
-    let want_tls = matches!(settings.tls, TlsPolicy::Opportunistic | TlsPolicy::Required);
-    if want_tls && caps.starttls {
-        let reply = plain
-            .command("STARTTLS", "STARTTLS")
-            .await
-            .map_err(Failure::Fault)?;
-        if reply.code != 220 {
-            // Offered but refused: a broken server; for `required` that is
-            // a failure, for opportunistic the host is tried later.
-            return Err(Failure::Fault(Fault::Tls(format!(
-                "STARTTLS refused: {reply}"
-            ))));
-        }
-        // Bytes sent before the handshake must be dropped (RFC 3207 5,
-        // CVE-2011-0411 style injection), so `_early` is discarded.
-        let (tcp, _early) = plain.into_parts();
-        let tls = handshake(tcp, host, addr, settings)
-            .await
-            .map_err(Failure::Fault)?;
-        let mut client = SmtpClient::new(Stream::Tls(Box::new(tls)), t);
-        match client
-            .ehlo(&settings.ehlo_name)
-            .await
-            .map_err(Failure::Fault)?
-        {
-            Ok(_) => {}
-            Err(reply) => return Err(refused(reply)),
-        }
-        return auth(&mut client, settings).await.map(|()| Connection {
-            client,
-            tls: true,
-            host: host.to_string(),
-        });
-    }
-    if settings.tls == TlsPolicy::Required {
-        return Err(Failure::Fault(Fault::TlsNotOffered));
-    }
-    let (tcp, early) = plain.into_parts();
-    let mut client = SmtpClient::new(Stream::Plain(tcp), t);
-    client.buf = early;
-    client.caps = caps;
-    auth(&mut client, settings).await.map(|()| Connection {
-        client,
-        tls: false,
-        host: host.to_string(),
-    })
-}
-
-/// Greeting and EHLO on an implicit-TLS connection, then AUTH.
-async fn finish(
-    client: &mut SmtpClient<Stream>,
-    settings: &ConnectSettings,
-    _tls: bool,
-) -> Result<(), Failure> {
-    let greeting = client.greeting().await.map_err(Failure::Fault)?;
-    if greeting.severity() != Severity::Positive {
-        return Err(refused(greeting));
-    }
-    match client
-        .ehlo(&settings.ehlo_name)
-        .await
-        .map_err(Failure::Fault)?
-    {
-        Ok(_) => {}
-        Err(reply) => return Err(refused(reply)),
-    }
-    auth(client, settings).await
-}
-
-async fn auth(client: &mut SmtpClient<Stream>, settings: &ConnectSettings) -> Result<(), Failure> {
-    let Some((user, password)) = &settings.auth else {
-        return Ok(());
-    };
-    match client.auth(user, password).await.map_err(Failure::Fault)? {
-        Ok(()) => Ok(()),
-        // Refused credentials are our misconfiguration, not the
-        // recipients' fault: defer, never bounce.
-        Err(reply) => Err(Failure::Fault(Fault::Protocol(format!(
-            "AUTH refused: {reply}"
-        )))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::wire::Timeouts;
     use super::*;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
@@ -852,32 +399,6 @@ mod tests {
             command: Duration::from_secs(5),
             data: Duration::from_secs(5),
         }
-    }
-
-    #[test]
-    fn dot_stuffing() {
-        assert_eq!(
-            dot_stuff(b"a\r\n.b\r\n..c\r\n"),
-            b"a\r\n..b\r\n...c\r\n.\r\n"
-        );
-        assert_eq!(dot_stuff(b".\r\nx"), b"..\r\nx\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b".\r\n");
-        assert_eq!(dot_stuff(b"x\r"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x\r\n."), b"x\r\n..\r\n.\r\n");
-    }
-
-    #[test]
-    fn replies_split_and_parse() {
-        assert_eq!(complete_reply_len(b"250-a\r\n250 b\r\nrest"), Some(14));
-        assert_eq!(complete_reply_len(b"250-a\r\n250"), None);
-        assert_eq!(complete_reply_len(b"250\r\n"), Some(5));
-        let r = parse_reply(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n").unwrap();
-        assert_eq!((r.code, r.esc), (550, Some([5, 1, 1])));
-        assert_eq!(r.message, "no such\nuser");
-        let r = parse_reply(b"250 ok\r\n").unwrap();
-        assert_eq!(r.esc, None);
-        assert!(parse_reply(b"hello\r\n").is_err());
     }
 
     /// A scripted server on the other end of a duplex: answers each line
@@ -994,10 +515,10 @@ mod tests {
             let failure = r.as_ref().unwrap_err();
             assert_eq!(
                 failure.outcome(),
-                super::super::classify::Outcome::Permanent
+                crate::delivery::classify::Outcome::Permanent
             );
             assert!(
-                !super::super::classify::is_hard_bounce(failure),
+                !crate::delivery::classify::is_hard_bounce(failure),
                 "a MAIL FROM refusal must not suppress recipients: {failure:?}"
             );
         }
@@ -1031,115 +552,9 @@ mod tests {
         let failure = t.results[0].as_ref().expect_err("the body was never sent");
         assert_eq!(
             failure.outcome(),
-            super::super::classify::Outcome::Temporary
+            crate::delivery::classify::Outcome::Temporary
         );
         assert!(t.connection_lost);
-    }
-
-    /// A TCP server offering STARTTLS that accepts it and then sends
-    /// garbage instead of a TLS handshake; it counts connections and
-    /// records whether a message arrived in plain text.
-    async fn broken_tls_server() -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            // At most two connections: the TLS attempt and a plain one.
-            for _ in 0..2 {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    break;
-                };
-                let (r, mut w) = tcp.into_split();
-                let mut r = BufReader::new(r);
-                w.write_all(b"220 hi\r\n").await.unwrap();
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        break;
-                    }
-                    let line = line.trim_end().to_string();
-                    seen.push(line.clone());
-                    if line == "STARTTLS" {
-                        // Wait for the ClientHello, then answer with junk.
-                        w.write_all(b"220 go ahead\r\n").await.unwrap();
-                        let mut hello = [0u8; 512];
-                        let _ = r.read(&mut hello).await;
-                        let _ = w.write_all(b"this is not TLS\r\n").await;
-                        break;
-                    }
-                    let reply: &[u8] = if line.starts_with("EHLO") {
-                        b"250-mx\r\n250 STARTTLS\r\n"
-                    } else if line == "QUIT" {
-                        b"221 bye\r\n"
-                    } else {
-                        b"250 ok\r\n"
-                    };
-                    if w.write_all(reply).await.is_err() || line == "QUIT" {
-                        break;
-                    }
-                }
-            }
-            seen
-        });
-        (addr, task)
-    }
-
-    fn settings(tls: TlsPolicy) -> ConnectSettings {
-        ConnectSettings {
-            ehlo_name: "relay.test".into(),
-            timeouts: timeouts(),
-            tls,
-            tls_config: super::super::tls::unverified().unwrap(),
-            tls_label: "opportunistic",
-            auth: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn opportunistic_tls_falls_back_to_plain_text_after_a_failed_handshake() {
-        tokio::time::timeout(Duration::from_secs(30), async {
-            let (addr, srv) = broken_tls_server().await;
-            let conn = connect(addr, "mx.test", &settings(TlsPolicy::Opportunistic))
-                .await
-                .expect("plain text after the failed handshake");
-            assert!(!conn.tls);
-            conn.client.quit().await;
-            let seen = srv.await.unwrap();
-            assert_eq!(
-                seen.iter().filter(|l| *l == "STARTTLS").count(),
-                1,
-                "{seen:?}"
-            );
-
-            let (addr, srv) = broken_tls_server().await;
-            let err = connect(addr, "mx.test", &settings(TlsPolicy::Required))
-                .await
-                .err()
-                .expect("required TLS never falls back");
-            assert!(matches!(err, Failure::Fault(Fault::Tls(_))), "{err:?}");
-            srv.abort();
-        })
-        .await
-        .expect("test timed out");
-    }
-
-    /// Stand-in for a fuzz target: the reply reader and parser take
-    /// whatever a hostile server sends without panicking.
-    #[test]
-    fn garbage_replies_never_panic() {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let alphabet = b"0123456789 -.\r\n5abc\xff";
-        for _ in 0..20_000 {
-            let len = rng.random_range(0..40);
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| alphabet[rng.random_range(0..alphabet.len())])
-                .collect();
-            if let Some(n) = complete_reply_len(&bytes) {
-                let _ = parse_reply(&bytes[..n]);
-            }
-            let _ = parse_reply(&bytes);
-        }
     }
 
     #[tokio::test]

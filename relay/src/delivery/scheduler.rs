@@ -1,0 +1,176 @@
+//! The lease loop: lease due units up to the free worker permits, group
+//! them by destination and hand each group to [`super::group`].
+//!
+//! Concurrency: at most `workers` units are in flight in this pod (a
+//! semaphore); each destination group takes one of the destination's
+//! connection slots, shared by all pods, or goes back to the queue for a
+//! moment. A throttled or slow destination holds only its own units, so
+//! it never holds up another.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::DeliveryContext;
+use super::group::deliver_group;
+use crate::queue::{Lease, now_millis};
+
+/// Longest pause between queue polls when nothing is due.
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// Pause after the queue backend failed.
+const BACKEND_PAUSE: Duration = Duration::from_secs(1);
+/// Units leased per poll, at most.
+const MAX_BATCH: usize = 100;
+/// How often queue gauges are refreshed.
+const STATS_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs the delivery workers until `shutdown` completes, then lets
+/// deliveries in progress finish for up to `limits.shutdownGrace` (their
+/// leases expire and another worker takes them otherwise).
+pub async fn run(
+    ctx: Arc<DeliveryContext>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    let workers = ctx.config.get().delivery.workers.max(1) as usize;
+    let permits = Arc::new(Semaphore::new(workers));
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Aborted when the loop ends (this handle dropped with it).
+    let gauges = AbortOnDrop(crate::queue_gauges::spawn(
+        ctx.queue.clone(),
+        ctx.control.clone(),
+        ctx.metrics.clone(),
+        STATS_EVERY,
+    ));
+    tokio::pin!(shutdown);
+    tracing::info!(workers, "delivery workers started");
+    loop {
+        while tasks.try_join_next().is_some() {}
+        ctx.pool.sweep();
+        let available = permits.available_permits();
+        if available == 0 {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tasks.join_next() => continue,
+            }
+        }
+        let cfg = ctx.config.get();
+        let lease_for = cfg.queue.lease.get();
+        let leases = match ctx
+            .queue
+            .lease(now_millis(), available.min(MAX_BATCH), lease_for)
+            .await
+        {
+            Ok(leases) => leases,
+            Err(error) => {
+                tracing::warn!(%error, "cannot lease from the queue");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(BACKEND_PAUSE) => continue,
+                }
+            }
+        };
+        if leases.is_empty() {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(IDLE_POLL) => continue,
+            }
+        }
+        for (domain, group) in group_by_destination(leases) {
+            let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            // Never blocks long: we leased no more units than free permits.
+            let Ok(permit) = permits.clone().acquire_many_owned(n).await else {
+                break;
+            };
+            tasks.spawn(deliver_group(
+                ctx.clone(),
+                cfg.clone(),
+                domain,
+                group,
+                permit,
+            ));
+        }
+    }
+    drop(gauges);
+    let grace = ctx.config.get().limits.shutdown_grace.get();
+    tracing::info!(in_flight = tasks.len(), ?grace, "delivery workers stopping");
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    for pooled in ctx.pool.drain() {
+        pooled.session.conn.client.quit().await;
+        if let Some(slot) = pooled.slot {
+            slot.release().await;
+        }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Leases grouped by destination domain, keeping lease order inside a group.
+pub fn group_by_destination(leases: Vec<Lease>) -> BTreeMap<String, Vec<Lease>> {
+    let mut groups: BTreeMap<String, Vec<Lease>> = BTreeMap::new();
+    for lease in leases {
+        groups
+            .entry(lease.unit.domain.clone())
+            .or_default()
+            .push(lease);
+    }
+    groups
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{DeliveryUnit, MessageFlags};
+
+    fn lease(domain: &str, id: &str) -> Lease {
+        Lease {
+            unit: DeliveryUnit {
+                id: id.into(),
+                message_id: id.into(),
+                domain: domain.into(),
+                recipients: vec![format!("a@{domain}")],
+                mail_from: "s@example.test".into(),
+                sending_domain: "example.test".into(),
+                received_at: 0,
+                flags: MessageFlags::default(),
+                attempts: 0,
+                next_attempt_at: 0,
+                last_error: None,
+                delay_notified: false,
+                tags: Default::default(),
+                header_message_id: None,
+                history: Vec::new(),
+                held_ms: 0,
+            },
+            token: "t".into(),
+            expires_at: 0,
+        }
+    }
+
+    #[test]
+    fn groups_by_destination_in_lease_order() {
+        let groups = group_by_destination(vec![
+            lease("b.test", "1"),
+            lease("a.test", "2"),
+            lease("b.test", "3"),
+        ]);
+        let ids: Vec<(&str, Vec<&str>)> = groups
+            .iter()
+            .map(|(d, l)| (d.as_str(), l.iter().map(|l| l.unit.id.as_str()).collect()))
+            .collect();
+        assert_eq!(ids, vec![("a.test", vec!["2"]), ("b.test", vec!["1", "3"])]);
+    }
+}
