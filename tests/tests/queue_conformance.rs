@@ -1403,7 +1403,13 @@ mod cases {
         for m in [&one, &two] {
             b.queue.enqueue(m.clone(), Vec::new()).await.unwrap();
         }
-        assert!(b.queue.lease_with_data(T, 0, MINUTE).await.unwrap().is_empty());
+        assert!(
+            b.queue
+                .lease_with_data(T, 0, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         let leased = b.queue.lease_with_data(T, 10, MINUTE).await.unwrap();
         assert_eq!(leased.len(), 3);
         for l in &leased {
@@ -1417,7 +1423,13 @@ mod cases {
         // They are leases like any other: leased, not due, and settle.
         let stats = b.queue.stats(T).await.unwrap();
         assert_eq!((stats.due, stats.leased), (0, 3));
-        assert!(b.queue.lease_with_data(T, 10, MINUTE).await.unwrap().is_empty());
+        assert!(
+            b.queue
+                .lease_with_data(T, 10, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
         for l in &leased {
             b.queue.complete(&l.lease).await.unwrap();
         }
@@ -1471,7 +1483,10 @@ mod cases {
         ];
         let results = b.queue.settle_many(&batch).await;
         assert_eq!(results.len(), 6);
-        assert!(results[0].is_ok() && results[2..].iter().all(Result::is_ok), "{results:?}");
+        assert!(
+            results[0].is_ok() && results[2..].iter().all(Result::is_ok),
+            "{results:?}"
+        );
         assert!(matches!(results[1], Err(QueueError::LeaseLost(_))));
         // The lost one is still leased; the others are settled as asked.
         let units = b.control.units(T).await.unwrap();
@@ -1498,7 +1513,12 @@ mod cases {
         );
         // Settling the same batch again: every lease is spent now.
         let again = b.queue.settle_many(&batch).await;
-        assert!(again.iter().all(|r| matches!(r, Err(QueueError::LeaseLost(_)))), "{again:?}");
+        assert!(
+            again
+                .iter()
+                .all(|r| matches!(r, Err(QueueError::LeaseLost(_)))),
+            "{again:?}"
+        );
         assert_eq!(b.events.read(None, 10).await.unwrap().len(), 1);
     }
 }

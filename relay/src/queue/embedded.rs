@@ -33,8 +33,8 @@ use super::embedded_events::{self, append_events};
 use super::redis::in_force;
 use super::{
     DeliveryUnit, LEASE_DATA_BUDGET, Lease, LeasedUnit, Millis, NewMessage, Queue, QueueError,
-    QueueStats, Settlement,
-    SharedState, SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
+    QueueStats, Settlement, SharedState, SuppressionEntry, now_millis, settled_unit,
+    suppression_key, units_of,
 };
 use crate::config::EmbeddedQueue;
 use crate::events::Event;
@@ -560,6 +560,9 @@ impl Queue for EmbeddedBackend {
     }
 
     async fn settle_many(&self, batch: &[(Lease, Settlement)]) -> Vec<Result<(), QueueError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
         // Items that cannot be encoded fail alone; the rest share one
         // transaction, so one commit (one fsync) settles the batch.
         let mut results: Vec<Option<Result<(), QueueError>>> = Vec::with_capacity(batch.len());

@@ -38,7 +38,8 @@ impl RedisBackend {
     ) -> Result<Vec<(Arc<ShardKeys>, Vec<UnitView>)>, QueueError> {
         let shards = self.queue_shards().await?;
         type Index = HashMap<String, f64>;
-        let replies: Vec<(HashMap<String, Vec<u8>>, Index, Index, Index)> = self
+        type Snapshot = (HashMap<String, Vec<u8>>, Index, Index, Index);
+        let replies: Vec<Snapshot> = self
             .each_ok(&shards, |k, mut conn| async move {
                 redis::pipe()
                     .atomic()

@@ -25,7 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::Value;
 
-use super::layout::{Shard, ShardKeys, id_key, merged_key, plan_quotas, range_start, seq, split_seq};
+use super::layout::{
+    Shard, ShardKeys, id_key, merged_key, plan_quotas, range_start, seq, split_seq,
+};
 use super::{RedisBackend, decode, scripts};
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 use crate::queue::{Millis, QueueError, SuppressionEntry};
@@ -37,7 +39,6 @@ fn id_millis(id: &str) -> Millis {
         .parse()
         .unwrap_or(0)
 }
-
 
 fn text(v: &Value) -> Option<String> {
     redis::from_redis_value_ref(v).ok()
@@ -640,7 +641,13 @@ impl EventLog for RedisBackend {
         }
         let streams = self.stream_shards().await?;
         let mut out = self
-            .gather(&streams, group, consumer, max, Fetch::Reclaim(reclaim_after))
+            .gather(
+                &streams,
+                group,
+                consumer,
+                max,
+                Fetch::Reclaim(reclaim_after),
+            )
             .await?;
         out.sort_by_key(order_of);
         if out.len() < max {
@@ -689,13 +696,18 @@ impl EventLog for RedisBackend {
             let mut conn = self.connection(&self.conn).await?;
             self.bounded(inv.invoke_async::<u64>(&mut conn)).await
         });
-        Ok(futures::future::try_join_all(renewals).await?.into_iter().sum())
+        Ok(futures::future::try_join_all(renewals)
+            .await?
+            .into_iter()
+            .sum())
     }
 
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError> {
         let streams = self.stream_shards().await?;
         let each = futures::future::try_join_all(
-            streams.iter().map(|k| self.stream_backlog(&k.events, group)),
+            streams
+                .iter()
+                .map(|k| self.stream_backlog(&k.events, group)),
         )
         .await?;
         Ok(Backlog {
@@ -714,7 +726,8 @@ impl EventLog for RedisBackend {
         }
         let after = match after {
             Some(seq) => Some(
-                split_seq(seq).ok_or_else(|| QueueError::NotFound(format!("event position {seq}")))?,
+                split_seq(seq)
+                    .ok_or_else(|| QueueError::NotFound(format!("event position {seq}")))?,
             ),
             None => None,
         };

@@ -118,7 +118,9 @@ pub(super) fn token(shard: Shard) -> String {
 /// The shard a token was issued for; `None` for a token this layout did
 /// not issue (it cannot own any unit).
 pub(super) fn shard_of_token(token: &str) -> Option<Shard> {
-    token.split_once('.').and_then(|(code, _)| Shard::from_code(code))
+    token
+        .split_once('.')
+        .and_then(|(code, _)| Shard::from_code(code))
 }
 
 /// The event position of stream entry `id` of `shard`: the legacy (shared)
@@ -191,7 +193,9 @@ pub(super) fn plan_quotas(available: &[u64], max: usize, start: usize) -> Vec<us
                 break;
             }
             let room = available[i].saturating_sub(quotas[i] as u64);
-            let take = share.min(left).min(usize::try_from(room).unwrap_or(usize::MAX));
+            let take = share
+                .min(left)
+                .min(usize::try_from(room).unwrap_or(usize::MAX));
             quotas[i] += take;
             left -= take;
         }
@@ -297,7 +301,7 @@ mod tests {
         assert_eq!(legacy.events, "{petrel}:events");
         assert_eq!(legacy.supp_out, "{petrel}:supp");
         let p = ShardKeys::new("petrel", Shard::Part(3));
-        let tag = format!("{{petrel:3:");
+        let tag = "{petrel:3:".to_string();
         for key in [
             &p.data,
             &p.left,
@@ -362,7 +366,10 @@ mod tests {
         for i in 0..16_000 {
             counts[partition_of(&format!("msg-{i}"), 16) as usize] += 1;
         }
-        assert!(counts.iter().all(|&c| (800..1200).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (800..1200).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -50,10 +50,8 @@ impl RedisBackend {
             return Ok(Vec::new());
         }
         let share = budget / chosen.len();
-        let quota: HashMap<String, usize> = chosen
-            .iter()
-            .map(|(k, q)| (k.due.clone(), *q))
-            .collect();
+        let quota: HashMap<String, usize> =
+            chosen.iter().map(|(k, q)| (k.due.clone(), *q)).collect();
         let keys: Vec<Arc<ShardKeys>> = chosen.into_iter().map(|(k, _)| k).collect();
         let expires_at = now.saturating_add(lease_for.as_millis() as u64);
         let (quota, holds) = (&quota, &holds);
@@ -82,7 +80,7 @@ impl RedisBackend {
         let mut failed = None;
         for reply in replies {
             match reply {
-                Ok((k, token, reply)) => decode_leases(&k, &token, expires_at, reply, &mut out),
+                Ok((k, token, reply)) => decode_leases(k, &token, expires_at, reply, &mut out),
                 // The other shards' leases stand: losing them here would
                 // leave their units leased, undelivered, until expiry.
                 Err(error) => failed = Some(error),

@@ -86,8 +86,7 @@ use self::layout::{Shard, ShardKeys, plan_quotas, shard_of_token};
 use self::partitions::Layout;
 use super::{
     DeliveryUnit, LEASE_DATA_BUDGET, Lease, LeasedUnit, Millis, NewMessage, Queue, QueueError,
-    QueueStats, Settlement, SharedState, SuppressionEntry, settled_unit, suppression_key,
-    units_of,
+    QueueStats, Settlement, SharedState, SuppressionEntry, settled_unit, suppression_key, units_of,
 };
 use crate::config::RedisQueue;
 use crate::config::parse_redis_url;
@@ -199,7 +198,10 @@ impl RedisBackend {
         unit_ids: &[String],
         event_ids: &[String],
     ) {
-        if let Err(error) = self.try_rollback(keys, message_id, unit_ids, event_ids).await {
+        if let Err(error) = self
+            .try_rollback(keys, message_id, unit_ids, event_ids)
+            .await
+        {
             tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
         }
     }
@@ -559,7 +561,9 @@ impl SharedState for RedisBackend {
         let key = entry.key();
         let json = encode(&entry, &key)?;
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self.bounded(conn.hset(&self.layout.shared.supp, &key, json)).await?;
+        let _: i64 = self
+            .bounded(conn.hset(&self.layout.shared.supp, &key, json))
+            .await?;
         Ok(())
     }
 
@@ -603,7 +607,8 @@ impl SharedState for RedisBackend {
 
     async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let all: HashMap<String, Vec<u8>> = self.bounded(conn.hgetall(&self.layout.shared.supp)).await?;
+        let all: HashMap<String, Vec<u8>> =
+            self.bounded(conn.hgetall(&self.layout.shared.supp)).await?;
         let mut entries = Vec::with_capacity(all.len());
         for (key, json) in all {
             let entry: SuppressionEntry = decode(&json, &key)?;
@@ -617,14 +622,18 @@ impl SharedState for RedisBackend {
 
     async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError> {
         let mut inv = scripts::INCR.prepare_invoke();
-        inv.key(self.layout.shared.counter(key)).arg(by).arg(ms(window));
+        inv.key(self.layout.shared.counter(key))
+            .arg(by)
+            .arg(ms(window));
         let mut conn = self.connection(&self.conn).await?;
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     async fn counter(&self, key: &str) -> Result<u64, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let value: Option<u64> = self.bounded(conn.get(self.layout.shared.counter(key))).await?;
+        let value: Option<u64> = self
+            .bounded(conn.get(self.layout.shared.counter(key)))
+            .await?;
         Ok(value.unwrap_or(0))
     }
 
@@ -660,7 +669,9 @@ impl SharedState for RedisBackend {
 
     async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
         let mut inv = scripts::RENEW_SLOT.prepare_invoke();
-        inv.key(self.layout.shared.slot(key)).arg(token).arg(ms(ttl));
+        inv.key(self.layout.shared.slot(key))
+            .arg(token)
+            .arg(ms(ttl));
         let mut conn = self.connection(&self.conn).await?;
         let renewed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         Ok(renewed == 1)
@@ -668,7 +679,9 @@ impl SharedState for RedisBackend {
 
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self.bounded(conn.zrem(self.layout.shared.slot(key), token)).await?;
+        let _: i64 = self
+            .bounded(conn.zrem(self.layout.shared.slot(key), token))
+            .await?;
         Ok(())
     }
 

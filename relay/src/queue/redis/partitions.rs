@@ -17,6 +17,9 @@ use super::layout::{Shard, ShardKeys, SharedKeys, partition_of};
 use super::{RedisBackend, scripts};
 use crate::queue::QueueError;
 
+/// Suppression entries (key, JSON) waiting in one shard's outbox.
+pub(super) type Outboxed = (Arc<ShardKeys>, Vec<(String, Vec<u8>)>);
+
 /// How long a pod trusts what it read of the meta key and the legacy shard.
 pub(super) const REFRESH_EVERY: Duration = Duration::from_secs(10);
 
@@ -69,12 +72,7 @@ impl Layout {
             return self.legacy.clone();
         };
         let n = n as usize;
-        if let Some(keys) = self
-            .parts
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(n)
-        {
+        if let Some(keys) = self.parts.read().unwrap_or_else(|p| p.into_inner()).get(n) {
             return keys.clone();
         }
         let mut parts = self.parts.write().unwrap_or_else(|p| p.into_inner());
@@ -201,10 +199,7 @@ impl RedisBackend {
     /// Moves suppression entries a settlement wrote to partition outboxes
     /// into the shared list: first written there, then removed from the
     /// outbox, so a crash in between only writes an entry twice.
-    pub(super) async fn move_suppressions(
-        &self,
-        entries: &[(Arc<ShardKeys>, Vec<(String, Vec<u8>)>)],
-    ) -> Result<(), QueueError> {
+    pub(super) async fn move_suppressions(&self, entries: &[Outboxed]) -> Result<(), QueueError> {
         let mut pipe = redis::pipe();
         let mut any = false;
         for (_, list) in entries {
@@ -218,18 +213,22 @@ impl RedisBackend {
         }
         let mut conn = self.connection(&self.conn).await?;
         let () = self.bounded(pipe.query_async(&mut conn)).await?;
-        let removals = entries.iter().filter(|(_, list)| !list.is_empty()).map(|(keys, list)| {
-            let mut conn = conn.clone();
-            let fields: Vec<&String> = list.iter().map(|(k, _)| k).collect();
-            async move {
-                redis::cmd("HDEL")
-                    .arg(&keys.supp_out)
-                    .arg(fields)
-                    .query_async::<i64>(&mut conn)
-                    .await
-            }
-        });
-        self.bounded(futures::future::try_join_all(removals)).await?;
+        let removals = entries
+            .iter()
+            .filter(|(_, list)| !list.is_empty())
+            .map(|(keys, list)| {
+                let mut conn = conn.clone();
+                let fields: Vec<&String> = list.iter().map(|(k, _)| k).collect();
+                async move {
+                    redis::cmd("HDEL")
+                        .arg(&keys.supp_out)
+                        .arg(fields)
+                        .query_async::<i64>(&mut conn)
+                        .await
+                }
+            });
+        self.bounded(futures::future::try_join_all(removals))
+            .await?;
         Ok(())
     }
 
@@ -247,7 +246,7 @@ impl RedisBackend {
                     .await
             })
             .await?;
-        let entries: Vec<(Arc<ShardKeys>, Vec<(String, Vec<u8>)>)> = shards
+        let entries: Vec<Outboxed> = shards
             .into_iter()
             .zip(found)
             .filter(|(_, list)| !list.is_empty())

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::partitions::Outboxed;
 use super::{
     Lease, NewMessage, QueueError, RedisBackend, Settlement, Shard, ShardKeys, encode, event_args,
     message_args, scripts, settled_unit, shard_of_token, units_of,
@@ -17,7 +18,11 @@ impl RedisBackend {
         &self,
         batch: &[(&Lease, &Settlement)],
     ) -> Vec<Result<(), QueueError>> {
-        let mut results: Vec<Option<Result<(), QueueError>>> = (0..batch.len()).map(|_| None).collect();
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut results: Vec<Option<Result<(), QueueError>>> =
+            (0..batch.len()).map(|_| None).collect();
         // Items by shard, in batch order within each.
         let mut by_shard: BTreeMap<Shard, Vec<usize>> = BTreeMap::new();
         for (i, (lease, _)) in batch.iter().enumerate() {
@@ -64,7 +69,7 @@ impl RedisBackend {
                     .collect();
             }
         };
-        let mut moves: Vec<(Arc<ShardKeys>, Vec<(String, Vec<u8>)>)> = Vec::new();
+        let mut moves: Vec<Outboxed> = Vec::new();
         for ((keys, (items, _)), reply) in shards.iter().zip(&invocations).zip(replies) {
             match reply {
                 Ok(done) => {
