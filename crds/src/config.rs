@@ -319,15 +319,16 @@ pub struct RedisQueue {
     /// the ConfigMap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_file: Option<PathBuf>,
-    /// Prefix of every key. All keys carry a `{prefix}` hash tag so one
-    /// message's keys live on one Redis Cluster slot.
+    /// Prefix of every key. A message's keys carry its partition's hash
+    /// tag (`{prefix:N:…}`), so they live on one Redis Cluster slot;
+    /// shared state (suppression list, counters, slots) is under `{prefix}`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// Replicas that must acknowledge a message (Redis `WAIT`) before the
     /// client gets 250. 0: the primary's acknowledgement is enough.
     #[serde(default)]
     pub wait_replicas: u32,
-    /// Partitions of the queue, each under its own `{prefix:N}` hash tag,
+    /// Partitions of the queue, each under its own `{prefix:N:…}` hash tag,
     /// so Redis Cluster spreads messages, bodies and indexes over every
     /// master. A message lives in one partition, chosen from its id.
     /// 1 to 1024. Changing it on a live queue is safe: the highest count
