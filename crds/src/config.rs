@@ -518,6 +518,12 @@ pub struct MxConfig {
         skip_serializing_if = "is_default_mta_sts_port"
     )]
     pub mta_sts_port: u16,
+    /// Extra DNSSEC trust anchors for DANE, added to the built-in root
+    /// anchor: a file of DNSKEY records in zone-file form
+    /// (`example.internal. IN DNSKEY 257 3 15 <base64>`), for private or
+    /// test zones whose chain does not reach the public root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_anchor_file: Option<PathBuf>,
 }
 
 impl Default for MxConfig {
@@ -526,6 +532,7 @@ impl Default for MxConfig {
             port: default_mx_port(),
             nameservers: Vec::new(),
             mta_sts_port: default_mta_sts_port(),
+            trust_anchor_file: None,
         }
     }
 }

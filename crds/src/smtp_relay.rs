@@ -594,6 +594,21 @@ pub struct TlsPolicySpec {
     pub mode: OutboundTls,
 }
 
+/// Who TLS-RPT reports say they are from (RFC 8460 section 4.4).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsReportSpec {
+    /// `organization-name` of the reports. The relay's hostname when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub organization_name: Option<String>,
+    /// `contact-info` of the reports: an address (also the reports' From) or a URL.
+    /// `postmaster@` the relay's hostname when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub contact_info: Option<String>,
+}
+
 /// Upstream server that receives all mail when `transport` is `smarthost`.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -666,9 +681,28 @@ pub struct DeliverySpec {
     /// Honour recipient domains' MTA-STS policies (RFC 8461).
     #[serde(default = "default_mta_sts")]
     pub mta_sts: bool,
+    /// Count outbound TLS results per recipient policy domain and send the daily TLS-RPT
+    /// (RFC 8460) report to each domain's `_smtp._tls` address.
+    #[serde(default = "default_tls_rpt")]
+    pub tls_rpt: bool,
+    /// Organisation name and contact in the TLS-RPT reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_report: Option<TlsReportSpec>,
+    /// DANE (RFC 7672): where an MX host publishes DNSSEC-validated TLSA records, require TLS
+    /// with a certificate matching them (wins over MTA-STS and outboundTls for that host).
+    #[serde(default = "default_dane")]
+    pub dane: bool,
+}
+
+fn default_dane() -> bool {
+    true
 }
 
 fn default_mta_sts() -> bool {
+    true
+}
+
+fn default_tls_rpt() -> bool {
     true
 }
 
@@ -683,6 +717,9 @@ impl Default for DeliverySpec {
             outbound_tls: OutboundTls::Opportunistic,
             tls_policies: Vec::new(),
             mta_sts: true,
+            dane: true,
+            tls_rpt: true,
+            tls_report: None,
         }
     }
 }

@@ -181,6 +181,11 @@ pub async fn run_until(
             stop_rx.clone(),
         ));
     }
+    // TLS-RPT's daily reports: every pod ticks, one sends (see tls_rpt::daily).
+    let tls_rpt_task = tokio::spawn(delivery::tls_rpt::daily::run(
+        delivery_ctx.clone(),
+        stop_rx.clone(),
+    ));
     let delivery_task = tokio::spawn(delivery::run(delivery_ctx, stopped(stop_rx.clone())));
     // Webhooks and retention run in tasks of their own, sharing nothing
     // with delivery but the backend: a dead endpoint never slows mail.
@@ -239,6 +244,7 @@ pub async fn run_until(
         ("webhooks", webhooks_task),
         ("retention", retention_task),
         ("reputation", reputation_task),
+        ("tls-rpt", tls_rpt_task),
     ] {
         if let Err(error) = task.await {
             tracing::error!(%error, task = name, "events task failed");

@@ -30,7 +30,7 @@ use crate::tls::{ServerCert, TlsError};
 /// Longest a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request read.
-const MAX_REQUEST: usize = 16 * 1024;
+const MAX_REQUEST: usize = 64 * 1024;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +56,18 @@ struct Response {
 struct Shared {
     response: Mutex<Option<Response>>,
     requests: Mutex<Vec<(String, String)>>,
+    posts: Mutex<Vec<Posted>>,
+}
+
+/// A request that carried a body (POST): a TLS-RPT report, say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Posted {
+    /// Request path.
+    pub path: String,
+    /// Its Content-Type header.
+    pub content_type: String,
+    /// The body (as long as Content-Length said, within the request limit).
+    pub body: Vec<u8>,
 }
 
 /// A running HTTPS server; stops when dropped.
@@ -120,6 +132,15 @@ impl HttpsServer {
         });
     }
 
+    /// Every request with a body received so far.
+    pub fn posts(&self) -> Vec<Posted> {
+        self.shared
+            .posts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// `(path, host)` of every request received so far.
     pub fn requests(&self) -> Vec<(String, String)> {
         self.shared
@@ -160,7 +181,29 @@ async fn serve(
         }
         request.extend_from_slice(&buf[..n]);
     }
-    let text = String::from_utf8_lossy(&request);
+    let header_end = request
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(request.len(), |p| p + 4);
+    let text = String::from_utf8_lossy(&request[..header_end]).into_owned();
+    let header = |name: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let length: usize = header("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+        .min(MAX_REQUEST);
+    let mut body = request[header_end..].to_vec();
+    while body.len() < length {
+        let n = tls.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&buf[..n]);
+    }
     let path = text
         .lines()
         .next()
@@ -178,7 +221,19 @@ async fn serve(
         .requests
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .push((path, host));
+        .push((path.clone(), host));
+    if length > 0 {
+        body.truncate(length);
+        shared
+            .posts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Posted {
+                path,
+                content_type: header("content-type").unwrap_or_default(),
+                body,
+            });
+    }
     let response = shared
         .response
         .lock()

@@ -35,6 +35,7 @@
 
 pub mod bench;
 pub mod dns;
+pub mod dnssec;
 pub mod https;
 pub mod ports;
 pub mod redis;

@@ -120,6 +120,8 @@ pub struct Received {
     pub body_8bitmime: bool,
     /// MAIL FROM carried SMTPUTF8.
     pub smtputf8: bool,
+    /// MAIL FROM carried REQUIRETLS.
+    pub requiretls: bool,
 }
 
 impl Received {
@@ -136,6 +138,7 @@ pub struct SinkBuilder {
     pipelining: bool,
     eightbitmime: bool,
     smtputf8: bool,
+    requiretls: bool,
     size: Option<usize>,
     hostname: String,
 }
@@ -147,6 +150,7 @@ impl Default for SinkBuilder {
             pipelining: true,
             eightbitmime: true,
             smtputf8: true,
+            requiretls: false,
             size: Some(32 * 1024 * 1024),
             hostname: "mx.example.org".into(),
         }
@@ -175,6 +179,11 @@ impl SinkBuilder {
         self.smtputf8 = on;
         self
     }
+    /// Advertise REQUIRETLS (RFC 8689) after STARTTLS (default off).
+    pub fn requiretls(mut self, on: bool) -> Self {
+        self.requiretls = on;
+        self
+    }
     /// Maximum message size, advertised as SIZE and enforced (default 32 MiB).
     /// `None` advertises no SIZE but still caps messages at 32 MiB.
     pub fn size(mut self, max: Option<usize>) -> Self {
@@ -190,13 +199,14 @@ impl SinkBuilder {
 
     /// Bind 127.0.0.1 on a free port and start accepting connections.
     pub async fn start(self) -> Result<SmtpSink, SinkError> {
-        let (ca, acceptor) = if self.starttls {
+        let (ca, acceptor, leaf) = if self.starttls {
             let ca = TestCa::new()?;
             let cert = ca.issue_server_cert(&["localhost", "127.0.0.1", &self.hostname])?;
             let acceptor = TlsAcceptor::from(cert.server_config()?);
-            (Some(Arc::new(ca)), Some(acceptor))
+            let leaf = cert.chain_der.first().cloned();
+            (Some(Arc::new(ca)), Some(acceptor), leaf)
         } else {
-            (None, None)
+            (None, None, None)
         };
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -207,6 +217,7 @@ impl SinkBuilder {
             pipelining: self.pipelining,
             eightbitmime: self.eightbitmime,
             smtputf8: self.smtputf8,
+            requiretls: self.requiretls,
             size: self.size,
             hostname: self.hostname,
             acceptor,
@@ -216,6 +227,7 @@ impl SinkBuilder {
             addr,
             shared,
             ca,
+            leaf,
             task,
         })
     }
@@ -226,6 +238,7 @@ struct Config {
     pipelining: bool,
     eightbitmime: bool,
     smtputf8: bool,
+    requiretls: bool,
     size: Option<usize>,
     hostname: String,
     acceptor: Option<TlsAcceptor>,
@@ -287,6 +300,7 @@ pub struct SmtpSink {
     addr: SocketAddr,
     shared: Arc<Shared>,
     ca: Option<Arc<TestCa>>,
+    leaf: Option<rustls::pki_types::CertificateDer<'static>>,
     task: JoinHandle<()>,
 }
 
@@ -330,6 +344,12 @@ impl SmtpSink {
     /// give `ca.cert_pem()` to a client that must verify the sink.
     pub fn ca(&self) -> Option<&TestCa> {
         self.ca.as_deref()
+    }
+
+    /// The certificate the sink presents (issued by [`SmtpSink::ca`]), for
+    /// DANE TLSA records; `None` without STARTTLS.
+    pub fn leaf_cert(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.leaf.as_ref()
     }
 
     /// Transactions accepted so far, in order.
@@ -632,6 +652,7 @@ impl Session {
                 ehlo: self.ehlo.clone().unwrap_or_default(),
                 body_8bitmime: tx.flags & MAIL_BODY_8BITMIME != 0,
                 smtputf8: tx.flags & MAIL_SMTPUTF8 != 0,
+                requiretls: tx.flags & smtp_proto::MAIL_REQUIRETLS != 0,
             };
             self.shared
                 .received
@@ -675,6 +696,10 @@ impl Session {
                     self.push(&Reply::new(503, "5.5.1 Nested MAIL"));
                 } else if from.size > self.config.max_size() {
                     self.push(&Reply::new(552, "5.3.4 Message too big"));
+                } else if from.flags & smtp_proto::MAIL_REQUIRETLS != 0
+                    && !(self.config.requiretls && self.tls)
+                {
+                    self.push(&Reply::new(555, "5.5.4 REQUIRETLS not offered"));
                 } else {
                     let reply = self
                         .shared
@@ -756,6 +781,9 @@ impl Session {
         if c.acceptor.is_some() && !self.tls {
             lines.push("STARTTLS".into());
         }
+        if c.requiretls && self.tls {
+            lines.push("REQUIRETLS".into());
+        }
         lines.push("ENHANCEDSTATUSCODES".into());
         let last = lines.len() - 1;
         lines
@@ -821,6 +849,7 @@ mod tests {
             pipelining: true,
             eightbitmime: true,
             smtputf8: false,
+            requiretls: false,
             size: Some(1000),
             hostname: "mx.test".into(),
             acceptor: None,

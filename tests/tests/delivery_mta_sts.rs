@@ -309,3 +309,101 @@ async fn an_untrusted_policy_host_is_ignored() {
     .await
     .expect("test timed out");
 }
+
+/// RFC 8461 section 5.1: the cached `enforce` policy (same TXT id) allows
+/// none of the MX hosts, but the policy host now serves one that does: the
+/// relay refetches before deferring, delivers, and caches the new policy.
+/// A refetch that brings nothing new defers, and is not repeated for
+/// every message.
+#[tokio::test]
+async fn enforce_refetches_the_policy_before_deferring_when_no_mx_matches() {
+    use petrel_relay::delivery::mta_sts::{Cached, Mode, Policy};
+    tokio::time::timeout(LIMIT, async {
+        let w = world("mx.dest.test", &policy("enforce", "*.dest.test")).await;
+        let stale = Cached {
+            id: "1".into(),
+            policy: Policy {
+                mode: Mode::Enforce,
+                mx: vec!["mx.other.test".into()],
+                max_age: 86_400,
+            },
+            fetched_at: petrel_relay::queue::now_millis(),
+        };
+        let relay = Relay::start(w.config()).await;
+        relay
+            .ctx
+            .state
+            .set_value(
+                "mta-sts:dest.test",
+                &serde_json::to_string(&stale).unwrap(),
+                Duration::from_secs(86_400),
+            )
+            .await
+            .unwrap();
+        relay
+            .ctx
+            .queue
+            .enqueue(
+                message("s-re", "sender@example.test", &["user@dest.test"], "sts"),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        let got = w.sink.wait_for(1, Duration::from_secs(20)).await;
+        assert_eq!(got.len(), 1);
+        assert!(got[0].tls);
+        assert_eq!(w.https.requests().len(), 1, "one refetch");
+        let cached = relay
+            .ctx
+            .state
+            .get_value("mta-sts:dest.test")
+            .await
+            .unwrap()
+            .unwrap();
+        let cached: Cached = serde_json::from_str(&cached).unwrap();
+        assert_eq!(cached.policy.mx, ["*.dest.test"], "new policy cached");
+        assert_eq!(cached.id, "1");
+
+        // Now the served policy matches nothing either: the refetch
+        // (its five-minute memory expired: a 1 ms value) brings nothing
+        // that matches, so the unit defers, and the next attempt does not
+        // fetch again.
+        w.https
+            .respond(200, "text/plain", &policy("enforce", "mx.elsewhere.test"));
+        relay
+            .ctx
+            .state
+            .set_value("mta-sts-refetched:dest.test", "1", Duration::from_millis(1))
+            .await
+            .unwrap();
+        relay
+            .ctx
+            .state
+            .set_value(
+                "mta-sts:dest.test",
+                &serde_json::to_string(&stale).unwrap(),
+                Duration::from_secs(86_400),
+            )
+            .await
+            .unwrap();
+        relay
+            .ctx
+            .queue
+            .enqueue(
+                message("s-re2", "sender@example.test", &["two@dest.test"], "sts"),
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        assert!(until(Duration::from_secs(15), || async { deferred(&relay) >= 2 }).await);
+        assert_eq!(w.sink.transactions(), 1, "nothing more sent");
+        assert_eq!(
+            w.https.requests().len(),
+            2,
+            "refetched once, not once per attempt"
+        );
+        relay.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}

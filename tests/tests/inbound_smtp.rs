@@ -440,6 +440,76 @@ async fn submission_requires_tls_then_auth_and_refuses_open_relay() {
     .expect("test timed out");
 }
 
+/// RFC 8689 section 4.1: REQUIRETLS is offered and accepted only over TLS;
+/// the flag and `TLS-Required: No` travel with the queued message.
+#[tokio::test]
+async fn requiretls_is_offered_and_accepted_only_over_tls() {
+    tokio::time::timeout(LIMIT, async {
+        let relay = Relay::start("limits: {maxErrors: 50}").await;
+        let mut c = raw(relay.plain).await;
+        let ehlo = c.cmd("EHLO client.test", "250").await;
+        assert!(!ehlo.contains("REQUIRETLS"), "plain text: {ehlo}");
+        c.cmd("MAIL FROM:<a@example.test> REQUIRETLS", "555 5.5.4")
+            .await;
+        c.cmd("QUIT", "221").await;
+
+        let mut c = raw(relay.submission).await;
+        let ehlo = c.cmd("EHLO client.test", "250").await;
+        assert!(!ehlo.contains("REQUIRETLS"), "before STARTTLS: {ehlo}");
+        let mut c = starttls(&relay, c).await;
+        let ehlo = c.cmd("EHLO client.test", "250").await;
+        assert!(
+            ehlo.contains("250-REQUIRETLS") || ehlo.contains("250 REQUIRETLS"),
+            "{ehlo}"
+        );
+        c.cmd(
+            &format!("AUTH PLAIN {}", plain_auth("alice", PASSWORD)),
+            "235 2.7.0",
+        )
+        .await;
+        c.cmd("MAIL FROM:<alice@example.test> REQUIRETLS", "250")
+            .await;
+        c.cmd("RCPT TO:<one@dest.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        // Ignored on a REQUIRETLS message (RFC 8689 section 5).
+        c.cmd("Subject: r\r\nTLS-Required: No\r\n\r\nbody\r\n.", "250")
+            .await;
+        c.cmd("MAIL FROM:<alice@example.test>", "250").await;
+        c.cmd("RCPT TO:<two@dest.test>", "250").await;
+        c.cmd("DATA", "354").await;
+        c.cmd("Subject: n\r\nTLS-Required: No\r\n\r\nbody\r\n.", "250")
+            .await;
+        c.cmd("QUIT", "221").await;
+
+        let leases = relay
+            .backend
+            .queue
+            .lease(queue::now_millis() + 1000, 100, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let mut flags: Vec<(String, bool, bool)> = leases
+            .iter()
+            .map(|l| {
+                (
+                    l.unit.recipients[0].clone(),
+                    l.unit.flags.require_tls,
+                    l.unit.flags.tls_optional,
+                )
+            })
+            .collect();
+        flags.sort();
+        assert_eq!(
+            flags,
+            vec![
+                ("one@dest.test".to_string(), true, false),
+                ("two@dest.test".to_string(), false, true),
+            ]
+        );
+    })
+    .await
+    .expect("test timed out");
+}
+
 /// RFC 3207 4.2 / 5: commands pipelined after STARTTLS in the same
 /// packet are plaintext a man in the middle could have added; they are
 /// discarded, so the first reply over TLS answers the client's own EHLO.

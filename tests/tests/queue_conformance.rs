@@ -131,6 +131,7 @@ fn message(id: &str, recipients: &[&str], received_at: Millis) -> NewMessage {
             eight_bit: true,
             is_dsn: false,
             per_recipient: false,
+            ..MessageFlags::default()
         },
         tags: Default::default(),
         header_message_id: Some(format!("{id}@example.test")),

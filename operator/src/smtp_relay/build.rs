@@ -281,6 +281,16 @@ pub fn relay_config(
                 .collect(),
         },
         mta_sts: delivery_spec.mta_sts,
+        dane: delivery_spec.dane,
+        tls_rpt: delivery_spec.tls_rpt,
+        tls_report: delivery_spec
+            .tls_report
+            .as_ref()
+            .map(|r| rc::TlsReportConfig {
+                organization_name: r.organization_name.clone(),
+                contact_info: r.contact_info.clone(),
+            })
+            .unwrap_or_default(),
         per_destination_concurrency: non_negative(
             "spec.delivery.perDestinationConcurrency",
             delivery_spec.per_destination_concurrency.into(),
@@ -1036,14 +1046,32 @@ mod tests {
     }
 
     #[test]
+    fn tls_rpt_switch_and_reporter_render() {
+        let relay = relay(
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {tlsRpt: false, tlsReport: {organizationName: Example Org, contactInfo: tls@example.org}}}",
+        );
+        let config = relay_config(&relay, &[], None).expect("renders");
+        assert!(!config.delivery.tls_rpt);
+        assert_eq!(
+            config.delivery.tls_report,
+            rc::TlsReportConfig {
+                organization_name: Some("Example Org".into()),
+                contact_info: Some("tls@example.org".into()),
+            }
+        );
+    }
+
+    #[test]
     fn outbound_tls_modes_and_per_destination_policies_render() {
         let relay = relay(
-            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, dane: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
         );
         let config = relay_config(&relay, &[], None).expect("renders");
         // `required` is the old name of `verified`.
         assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
         assert!(!config.delivery.mta_sts);
+        assert!(!config.delivery.dane);
+        assert!(config.delivery.tls_rpt, "TLS-RPT on by default");
         assert_eq!(
             config.delivery.tls.policies,
             vec![rc::TlsPolicyOverride {

@@ -226,6 +226,7 @@ pub fn build(ctx: &DsnContext<'_>, recipients: &[DsnRecipient]) -> Option<NewMes
             eight_bit,
             is_dsn: true,
             per_recipient: false,
+            ..MessageFlags::default()
         },
         tags: Default::default(),
         header_message_id: None,

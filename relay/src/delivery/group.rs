@@ -16,11 +16,12 @@ use super::record::settle;
 use super::retry::{policy, throttle_delay};
 use super::route::{Route, connect_settings, route};
 use super::scheduler::Prefetched;
+use super::tls_policy::MessageTls;
 use super::transport::pool::{Pool, Session};
 use super::transport::{Transport, Unroutable, maildir::Maildir, smtp::Smtp};
-use super::{DeliveryContext, limits, millis, tls_policy};
+use super::{DeliveryContext, dane, limits, millis, pacing, tls_policy};
 use crate::metrics::destination_group;
-use crate::queue::{Lease, Reschedule, now_millis};
+use crate::queue::{Lease, Millis, Reschedule, SettleOp, Settlement, now_millis};
 
 /// Wait for a unit whose message data is missing or unreadable.
 const DATA_RETRY: Duration = Duration::from_secs(60);
@@ -75,6 +76,86 @@ async fn throttle(
     tracing::debug!(unit = %unit.id, destination = %unit.domain, why, "throttled");
     if let Err(error) = ctx.queue.retry(lease, reschedule).await {
         tracing::warn!(%error, unit = %unit.id, "cannot hand back a throttled unit; its lease will expire");
+    }
+}
+
+/// Takes the destination's rate (`limit` per second) for the units that
+/// may go now and postpones the rest, each to its own place in the
+/// destination's line ([`pacing`]), so a throttled backlog is leased once
+/// per unit rather than once a second. Returns the units that may go.
+async fn pace(
+    ctx: &DeliveryContext,
+    cfg: &RelayConfig,
+    domain: &str,
+    limit: u32,
+    leases: Vec<Lease>,
+) -> Vec<Lease> {
+    let window = [limits::destination_window(domain, limit)];
+    let mut ready = Vec::with_capacity(leases.len());
+    let mut surplus = Vec::new();
+    for lease in leases {
+        // Once the window is full the rest of the group is over it too:
+        // no need to count each of them.
+        if !surplus.is_empty() {
+            surplus.push(lease);
+            continue;
+        }
+        match limits::take_rate(ctx.state.as_ref(), &window).await {
+            Ok(None) => ready.push(lease),
+            Ok(Some(_)) => surplus.push(lease),
+            Err(error) => {
+                tracing::warn!(%error, "rate limit check failed; delivering anyway");
+                ready.push(lease);
+            }
+        }
+    }
+    if surplus.is_empty() {
+        return ready;
+    }
+    let keep = cfg.delivery.max_queue_lifetime.get();
+    match pacing::reserve(
+        ctx.state.as_ref(),
+        domain,
+        limit,
+        surplus.len(),
+        keep,
+        now_millis(),
+    )
+    .await
+    {
+        Ok(times) => {
+            for (lease, until) in surplus.iter().zip(times) {
+                postpone(ctx, cfg, lease, until).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, destination = %domain, "cannot reserve send times; handing the units back");
+            for lease in &surplus {
+                throttle(ctx, cfg, lease, Duration::from_secs(1), "rate limit").await;
+            }
+        }
+    }
+    ready
+}
+
+/// Postpones a unit over the destination's rate to `until`, its place in
+/// the line; not an attempt. Past the maximum queue lifetime it expires
+/// instead, with a DSN, as [`throttle`] does.
+async fn postpone(ctx: &DeliveryContext, cfg: &RelayConfig, lease: &Lease, until: Millis) {
+    let unit = &lease.unit;
+    if now_millis() >= policy(cfg).expires_at(unit.lifetime_start()) {
+        let route = Route::Fail(Fault::Throttled("rate limit".to_string()));
+        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease, None).await;
+        return;
+    }
+    let op = Settlement::only(SettleOp::Postpone { until });
+    match ctx.queue.settle(lease, op).await {
+        Ok(()) => {
+            tracing::debug!(unit = %unit.id, destination = %unit.domain, until, "paced: postponed to its send time")
+        }
+        Err(error) => {
+            tracing::warn!(%error, unit = %unit.id, "cannot postpone a paced unit; its lease will expire")
+        }
     }
 }
 
@@ -146,6 +227,16 @@ pub(crate) async fn deliver_group(
         return;
     }
     let is_smtp = cfg.delivery.transport != TransportKind::Maildir;
+    // The destination's rate first, before a slot is taken: the units over
+    // it wait for their own send times and need no connection.
+    let dest_rate = cfg.delivery.per_destination_rate.filter(|_| is_smtp);
+    let leases = match dest_rate {
+        Some(rate) => pace(&ctx, &cfg, &domain, rate, leases).await,
+        None => leases,
+    };
+    if leases.is_empty() {
+        return;
+    }
     let slot_key = limits::slot_key(&domain);
     let limit = cfg.delivery.per_destination_concurrency.max(1);
     // An idle connection to the destination holds a slot of its own: use
@@ -185,7 +276,8 @@ pub(crate) async fn deliver_group(
         None
     };
 
-    // Rate limits, per unit.
+    // The sending domains' rate limits, per unit (the destination's was
+    // taken by `pace`).
     let mut ready = Vec::with_capacity(leases.len());
     for lease in leases {
         let unit = &lease.unit;
@@ -193,11 +285,7 @@ pub(crate) async fn deliver_group(
             &unit.sending_domain,
             cfg.domain(&unit.sending_domain).map(|d| &d.rate_limits),
             &domain,
-            if is_smtp {
-                cfg.delivery.per_destination_rate
-            } else {
-                None
-            },
+            None,
         );
         match limits::take_rate(ctx.state.as_ref(), &windows).await {
             Ok(None) => ready.push(lease),
@@ -209,12 +297,25 @@ pub(crate) async fn deliver_group(
         }
     }
 
-    if !ready.is_empty() {
+    // Mail that asks for REQUIRETLS or says `TLS-Required: No` gets
+    // settings of its own and connections of its own (never pooled: a
+    // pooled connection did not check what such mail needs).
+    for (class, ready) in by_message_tls(ready) {
         let route = match route(&ctx, &cfg, &domain).await {
             Route::Smtp(hosts, port) => match connect_settings(&ctx, &cfg, &domain).await {
                 Ok(settings) => {
-                    match tls_policy::apply_mta_sts(&ctx, &cfg, &domain, hosts, settings).await {
-                        Ok((hosts, settings)) => Route::Ready(hosts, port, Box::new(settings)),
+                    match tls_policy::apply_message_tls(&ctx, &cfg, &domain, class, hosts, settings)
+                        .await
+                    {
+                        // DANE after MTA-STS: per host, it wins over it.
+                        Ok((hosts, settings)) => {
+                            match dane::plan(&ctx, &cfg, &domain, class, &hosts).await {
+                                Ok(plan) => {
+                                    Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
+                                }
+                                Err(fault) => Route::Fail(fault),
+                            }
+                        }
                         Err(fault) => Route::Fail(fault),
                     }
                 }
@@ -223,10 +324,20 @@ pub(crate) async fn deliver_group(
             other => other,
         };
         let key = match &route {
-            Route::Ready(_, port, settings) => Some(Pool::key(&domain, *port, settings)),
-            Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
+            Route::Ready(_, port, settings, plan) if class == MessageTls::Default => {
+                let key = Pool::key(&domain, *port, settings);
+                // A connection opened under DANE is never reused under
+                // another policy, nor the other way round.
+                Some(if plan.any() { key + "|dane" } else { key })
+            }
+            Route::Ready(..) | Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
         };
         let mut session = match pooled.take() {
+            Some(p) if key.is_none() => {
+                // Not for this class: kept for the default one, if any.
+                pooled = Some(p);
+                None
+            }
             Some(p) if key.as_deref() == Some(p.key.as_str()) => Some(p.session),
             other => {
                 // Settings changed under it (a reload): close it before
@@ -275,13 +386,27 @@ pub(crate) async fn deliver_group(
                 None => s.conn.client.quit().await,
             }
         }
-    } else if let Some(p) = pooled {
+    }
+    if let Some(p) = pooled {
         p.session.conn.client.quit().await;
     }
 
     if let Some(slot) = slot {
         slot.release().await;
     }
+}
+
+/// The leases split by what their messages ask of TLS, default first,
+/// each part in lease order.
+fn by_message_tls(leases: Vec<Lease>) -> BTreeMap<MessageTls, Vec<Lease>> {
+    let mut parts: BTreeMap<MessageTls, Vec<Lease>> = BTreeMap::new();
+    for lease in leases {
+        parts
+            .entry(MessageTls::of(&lease.unit.flags))
+            .or_default()
+            .push(lease);
+    }
+    parts
 }
 
 /// Whether the group may deliver its next unit: yes without a slot (the
@@ -362,10 +487,11 @@ async fn deliver_unit(
     let outcomes = match route {
         Route::Fail(fault) => Unroutable(fault).deliver(unit, &data).await,
         Route::Maildir(root) => Maildir { cfg, root }.deliver(unit, &data).await,
-        Route::Ready(hosts, port, settings) => {
+        Route::Ready(hosts, port, settings, dane) => {
             Smtp {
                 ctx,
                 settings,
+                dane,
                 hosts,
                 port: *port,
                 session,

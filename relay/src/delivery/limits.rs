@@ -37,6 +37,16 @@ const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// The window of `delivery.perDestinationRate` (`limit` per second).
+pub fn destination_window(destination: &str, limit: u32) -> RateWindow {
+    RateWindow {
+        key: format!("rate:dest:{destination}:1s"),
+        limit,
+        window: SECOND,
+        wait: SECOND,
+    }
+}
+
 /// The windows that apply to one delivery: the destination's rate, then
 /// the sending domain's rates, shortest first. Pure, so the mapping from
 /// config is tested.
@@ -53,12 +63,7 @@ pub fn rate_windows(
 ) -> Vec<RateWindow> {
     let mut out = Vec::new();
     if let Some(limit) = per_destination_rate {
-        out.push(RateWindow {
-            key: format!("rate:dest:{destination}:1s"),
-            limit,
-            window: SECOND,
-            wait: SECOND,
-        });
+        out.push(destination_window(destination, limit));
     }
     if let Some(limits) = domain_limits {
         let domain = sending_domain.to_ascii_lowercase();

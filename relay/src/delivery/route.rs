@@ -5,6 +5,7 @@
 use petrel_crds::config::{RelayConfig, TlsMode, Transport};
 
 use super::classify::Fault;
+use super::dane::DanePlan;
 use super::mx::{self, MxHost};
 use super::smtp_client::{ConnectSettings, Timeouts, TlsPolicy};
 use super::{DeliveryContext, tls_policy};
@@ -13,8 +14,9 @@ use super::{DeliveryContext, tls_policy};
 pub(crate) enum Route {
     /// SMTP to these hosts on this port.
     Smtp(Vec<MxHost>, u16),
-    /// SMTP to these hosts on this port, with these connection settings.
-    Ready(Vec<MxHost>, u16, Box<ConnectSettings>),
+    /// SMTP to these hosts on this port, with these connection settings
+    /// (overridden per host where DANE applies).
+    Ready(Vec<MxHost>, u16, Box<ConnectSettings>, Box<DanePlan>),
     /// Nowhere, for this reason.
     Fail(Fault),
     /// The Maildir tree.
@@ -121,6 +123,8 @@ pub(crate) async fn connect_settings(
                     "verified"
                 },
                 auth,
+                require_tls: false,
+                tls_report: None,
             })
         }
         _ => {
@@ -132,6 +136,8 @@ pub(crate) async fn connect_settings(
                 tls_config: ctx.mx_tls_config(mode, cfg.delivery.tls.ca_file.as_deref())?,
                 tls_label: mode.as_str(),
                 auth: None,
+                require_tls: false,
+                tls_report: None,
             })
         }
     }

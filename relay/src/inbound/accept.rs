@@ -105,6 +105,9 @@ pub async fn accept(
     };
     let data = headers::prepare(raw, &trace);
     let header_message_id = tags::header_message_id(&data);
+    // RFC 8689 section 5: the header is ignored on a REQUIRETLS message.
+    let tls_optional = !envelope.flags.require_tls
+        && headers::tls_required_no(&data[..headers::header_len(&data)]);
     let copies = tracked_copies(ctx, sending, &id, &envelope.recipients, data);
     if copies.tracked() {
         let record = EventContext {
@@ -171,6 +174,7 @@ pub async fn accept(
             flags: MessageFlags {
                 // A VERP return path names one recipient, so each gets a unit.
                 per_recipient: sending.return_path_domain.is_some() && !envelope.flags.is_dsn,
+                tls_optional,
                 ..envelope.flags
             },
             tags: message_tags.clone(),

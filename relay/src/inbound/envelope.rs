@@ -214,9 +214,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if from.size as u64 > config.limits.max_message_size {
             return Err(Refusal::TooBig);
         }
-        if from.flags & (MAIL_BODY_BINARYMIME | MAIL_REQUIRETLS) != 0 {
+        if from.flags & MAIL_BODY_BINARYMIME != 0 {
             return Err(Refusal::UnsupportedParameter(
                 "Parameter not supported".into(),
+            ));
+        }
+        let require_tls = from.flags & MAIL_REQUIRETLS != 0;
+        if require_tls && !self.requiretls_offered() {
+            // RFC 8689 section 4.1: only after TLS, where it was offered.
+            return Err(Refusal::UnsupportedParameter(
+                "REQUIRETLS is offered only over TLS".into(),
             ));
         }
         let smtputf8 = from.flags & MAIL_SMTPUTF8 != 0;
@@ -235,6 +242,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 eight_bit: from.flags & MAIL_BODY_8BITMIME != 0,
                 is_dsn: false,
                 per_recipient: false,
+                require_tls,
+                tls_optional: false,
             },
             chunks: None,
             oversize: false,

@@ -127,6 +127,13 @@ pub fn has_header(headers: &[u8], name: &str) -> bool {
     })
 }
 
+/// True when the header section says `TLS-Required: No` (RFC 8689
+/// section 5; the value is case-insensitive, surrounding space ignored).
+pub fn tls_required_no(headers: &[u8]) -> bool {
+    crate::tracking::mime::header_value(headers, "tls-required")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("no"))
+}
+
 /// The message as queued (before DKIM): Received first, then the client's
 /// headers, Message-ID and Date added when missing, then the body.
 pub fn prepare(data: Vec<u8>, trace: &TraceInfo<'_>) -> Vec<u8> {
@@ -185,6 +192,22 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(data)
             );
+        }
+    }
+
+    #[test]
+    fn tls_required_no_is_read_from_the_header_section() {
+        let table: &[(&[u8], bool)] = &[
+            (b"TLS-Required: No\r\n", true),
+            (b"tls-required:no  \r\n", true),
+            (b"Subject: x\r\nTLS-Required:\r\n No\r\n", true),
+            (b"TLS-Required: Yes\r\n", false),
+            (b"TLS-Required: Nope\r\n", false),
+            (b"X-TLS-Required: No\r\n", false),
+            (b"Subject: TLS-Required: No\r\n", false),
+        ];
+        for (h, want) in table {
+            assert_eq!(tls_required_no(h), *want, "{}", String::from_utf8_lossy(h));
         }
     }
 

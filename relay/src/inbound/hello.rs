@@ -3,7 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::session::{Flow, Session, State};
-use crate::config::{AuthMode, TlsMode};
+use crate::config::{AuthMode, ListenerRole, TlsMode};
 use crate::refusal::Refusal;
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -40,6 +40,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.auth_offered() {
             lines.push("AUTH PLAIN LOGIN".to_string());
         }
+        if self.requiretls_offered() {
+            lines.push("REQUIRETLS".to_string());
+        }
         lines.push("HELP".to_string());
         self.queue_multi(250, &lines);
         Ok(())
@@ -48,6 +51,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// STARTTLS is offered on a `starttls` listener until TLS is up.
     pub(super) fn starttls_offered(&self) -> bool {
         self.listener.tls == TlsMode::Starttls && self.state.tls.is_none() && self.ctx.tls.is_some()
+    }
+
+    /// REQUIRETLS (RFC 8689 section 4.1) only on an encrypted connection:
+    /// a client asking for TLS end to end must have had TLS to us too. The
+    /// feedback listener relays nothing, so it has nothing to promise.
+    pub(super) fn requiretls_offered(&self) -> bool {
+        self.state.tls.is_some() && self.listener.role != ListenerRole::Feedback
     }
 
     /// AUTH is offered when the listener allows it, users are configured,

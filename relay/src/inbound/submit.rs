@@ -86,6 +86,7 @@ impl InboundSubmit {
                 eight_bit: !s.data.is_ascii(),
                 is_dsn: false,
                 per_recipient: false,
+                ..MessageFlags::default()
             },
             tags: s.tags,
             ..Envelope::default()

@@ -144,6 +144,15 @@ pub struct MessageFlags {
     /// which names one recipient.
     #[serde(default)]
     pub per_recipient: bool,
+    /// Sent with `MAIL FROM:<..> REQUIRETLS` (RFC 8689): deliver only over
+    /// verified TLS to servers that offer REQUIRETLS, else bounce (5.7.30).
+    #[serde(default)]
+    pub require_tls: bool,
+    /// Carries `TLS-Required: No` (RFC 8689 section 5) without REQUIRETLS:
+    /// the recipient domain's TLS policy (MTA-STS, DANE, `verified`) does
+    /// not stop delivery; TLS is still used when offered.
+    #[serde(default)]
+    pub tls_optional: bool,
 }
 
 /// Part of a message bound for one destination domain.

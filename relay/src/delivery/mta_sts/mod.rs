@@ -168,15 +168,7 @@ pub async fn discover(
                 policy,
                 fetched_at: now_millis(),
             };
-            let ttl = Duration::from_secs(fresh.policy.max_age.max(1));
-            match serde_json::to_string(&fresh) {
-                Ok(json) => {
-                    if let Err(error) = state.set_value(&cache_key(domain), &json, ttl).await {
-                        tracing::warn!(%error, domain, "cannot cache the MTA-STS policy");
-                    }
-                }
-                Err(error) => tracing::warn!(%error, domain, "cannot encode the MTA-STS policy"),
-            }
+            store(state, domain, &fresh).await;
             tracing::info!(domain, mode = fresh.policy.mode.as_str(), id = %fresh.id, "MTA-STS policy fetched");
             Discovery {
                 policy: Some(fresh),
@@ -204,6 +196,54 @@ pub async fn discover(
             }
         }
     }
+}
+
+async fn store(state: &dyn SharedState, domain: &str, fresh: &Cached) {
+    let ttl = Duration::from_secs(fresh.policy.max_age.max(1));
+    match serde_json::to_string(fresh) {
+        Ok(json) => {
+            if let Err(error) = state.set_value(&cache_key(domain), &json, ttl).await {
+                tracing::warn!(%error, domain, "cannot cache the MTA-STS policy");
+            }
+        }
+        Err(error) => tracing::warn!(%error, domain, "cannot encode the MTA-STS policy"),
+    }
+}
+
+fn refetch_key(domain: &str) -> String {
+    format!("mta-sts-refetched:{domain}")
+}
+
+/// RFC 8461 section 5.1: when the cached `enforce` policy allows none of
+/// the MX hosts, check for a new one before deferring, even though the TXT
+/// id did not change (the current id is kept; `id` when DNS does not
+/// answer). At most once per domain per [`FAILURE_MEMORY`] over all pods,
+/// so a domain whose MX really is outside its policy costs one fetch per
+/// five minutes, not one per message. `Err` when nothing new was had.
+pub async fn refetch(
+    state: &dyn SharedState,
+    settings: &FetchSettings,
+    domain: &str,
+    id: &str,
+) -> Result<Cached, Problem> {
+    if let Ok(Some(_)) = state.get_value(&refetch_key(domain)).await {
+        return Err(Problem::FetchError("refetched a moment ago".into()));
+    }
+    let _ = state
+        .set_value(&refetch_key(domain), "1", FAILURE_MEMORY)
+        .await;
+    let id = match txt_id(&settings.resolver, domain).await {
+        Ok(Some(current)) => current,
+        Ok(None) | Err(_) => id.to_string(),
+    };
+    let policy = refresh(settings, domain).await?;
+    let fresh = Cached {
+        id,
+        policy,
+        fetched_at: now_millis(),
+    };
+    store(state, domain, &fresh).await;
+    Ok(fresh)
 }
 
 async fn refresh(settings: &FetchSettings, domain: &str) -> Result<Policy, Problem> {

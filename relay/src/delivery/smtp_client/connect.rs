@@ -94,6 +94,11 @@ pub struct ConnectSettings {
     pub tls_label: &'static str,
     /// AUTH user and password (smarthost).
     pub auth: Option<(String, String)>,
+    /// The message was sent with REQUIRETLS (RFC 8689): after STARTTLS the
+    /// server must offer REQUIRETLS too, else this host is unusable.
+    pub require_tls: bool,
+    /// Sessions are counted for TLS-RPT under this policy (MTA-STS).
+    pub tls_report: Option<super::super::tls_rpt::TlsReport>,
 }
 
 /// A ready connection.
@@ -228,6 +233,16 @@ async fn connect_once(
             .await
             .map_err(Failure::Fault)?
         {
+            Ok(caps) if settings.require_tls && !caps.require_tls => {
+                // RFC 8689 section 4.2.1 step 5: another MX may offer it.
+                client.quit().await;
+                return Err(Failure::Fault(Fault::Unsendable {
+                    status: "5.7.30",
+                    reason: format!(
+                        "REQUIRETLS support required: {host} does not offer REQUIRETLS after STARTTLS"
+                    ),
+                }));
+            }
             Ok(_) => {}
             Err(reply) => return Err(refused(reply)),
         }
@@ -357,6 +372,8 @@ mod tests {
             tls_config: crate::delivery::tls::unverified().unwrap(),
             tls_label: "opportunistic",
             auth: None,
+            require_tls: false,
+            tls_report: None,
         }
     }
 

@@ -29,6 +29,8 @@ pub struct Capabilities {
     pub auth_plain: bool,
     /// AUTH LOGIN.
     pub auth_login: bool,
+    /// REQUIRETLS (RFC 8689).
+    pub require_tls: bool,
 }
 
 impl Capabilities {
@@ -41,6 +43,7 @@ impl Capabilities {
             eight_bit: ehlo.has_capability(smtp_proto::EXT_8BIT_MIME),
             smtputf8: ehlo.has_capability(smtp_proto::EXT_SMTP_UTF8),
             starttls: ehlo.has_capability(smtp_proto::EXT_START_TLS),
+            require_tls: ehlo.has_capability(smtp_proto::EXT_REQUIRE_TLS),
             auth_plain: ehlo.auth_mechanisms & smtp_proto::AUTH_PLAIN != 0,
             auth_login: ehlo.auth_mechanisms & smtp_proto::AUTH_LOGIN != 0,
         }
@@ -58,6 +61,9 @@ pub struct Envelope<'a> {
     pub eight_bit: bool,
     /// Needs SMTPUTF8.
     pub smtputf8: bool,
+    /// Sent with REQUIRETLS: `REQUIRETLS` goes on MAIL FROM (the
+    /// connection checked that the server offers it).
+    pub require_tls: bool,
 }
 
 /// Result for one recipient: the accepting reply, or why it failed.
@@ -161,6 +167,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         }
         if env.smtputf8 && self.caps.smtputf8 {
             line.push_str(" SMTPUTF8");
+        }
+        if env.require_tls {
+            line.push_str(" REQUIRETLS");
         }
         line
     }
@@ -466,6 +475,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: true,
             smtputf8: false,
+            require_tls: false,
         };
         let t = c.send(&env, b"Subject: x\r\n\r\n.dot\r\n").await;
         assert!(!t.host_failure && !t.connection_lost);
@@ -507,6 +517,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: false,
             smtputf8: false,
+            require_tls: false,
         };
         let t = c.send(&env, b"x\r\n").await;
         drop(c);
@@ -545,6 +556,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: false,
             smtputf8: false,
+            require_tls: false,
         };
         let t = c.send(&env, b"x\r\n").await;
         drop(c);
@@ -639,6 +651,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: false,
             smtputf8: true,
+            require_tls: false,
         };
         let t = c.send(&env, b"x\r\n").await;
         let failure = t.results[0].as_ref().unwrap_err();
@@ -673,6 +686,7 @@ mod tests {
             recipients: &rcpts,
             eight_bit: false,
             smtputf8: false,
+            require_tls: false,
         };
         let t = c.send(&env, b"x\r\n").await;
         srv.await.unwrap();

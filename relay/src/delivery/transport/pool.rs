@@ -10,6 +10,9 @@ use super::super::smtp_client::{ConnectSettings, Connection};
 pub(crate) struct Session {
     pub(crate) conn: Connection,
     pub(crate) used: bool,
+    /// The TLS policy it was opened under (`dane`, `mta-sts`, ...), for
+    /// events and log lines.
+    pub(crate) tls_policy: &'static str,
 }
 
 /// How long an idle connection is kept for the next units to the same

@@ -5,10 +5,13 @@ use std::net::SocketAddr;
 
 use super::super::DeliveryContext;
 use super::super::classify::{Failure, Fault, Outcome};
+use super::super::dane::{self, DanePlan};
 use super::super::mx::MxHost;
 use super::super::settle::RcptOutcome;
 use super::super::smtp_client::{self, ConnectSettings, Envelope};
 use super::super::tls_policy;
+use super::super::tls_result::TlsResult;
+use super::super::tls_rpt::{FailureDetail, Outcome as ReportOutcome, TlsReport};
 use super::Transport;
 use super::pool::Session;
 use crate::metrics::destination_group;
@@ -20,6 +23,8 @@ pub(crate) struct Smtp<'a> {
     pub ctx: &'a DeliveryContext,
     /// How to connect.
     pub settings: &'a ConnectSettings,
+    /// DANE per host (overrides `settings` where TLSA records apply).
+    pub dane: &'a DanePlan,
     /// The hosts, in preference order.
     pub hosts: &'a [MxHost],
     /// Their port.
@@ -39,6 +44,7 @@ impl Transport for Smtp<'_> {
         deliver_smtp(
             self.ctx,
             self.settings,
+            self.dane,
             self.hosts,
             self.port,
             self.session,
@@ -56,6 +62,7 @@ impl Transport for Smtp<'_> {
 async fn deliver_smtp(
     ctx: &DeliveryContext,
     settings: &ConnectSettings,
+    dane: &DanePlan,
     hosts: &[MxHost],
     port: u16,
     session: &mut Option<Session>,
@@ -70,6 +77,8 @@ async fn deliver_smtp(
     let mut pending: Vec<usize> = (0..n).collect();
     let mut last_failure = Failure::Fault(Fault::Connect(format!("no server for {domain}")));
     let mut next_host = 0usize;
+    // The policy of the last host tried, for outcomes without a session.
+    let mut last_policy = settings.tls_label;
     while !pending.is_empty() {
         // Reuse the open connection after RSET, or open a new one.
         if let Some(s) = session.as_mut()
@@ -88,11 +97,43 @@ async fn deliver_smtp(
             while session.is_none() && next_host < hosts.len() {
                 let host = &hosts[next_host];
                 next_host += 1;
+                let settings = match dane::settings_for(
+                    dane,
+                    &host.name,
+                    settings,
+                    &ctx.unverified_tls,
+                ) {
+                    Ok(s) => s,
+                    Err(fault) => {
+                        // Bogus or failed TLSA lookup: not this host.
+                        let failure = Failure::Fault(fault);
+                        if let Some(result) = tls_policy::failure_result(&failure) {
+                            ctx.metrics
+                                .outbound_tls
+                                .with_label_values(&[dane::LABEL, result])
+                                .inc();
+                        }
+                        tracing::debug!(host = %host.name, %failure, tls_policy = dane::LABEL, "host unusable; trying the next");
+                        last_policy = dane::LABEL;
+                        last_failure = failure;
+                        continue;
+                    }
+                };
+                let settings = settings.as_ref();
+                last_policy = settings.tls_label;
                 for ip in &host.addrs {
+                    if let Some(probe) = settings.tls_report.as_ref().and_then(|r| r.probe.as_ref())
+                    {
+                        probe.take();
+                    }
                     match smtp_client::connect(SocketAddr::new(*ip, port), &host.name, settings)
                         .await
                     {
                         Ok(conn) => {
+                            if let Some(report) = &settings.tls_report {
+                                let outcome = session_outcome(report, conn.tls, &host.name, *ip);
+                                tls_policy::count(ctx, domain, &report.policy, outcome).await;
+                            }
                             let tls = if conn.tls { "tls" } else { "plaintext" };
                             ctx.metrics
                                 .outbound_sessions
@@ -102,7 +143,11 @@ async fn deliver_smtp(
                                 .outbound_tls
                                 .with_label_values(&[settings.tls_label, tls])
                                 .inc();
-                            *session = Some(Session { conn, used: false });
+                            *session = Some(Session {
+                                conn,
+                                used: false,
+                                tls_policy: settings.tls_label,
+                            });
                             break;
                         }
                         Err(failure) => {
@@ -111,6 +156,10 @@ async fn deliver_smtp(
                                     .outbound_tls
                                     .with_label_values(&[settings.tls_label, result])
                                     .inc();
+                                if let Some(report) = &settings.tls_report {
+                                    let outcome = failed(result, &host.name, *ip);
+                                    tls_policy::count(ctx, domain, &report.policy, outcome).await;
+                                }
                             }
                             tracing::debug!(host = %host.name, %ip, %failure, tls_policy = settings.tls_label, "host failed; trying the next");
                             last_failure = failure;
@@ -132,11 +181,13 @@ async fn deliver_smtp(
             recipients: &recipients,
             eight_bit: unit.flags.eight_bit,
             smtputf8: unit.flags.smtputf8,
+            require_tls: settings.require_tls,
         };
         let t = s.conn.client.send(&env, data).await;
         s.used = true;
         let host = s.conn.host.clone();
         let tls = s.conn.tls;
+        let tls_policy = s.tls_policy;
         let mut still = Vec::new();
         for (&i, result) in pending.iter().zip(t.results) {
             match result {
@@ -153,6 +204,7 @@ async fn deliver_smtp(
                         result,
                         remote: Some(host.clone()),
                         tls,
+                        tls_policy: Some(tls_policy),
                     })
                 }
             }
@@ -166,6 +218,16 @@ async fn deliver_smtp(
             s.conn.client.quit().await;
         }
     }
+    if settings.require_tls && tls_policy::failure_result(&last_failure).is_some() {
+        // RFC 8689 section 4.2.1: no MX host gave verified TLS; the
+        // message is returned rather than retried (section 4.2.2).
+        last_failure = Failure::Fault(Fault::Unsendable {
+            status: "5.7.30",
+            reason: format!(
+                "REQUIRETLS support required: no MX host of {domain} met it ({last_failure})"
+            ),
+        });
+    }
     outcomes
         .into_iter()
         .map(|o| {
@@ -173,7 +235,36 @@ async fn deliver_smtp(
                 result: Err(last_failure.clone()),
                 remote: None,
                 tls: false,
+                tls_policy: Some(last_policy),
             })
         })
         .collect()
+}
+
+/// A TLS-RPT failure of `result` at `host` (`ip`).
+fn failed(result: &str, host: &str, ip: std::net::IpAddr) -> ReportOutcome {
+    ReportOutcome::Failure(FailureDetail {
+        result_type: result.to_string(),
+        receiving_mx_hostname: Some(host.to_string()),
+        receiving_ip: Some(ip.to_string()),
+        sending_mta_ip: None,
+    })
+}
+
+/// How an established session counts for TLS-RPT: plain text is
+/// `starttls-not-supported`; under a probe (MTA-STS `testing`) the
+/// certificate's verdict decides; otherwise TLS was as the policy asks.
+fn session_outcome(
+    report: &TlsReport,
+    tls: bool,
+    host: &str,
+    ip: std::net::IpAddr,
+) -> ReportOutcome {
+    if !tls {
+        return failed(TlsResult::StarttlsNotSupported.as_str(), host, ip);
+    }
+    match report.probe.as_ref().and_then(|p| p.take()) {
+        Some(Err(result)) => failed(result.as_str(), host, ip),
+        Some(Ok(())) | None => ReportOutcome::Success,
+    }
 }
