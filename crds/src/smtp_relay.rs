@@ -478,6 +478,12 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 16))]
     pub wait_replicas: Option<i32>,
+    /// Partitions of the queue, each under its own `{prefix:N:…}` hash tag, so Redis Cluster
+    /// spreads messages, bodies and indexes over every master (default 16). Safe to change on a
+    /// live queue: partitions used before are still drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub partitions: Option<i32>,
 }
 
 fn default_key_prefix() -> String {

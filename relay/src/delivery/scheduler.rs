@@ -7,7 +7,7 @@
 //! moment. A throttled or slow destination holds only its own units, so
 //! it never holds up another.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use super::DeliveryContext;
 use super::group::deliver_group;
-use crate::queue::{Lease, now_millis};
+use crate::queue::{Lease, LeasedUnit, now_millis};
 
 /// Longest pause between queue polls when nothing is due.
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -58,12 +58,13 @@ pub async fn run(
         }
         let cfg = ctx.config.get();
         let lease_for = cfg.queue.lease.get();
-        let leases = match ctx
+        // The units with their message bytes, in one round trip.
+        let leased = match ctx
             .queue
-            .lease(now_millis(), available.min(MAX_BATCH), lease_for)
+            .lease_with_data(now_millis(), available.min(MAX_BATCH), lease_for)
             .await
         {
-            Ok(leases) => leases,
+            Ok(leased) => leased,
             Err(error) => {
                 tracing::warn!(%error, "cannot lease from the queue");
                 tokio::select! {
@@ -72,6 +73,7 @@ pub async fn run(
                 }
             }
         };
+        let (leases, data) = prefetched(leased);
         if leases.is_empty() {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -84,11 +86,13 @@ pub async fn run(
             let Ok(permit) = permits.clone().acquire_many_owned(n).await else {
                 break;
             };
+            let data = data_of(&group, &data);
             tasks.spawn(deliver_group(
                 ctx.clone(),
                 cfg.clone(),
                 domain,
                 group,
+                data,
                 permit,
             ));
         }
@@ -116,6 +120,35 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Message bytes that came with the leases, by message id.
+pub(crate) type Prefetched = HashMap<String, Arc<Vec<u8>>>;
+
+/// Splits leased units into the leases and the bytes that came with them.
+fn prefetched(leased: Vec<LeasedUnit>) -> (Vec<Lease>, Prefetched) {
+    let mut data = Prefetched::new();
+    let leases = leased
+        .into_iter()
+        .map(|l| {
+            if let Some(bytes) = l.data {
+                data.insert(l.lease.unit.message_id.clone(), bytes);
+            }
+            l.lease
+        })
+        .collect();
+    (leases, data)
+}
+
+/// The bytes of one group's messages (shared, not copied).
+fn data_of(group: &[Lease], data: &Prefetched) -> Prefetched {
+    group
+        .iter()
+        .filter_map(|l| {
+            let id = &l.unit.message_id;
+            data.get(id).map(|bytes| (id.clone(), bytes.clone()))
+        })
+        .collect()
 }
 
 /// Leases grouped by destination domain, keeping lease order inside a group.
