@@ -319,17 +319,21 @@ pub struct RedisQueue {
     /// the ConfigMap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_file: Option<PathBuf>,
-    /// Prefix of every key. All keys carry a `{prefix}` hash tag so one
-    /// message's keys live on one Redis Cluster slot.
+    /// Prefix of every key. A message's keys carry its partition's hash
+    /// tag (`{prefix:N:…}`), so they live on one Redis Cluster slot;
+    /// shared state (suppression list, counters, slots) is under `{prefix}`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// Replicas that must acknowledge a message (Redis `WAIT`) before the
     /// client gets 250. 0: the primary's acknowledgement is enough.
     #[serde(default)]
     pub wait_replicas: u32,
-    /// Partitions of the queue, each under its own `{prefix:N}` hash tag,
+    /// Partitions of the queue, each under its own `{prefix:N:…}` hash tag,
     /// so Redis Cluster spreads messages, bodies and indexes over every
     /// master. A message lives in one partition, chosen from its id.
+    /// 1 to 1024. Changing it on a live queue is safe: the highest count
+    /// ever used is recorded in Redis and every partition up to it is
+    /// still leased from.
     #[serde(default = "default_partitions")]
     pub partitions: u32,
 }
@@ -341,6 +345,11 @@ fn default_key_prefix() -> String {
 fn default_partitions() -> u32 {
     16
 }
+
+/// Most partitions `queue.redis.partitions` may name: each partition is
+/// one more script call per lease round, and 1024 already spreads a queue
+/// over far more masters than a cluster has.
+pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Embedded single-node queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -509,6 +518,12 @@ pub struct MxConfig {
         skip_serializing_if = "is_default_mta_sts_port"
     )]
     pub mta_sts_port: u16,
+    /// Extra DNSSEC trust anchors for DANE, added to the built-in root
+    /// anchor: a file of DNSKEY records in zone-file form
+    /// (`example.internal. IN DNSKEY 257 3 15 <base64>`), for private or
+    /// test zones whose chain does not reach the public root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_anchor_file: Option<PathBuf>,
 }
 
 impl Default for MxConfig {
@@ -517,6 +532,7 @@ impl Default for MxConfig {
             port: default_mx_port(),
             nameservers: Vec::new(),
             mta_sts_port: default_mta_sts_port(),
+            trust_anchor_file: None,
         }
     }
 }

@@ -478,6 +478,12 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 16))]
     pub wait_replicas: Option<i32>,
+    /// Partitions of the queue, each under its own `{prefix:N:…}` hash tag, so Redis Cluster
+    /// spreads messages, bodies and indexes over every master (default 16). Safe to change on a
+    /// live queue: partitions used before are still drained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub partitions: Option<i32>,
 }
 
 fn default_key_prefix() -> String {
@@ -682,6 +688,14 @@ pub struct DeliverySpec {
     /// Organisation name and contact in the TLS-RPT reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_report: Option<TlsReportSpec>,
+    /// DANE (RFC 7672): where an MX host publishes DNSSEC-validated TLSA records, require TLS
+    /// with a certificate matching them (wins over MTA-STS and outboundTls for that host).
+    #[serde(default = "default_dane")]
+    pub dane: bool,
+}
+
+fn default_dane() -> bool {
+    true
 }
 
 fn default_mta_sts() -> bool {
@@ -703,6 +717,7 @@ impl Default for DeliverySpec {
             outbound_tls: OutboundTls::Opportunistic,
             tls_policies: Vec::new(),
             mta_sts: true,
+            dane: true,
             tls_rpt: true,
             tls_report: None,
         }

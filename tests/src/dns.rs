@@ -23,13 +23,13 @@
 //! an empty NOERROR answer (NODATA). Records carry TTL 0 by default so a
 //! caching resolver sees runtime changes; see [`DnsServer::set_ttl`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use hickory_proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, TXT};
+use hickory_proto::op::{Edns, Header, HeaderCounts, Metadata, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, MX, NS, TLSA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use hickory_server::Server;
 use hickory_server::net::runtime::Time;
@@ -37,6 +37,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponseBuilder;
 use tokio::net::{TcpListener, UdpSocket};
 
+use crate::dnssec::{self, ZoneKey};
 use crate::ports;
 
 /// Errors from starting the DNS server.
@@ -73,6 +74,59 @@ struct Zone {
     names: HashMap<String, Entry>,
     ttl: u32,
     queries: Vec<(String, RecordType)>,
+    /// Signed zones by apex (table key), see [`crate::dnssec`].
+    keys: HashMap<String, Arc<ZoneKey>>,
+    /// Names whose signatures are served corrupted (bogus answers).
+    corrupt: HashSet<String>,
+}
+
+/// The parent of a table key (`"a.b"` -> `"b"`, `"b"` -> `""`, the root).
+fn parent(name: &str) -> Option<&str> {
+    if name.is_empty() {
+        return None;
+    }
+    Some(name.split_once('.').map_or("", |(_, rest)| rest))
+}
+
+/// The key that signs answers for `name` and `qtype`: the closest signed
+/// apex at or above it, unless a delegation (NS, no key) comes first. A DS
+/// query at a delegation belongs to the parent side.
+fn signing_key(zone: &Zone, name: &str, qtype: RecordType) -> Option<Arc<ZoneKey>> {
+    let mut at = key(name);
+    let mut first = true;
+    loop {
+        if let Some(k) = zone.keys.get(&at) {
+            return Some(k.clone());
+        }
+        let is_cut = zone
+            .names
+            .get(&at)
+            .is_some_and(|e| e.records.iter().any(|r| r.record_type() == RecordType::NS));
+        if is_cut && !(first && qtype == RecordType::DS) {
+            return None;
+        }
+        at = parent(&at)?.to_string();
+        first = false;
+    }
+}
+
+/// The types an NSEC at `name` lists for a NODATA answer: the parent side
+/// of a delegation knows only its NS.
+fn nsec_types(zone: &Zone, name: &str, qtype: RecordType) -> Vec<RecordType> {
+    let records = zone
+        .names
+        .get(&key(name))
+        .map(|e| e.records.as_slice())
+        .unwrap_or(&[]);
+    let is_cut = records.iter().any(|r| r.record_type() == RecordType::NS)
+        && !zone.keys.contains_key(&key(name));
+    if is_cut && qtype == RecordType::DS {
+        return vec![RecordType::NS];
+    }
+    let mut types: Vec<RecordType> = records.iter().map(RData::record_type).collect();
+    types.sort_by_key(|t| u16::from(*t));
+    types.dedup();
+    types
 }
 
 /// Lowercase, without trailing dot: the table key for a name.
@@ -154,11 +208,31 @@ impl RequestHandler for Handler {
         };
         let qname: Name = query.name().into();
         let qtype = query.query_type();
-        let (answer, ttl) = {
+        let dnssec_ok = request.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok);
+        let (answer, ttl, signing, corrupt, types) = {
             let mut zone = self.zone.write().unwrap_or_else(PoisonError::into_inner);
             zone.queries.push((key(&qname.to_ascii()), qtype));
-            (decide(&zone, &qname.to_ascii(), qtype), zone.ttl)
+            let name = qname.to_ascii();
+            let signing = signing_key(&zone, &name, qtype).filter(|_| dnssec_ok);
+            (
+                decide(&zone, &name, qtype),
+                zone.ttl,
+                signing,
+                zone.corrupt.contains(&key(&name)),
+                nsec_types(&zone, &name, qtype),
+            )
         };
+        let mut response_edns = Edns::new();
+        response_edns.set_dnssec_ok(dnssec_ok);
+        // The client's buffer size, as a real server answers (UDP replies
+        // beyond it are truncated and retried over TCP).
+        if let Some(e) = request.edns.as_ref() {
+            response_edns.set_max_payload(e.max_payload());
+        }
+        let mut builder = builder;
+        if request.edns.is_some() {
+            builder.edns(&response_edns);
+        }
         let mut metadata = Metadata::response_from_request(&request.metadata);
         metadata.authoritative = true;
         let result = match answer {
@@ -169,11 +243,42 @@ impl RequestHandler for Handler {
                 response_handle.send_response(msg).await
             }
             Answer::Records(rdatas) => {
-                let records: Vec<Record> = rdatas
+                let mut authorities = Vec::new();
+                let mut signatures = Vec::new();
+                if let Some(k) = &signing {
+                    if rdatas.is_empty() {
+                        let proof = dnssec::nsec(&qname, ttl, types);
+                        signatures.extend(k.sign(
+                            &qname,
+                            ttl,
+                            std::slice::from_ref(&proof.data),
+                            corrupt,
+                        ));
+                        authorities.push(proof);
+                    } else {
+                        let mut by_type: Vec<RecordType> =
+                            rdatas.iter().map(RData::record_type).collect();
+                        by_type.dedup();
+                        for t in by_type {
+                            let set: Vec<RData> = rdatas
+                                .iter()
+                                .filter(|r| r.record_type() == t)
+                                .cloned()
+                                .collect();
+                            signatures.extend(k.sign(&qname, ttl, &set, corrupt));
+                        }
+                    }
+                }
+                let mut records: Vec<Record> = rdatas
                     .into_iter()
                     .map(|rdata| Record::from_rdata(qname.clone(), ttl, rdata))
                     .collect();
-                let msg = builder.build(metadata, records.iter(), [], [], []);
+                if authorities.is_empty() {
+                    records.extend(signatures);
+                } else {
+                    authorities.extend(signatures);
+                }
+                let msg = builder.build(metadata, records.iter(), authorities.iter(), [], []);
                 response_handle.send_response(msg).await
             }
         };
@@ -206,6 +311,8 @@ impl DnsServer {
             names: HashMap::new(),
             ttl: 0,
             queries: Vec::new(),
+            keys: HashMap::new(),
+            corrupt: HashSet::new(),
         }));
         let mut server = Server::new(Handler { zone: zone.clone() });
         server.register_socket(udp);
@@ -253,6 +360,48 @@ impl DnsServer {
     /// Add a CNAME record (returned for every query type of `name`).
     pub fn add_cname(&self, name: &str, target: &str) {
         self.add(name, RData::CNAME(CNAME(fqdn(target))));
+    }
+
+    /// Add an NS record: below a signed zone, a delegation to an unsigned
+    /// child (see [`crate::dnssec`]).
+    pub fn add_ns(&self, name: &str, target: &str) {
+        self.add(name, RData::NS(NS(fqdn(target))));
+    }
+
+    /// Add a TLSA record (`usage selector matching data`).
+    pub fn add_tlsa(&self, name: &str, usage: u8, selector: u8, matching: u8, data: Vec<u8>) {
+        self.add(
+            name,
+            RData::TLSA(TLSA::new(
+                usage.into(),
+                selector.into(),
+                matching.into(),
+                data,
+            )),
+        );
+    }
+
+    /// Sign the zone at `apex` (`"dane.test"`, `"."`) with a fresh key,
+    /// published as its DNSKEY: queries with the DNSSEC OK bit get RRSIGs,
+    /// and NODATA answers a signed NSEC. Returns the key, whose
+    /// [`ZoneKey::anchor_line`] the validating resolver must trust.
+    pub fn sign_zone(&self, apex: &str) -> Result<Arc<ZoneKey>, dnssec::DnssecError> {
+        let zone_key = Arc::new(ZoneKey::generate(apex)?);
+        let dnskey = RData::DNSSEC(hickory_proto::dnssec::rdata::DNSSECRData::DNSKEY(
+            zone_key.dnskey(),
+        ));
+        let k = key(apex);
+        self.with_zone(|z| {
+            z.names.entry(k.clone()).or_default().records.push(dnskey);
+            z.keys.insert(k, zone_key.clone());
+        });
+        Ok(zone_key)
+    }
+
+    /// Serve `name`'s signatures with a flipped bit: validation fails
+    /// (a bogus answer, as an attacker's forgery would be).
+    pub fn corrupt_signatures(&self, name: &str) {
+        self.with_zone(|z| z.corrupt.insert(key(name)));
     }
 
     /// Add any record data, for types without a helper.
@@ -337,6 +486,8 @@ mod tests {
             names: HashMap::new(),
             ttl: 0,
             queries: Vec::new(),
+            keys: HashMap::new(),
+            corrupt: HashSet::new(),
         }
     }
 

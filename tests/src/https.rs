@@ -87,10 +87,16 @@ impl HttpsServer {
     /// Binds 127.0.0.1 on a free port, presenting `cert`. Answers 404
     /// until [`HttpsServer::respond`] is called.
     pub async fn start(cert: &ServerCert) -> Result<Self, HttpsError> {
+        Self::start_on(cert, 0).await
+    }
+
+    /// As [`HttpsServer::start`] on 127.0.0.1:`port` (443 for a policy
+    /// host the relay reaches on its default `mtaStsPort`; needs root).
+    pub async fn start_on(cert: &ServerCert, port: u16) -> Result<Self, HttpsError> {
         let mut config = (*cert.server_config()?).clone();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(("127.0.0.1", port))
             .await
             .map_err(HttpsError::Bind)?;
         let addr = listener.local_addr().map_err(HttpsError::Bind)?;

@@ -10,6 +10,8 @@
 //!   and counts distinct events.
 //! - [`relay_proc`]: the real `petrel-relay` binary as a child process.
 //! - [`https`]: an HTTPS server with one scripted answer (MTA-STS policy hosts).
+//! - [`postfix`]: a private Postfix instance as a recipient's MX (STARTTLS,
+//!   Maildir, its own log).
 //!
 //! Every helper binds 127.0.0.1 only, owns its resources (temp dirs, child
 //! processes, tasks) and releases them on drop, so a failing test leaks
@@ -35,8 +37,10 @@
 
 pub mod bench;
 pub mod dns;
+pub mod dnssec;
 pub mod https;
 pub mod ports;
+pub mod postfix;
 pub mod redis;
 pub mod relay_proc;
 pub mod smtp_sink;

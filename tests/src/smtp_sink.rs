@@ -199,13 +199,14 @@ impl SinkBuilder {
 
     /// Bind 127.0.0.1 on a free port and start accepting connections.
     pub async fn start(self) -> Result<SmtpSink, SinkError> {
-        let (ca, acceptor) = if self.starttls {
+        let (ca, acceptor, leaf) = if self.starttls {
             let ca = TestCa::new()?;
             let cert = ca.issue_server_cert(&["localhost", "127.0.0.1", &self.hostname])?;
             let acceptor = TlsAcceptor::from(cert.server_config()?);
-            (Some(Arc::new(ca)), Some(acceptor))
+            let leaf = cert.chain_der.first().cloned();
+            (Some(Arc::new(ca)), Some(acceptor), leaf)
         } else {
-            (None, None)
+            (None, None, None)
         };
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -226,6 +227,7 @@ impl SinkBuilder {
             addr,
             shared,
             ca,
+            leaf,
             task,
         })
     }
@@ -298,6 +300,7 @@ pub struct SmtpSink {
     addr: SocketAddr,
     shared: Arc<Shared>,
     ca: Option<Arc<TestCa>>,
+    leaf: Option<rustls::pki_types::CertificateDer<'static>>,
     task: JoinHandle<()>,
 }
 
@@ -341,6 +344,12 @@ impl SmtpSink {
     /// give `ca.cert_pem()` to a client that must verify the sink.
     pub fn ca(&self) -> Option<&TestCa> {
         self.ca.as_deref()
+    }
+
+    /// The certificate the sink presents (issued by [`SmtpSink::ca`]), for
+    /// DANE TLSA records; `None` without STARTTLS.
+    pub fn leaf_cert(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.leaf.as_ref()
     }
 
     /// Transactions accepted so far, in order.

@@ -259,6 +259,10 @@ async fn every_outcome_is_an_event_with_its_tags() {
             .unwrap();
         assert_eq!(delivered.remote_mta.as_deref(), Some("mx.dest.test"));
         assert_eq!(delivered.attempt, Some(1));
+        // The TLS policy that applied, as in `petrel_outbound_tls_total`.
+        assert_eq!(delivered.tls_policy.as_deref(), Some("opportunistic"));
+        assert_eq!(bounced.tls_policy.as_deref(), Some("opportunistic"));
+        assert_eq!(deferred.tls_policy.as_deref(), Some("opportunistic"));
 
         // The tag header never reached a destination.
         for got in sink.received() {

@@ -29,26 +29,30 @@ const MINUTE: Duration = Duration::from_secs(60);
 // ---------------------------------------------------------------- fixtures
 
 /// The store behind one test's backend; dropping it kills or deletes it.
+/// Redis with the partition count the backend opens with.
 enum Store {
-    Redis(Box<RedisServer>),
+    Redis(Box<RedisServer>, u32),
     Embedded(tempfile::TempDir),
 }
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
+    /// Redis with the default 16 partitions.
     Redis,
+    /// Redis with every message in one partition.
+    RedisOnePartition,
     Embedded,
 }
 
 fn config_for(store: &Store, timeout: Duration) -> QueueConfig {
     let (redis, embedded) = match store {
-        Store::Redis(server) => (
+        Store::Redis(server, partitions) => (
             Some(RedisQueue {
                 url: Some(server.url()),
                 url_file: None,
                 key_prefix: "petrel-test".into(),
                 wait_replicas: 0,
-                partitions: 16,
+                partitions: *partitions,
             }),
             None,
         ),
@@ -68,14 +72,18 @@ fn config_for(store: &Store, timeout: Duration) -> QueueConfig {
 }
 
 async fn store(kind: Kind, persistence: Persistence) -> Store {
-    match kind {
-        Kind::Redis => Store::Redis(Box::new(
+    let redis = || async {
+        Box::new(
             RedisServer::builder()
                 .persistence(persistence)
                 .start()
                 .await
                 .expect("redis-server starts"),
-        )),
+        )
+    };
+    match kind {
+        Kind::Redis => Store::Redis(redis().await, 16),
+        Kind::RedisOnePartition => Store::Redis(redis().await, 1),
         Kind::Embedded => Store::Embedded(tempfile::tempdir().expect("temp dir")),
     }
 }
@@ -1389,6 +1397,131 @@ mod cases {
         assert_eq!(total, MESSAGES * 2);
         assert_eq!(b.queue.stats(T).await.unwrap().messages, 0);
     }
+
+    pub async fn lease_with_data_returns_each_units_bytes(b: Backend) {
+        let one = message("m1", &["a@x.org", "b@y.org"], T);
+        let two = message("m2", &["c@z.org"], T);
+        for m in [&one, &two] {
+            b.queue.enqueue(m.clone(), Vec::new()).await.unwrap();
+        }
+        assert!(
+            b.queue
+                .lease_with_data(T, 0, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let leased = b.queue.lease_with_data(T, 10, MINUTE).await.unwrap();
+        assert_eq!(leased.len(), 3);
+        for l in &leased {
+            let want = if l.lease.unit.message_id == "m1" {
+                &one.data
+            } else {
+                &two.data
+            };
+            assert_eq!(l.data.as_deref(), Some(want), "{}", l.lease.unit.id);
+        }
+        // They are leases like any other: leased, not due, and settle.
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.due, stats.leased), (0, 3));
+        assert!(
+            b.queue
+                .lease_with_data(T, 10, MINUTE)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        for l in &leased {
+            b.queue.complete(&l.lease).await.unwrap();
+        }
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, 0);
+    }
+
+    pub async fn settle_many_settles_each_lease_on_its_own(b: Backend) {
+        for i in 0..6 {
+            b.queue
+                .enqueue(message(&format!("m{i}"), &["a@x.org"], T), Vec::new())
+                .await
+                .unwrap();
+        }
+        assert!(b.queue.settle_many(&[]).await.is_empty());
+        let mut leases = b.queue.lease(T, 10, MINUTE).await.unwrap();
+        leases.sort_by(|a, b| a.unit.message_id.cmp(&b.unit.message_id));
+        assert_eq!(leases.len(), 6);
+        let stolen = Lease {
+            token: "not-the-token".into(),
+            ..leases[1].clone()
+        };
+        let bounce = SuppressionEntry {
+            address: "a@x.org".into(),
+            reason: SuppressionReason::Bounce,
+            scope: None,
+            remote_reply: Some("550 5.1.1 no".into()),
+            created_at: T,
+            expires_at: None,
+        };
+        let batch = vec![
+            (leases[0].clone(), Settlement::only(SettleOp::Complete)),
+            (stolen, Settlement::only(SettleOp::Complete)),
+            (
+                leases[2].clone(),
+                Settlement::only(SettleOp::Retry(later(vec!["a@x.org".into()], T + 60_000))),
+            ),
+            (
+                leases[3].clone(),
+                Settlement {
+                    op: SettleOp::Fail,
+                    enqueue: vec![message("dsn-3", &["sender@example.test"], T)],
+                    events: vec![event(EventType::Bounced, "a@x.org")],
+                    suppress: vec![bounce],
+                },
+            ),
+            (
+                leases[4].clone(),
+                Settlement::only(SettleOp::Postpone { until: T + 5_000 }),
+            ),
+            (leases[5].clone(), Settlement::only(SettleOp::Complete)),
+        ];
+        let results = b.queue.settle_many(&batch).await;
+        assert_eq!(results.len(), 6);
+        assert!(
+            results[0].is_ok() && results[2..].iter().all(Result::is_ok),
+            "{results:?}"
+        );
+        assert!(matches!(results[1], Err(QueueError::LeaseLost(_))));
+        // The lost one is still leased; the others are settled as asked.
+        let units = b.control.units(T).await.unwrap();
+        let state = |id: &str| {
+            units
+                .iter()
+                .find(|v| v.unit.message_id == id)
+                .map(|v| (v.state, v.unit.attempts))
+        };
+        assert_eq!(state("m0"), None);
+        assert_eq!(state("m1"), Some((UnitState::Leased, 0)));
+        assert_eq!(state("m2"), Some((UnitState::Deferred, 1)));
+        assert_eq!(state("m3"), None);
+        assert_eq!(state("m4"), Some((UnitState::Deferred, 0)));
+        assert_eq!(state("m5"), None);
+        assert_eq!(state("dsn-3"), Some((UnitState::Due, 0)));
+        assert_eq!(b.events.read(None, 10).await.unwrap().len(), 1);
+        assert!(
+            b.state
+                .suppressed("a@x.org", "example.test", T)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        // Settling the same batch again: every lease is spent now.
+        let again = b.queue.settle_many(&batch).await;
+        assert!(
+            again
+                .iter()
+                .all(|r| matches!(r, Err(QueueError::LeaseLost(_)))),
+            "{again:?}"
+        );
+        assert_eq!(b.events.read(None, 10).await.unwrap().len(), 1);
+    }
 }
 
 macro_rules! conformance {
@@ -1398,6 +1531,14 @@ macro_rules! conformance {
                 #[tokio::test]
                 async fn $case() {
                     super::run(super::Kind::Redis, super::cases::$case).await;
+                }
+            )*
+        }
+        mod redis_one_partition {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    super::run(super::Kind::RedisOnePartition, super::cases::$case).await;
                 }
             )*
         }
@@ -1441,6 +1582,8 @@ conformance!(
     slots_respect_their_limit_and_ttl,
     slots_are_renewed_only_by_their_holder,
     two_consumers_never_lease_the_same_unit,
+    lease_with_data_returns_each_units_bytes,
+    settle_many_settles_each_lease_on_its_own,
 );
 
 // ------------------------------------------------- crashes and restarts
@@ -1611,18 +1754,25 @@ async fn redis_outbox_survives_a_restart_with_aof() {
         let rejected = vec![event(EventType::Rejected, "b@x.org")];
         b.events.publish(&rejected).await.unwrap();
         b.events.ensure_group("webhook:a").await.unwrap();
+        // The accepted event sits in its message's partition stream, the
+        // rejected one in the shared stream: written within a millisecond,
+        // either may come first in the merged log (see module `events`).
         let claimed = b.events.claim("webhook:a", "pod-1", 1, HOUR).await.unwrap();
-        assert_eq!(claimed[0].event, accepted[0]);
+        assert_eq!(claimed.len(), 1);
+        let log = b.events.read(None, 10).await.unwrap();
+        assert_eq!(claimed[0].event, log[0].event);
 
         server.kill().await.unwrap();
         server.restart().await.unwrap();
         until_reachable(&b).await;
 
         let all = b.events.read(None, 10).await.unwrap();
-        assert_eq!(
-            ids(&all),
-            vec![accepted[0].id.clone(), rejected[0].id.clone()]
-        );
+        assert_eq!(ids(&all), ids(&log));
+        let mut both = ids(&all);
+        both.sort();
+        let mut want = vec![accepted[0].id.clone(), rejected[0].id.clone()];
+        want.sort();
+        assert_eq!(both, want);
         // The group, its claim and its cursor survived: the claimed event
         // is still owed, the other still unread. (Redis does not keep a
         // claim's age over a restart, so the claim may be handed out again
@@ -1845,7 +1995,7 @@ async fn open_refuses_a_config_without_exactly_one_backend() {
 async fn bench_enqueue_and_lease_round_trip() {
     for kind in [Kind::Redis, Kind::Embedded] {
         let persistence = match kind {
-            Kind::Redis => Persistence::Aof,
+            Kind::Redis | Kind::RedisOnePartition => Persistence::Aof,
             Kind::Embedded => Persistence::None,
         };
         let store = store(kind, persistence).await;
@@ -1908,9 +2058,16 @@ async fn redis_undecodable_unit_does_not_stall_the_others() {
             .unwrap();
         let client = redis::Client::open(server.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        // Into a partition the queue already uses.
+        let units: Vec<String> = redis::cmd("KEYS")
+            .arg("{petrel-test:*}:unit")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let tag = units[0].trim_end_matches(":unit");
         let _: () = redis::pipe()
-            .hset("{petrel-test}:unit", "bad:x.org", "not json")
-            .zadd("{petrel-test}:due", "bad:x.org", T)
+            .hset(format!("{tag}:unit"), "bad:x.org", "not json")
+            .zadd(format!("{tag}:due"), "bad:x.org", T)
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -1995,12 +2152,17 @@ async fn redis_cluster_passes_the_conformance_cases() {
         let url = format!("redis+cluster://{}", seeds.join(","));
         // Each case under its own prefix, so the queues land on different
         // slots (and nodes) of the one cluster.
+        // Each case once with one partition and once with 16.
         macro_rules! on_cluster {
-            ($($case:ident),* $(,)?) => {$({
-                let mut config = redis_config(&url, 0, Duration::from_secs(5));
-                config.redis.as_mut().unwrap().key_prefix = stringify!($case).into();
-                cases::$case(open(&config).await).await;
-            })*};
+            ($($case:ident),* $(,)?) => {$(
+                for partitions in [1, 16] {
+                    let mut config = redis_config(&url, 0, Duration::from_secs(5));
+                    let redis = config.redis.as_mut().unwrap();
+                    redis.key_prefix = format!("{}-{partitions}", stringify!($case));
+                    redis.partitions = partitions;
+                    cases::$case(open(&config).await).await;
+                }
+            )*};
         }
         on_cluster!(
             outbox_events_are_written_with_the_enqueue,
@@ -2027,6 +2189,8 @@ async fn redis_cluster_passes_the_conformance_cases() {
             slots_respect_their_limit_and_ttl,
             slots_are_renewed_only_by_their_holder,
             two_consumers_never_lease_the_same_unit,
+            lease_with_data_returns_each_units_bytes,
+            settle_many_settles_each_lease_on_its_own,
         );
         // The prefixes really were spread over the nodes.
         let mut used = 0;
@@ -2171,6 +2335,237 @@ async fn redis_sentinel_failover_keeps_replicated_messages() {
             !units.contains_key("m2"),
             "the unreplicated message was rolled back"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+// ------------------------------------------------------------- partitions
+
+fn partitioned(url: &str, prefix: &str, partitions: u32) -> QueueConfig {
+    let mut config = redis_config(url, 0, Duration::from_secs(10));
+    let redis = config.redis.as_mut().unwrap();
+    redis.key_prefix = prefix.into();
+    redis.partitions = partitions;
+    config
+}
+
+/// Leases and completes everything due at `now`; the message ids done.
+async fn drain(b: &Backend, now: Millis) -> Vec<String> {
+    let mut done = Vec::new();
+    loop {
+        let leased = b.queue.lease_with_data(now, 100, MINUTE).await.unwrap();
+        if leased.is_empty() {
+            done.sort();
+            return done;
+        }
+        for l in leased {
+            assert!(l.data.is_some(), "no bytes for {}", l.lease.unit.id);
+            b.queue.complete(&l.lease).await.unwrap();
+            done.push(l.lease.unit.id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn redis_cluster_spreads_queued_messages_over_every_master() {
+    tokio::time::timeout(LIMIT, async {
+        let nodes = start_cluster().await;
+        let url = format!("redis+cluster://127.0.0.1:{}", nodes[0].port());
+        let b = open(&partitioned(&url, "petrel", 16)).await;
+        const MESSAGES: usize = 3_000;
+        let mut tasks = Vec::new();
+        for c in 0..20 {
+            let b = b.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (c..MESSAGES).step_by(20) {
+                    let m = message(&format!("spread-{i}"), &["a@x.org"], T);
+                    b.queue.enqueue(m, Vec::new()).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(b.queue.stats(T).await.unwrap().messages, MESSAGES as u64);
+        // Messages per master: the `data` hashes of the partitions it holds.
+        let mut per_node = Vec::new();
+        for node in &nodes {
+            let client = redis::Client::open(node.url()).unwrap();
+            let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+            let mut keys: Vec<String> = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg("{petrel:*}:data")
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                keys.extend(batch);
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+            let mut held = 0u64;
+            for key in keys {
+                let n: u64 = redis::cmd("HLEN")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                held += n;
+            }
+            per_node.push(held);
+        }
+        println!("messages per master: {per_node:?}");
+        assert_eq!(per_node.iter().sum::<u64>(), MESSAGES as u64);
+        for held in &per_node {
+            let share = *held as f64 / MESSAGES as f64;
+            assert!(
+                (0.2333..=0.4333).contains(&share),
+                "a master holds {:.1}% of the messages: {per_node:?}",
+                share * 100.0
+            );
+        }
+        // And the queue, spread, still delivers every one of them.
+        assert_eq!(drain(&b, T).await.len(), MESSAGES);
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Writes `message` as the single-tag layout of before partitions did
+/// (script ENQUEUE on `{prefix}` keys), with one `accepted` event.
+async fn write_legacy(conn: &mut redis::aio::MultiplexedConnection, prefix: &str, m: &NewMessage) {
+    let units = queue::units_of(m);
+    let k = |name: &str| format!("{{{prefix}}}:{name}");
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .hset(k("data"), &m.id, &m.data)
+        .hset(k("left"), &m.id, units.len())
+        .zadd(k("received"), &m.id, m.received_at);
+    for unit in &units {
+        pipe.hset(k("unit"), &unit.id, serde_json::to_vec(unit).unwrap())
+            .zadd(k("due"), &unit.id, unit.next_attempt_at);
+    }
+    let accepted = event(EventType::Accepted, &m.recipients[0]);
+    pipe.cmd("XADD")
+        .arg(k("events"))
+        .arg("*")
+        .arg("e")
+        .arg(serde_json::to_vec(&accepted).unwrap());
+    let () = pipe.query_async(conn).await.unwrap();
+}
+
+#[tokio::test]
+async fn redis_relay_drains_the_single_tag_layout_then_uses_partitions() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start().await.unwrap();
+        let client = redis::Client::open(server.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let old = [
+            message("old-1", &["a@x.org", "b@y.org"], T),
+            message("old-2", &["c@x.org"], T),
+        ];
+        for m in &old {
+            write_legacy(&mut conn, "petrel-test", m).await;
+        }
+
+        let b = open(&partitioned(&server.url(), "petrel-test", 16)).await;
+        b.queue
+            .enqueue(message("new-1", &["d@x.org"], T), Vec::new())
+            .await
+            .unwrap();
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.due), (3, 4));
+        let listed: Vec<String> = b
+            .control
+            .units(T)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.unit.id)
+            .collect();
+        assert_eq!(listed.len(), 4);
+        // The old events reach readers like the new ones.
+        assert_eq!(b.events.read(None, 10).await.unwrap().len(), 2);
+        b.events.ensure_group("webhook:a").await.unwrap();
+        assert_eq!(b.events.backlog("webhook:a").await.unwrap().pending, 2);
+
+        // Leased with their bytes and settled where they are.
+        let done = drain(&b, T).await;
+        assert_eq!(
+            done,
+            vec!["new-1:x.org", "old-1:x.org", "old-1:y.org", "old-2:x.org"]
+        );
+        assert_eq!(b.queue.stats(T).await.unwrap(), Default::default());
+        // Nothing of the old layout's queue is left behind; the new
+        // message went to its partition, not to the old keys.
+        for name in ["data", "left", "received", "unit", "due", "leased", "token"] {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(format!("{{petrel-test}}:{name}"))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(!exists, "{{petrel-test}}:{name} is still there");
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test]
+async fn redis_changing_partitions_strands_nothing() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start().await.unwrap();
+        // 16 -> 4: a pod with the new count next to (or after) one with
+        // the old, messages queued under both.
+        let sixteen = open(&partitioned(&server.url(), "shrink", 16)).await;
+        for i in 0..40 {
+            let m = message(&format!("a{i}"), &["r@x.org"], T);
+            sixteen.queue.enqueue(m, Vec::new()).await.unwrap();
+        }
+        let four = open(&partitioned(&server.url(), "shrink", 4)).await;
+        for i in 0..40 {
+            let m = message(&format!("b{i}"), &["r@x.org"], T);
+            four.queue.enqueue(m, Vec::new()).await.unwrap();
+        }
+        // The pod with 4 counts, lists and leases all 16 partitions.
+        assert_eq!(four.queue.stats(T).await.unwrap().messages, 80);
+        assert_eq!(four.control.units(T).await.unwrap().len(), 80);
+        let mut want: Vec<String> = (0..40)
+            .flat_map(|i| [format!("a{i}:x.org"), format!("b{i}:x.org")])
+            .collect();
+        want.sort();
+        assert_eq!(drain(&four, T).await, want);
+        assert_eq!(sixteen.queue.stats(T).await.unwrap().messages, 0);
+
+        // 1 -> 16.
+        let one = open(&partitioned(&server.url(), "grow", 1)).await;
+        for i in 0..30 {
+            let m = message(&format!("c{i}"), &["r@x.org"], T);
+            one.queue.enqueue(m, Vec::new()).await.unwrap();
+        }
+        let grown = open(&partitioned(&server.url(), "grow", 16)).await;
+        for i in 0..30 {
+            let m = message(&format!("d{i}"), &["r@x.org"], T);
+            grown.queue.enqueue(m, Vec::new()).await.unwrap();
+        }
+        assert_eq!(grown.queue.stats(T).await.unwrap().messages, 60);
+        // And back to 1 in a pod started later: it still sees all 16.
+        let back = open(&partitioned(&server.url(), "grow", 1)).await;
+        assert_eq!(back.queue.stats(T).await.unwrap().messages, 60);
+        let mut want: Vec<String> = (0..30)
+            .flat_map(|i| [format!("c{i}:x.org"), format!("d{i}:x.org")])
+            .collect();
+        want.sort();
+        assert_eq!(drain(&back, T).await, want);
+        assert_eq!(grown.queue.stats(T).await.unwrap().messages, 0);
     })
     .await
     .expect("test timed out");

@@ -266,6 +266,16 @@ impl RelayConfig {
                         "must be non-empty, without braces or spaces (it becomes a hash tag)",
                     ));
                 }
+                if !(1..=super::MAX_PARTITIONS).contains(&r.partitions) {
+                    errors.push(FieldError::new(
+                        "queue.redis.partitions",
+                        format!(
+                            "must be between 1 and {} (got {})",
+                            super::MAX_PARTITIONS,
+                            r.partitions
+                        ),
+                    ));
+                }
             }
             (None, Some(e)) => {
                 if e.path.as_os_str().is_empty() {
@@ -617,6 +627,26 @@ http:
             );
         }
         assert_eq!(errors.len(), expect.len(), "{errors:#?}");
+    }
+
+    #[test]
+    fn queue_partitions_must_be_between_one_and_the_maximum() {
+        let with = |n: &str| {
+            VALID.replace(
+                "redis: { url: \"redis://127.0.0.1:6379\" }",
+                &format!("redis: {{ url: \"redis://127.0.0.1:6379\", partitions: {n} }}"),
+            )
+        };
+        assert_eq!(errors_of(&with("1")), Vec::<String>::new());
+        assert_eq!(errors_of(&with("1024")), Vec::<String>::new());
+        for bad in ["0", "1025"] {
+            let errors = errors_of(&with(bad));
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            assert!(
+                errors[0].starts_with("queue.redis.partitions: must be between 1 and 1024"),
+                "{errors:#?}"
+            );
+        }
     }
 
     #[test]

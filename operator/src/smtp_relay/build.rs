@@ -173,6 +173,24 @@ fn duration(field: &str, value: &str) -> Result<rc::Duration, InvalidSpec> {
         .map_err(|e| InvalidSpec::new("InvalidDuration", format!("{field}: {e}")))
 }
 
+/// `spec.redis.partitions`, 16 when unset; the relay refuses anything
+/// outside 1..=1024, so the spec is refused here with the field named.
+fn partitions(value: Option<i32>) -> Result<u32, InvalidSpec> {
+    let Some(value) = value else { return Ok(16) };
+    u32::try_from(value)
+        .ok()
+        .filter(|n| (1..=rc::MAX_PARTITIONS).contains(n))
+        .ok_or_else(|| {
+            InvalidSpec::new(
+                "InvalidValue",
+                format!(
+                    "spec.redis.partitions: {value} is out of range (1 to {})",
+                    rc::MAX_PARTITIONS
+                ),
+            )
+        })
+}
+
 fn non_negative(field: &str, value: i64) -> Result<u32, InvalidSpec> {
     u32::try_from(value)
         .map_err(|_| InvalidSpec::new("InvalidValue", format!("{field}: {value} is out of range")))
@@ -263,6 +281,7 @@ pub fn relay_config(
                 .collect(),
         },
         mta_sts: delivery_spec.mta_sts,
+        dane: delivery_spec.dane,
         tls_rpt: delivery_spec.tls_rpt,
         tls_report: delivery_spec
             .tls_report
@@ -364,7 +383,7 @@ pub fn relay_config(
                     .wait_replicas
                     .and_then(|w| u32::try_from(w).ok())
                     .unwrap_or(0),
-                partitions: 16,
+                partitions: partitions(spec.redis.partitions)?,
             }),
             embedded: None,
             lease: rc::Duration::from_secs(600),
@@ -938,6 +957,30 @@ mod tests {
         assert!(!plain.to_yaml().unwrap().contains("events"));
     }
 
+    #[test]
+    fn redis_partitions_come_from_the_spec_and_default_to_16() {
+        let partitions = |spec: &str| {
+            relay_config(&relay(spec), &[], None)
+                .map(|c| c.queue.redis.expect("redis queue").partitions)
+                .map_err(|e| e.message)
+        };
+        assert_eq!(
+            partitions("{redis: {urlSecretRef: {name: redis, key: url}}}"),
+            Ok(16)
+        );
+        assert_eq!(
+            partitions("{redis: {urlSecretRef: {name: redis, key: url}, partitions: 4}}"),
+            Ok(4)
+        );
+        let refused = partitions("{redis: {urlSecretRef: {name: redis, key: url}, partitions: 0}}");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|m| m.starts_with("spec.redis.partitions: 0 is out of range")),
+            "{refused:?}"
+        );
+    }
+
     fn relay_without_events() -> SmtpRelay {
         relay("{redis: {urlSecretRef: {name: redis, key: url}}}")
     }
@@ -1021,12 +1064,13 @@ mod tests {
     #[test]
     fn outbound_tls_modes_and_per_destination_policies_render() {
         let relay = relay(
-            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
+            "{redis: {urlSecretRef: {name: redis, key: url}}, delivery: {outboundTls: required, mtaSts: false, dane: false, tlsPolicies: [{domain: bank.example, mode: encrypted}]}}",
         );
         let config = relay_config(&relay, &[], None).expect("renders");
         // `required` is the old name of `verified`.
         assert_eq!(config.delivery.outbound_tls, rc::OutboundTls::Verified);
         assert!(!config.delivery.mta_sts);
+        assert!(!config.delivery.dane);
         assert!(config.delivery.tls_rpt, "TLS-RPT on by default");
         assert_eq!(
             config.delivery.tls.policies,

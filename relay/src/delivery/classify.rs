@@ -155,6 +155,15 @@ pub enum Fault {
     /// The destination's TLS policy (MTA-STS `enforce`) allows none of its
     /// servers: try later, the policy or the MX may be fixed.
     TlsPolicy(String),
+    /// DANE: DNSSEC validation of the MX or TLSA records failed (bogus),
+    /// or they could not be looked up; the host must not be used without
+    /// them (RFC 7672 section 2.1.1).
+    Dane {
+        /// TLS-RPT result type (`dnssec-invalid`, `tlsa-invalid`).
+        result: &'static str,
+        /// What failed.
+        detail: String,
+    },
     /// The server sent something that is not an SMTP reply.
     Protocol(String),
     /// DNS did not answer usefully (SERVFAIL, timeout): try later.
@@ -193,6 +202,7 @@ impl Fault {
             | Fault::Certificate { .. }
             | Fault::TlsNotOffered
             | Fault::TlsPolicy(_)
+            | Fault::Dane { .. }
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Local(_)
@@ -210,6 +220,7 @@ impl Fault {
             Fault::Tls(_) | Fault::Certificate { .. } => "4.7.5",
             Fault::TlsNotOffered => "4.7.10",
             Fault::TlsPolicy(_) => "4.7.5",
+            Fault::Dane { .. } => "4.7.5",
             Fault::Protocol(_) => "4.5.0",
             Fault::DnsTemporary(_) => "4.4.3",
             Fault::Local(_) => "4.3.0",
@@ -232,6 +243,7 @@ impl fmt::Display for Fault {
             }
             Fault::TlsNotOffered => f.write_str("TLS required but STARTTLS not offered"),
             Fault::TlsPolicy(why) => write!(f, "TLS policy not met: {why}"),
+            Fault::Dane { result, detail } => write!(f, "DANE ({result}): {detail}"),
             Fault::Protocol(e) => write!(f, "protocol error: {e}"),
             Fault::DnsTemporary(e) => write!(f, "DNS lookup failed: {e}"),
             Fault::DnsPermanent { reason, .. } => f.write_str(reason),
@@ -335,6 +347,7 @@ pub fn is_hard_bounce(failure: &Failure) -> bool {
             | Fault::Certificate { .. }
             | Fault::TlsNotOffered
             | Fault::TlsPolicy(_)
+            | Fault::Dane { .. }
             | Fault::Protocol(_)
             | Fault::DnsTemporary(_)
             | Fault::Unsendable { .. }

@@ -15,10 +15,11 @@ use super::leases::{Renewer, SlotGuard};
 use super::record::settle;
 use super::retry::{policy, throttle_delay};
 use super::route::{Route, connect_settings, route};
+use super::scheduler::Prefetched;
 use super::tls_policy::MessageTls;
 use super::transport::pool::{Pool, Session};
 use super::transport::{Transport, Unroutable, maildir::Maildir, smtp::Smtp};
-use super::{DeliveryContext, limits, millis, pacing, tls_policy};
+use super::{DeliveryContext, dane, limits, millis, pacing, tls_policy};
 use crate::metrics::destination_group;
 use crate::queue::{Lease, Millis, Reschedule, SettleOp, Settlement, now_millis};
 
@@ -58,7 +59,7 @@ async fn throttle(
     let unit = &lease.unit;
     if now_millis() >= policy(cfg).expires_at(unit.lifetime_start()) {
         let route = Route::Fail(Fault::Throttled(why.to_string()));
-        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease).await;
+        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease, None).await;
         return;
     }
     let lifetime = cfg.delivery.max_queue_lifetime.get();
@@ -144,7 +145,7 @@ async fn postpone(ctx: &DeliveryContext, cfg: &RelayConfig, lease: &Lease, until
     let unit = &lease.unit;
     if now_millis() >= policy(cfg).expires_at(unit.lifetime_start()) {
         let route = Route::Fail(Fault::Throttled("rate limit".to_string()));
-        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease).await;
+        deliver_unit(ctx, cfg, &unit.domain, &route, &mut None, lease, None).await;
         return;
     }
     let op = Settlement::only(SettleOp::Postpone { until });
@@ -166,6 +167,7 @@ async fn postpone(ctx: &DeliveryContext, cfg: &RelayConfig, lease: &Lease, until
 async fn hold_paused(ctx: &DeliveryContext, leases: Vec<Lease>) -> Vec<Lease> {
     let mut paused: BTreeMap<String, bool> = BTreeMap::new();
     let mut ready = Vec::with_capacity(leases.len());
+    let mut held_back = Vec::new();
     for lease in leases {
         let sending = lease.unit.sending_domain.to_ascii_lowercase();
         let held = match paused.get(&sending) {
@@ -188,7 +190,13 @@ async fn hold_paused(ctx: &DeliveryContext, leases: Vec<Lease>) -> Vec<Lease> {
         }
         let until = now_millis().saturating_add(millis(crate::reputation::HOLD_FOR));
         let op = crate::queue::Settlement::only(crate::queue::SettleOp::Postpone { until });
-        match ctx.queue.settle(&lease, op).await {
+        held_back.push((lease, op));
+    }
+    // All of them in one queue call.
+    let results = ctx.queue.settle_many(&held_back).await;
+    for ((lease, _), result) in held_back.iter().zip(results) {
+        let sending = lease.unit.sending_domain.to_ascii_lowercase();
+        match result {
             Ok(()) => {
                 ctx.metrics
                     .reputation
@@ -211,6 +219,7 @@ pub(crate) async fn deliver_group(
     cfg: Arc<RelayConfig>,
     domain: String,
     leases: Vec<Lease>,
+    data: Prefetched,
     _permit: OwnedSemaphorePermit,
 ) {
     let leases = hold_paused(&ctx, leases).await;
@@ -298,7 +307,15 @@ pub(crate) async fn deliver_group(
                     match tls_policy::apply_message_tls(&ctx, &cfg, &domain, class, hosts, settings)
                         .await
                     {
-                        Ok((hosts, settings)) => Route::Ready(hosts, port, Box::new(settings)),
+                        // DANE after MTA-STS: per host, it wins over it.
+                        Ok((hosts, settings)) => {
+                            match dane::plan(&ctx, &cfg, &domain, class, &hosts).await {
+                                Ok(plan) => {
+                                    Route::Ready(hosts, port, Box::new(settings), Box::new(plan))
+                                }
+                                Err(fault) => Route::Fail(fault),
+                            }
+                        }
                         Err(fault) => Route::Fail(fault),
                     }
                 }
@@ -307,8 +324,11 @@ pub(crate) async fn deliver_group(
             other => other,
         };
         let key = match &route {
-            Route::Ready(_, port, settings) if class == MessageTls::Default => {
-                Some(Pool::key(&domain, *port, settings))
+            Route::Ready(_, port, settings, plan) if class == MessageTls::Default => {
+                let key = Pool::key(&domain, *port, settings);
+                // A connection opened under DANE is never reused under
+                // another policy, nor the other way round.
+                Some(if plan.any() { key + "|dane" } else { key })
             }
             Route::Ready(..) | Route::Smtp(..) | Route::Fail(_) | Route::Maildir(_) => None,
         };
@@ -353,7 +373,8 @@ pub(crate) async fn deliver_group(
                 continue;
             }
             let _renewing = Renewer::start(&ctx.queue, lease, cfg.queue.lease.get());
-            deliver_unit(&ctx, &cfg, &domain, &route, &mut session, lease).await;
+            let bytes = data.get(&lease.unit.message_id).cloned();
+            deliver_unit(&ctx, &cfg, &domain, &route, &mut session, lease, bytes).await;
         }
         if let Some(s) = session {
             match key {
@@ -431,6 +452,7 @@ async fn deliver_unit(
     route: &Route,
     session: &mut Option<Session>,
     lease: &Lease,
+    prefetched: Option<Arc<Vec<u8>>>,
 ) {
     let unit = &lease.unit;
     if unit.recipients.is_empty() {
@@ -439,7 +461,12 @@ async fn deliver_unit(
         }
         return;
     }
-    let data = match ctx.queue.message_data(&unit.message_id).await {
+    // Read with the lease (`Queue::lease_with_data`) unless it was left out.
+    let fetched = match prefetched {
+        Some(bytes) => Ok(bytes),
+        None => ctx.queue.message_data(&unit.message_id).await.map(Arc::new),
+    };
+    let data = match fetched {
         Ok(d) => d,
         Err(error) => {
             tracing::error!(%error, unit = %unit.id, "cannot read message data; retrying later");
@@ -460,10 +487,11 @@ async fn deliver_unit(
     let outcomes = match route {
         Route::Fail(fault) => Unroutable(fault).deliver(unit, &data).await,
         Route::Maildir(root) => Maildir { cfg, root }.deliver(unit, &data).await,
-        Route::Ready(hosts, port, settings) => {
+        Route::Ready(hosts, port, settings, dane) => {
             Smtp {
                 ctx,
                 settings,
+                dane,
                 hosts,
                 port: *port,
                 session,

@@ -19,6 +19,7 @@
 //! Start it with [`DeliveryContext::new`] and [`run`].
 
 pub mod classify;
+pub mod dane;
 mod dispatch;
 pub mod dsn;
 mod group;
@@ -68,6 +69,9 @@ pub enum DeliveryError {
 /// Verified rustls configs: for SMTP to MX hosts, for HTTPS policy fetches.
 type VerifiedTls = (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>);
 
+/// A validating resolver with the nameservers and anchor file it uses.
+type DaneResolver = (Vec<SocketAddr>, Option<PathBuf>, TokioResolver);
+
 /// Everything the delivery workers share.
 pub struct DeliveryContext {
     /// The relay config, re-read on change.
@@ -89,6 +93,12 @@ pub struct DeliveryContext {
     /// The resolver and the nameservers it was built for, rebuilt when the
     /// config names other nameservers.
     resolver: Mutex<Option<(Vec<SocketAddr>, TokioResolver)>>,
+    /// DANE's DNSSEC-validating resolver and what it was built from
+    /// (nameservers, `delivery.mx.trustAnchorFile`).
+    dane_resolver: Mutex<Option<DaneResolver>>,
+    /// Whether that resolver's nameservers serve DNSSEC, and when that was
+    /// last checked (see [`dane::lookup::dnssec_available`]).
+    dnssec_probe: Mutex<Option<(std::time::Instant, bool)>>,
     /// TLS config for a smarthost (verified against the system roots),
     /// built on first use: reading the root bundle per connection is slow.
     verified_tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
@@ -123,6 +133,8 @@ impl DeliveryContext {
             metrics,
             unverified_tls: tls::unverified()?,
             resolver: Mutex::new(None),
+            dane_resolver: Mutex::new(None),
+            dnssec_probe: Mutex::new(None),
             verified_tls: Mutex::new(None),
             mx_verified_tls: Mutex::new(None),
             pool: transport::pool::Pool::default(),
@@ -206,9 +218,65 @@ impl DeliveryContext {
         *guard = Some((nameservers.to_vec(), resolver.clone()));
         Ok(resolver)
     }
+
+    /// DANE's validating resolver, built on first use and when the
+    /// nameservers or the trust anchor file change.
+    fn dane_resolver(&self, cfg: &RelayConfig) -> Result<TokioResolver, classify::Fault> {
+        let mx = &cfg.delivery.mx;
+        let anchor_file = mx.trust_anchor_file.as_deref();
+        let mut guard = self.dane_resolver.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((servers, file, resolver)) = guard.as_ref()
+            && servers.as_slice() == mx.nameservers.as_slice()
+            && file.as_deref() == anchor_file
+        {
+            return Ok(resolver.clone());
+        }
+        let anchors = dane::anchors::load(anchor_file).map_err(|e| classify::Fault::Dane {
+            result: "dnssec-invalid",
+            detail: e.to_string(),
+        })?;
+        let resolver = mx::build_validating_resolver(&mx.nameservers, Arc::new(anchors))
+            .map_err(|e| classify::Fault::DnsTemporary(e.to_string()))?;
+        *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *guard = Some((
+            mx.nameservers.clone(),
+            anchor_file.map(Path::to_path_buf),
+            resolver.clone(),
+        ));
+        Ok(resolver)
+    }
+
+    /// Whether DANE's resolver can validate, checked again after an hour
+    /// (a minute when it could not, so a DNS hiccup at start does not turn
+    /// DANE off for long).
+    async fn dnssec_available(&self, resolver: &TokioResolver) -> bool {
+        let fresh = |(at, ok): (std::time::Instant, bool)| {
+            let ttl = if ok { DNSSEC_RECHECK } else { DNSSEC_RETRY };
+            (at.elapsed() < ttl).then_some(ok)
+        };
+        let cached = *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ok) = cached.and_then(fresh) {
+            return ok;
+        }
+        let ok = dane::lookup::dnssec_available(resolver).await;
+        // Once per change, not on every recheck.
+        if !ok && cached.map(|(_, was)| was) != Some(false) {
+            tracing::warn!(
+                "DANE inactive: the nameservers do not serve validatable DNSSEC (the root DNSKEY does not validate)"
+            );
+        }
+        *self.dnssec_probe.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), ok));
+        ok
+    }
 }
 
 /// `d` in queue milliseconds, saturating.
 pub(crate) fn millis(d: std::time::Duration) -> Millis {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
+
+/// How long a working DNSSEC check holds.
+const DNSSEC_RECHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How soon a failed DNSSEC check is tried again.
+const DNSSEC_RETRY: std::time::Duration = std::time::Duration::from_secs(60);

@@ -66,6 +66,27 @@ fn system_nameservers() -> Vec<SocketAddr> {
 /// A resolver asking `nameservers` (the system's when empty), over UDP
 /// with TCP fallback, ignoring /etc/hosts (mail routing is DNS only).
 pub fn build_resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, MxError> {
+    builder(nameservers)?
+        .build()
+        .map_err(|e| MxError::Resolver(e.to_string()))
+}
+
+/// As [`build_resolver`], validating answers with DNSSEC from `anchors`
+/// (DANE's resolver: every record carries its proof).
+pub fn build_validating_resolver(
+    nameservers: &[SocketAddr],
+    anchors: std::sync::Arc<hickory_resolver::proto::dnssec::TrustAnchors>,
+) -> Result<TokioResolver, MxError> {
+    let mut builder = builder(nameservers)?.with_trust_anchor(anchors);
+    builder.options_mut().validate = true;
+    builder
+        .build()
+        .map_err(|e| MxError::Resolver(e.to_string()))
+}
+
+fn builder(
+    nameservers: &[SocketAddr],
+) -> Result<hickory_resolver::ResolverBuilder<TokioRuntimeProvider>, MxError> {
     let servers = if nameservers.is_empty() {
         system_nameservers()
     } else {
@@ -91,10 +112,10 @@ pub fn build_resolver(nameservers: &[SocketAddr]) -> Result<TokioResolver, MxErr
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     opts.use_hosts_file = ResolveHosts::Never;
     opts.ndots = 0;
-    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        .with_options(opts)
-        .build()
-        .map_err(|e| MxError::Resolver(e.to_string()))
+    Ok(
+        TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+            .with_options(opts),
+    )
 }
 
 /// MX records in delivery order: lowest preference first, equal

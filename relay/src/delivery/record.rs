@@ -68,6 +68,7 @@ fn count_and_log(
     let domain = unit.sending_domain.as_str();
     for r in &plan.records {
         let remote = r.remote.as_deref().unwrap_or("-");
+        let tls_policy = r.tls_policy.unwrap_or("-");
         let rcpt = r.recipient.as_str();
         match &r.fate {
             Fate::Delivered(reply) => {
@@ -82,7 +83,7 @@ fn count_and_log(
                     .observe(latency);
                 tracing::info!(
                     outcome = "delivered", message_id = %unit.message_id, sending_domain = %domain,
-                    destination = %unit.domain, recipient = %rcpt, remote, reply = %reply, tls = r.tls, attempt,
+                    destination = %unit.domain, recipient = %rcpt, remote, reply = %reply, tls = r.tls, tls_policy, attempt,
                     "delivered"
                 );
             }
@@ -94,7 +95,7 @@ fn count_and_log(
                 tracing::info!(
                     outcome = "deferred", message_id = %unit.message_id, sending_domain = %domain,
                     destination = %unit.domain, recipient = %rcpt, remote,
-                    reply = %failure, attempt, next_attempt_at = plan.retry_at.unwrap_or(0), "deferred"
+                    reply = %failure, tls = r.tls, tls_policy, attempt, next_attempt_at = plan.retry_at.unwrap_or(0), "deferred"
                 );
             }
             Fate::Bounced {
@@ -110,13 +111,13 @@ fn count_and_log(
                     tracing::info!(
                         outcome = "expired", message_id = %unit.message_id, sending_domain = %domain,
                         destination = %unit.domain, recipient = %rcpt, remote,
-                        reply = %failure, attempt, "gave up: maximum queue lifetime reached"
+                        reply = %failure, tls = r.tls, tls_policy, attempt, "gave up: maximum queue lifetime reached"
                     );
                 } else {
                     tracing::info!(
                         outcome = "bounced", message_id = %unit.message_id, sending_domain = %domain,
                         destination = %unit.domain, recipient = %rcpt, remote,
-                        reply = %failure, attempt, hard = *hard, "bounced"
+                        reply = %failure, tls = r.tls, tls_policy, attempt, hard = *hard, "bounced"
                     );
                 }
             }
@@ -223,6 +224,7 @@ mod tests {
             ))),
             remote: Some("mx.dest.test".into()),
             tls: true,
+            tls_policy: Some("verified"),
         }
     }
 
@@ -231,6 +233,7 @@ mod tests {
             result: Ok(Reply::new(250, Some([2, 0, 0]), "ok")),
             remote: Some("mx.dest.test".into()),
             tls: true,
+            tls_policy: Some("dane"),
         }
     }
 
@@ -307,6 +310,11 @@ mod tests {
             );
             assert_eq!(events[0].remote_mta.as_deref(), Some("mx.dest.test"));
             assert_eq!(events[0].tls, Some(true));
+            assert_eq!(events[0].tls_policy.as_deref(), Some("verified"));
+            assert_eq!(events[1].tls_policy.as_deref(), Some("dane"));
+            let json = serde_json::to_value(&events[1]).unwrap();
+            assert_eq!(json["tlsPolicy"], "dane", "{json}");
+            assert_eq!(json["tls"], true, "{json}");
             assert_eq!(events[0].attempt, Some(1));
             assert_eq!(
                 events[2].dsn_queue_id.as_deref(),
@@ -396,6 +404,7 @@ mod tests {
                 result: Ok(Reply::new(250, Some([2, 0, 0]), "ok")),
                 remote: None,
                 tls: false,
+                tls_policy: None,
             };
             settle(&ctx, &cfg, &leases[0], b"", vec![delivered]).await;
             // Without retries the outcome is lost, the unit stays leased

@@ -5,6 +5,7 @@
 use petrel_crds::config::{RelayConfig, TlsMode, Transport};
 
 use super::classify::Fault;
+use super::dane::DanePlan;
 use super::mx::{self, MxHost};
 use super::smtp_client::{ConnectSettings, Timeouts, TlsPolicy};
 use super::{DeliveryContext, tls_policy};
@@ -13,8 +14,9 @@ use super::{DeliveryContext, tls_policy};
 pub(crate) enum Route {
     /// SMTP to these hosts on this port.
     Smtp(Vec<MxHost>, u16),
-    /// SMTP to these hosts on this port, with these connection settings.
-    Ready(Vec<MxHost>, u16, Box<ConnectSettings>),
+    /// SMTP to these hosts on this port, with these connection settings
+    /// (overridden per host where DANE applies).
+    Ready(Vec<MxHost>, u16, Box<ConnectSettings>, Box<DanePlan>),
     /// Nowhere, for this reason.
     Fail(Fault),
     /// The Maildir tree.

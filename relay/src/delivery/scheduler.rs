@@ -19,7 +19,7 @@ use tokio::task::{Id, JoinError, JoinSet};
 use super::DeliveryContext;
 use super::dispatch::Dispatch;
 use super::group::deliver_group;
-use crate::queue::{Lease, SettleOp, Settlement, now_millis};
+use crate::queue::{Lease, LeasedUnit, SettleOp, Settlement, now_millis};
 
 /// Longest pause between queue polls when nothing is due.
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -43,6 +43,8 @@ pub async fn run(
     // Which destination each running group delivers to.
     let mut running: HashMap<Id, String> = HashMap::new();
     let mut dispatch = Dispatch::default();
+    // Message bytes leased with units still waiting in `dispatch`.
+    let mut prefetched = Prefetched::new();
     // Aborted when the loop ends (this handle dropped with it).
     let gauges = AbortOnDrop(crate::queue_gauges::spawn(
         ctx.queue.clone(),
@@ -61,11 +63,18 @@ pub async fn run(
         let limit = cfg.delivery.per_destination_concurrency.max(1) as usize;
         for batch in dispatch.start(limit) {
             let domain = batch.domain.clone();
+            // The bytes go with the batch; a unit whose bytes were taken by
+            // another batch (same message, other destination) fetches them.
+            let data = data_of(&batch.leases, &prefetched);
+            for lease in &batch.leases {
+                prefetched.remove(&lease.unit.message_id);
+            }
             let handle = tasks.spawn(deliver_group(
                 ctx.clone(),
                 cfg.clone(),
                 batch.domain,
                 batch.leases,
+                data,
                 batch.permit,
             ));
             running.insert(handle.id(), domain);
@@ -83,12 +92,13 @@ pub async fn run(
             }
         }
         let lease_for = cfg.queue.lease.get();
-        let leases = match ctx
+        // The units with their message bytes, in one round trip.
+        let leased = match ctx
             .queue
-            .lease(now_millis(), available.min(MAX_BATCH), lease_for)
+            .lease_with_data(now_millis(), available.min(MAX_BATCH), lease_for)
             .await
         {
-            Ok(leases) => leases,
+            Ok(leased) => leased,
             Err(error) => {
                 tracing::warn!(%error, "cannot lease from the queue");
                 tokio::select! {
@@ -97,6 +107,8 @@ pub async fn run(
                 }
             }
         };
+        let (leases, data) = split_prefetched(leased);
+        prefetched.extend(data);
         if leases.is_empty() {
             tokio::select! {
                 _ = &mut shutdown => break,
@@ -166,6 +178,35 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Message bytes that came with the leases, by message id.
+pub(crate) type Prefetched = HashMap<String, Arc<Vec<u8>>>;
+
+/// Splits leased units into the leases and the bytes that came with them.
+fn split_prefetched(leased: Vec<LeasedUnit>) -> (Vec<Lease>, Prefetched) {
+    let mut data = Prefetched::new();
+    let leases = leased
+        .into_iter()
+        .map(|l| {
+            if let Some(bytes) = l.data {
+                data.insert(l.lease.unit.message_id.clone(), bytes);
+            }
+            l.lease
+        })
+        .collect();
+    (leases, data)
+}
+
+/// The bytes of one group's messages (shared, not copied).
+fn data_of(group: &[Lease], data: &Prefetched) -> Prefetched {
+    group
+        .iter()
+        .filter_map(|l| {
+            let id = &l.unit.message_id;
+            data.get(id).map(|bytes| (id.clone(), bytes.clone()))
+        })
+        .collect()
 }
 
 /// Leases grouped by destination domain, keeping lease order inside a group.

@@ -23,6 +23,9 @@ pub(crate) struct RcptOutcome {
     pub remote: Option<String>,
     /// Whether the connection used TLS.
     pub tls: bool,
+    /// The TLS policy that applied (`dane`, `mta-sts`, `verified`,
+    /// `encrypted`, `opportunistic`, `none`), when a server was tried.
+    pub tls_policy: Option<&'static str>,
 }
 
 /// Everything [`plan`] needs besides the outcomes.
@@ -75,6 +78,8 @@ pub(crate) struct RcptRecord {
     pub remote: Option<String>,
     /// Whether the connection used TLS.
     pub tls: bool,
+    /// The TLS policy that applied, when a server was tried.
+    pub tls_policy: Option<&'static str>,
 }
 
 /// The decided outcome of an attempt.
@@ -140,16 +145,17 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
     let unit = input.unit;
     let now = input.now;
     let attempt = unit.attempts.saturating_add(1);
-    let event = |kind, rcpt: &str, remote: &Option<String>, tls: bool| {
-        let mut e = unit_event(kind, unit, rcpt, input.relay, now);
+    let event = |kind, r: &RcptRecord| {
+        let mut e = unit_event(kind, unit, &r.recipient, input.relay, now);
         e.attempt = Some(attempt);
-        e.remote_mta = remote.clone();
-        e.tls = remote.as_ref().map(|_| tls);
+        e.remote_mta = r.remote.clone();
+        e.tls = r.remote.as_ref().map(|_| r.tls);
+        e.tls_policy = r.tls_policy.map(str::to_string);
         e
     };
 
     let mut records = Vec::with_capacity(unit.recipients.len());
-    let mut failed: Vec<(String, Failure, Option<String>, bool)> = Vec::new();
+    let mut failed: Vec<(String, Failure, RcptOutcome)> = Vec::new();
     for (rcpt, o) in unit.recipients.iter().zip(outcomes) {
         match o.result {
             Ok(reply) => records.push(RcptRecord {
@@ -157,13 +163,21 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
                 fate: Fate::Delivered(reply),
                 remote: o.remote,
                 tls: o.tls,
+                tls_policy: o.tls_policy,
             }),
-            Err(failure) => failed.push((rcpt.clone(), failure, o.remote, o.tls)),
+            Err(failure) => failed.push((
+                rcpt.clone(),
+                failure.clone(),
+                RcptOutcome {
+                    result: Err(failure),
+                    ..o
+                },
+            )),
         }
     }
     let any_temporary = failed
         .iter()
-        .any(|(_, f, _, _)| f.outcome() != Outcome::Permanent);
+        .any(|(_, f, _)| f.outcome() != Outcome::Permanent);
     let retry_at = match any_temporary.then(|| {
         input
             .policy
@@ -172,7 +186,7 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
         Some(RetryDecision::RetryAt(at)) => Some(at),
         Some(RetryDecision::Expire) | None => None,
     };
-    for (rcpt, failure, remote, tls) in failed {
+    for (rcpt, failure, o) in failed {
         let fate = match (failure.outcome(), retry_at) {
             (Outcome::Permanent, _) => Fate::Bounced {
                 hard: is_hard_bounce(&failure),
@@ -189,8 +203,9 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
         records.push(RcptRecord {
             recipient: rcpt,
             fate,
-            remote,
-            tls,
+            remote: o.remote,
+            tls: o.tls,
+            tls_policy: o.tls_policy,
         });
     }
     // Back to the unit's order (delivered ones were pushed first).
@@ -202,13 +217,12 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
     for r in &records {
         match &r.fate {
             Fate::Delivered(reply) => {
-                let e = event(EventType::Delivered, &r.recipient, &r.remote, r.tls)
-                    .with_response(&reply.one_line());
+                let e = event(EventType::Delivered, r).with_response(&reply.one_line());
                 settlement.events.push(e);
             }
             Fate::Deferred(failure) => {
                 let (response, status) = failure_response(failure);
-                let mut e = event(EventType::Deferred, &r.recipient, &r.remote, r.tls);
+                let mut e = event(EventType::Deferred, r);
                 e.response = Some(response);
                 e.enhanced_status = Some(status);
                 e.next_attempt_at = retry_at.map(format_timestamp);
@@ -226,7 +240,7 @@ pub(crate) fn plan(input: &SettleInput<'_>, outcomes: Vec<RcptOutcome>) -> Plan 
                 expired,
             } => {
                 let (response, status) = failure_response(failure);
-                let mut e = event(EventType::Bounced, &r.recipient, &r.remote, r.tls);
+                let mut e = event(EventType::Bounced, r);
                 e.response = Some(response);
                 e.enhanced_status = Some(status);
                 e.bounce_type = Some(match (expired, hard) {

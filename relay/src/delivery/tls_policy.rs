@@ -288,7 +288,9 @@ pub fn failure_result(failure: &super::classify::Failure) -> Option<&'static str
     use super::classify::Failure;
     match failure {
         Failure::Fault(Fault::TlsNotOffered) => Some("starttls-not-supported"),
-        Failure::Fault(Fault::Certificate { result, .. }) => Some(result),
+        Failure::Fault(Fault::Certificate { result, .. } | Fault::Dane { result, .. }) => {
+            Some(result)
+        }
         Failure::Fault(Fault::Tls(_)) => Some("validation-failure"),
         Failure::Fault(_) | Failure::Reply(_) | Failure::Session(_) => None,
     }

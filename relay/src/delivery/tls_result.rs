@@ -2,6 +2,8 @@
 //! 4.3.2.1): pure mapping from rustls' errors, shared by the delivery
 //! diagnostics, the `petrel_outbound_tls_total` metric and TLS-RPT.
 
+use super::dane::verify::TlsaMismatch;
+
 /// TLS-RPT result types for negotiation failures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum TlsResult {
@@ -15,6 +17,12 @@ pub enum TlsResult {
     CertificateNotTrusted,
     /// Any other verification or negotiation failure.
     ValidationFailure,
+    /// DANE: the certificate matches none of the MX host's TLSA records,
+    /// or none of them is usable.
+    TlsaInvalid,
+    /// DANE: the DNSSEC answer for the MX or TLSA records failed
+    /// validation (bogus).
+    DnssecInvalid,
 }
 
 impl TlsResult {
@@ -26,6 +34,8 @@ impl TlsResult {
             TlsResult::CertificateExpired => "certificate-expired",
             TlsResult::CertificateNotTrusted => "certificate-not-trusted",
             TlsResult::ValidationFailure => "validation-failure",
+            TlsResult::TlsaInvalid => "tlsa-invalid",
+            TlsResult::DnssecInvalid => "dnssec-invalid",
         }
     }
 
@@ -43,6 +53,7 @@ impl TlsResult {
                 | C::NotValidYet
                 | C::NotValidYetContext { .. } => TlsResult::CertificateExpired,
                 C::UnknownIssuer => TlsResult::CertificateNotTrusted,
+                C::Other(other) if other.0.is::<TlsaMismatch>() => TlsResult::TlsaInvalid,
                 // rustls' list is non-exhaustive: everything else is a
                 // failed validation.
                 _ => TlsResult::ValidationFailure,

@@ -172,6 +172,11 @@ pub struct Event {
     /// Whether the delivery connection used TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<bool>,
+    /// The TLS policy that applied to the delivery connection: `dane`,
+    /// `mta-sts`, `verified`, `encrypted`, `opportunistic` or `none` (the
+    /// `policy` label of `petrel_outbound_tls_total`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_policy: Option<String>,
     /// The relay (host name / pod name) that recorded the event.
     pub relay: String,
     /// The message's tags (HTTP `tags`, SMTP `X-Petrel-Tags`).
@@ -233,6 +238,7 @@ impl Event {
             response: None,
             enhanced_status: None,
             tls: None,
+            tls_policy: None,
             relay: relay.to_string(),
             tags: BTreeMap::new(),
             bounce_type: None,
@@ -404,6 +410,7 @@ mod schema_drift {
             "bounceType",
             "async",
             "relay",
+            "tlsPolicy",
         ] {
             assert!(props.contains_key(field), "{field} missing from the schema");
         }

@@ -2,7 +2,8 @@
 //! operations (`Queue::enqueue`, `Queue::settle`), so an event is stored
 //! in the same atomic step as the state change it describes.
 //!
-//! Both backends serve this trait: Redis from the stream `{prefix}:events`
+//! Both backends serve this trait: Redis from the partitions' streams
+//! (`{prefix:N:…}:events`) and the shared `{prefix}:events`, read as one log
 //! with one consumer group per reader, the embedded backend from redb
 //! tables written in the queue's transactions.
 

@@ -19,6 +19,7 @@
 //! and a pending (claimed, unacked) table per consumer group (module
 //! `embedded_events`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +32,9 @@ use redb::{
 use super::embedded_events::{self, append_events};
 use super::redis::in_force;
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
-    SharedState, SuppressionEntry, now_millis, settled_unit, suppression_key, units_of,
+    DeliveryUnit, LEASE_DATA_BUDGET, Lease, LeasedUnit, Millis, NewMessage, Queue, QueueError,
+    QueueStats, Settlement, SharedState, SuppressionEntry, now_millis, settled_unit,
+    suppression_key, units_of,
 };
 use crate::config::EmbeddedQueue;
 use crate::events::Event;
@@ -301,6 +303,114 @@ pub(super) fn relaxed(txn: &mut WriteTransaction) -> Result<(), QueueError> {
         .map_err(|e| QueueError::Unavailable(e.to_string()))
 }
 
+/// A settlement encoded for the file, applied inside a write transaction.
+struct PreparedSettle {
+    lease: Lease,
+    retry: Option<(Millis, Vec<u8>)>,
+    messages: Vec<Encoded>,
+    events: Vec<Vec<u8>>,
+    suppress: Vec<(String, Vec<u8>)>,
+}
+
+impl PreparedSettle {
+    fn new(lease: &Lease, settlement: &Settlement) -> Result<PreparedSettle, QueueError> {
+        let retry = match settled_unit(&lease.unit, settlement.op.clone(), now_millis()) {
+            Some(unit) => Some((unit.next_attempt_at, encode(&unit, &unit.id)?)),
+            None => None,
+        };
+        let messages = settlement
+            .enqueue
+            .iter()
+            .cloned()
+            .filter_map(|m| encode_message(m).transpose())
+            .collect::<Result<Vec<_>, QueueError>>()?;
+        Ok(PreparedSettle {
+            lease: lease.clone(),
+            retry,
+            messages,
+            events: embedded_events::encode_events(&settlement.events)?,
+            suppress: encode_suppression(&settlement.suppress)?,
+        })
+    }
+
+    /// Writes the settlement; [`QueueError::LeaseLost`] before writing
+    /// anything when the lease is not ours.
+    fn apply(&self, txn: &WriteTransaction) -> Result<(), QueueError> {
+        let lease = &self.lease;
+        take_lease(txn, lease)?;
+        match &self.retry {
+            Some((at, json)) => {
+                let id = lease.unit.id.as_str();
+                txn.open_table(UNITS)?.insert(id, json.as_slice())?;
+                txn.open_table(DUE)?.insert((*at, id), ())?;
+            }
+            None => finish_unit(txn, lease)?,
+        }
+        for m in &self.messages {
+            store_message(txn, m)?;
+        }
+        append_events(txn, &self.events, now_millis())?;
+        store_suppression(txn, &self.suppress)?;
+        Ok(())
+    }
+}
+
+/// Reclaims expired leases and leases up to `max` due units inside `txn`.
+fn lease_in(
+    txn: &WriteTransaction,
+    now: Millis,
+    max: usize,
+    expires_at: Millis,
+    token: &str,
+) -> Result<Vec<Lease>, QueueError> {
+    let mut out = Vec::new();
+    {
+        let mut due = txn.open_table(DUE)?;
+        let mut leases = txn.open_table(LEASES)?;
+        let mut expiry = txn.open_table(LEASE_EXPIRY)?;
+        for (at, id) in due_keys(&expiry, now, RECLAIM_BATCH)? {
+            expiry.remove((at, id.as_str()))?;
+            leases.remove(id.as_str())?;
+            due.insert((at, id.as_str()), ())?;
+        }
+        let units = txn.open_table(UNITS)?;
+        let holds = txn.open_table(HOLDS)?;
+        let mut held = txn.open_table(HELD)?;
+        let holding = !holds.is_empty()?;
+        for (at, id) in due_keys(&due, now, max)? {
+            due.remove((at, id.as_str()))?;
+            let Some(json) = units.get(id.as_str())? else {
+                continue;
+            };
+            let unit = match decode::<DeliveryUnit>(json.value(), &id) {
+                Ok(unit) => unit,
+                Err(error) => {
+                    // As in Redis: one bad record must not stall
+                    // the rest; it stays leased until expiry.
+                    tracing::error!(%error, "undecodable unit record skipped");
+                    leases.insert(id.as_str(), (expires_at, ""))?;
+                    expiry.insert((expires_at, id.as_str()), ())?;
+                    continue;
+                }
+            };
+            // A held destination's unit waits in `held` instead
+            // (see `queue::control`).
+            if holding && holds.get(unit.domain.as_str())?.is_some() {
+                held.insert((at, id.as_str()), ())?;
+                continue;
+            }
+            leases.insert(id.as_str(), (expires_at, token))?;
+            expiry.insert((expires_at, id.as_str()), ())?;
+            out.push(Lease {
+                unit,
+                token: token.to_string(),
+                expires_at,
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl Queue for EmbeddedBackend {
     async fn enqueue(&self, message: NewMessage, events: Vec<Event>) -> Result<(), QueueError> {
@@ -336,49 +446,50 @@ impl Queue for EmbeddedBackend {
         self.run(move |db| {
             let mut txn = db.begin_write()?;
             relaxed(&mut txn)?;
-            let mut out = Vec::new();
+            let out = lease_in(&txn, now, max, expires_at, &token)?;
+            txn.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn lease_with_data(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<LeasedUnit>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
+        self.run(move |db| {
+            let mut txn = db.begin_write()?;
+            relaxed(&mut txn)?;
+            let leases = lease_in(&txn, now, max, expires_at, &token)?;
+            // The bytes from the same transaction: one trip to the file.
+            let mut out = Vec::with_capacity(leases.len());
             {
-                let mut due = txn.open_table(DUE)?;
-                let mut leases = txn.open_table(LEASES)?;
-                let mut expiry = txn.open_table(LEASE_EXPIRY)?;
-                for (at, id) in due_keys(&expiry, now, RECLAIM_BATCH)? {
-                    expiry.remove((at, id.as_str()))?;
-                    leases.remove(id.as_str())?;
-                    due.insert((at, id.as_str()), ())?;
-                }
-                let units = txn.open_table(UNITS)?;
-                let holds = txn.open_table(HOLDS)?;
-                let mut held = txn.open_table(HELD)?;
-                let holding = !holds.is_empty()?;
-                for (at, id) in due_keys(&due, now, max)? {
-                    due.remove((at, id.as_str()))?;
-                    let Some(json) = units.get(id.as_str())? else {
-                        continue;
+                let data = txn.open_table(DATA)?;
+                let mut read: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+                let mut budget = LEASE_DATA_BUDGET;
+                for lease in leases {
+                    let id = lease.unit.message_id.clone();
+                    let bytes = match read.get(&id) {
+                        Some(bytes) => Some(bytes.clone()),
+                        None if budget > 0 => match data.get(id.as_str())? {
+                            Some(v) => {
+                                let bytes = Arc::new(v.value().to_vec());
+                                budget = budget.saturating_sub(bytes.len());
+                                read.insert(id, bytes.clone());
+                                Some(bytes)
+                            }
+                            None => None,
+                        },
+                        None => None,
                     };
-                    let unit = match decode::<DeliveryUnit>(json.value(), &id) {
-                        Ok(unit) => unit,
-                        Err(error) => {
-                            // As in Redis: one bad record must not stall
-                            // the rest; it stays leased until expiry.
-                            tracing::error!(%error, "undecodable unit record skipped");
-                            leases.insert(id.as_str(), (expires_at, ""))?;
-                            expiry.insert((expires_at, id.as_str()), ())?;
-                            continue;
-                        }
-                    };
-                    // A held destination's unit waits in `held` instead
-                    // (see `queue::control`).
-                    if holding && holds.get(unit.domain.as_str())?.is_some() {
-                        held.insert((at, id.as_str()), ())?;
-                        continue;
-                    }
-                    leases.insert(id.as_str(), (expires_at, token.as_str()))?;
-                    expiry.insert((expires_at, id.as_str()), ())?;
-                    out.push(Lease {
-                        unit,
-                        token: token.clone(),
-                        expires_at,
-                    });
+                    out.push(LeasedUnit { lease, data: bytes });
                 }
             }
             txn.commit()?;
@@ -438,38 +549,74 @@ impl Queue for EmbeddedBackend {
     }
 
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
-        let lease = lease.clone();
-        let retry = match settled_unit(&lease.unit, settlement.op, now_millis()) {
-            Some(unit) => Some((unit.next_attempt_at, encode(&unit, &unit.id)?)),
-            None => None,
-        };
-        let messages = settlement
-            .enqueue
-            .into_iter()
-            .filter_map(|m| encode_message(m).transpose())
-            .collect::<Result<Vec<_>, QueueError>>()?;
-        let events = embedded_events::encode_events(&settlement.events)?;
-        let suppress = encode_suppression(&settlement.suppress)?;
+        let item = PreparedSettle::new(lease, &settlement)?;
         self.run(move |db| {
             let txn = db.begin_write()?;
-            take_lease(&txn, &lease)?;
-            match &retry {
-                Some((at, json)) => {
-                    let id = lease.unit.id.as_str();
-                    txn.open_table(UNITS)?.insert(id, json.as_slice())?;
-                    txn.open_table(DUE)?.insert((*at, id), ())?;
-                }
-                None => finish_unit(&txn, &lease)?,
-            }
-            for m in &messages {
-                store_message(&txn, m)?;
-            }
-            append_events(&txn, &events, now_millis())?;
-            store_suppression(&txn, &suppress)?;
+            item.apply(&txn)?;
             txn.commit()?;
             Ok(())
         })
         .await
+    }
+
+    async fn settle_many(&self, batch: &[(Lease, Settlement)]) -> Vec<Result<(), QueueError>> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        // Items that cannot be encoded fail alone; the rest share one
+        // transaction, so one commit (one fsync) settles the batch.
+        let mut results: Vec<Option<Result<(), QueueError>>> = Vec::with_capacity(batch.len());
+        let mut items = Vec::new();
+        for (i, (lease, settlement)) in batch.iter().enumerate() {
+            match PreparedSettle::new(lease, settlement) {
+                Ok(item) => {
+                    items.push((i, item));
+                    results.push(None);
+                }
+                Err(error) => results.push(Some(Err(error))),
+            }
+        }
+        let applied = self
+            .run(move |db| {
+                let txn = db.begin_write()?;
+                let mut done = Vec::with_capacity(items.len());
+                for (i, item) in &items {
+                    // A lost lease is found before anything of the item is
+                    // written, so it leaves the transaction clean.
+                    match item.apply(&txn) {
+                        Ok(()) => done.push((*i, None)),
+                        Err(QueueError::LeaseLost(id)) => done.push((*i, Some(id))),
+                        Err(error) => return Err(error),
+                    }
+                }
+                txn.commit()?;
+                Ok(done)
+            })
+            .await;
+        match applied {
+            Ok(done) => {
+                for (i, lost) in done {
+                    results[i] = Some(match lost {
+                        None => Ok(()),
+                        Some(id) => Err(QueueError::LeaseLost(id)),
+                    });
+                }
+            }
+            Err(error) => {
+                // Nothing of the transaction was stored.
+                let text = error.to_string();
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(match &error {
+                        QueueError::Timeout(d) => QueueError::Timeout(*d),
+                        _ => QueueError::Unavailable(text.clone()),
+                    }));
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(QueueError::Unavailable("not settled".into()))))
+            .collect()
     }
 
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {

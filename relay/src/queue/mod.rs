@@ -233,6 +233,24 @@ pub struct Lease {
     pub expires_at: Millis,
 }
 
+/// A leased unit with its message's bytes, read in the same round trip
+/// as the lease ([`Queue::lease_with_data`]). Units of one message share
+/// one copy of the bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeasedUnit {
+    /// The lease.
+    pub lease: Lease,
+    /// The message bytes; `None` when the backend left them out (the
+    /// batch's byte budget was spent, or the message could not be read):
+    /// read them with [`Queue::message_data`] then.
+    pub data: Option<Arc<Vec<u8>>>,
+}
+
+/// Most message bytes one [`Queue::lease_with_data`] call returns; the
+/// bodies past it are left to [`Queue::message_data`], so a batch of
+/// large messages cannot balloon memory.
+pub const LEASE_DATA_BUDGET: usize = 16 * 1024 * 1024;
+
 /// A temporary failure: what to keep and when to try again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reschedule {
@@ -432,6 +450,54 @@ pub trait Queue: Send + Sync + 'static {
     /// with no recipients left finishes the unit like `Complete`.
     /// `Postpone` makes it due again at `until` and changes nothing else.
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError>;
+
+    /// Leases like [`Queue::lease`] and returns each unit with its
+    /// message's bytes (up to [`LEASE_DATA_BUDGET`] in all), so a worker
+    /// needs no second round trip per message. The default reads the
+    /// bytes one message at a time; backends override it to do both in
+    /// one step.
+    async fn lease_with_data(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<LeasedUnit>, QueueError> {
+        let leases = self.lease(now, max, lease_for).await?;
+        let mut read: BTreeMap<String, Arc<Vec<u8>>> = BTreeMap::new();
+        let mut budget = LEASE_DATA_BUDGET;
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            let id = &lease.unit.message_id;
+            let data = match read.get(id) {
+                Some(data) => Some(data.clone()),
+                None if budget > 0 => match self.message_data(id).await {
+                    Ok(bytes) => {
+                        budget = budget.saturating_sub(bytes.len());
+                        let bytes = Arc::new(bytes);
+                        read.insert(id.clone(), bytes.clone());
+                        Some(bytes)
+                    }
+                    // Left to the caller, who reads (and handles) it again.
+                    Err(_) => None,
+                },
+                None => None,
+            };
+            out.push(LeasedUnit { lease, data });
+        }
+        Ok(out)
+    }
+
+    /// Settles several leases, each exactly like [`Queue::settle`] (each
+    /// atomic on its own, one result per lease in order). The default
+    /// settles them one by one; backends override it to need fewer round
+    /// trips.
+    async fn settle_many(&self, batch: &[(Lease, Settlement)]) -> Vec<Result<(), QueueError>> {
+        let mut out = Vec::with_capacity(batch.len());
+        for (lease, settlement) in batch {
+            out.push(self.settle(lease, settlement.clone()).await);
+        }
+        out
+    }
 
     /// The unit is delivered: [`Queue::settle`] with nothing else to store.
     async fn complete(&self, lease: &Lease) -> Result<(), QueueError> {

@@ -142,6 +142,7 @@ async fn deliver_maildir(
                 },
                 remote: None,
                 tls: false,
+                tls_policy: None,
             })
             .collect(),
         Err(e) => unit
@@ -151,6 +152,7 @@ async fn deliver_maildir(
                 result: Err(Failure::Fault(Fault::Local(e.to_string()))),
                 remote: None,
                 tls: false,
+                tls_policy: None,
             })
             .collect(),
     }

@@ -30,6 +30,7 @@ impl Transport for Unroutable<'_> {
                 result: Err(Failure::Fault(self.0.clone())),
                 remote: None,
                 tls: false,
+                tls_policy: None,
             })
             .collect()
     }

@@ -13,6 +13,9 @@ pub(crate) struct Session {
     /// A transaction used it and may have left state behind at the server,
     /// or it sat idle in the pool (RSET then also shows it is still alive).
     pub(crate) used: bool,
+    /// The TLS policy it was opened under (`dane`, `mta-sts`, ...), for
+    /// events and log lines.
+    pub(crate) tls_policy: &'static str,
 }
 
 /// How long an idle connection is kept for the next units to the same

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use super::super::DeliveryContext;
 use super::super::classify::{Failure, Fault, Outcome};
+use super::super::dane::{self, DanePlan};
 use super::super::mx::MxHost;
 use super::super::settle::RcptOutcome;
 use super::super::smtp_client::{self, ConnectSettings, Envelope};
@@ -22,6 +23,8 @@ pub(crate) struct Smtp<'a> {
     pub ctx: &'a DeliveryContext,
     /// How to connect.
     pub settings: &'a ConnectSettings,
+    /// DANE per host (overrides `settings` where TLSA records apply).
+    pub dane: &'a DanePlan,
     /// The hosts, in preference order.
     pub hosts: &'a [MxHost],
     /// Their port.
@@ -41,6 +44,7 @@ impl Transport for Smtp<'_> {
         deliver_smtp(
             self.ctx,
             self.settings,
+            self.dane,
             self.hosts,
             self.port,
             self.session,
@@ -58,6 +62,7 @@ impl Transport for Smtp<'_> {
 async fn deliver_smtp(
     ctx: &DeliveryContext,
     settings: &ConnectSettings,
+    dane: &DanePlan,
     hosts: &[MxHost],
     port: u16,
     session: &mut Option<Session>,
@@ -72,6 +77,8 @@ async fn deliver_smtp(
     let mut pending: Vec<usize> = (0..n).collect();
     let mut last_failure = Failure::Fault(Fault::Connect(format!("no server for {domain}")));
     let mut next_host = 0usize;
+    // The policy of the last host tried, for outcomes without a session.
+    let mut last_policy = settings.tls_label;
     while !pending.is_empty() {
         // Reuse the open connection (after RSET when the last transaction
         // may have left state behind), or open a new one.
@@ -91,6 +98,30 @@ async fn deliver_smtp(
             while session.is_none() && next_host < hosts.len() {
                 let host = &hosts[next_host];
                 next_host += 1;
+                let settings = match dane::settings_for(
+                    dane,
+                    &host.name,
+                    settings,
+                    &ctx.unverified_tls,
+                ) {
+                    Ok(s) => s,
+                    Err(fault) => {
+                        // Bogus or failed TLSA lookup: not this host.
+                        let failure = Failure::Fault(fault);
+                        if let Some(result) = tls_policy::failure_result(&failure) {
+                            ctx.metrics
+                                .outbound_tls
+                                .with_label_values(&[dane::LABEL, result])
+                                .inc();
+                        }
+                        tracing::debug!(host = %host.name, %failure, tls_policy = dane::LABEL, "host unusable; trying the next");
+                        last_policy = dane::LABEL;
+                        last_failure = failure;
+                        continue;
+                    }
+                };
+                let settings = settings.as_ref();
+                last_policy = settings.tls_label;
                 for ip in &host.addrs {
                     if let Some(probe) = settings.tls_report.as_ref().and_then(|r| r.probe.as_ref())
                     {
@@ -113,7 +144,11 @@ async fn deliver_smtp(
                                 .outbound_tls
                                 .with_label_values(&[settings.tls_label, tls])
                                 .inc();
-                            *session = Some(Session { conn, used: false });
+                            *session = Some(Session {
+                                conn,
+                                used: false,
+                                tls_policy: settings.tls_label,
+                            });
                             break;
                         }
                         Err(failure) => {
@@ -155,6 +190,7 @@ async fn deliver_smtp(
         s.used = !t.ended;
         let host = s.conn.host.clone();
         let tls = s.conn.tls;
+        let tls_policy = s.tls_policy;
         let mut still = Vec::new();
         for (&i, result) in pending.iter().zip(t.results) {
             match result {
@@ -171,6 +207,7 @@ async fn deliver_smtp(
                         result,
                         remote: Some(host.clone()),
                         tls,
+                        tls_policy: Some(tls_policy),
                     })
                 }
             }
@@ -201,6 +238,7 @@ async fn deliver_smtp(
                 result: Err(last_failure.clone()),
                 remote: None,
                 tls: false,
+                tls_policy: Some(last_policy),
             })
         })
         .collect()

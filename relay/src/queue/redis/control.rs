@@ -1,11 +1,15 @@
-//! [`QueueControl`] on Redis: the whole queue read in one MULTI snapshot,
-//! claims, holds and releases as Lua scripts (module `scripts`).
+//! [`QueueControl`] on Redis: every shard read in one MULTI snapshot each
+//! (the listing aggregates all partitions), claims, holds and releases as
+//! Lua scripts per shard (module `scripts`); holds live in the shared
+//! `{prefix}:holds`, which every lease passes to its scripts.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::layout::{ShardKeys, token};
 use super::{RedisBackend, decode, encode, scripts};
 use crate::queue::control::{Hold, QueueControl, UnitState, UnitView, released};
 use crate::queue::{DeliveryUnit, Lease, Millis, QueueError};
@@ -19,11 +23,56 @@ impl RedisBackend {
         let mut conn = self.connection(&self.conn).await?;
         self.bounded(
             redis::cmd("HGET")
-                .arg(&self.keys.holds)
+                .arg(&self.layout.shared.holds)
                 .arg(domain)
                 .query_async(&mut conn),
         )
         .await
+    }
+
+    /// Every unit of every shard with its state, by shard (each shard read
+    /// in one MULTI snapshot).
+    async fn units_by_shard(
+        &self,
+        now: Millis,
+    ) -> Result<Vec<(Arc<ShardKeys>, Vec<UnitView>)>, QueueError> {
+        let shards = self.queue_shards().await?;
+        type Index = HashMap<String, f64>;
+        type Snapshot = (HashMap<String, Vec<u8>>, Index, Index, Index);
+        let replies: Vec<Snapshot> = self
+            .each_ok(&shards, |k, mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .hgetall(&k.unit)
+                    .zrange_withscores(&k.due, 0, -1)
+                    .zrange_withscores(&k.leased, 0, -1)
+                    .zrange_withscores(&k.held, 0, -1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(shards
+            .into_iter()
+            .zip(replies)
+            .map(|(keys, (records, due, leased, held))| {
+                let mut out = Vec::with_capacity(records.len());
+                for (id, json) in records {
+                    let mut unit: DeliveryUnit = match decode(&json, &id) {
+                        Ok(unit) => unit,
+                        Err(error) => {
+                            tracing::warn!(%error, "undecodable unit record left out of the listing");
+                            continue;
+                        }
+                    };
+                    let (state, at) = state_of(&id, now, &due, &leased, &held);
+                    if let Some(at) = at {
+                        unit.next_attempt_at = at;
+                    }
+                    out.push(UnitView { unit, state });
+                }
+                (keys, out)
+            })
+            .collect())
     }
 }
 
@@ -56,33 +105,12 @@ fn state_of(
 #[async_trait]
 impl QueueControl for RedisBackend {
     async fn units(&self, now: Millis) -> Result<Vec<UnitView>, QueueError> {
-        let k = &self.keys;
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hgetall(&k.unit)
-            .zrange_withscores(&k.due, 0, -1)
-            .zrange_withscores(&k.leased, 0, -1)
-            .zrange_withscores(&k.held, 0, -1);
-        let mut conn = self.connection(&self.conn).await?;
-        type Index = HashMap<String, f64>;
-        let (records, due, leased, held): (HashMap<String, Vec<u8>>, Index, Index, Index) =
-            self.bounded(pipe.query_async(&mut conn)).await?;
-        let mut out = Vec::with_capacity(records.len());
-        for (id, json) in records {
-            let mut unit: DeliveryUnit = match decode(&json, &id) {
-                Ok(unit) => unit,
-                Err(error) => {
-                    tracing::warn!(%error, "undecodable unit record left out of the listing");
-                    continue;
-                }
-            };
-            let (state, at) = state_of(&id, now, &due, &leased, &held);
-            if let Some(at) = at {
-                unit.next_attempt_at = at;
-            }
-            out.push(UnitView { unit, state });
-        }
-        Ok(out)
+        Ok(self
+            .units_by_shard(now)
+            .await?
+            .into_iter()
+            .flat_map(|(_, views)| views)
+            .collect())
     }
 
     async fn claim(
@@ -94,31 +122,38 @@ impl QueueControl for RedisBackend {
         if unit_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let k = &self.keys;
-        let token = uuid::Uuid::new_v4().simple().to_string();
         let expires_at = now.saturating_add(lease_for.as_millis() as u64);
-        let mut inv = scripts::CLAIM.prepare_invoke();
-        inv.key(&k.due)
-            .key(&k.leased)
-            .key(&k.unit)
-            .key(&k.token)
-            .key(&k.held)
-            .arg(now)
-            .arg(expires_at)
-            .arg(&token)
-            .arg(unit_ids);
-        let mut conn = self.connection(&self.conn).await?;
-        let records: Vec<Vec<u8>> = self.bounded(inv.invoke_async(&mut conn)).await?;
-        records
-            .iter()
-            .map(|bytes| {
-                Ok(Lease {
-                    unit: decode(bytes, &k.unit)?,
+        // Every shard is asked for every id: a unit is in one only, and the
+        // others skip ids they do not hold.
+        let shards = self.queue_shards().await?;
+        let replies: Vec<(String, Vec<Vec<u8>>)> = self
+            .each_ok(&shards, |k, mut conn| async move {
+                let token = token(k.shard);
+                let mut inv = scripts::CLAIM.prepare_invoke();
+                inv.key(&k.due)
+                    .key(&k.leased)
+                    .key(&k.unit)
+                    .key(&k.token)
+                    .key(&k.held)
+                    .arg(now)
+                    .arg(expires_at)
+                    .arg(&token)
+                    .arg(unit_ids);
+                let records: Vec<Vec<u8>> = inv.invoke_async(&mut conn).await?;
+                Ok((token, records))
+            })
+            .await?;
+        let mut out = Vec::new();
+        for (token, records) in replies {
+            for bytes in records {
+                out.push(Lease {
+                    unit: decode(&bytes, "unit")?,
                     token: token.clone(),
                     expires_at,
-                })
-            })
-            .collect()
+                });
+            }
+        }
+        Ok(out)
     }
 
     async fn holds(&self) -> Result<Vec<Hold>, QueueError> {
@@ -126,7 +161,7 @@ impl QueueControl for RedisBackend {
         let all: HashMap<String, Millis> = self
             .bounded(
                 redis::cmd("HGETALL")
-                    .arg(&self.keys.holds)
+                    .arg(&self.layout.shared.holds)
                     .query_async(&mut conn),
             )
             .await?;
@@ -139,40 +174,39 @@ impl QueueControl for RedisBackend {
     }
 
     async fn hold(&self, domain: &str, now: Millis) -> Result<u64, QueueError> {
-        let k = &self.keys;
-        let run = |ids: &[String]| {
-            let mut inv = scripts::HOLD.prepare_invoke();
-            inv.key(&k.holds)
-                .key(&k.due)
-                .key(&k.held)
-                .arg(domain)
-                .arg(now)
-                .arg(ids);
-            inv
-        };
         // The hold first: from here on lease diverts the domain's units, so
         // the listing below cannot miss one that becomes due meanwhile.
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self.bounded(run(&[]).invoke_async(&mut conn)).await?;
-        let ids: Vec<String> = self
-            .units(now)
-            .await?
-            .into_iter()
-            .filter(|v| {
-                v.unit.domain == domain && matches!(v.state, UnitState::Due | UnitState::Deferred)
-            })
-            .map(|v| v.unit.id)
-            .collect();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("HSETNX")
+                    .arg(&self.layout.shared.holds)
+                    .arg(domain)
+                    .arg(now)
+                    .query_async(&mut conn),
+            )
+            .await?;
         let mut moved = 0u64;
-        for batch in ids.chunks(BATCH) {
-            let n: u64 = self.bounded(run(batch).invoke_async(&mut conn)).await?;
-            moved += n;
+        for (keys, views) in self.units_by_shard(now).await? {
+            let ids: Vec<String> = views
+                .into_iter()
+                .filter(|v| {
+                    v.unit.domain == domain
+                        && matches!(v.state, UnitState::Due | UnitState::Deferred)
+                })
+                .map(|v| v.unit.id)
+                .collect();
+            for batch in ids.chunks(BATCH) {
+                let mut inv = scripts::HOLD.prepare_invoke();
+                inv.key(&keys.due).key(&keys.held).arg(batch);
+                let n: u64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+                moved += n;
+            }
         }
         Ok(moved)
     }
 
     async fn release(&self, domain: &str, now: Millis) -> Result<u64, QueueError> {
-        let k = &self.keys;
         let since = self.hold_since(domain).await?;
         // The hold goes first, so lease stops diverting units; then every
         // unit held so far is moved back.
@@ -180,32 +214,40 @@ impl QueueControl for RedisBackend {
         let _: i64 = self
             .bounded(
                 redis::cmd("HDEL")
-                    .arg(&k.holds)
+                    .arg(&self.layout.shared.holds)
                     .arg(domain)
                     .query_async(&mut conn),
             )
             .await?;
-        let held: Vec<DeliveryUnit> = self
-            .units(now)
+        let held: Vec<(Arc<ShardKeys>, Vec<DeliveryUnit>)> = self
+            .units_by_shard(now)
             .await?
             .into_iter()
-            .filter(|v| v.unit.domain == domain && v.state == UnitState::Held)
-            .map(|v| v.unit)
+            .map(|(keys, views)| {
+                let units = views
+                    .into_iter()
+                    .filter(|v| v.unit.domain == domain && v.state == UnitState::Held)
+                    .map(|v| v.unit)
+                    .collect();
+                (keys, units)
+            })
             .collect();
-        if since.is_none() && held.is_empty() {
+        if since.is_none() && held.iter().all(|(_, units)| units.is_empty()) {
             return Err(QueueError::NotFound(format!("hold on {domain}")));
         }
         let since = since.unwrap_or(now);
         let mut moved = 0u64;
-        for batch in held.chunks(BATCH) {
-            let mut inv = scripts::RELEASE.prepare_invoke();
-            inv.key(&k.held).key(&k.due).key(&k.unit);
-            for unit in batch {
-                let back = released(unit, since, now);
-                inv.arg(&back.id).arg(encode(&back, &back.id)?);
+        for (keys, units) in &held {
+            for batch in units.chunks(BATCH) {
+                let mut inv = scripts::RELEASE.prepare_invoke();
+                inv.key(&keys.held).key(&keys.due).key(&keys.unit);
+                for unit in batch {
+                    let back = released(unit, since, now);
+                    inv.arg(&back.id).arg(encode(&back, &back.id)?);
+                }
+                let n: u64 = self.bounded(inv.invoke_async(&mut conn)).await?;
+                moved += n;
             }
-            let n: u64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-            moved += n;
         }
         Ok(moved)
     }

@@ -1,5 +1,13 @@
-//! The event outbox on Redis: the stream `{prefix}:events`, written by the
-//! queue scripts (`ENQUEUE`, `SETTLE`, `PUBLISH`) and read here.
+//! The event outbox on Redis: one stream per partition (`{prefix:N}:events`,
+//! written by `ENQUEUE` and `SETTLE` with the state change) and the shared
+//! `{prefix}:events` (written by `PUBLISH`, and by the single-tag layout of
+//! before), read here as one log.
+//!
+//! A position names its stream: `<ms>-<n>@N` for partition N, a plain
+//! stream id for the shared stream (as before partitions). Readers see
+//! every stream; the merged order is by stream id, streams tied at one id
+//! by partition, which within one stream (hence for the events of one
+//! message) is the order they were written.
 //!
 //! Each reader (a webhook) is a consumer group. `claim` first takes over
 //! entries another consumer has held longer than `reclaim_after`
@@ -10,11 +18,16 @@
 //! A stream id is `<ms>-<n>` of the Redis server's clock, so it doubles
 //! as the time the event was stored.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::Value;
 
+use super::layout::{
+    Shard, ShardKeys, id_key, merged_key, plan_quotas, range_start, seq, split_seq,
+};
 use super::{RedisBackend, decode, scripts};
 use crate::events::{Backlog, Event, EventLog, EventSeq, StoredEvent, TrimReport};
 use crate::queue::{Millis, QueueError, SuppressionEntry};
@@ -25,12 +38,6 @@ fn id_millis(id: &str) -> Millis {
         .map_or(id, |(ms, _)| ms)
         .parse()
         .unwrap_or(0)
-}
-
-/// Orders stream ids numerically (`<ms>-<n>`).
-fn id_key(id: &str) -> (u64, u64) {
-    let (ms, n) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), n.parse().unwrap_or(0))
 }
 
 fn text(v: &Value) -> Option<String> {
@@ -87,10 +94,43 @@ struct GroupState {
     unread: Option<u64>,
 }
 
+/// Idle time given to entries a claim read beyond its `max` and hands
+/// back: far past any `reclaim_after`, so the next claim takes them first.
+const GIVE_BACK_IDLE_MS: u64 = 10 * 365 * 86_400_000;
+
+/// Rounds of a claim over the streams (the first asks each stream for an
+/// equal share, later ones only the streams that filled theirs).
+const CLAIM_ROUNDS: usize = 8;
+
+/// The entries of a reply, positions naming `shard`'s stream.
+fn entries_of(v: &Value, keys: &ShardKeys) -> Vec<StoredEvent> {
+    let mut out = entries(v, &keys.events);
+    for e in &mut out {
+        e.seq = seq(keys.shard, &e.seq);
+    }
+    out
+}
+
+/// The merged-log key of a stored event.
+fn order_of(e: &StoredEvent) -> (u64, u64, u64) {
+    match split_seq(&e.seq) {
+        Some((shard, id)) => merged_key(shard, id),
+        None => (u64::MAX, u64::MAX, u64::MAX),
+    }
+}
+
+/// How a stream is asked in one claim round.
+#[derive(Clone, Copy)]
+enum Fetch {
+    /// Take over entries idle longer than this (`XAUTOCLAIM`).
+    Reclaim(Duration),
+    /// Read never-delivered entries (`XREADGROUP >`).
+    Fresh,
+}
+
 impl RedisBackend {
-    /// The state of `group`, `None` when it does not exist.
-    async fn group_state(&self, group: &str) -> Result<Option<GroupState>, QueueError> {
-        let key = &self.keys.events;
+    /// The state of `group` on stream `key`, `None` when it does not exist.
+    async fn group_state(&self, key: &str, group: &str) -> Result<Option<GroupState>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let groups: Value = match self
             .bounded(
@@ -115,7 +155,6 @@ impl RedisBackend {
             {
                 Some(info.clone())
             }
-            Value::Map(_) => None,
             _ => None,
         });
         let Some(info) = info else { return Ok(None) };
@@ -147,14 +186,14 @@ impl RedisBackend {
         }))
     }
 
-    /// Every consumer group of the stream (none without a stream).
-    async fn group_names(&self) -> Result<Vec<String>, QueueError> {
+    /// Every consumer group of stream `key` (none without a stream).
+    async fn group_names(&self, key: &str) -> Result<Vec<String>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let groups: Value = match self
             .bounded(
                 redis::cmd("XINFO")
                     .arg("GROUPS")
-                    .arg(&self.keys.events)
+                    .arg(key)
                     .query_async(&mut conn),
             )
             .await
@@ -175,13 +214,358 @@ impl RedisBackend {
             .collect())
     }
 
-    /// The first entry after `id`, if any.
-    async fn first_after(&self, id: &str) -> Result<Option<StoredEvent>, QueueError> {
-        Ok(EventLog::read(self, Some(&id.to_string()), 1)
-            .await?
-            .into_iter()
-            .next())
+    /// The first entry of stream `key` after stream id `id`, if any.
+    async fn first_after(&self, key: &str, id: &str) -> Result<Option<StoredEvent>, QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        let reply: Value = self
+            .bounded(
+                redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg(format!("({id}"))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(entries(&reply, key).into_iter().next())
     }
+
+    /// Creates `group` on stream `key` at its start, if missing.
+    async fn ensure_group_on(&self, key: &str, group: &str) -> Result<(), QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        let created: Result<String, QueueError> = self
+            .bounded(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(key)
+                    .arg(group)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut conn),
+            )
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(QueueError::Unavailable(e)) if e.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Up to `count` entries of one stream for `consumer`. A partition
+    /// whose stream has no group yet (it came with a higher partition
+    /// count after the reader started) gets the group, from its start.
+    /// Returns the entries and, for a reclaim, the cursor to go on from
+    /// (`0-0` once the pending list is scanned through).
+    async fn fetch(
+        &self,
+        keys: &ShardKeys,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        how: Fetch,
+        cursor: &str,
+    ) -> Result<(Vec<StoredEvent>, String), QueueError> {
+        let mut conn = self.connection(&self.conn).await?;
+        let mut cmd = match how {
+            Fetch::Reclaim(after) => {
+                let mut cmd = redis::cmd("XAUTOCLAIM");
+                // A claim scans from 0-0 (no cursor state kept between
+                // claims; the pending list is bounded by what readers
+                // hold), its later rounds on from where the last stopped,
+                // so they do not take back what this claim already took.
+                // 0 takes over every pending entry (not `ms`, whose floor
+                // of 1 would spare those claimed this millisecond).
+                cmd.arg(&keys.events)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(after.as_millis() as u64)
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(count);
+                cmd
+            }
+            Fetch::Fresh => {
+                let mut cmd = redis::cmd("XREADGROUP");
+                cmd.arg("GROUP")
+                    .arg(group)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("STREAMS")
+                    .arg(&keys.events)
+                    .arg(">");
+                cmd
+            }
+        };
+        let reply: Value = match self.bounded(cmd.query_async(&mut conn)).await {
+            Ok(v) => v,
+            Err(QueueError::Unavailable(e)) if e.contains("NOGROUP") => {
+                self.ensure_group_on(&keys.events, group).await?;
+                cmd = cmd.clone();
+                self.bounded(cmd.query_async(&mut conn)).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        let mut next = "0-0".to_string();
+        match (how, &reply) {
+            // [next cursor, entries, deleted ids]
+            (Fetch::Reclaim(_), Value::Array(parts)) => {
+                if let Some(v) = parts.get(1) {
+                    out = entries_of(v, keys);
+                }
+                if let Some(cursor) = parts.first().and_then(text) {
+                    next = cursor;
+                }
+            }
+            // [[stream key, entries]] (or a map), nil when nothing is new.
+            (Fetch::Fresh, Value::Array(streams)) => {
+                for stream in streams {
+                    if let Value::Array(kv) = stream
+                        && let Some(list) = kv.get(1)
+                    {
+                        out.extend(entries_of(list, keys));
+                    }
+                }
+            }
+            (Fetch::Fresh, Value::Map(streams)) => {
+                for (_, list) in streams {
+                    out.extend(entries_of(list, keys));
+                }
+            }
+            _ => {}
+        }
+        Ok((out, next))
+    }
+
+    /// Up to about `want` entries over all `streams`: an equal share of
+    /// each first, then what is left from the streams that filled theirs.
+    /// May return a few more than `want` (the first round's shares round
+    /// up, so every stream is asked at once); the caller hands them back.
+    async fn gather(
+        &self,
+        streams: &[Arc<ShardKeys>],
+        group: &str,
+        consumer: &str,
+        want: usize,
+        how: Fetch,
+    ) -> Result<Vec<StoredEvent>, QueueError> {
+        let mut out = Vec::new();
+        if want == 0 || streams.is_empty() {
+            return Ok(out);
+        }
+        let first = want.div_ceil(streams.len());
+        let mut asks: Vec<(Arc<ShardKeys>, usize, String)> = streams
+            .iter()
+            .map(|k| (k.clone(), first, "0-0".to_string()))
+            .collect();
+        for _ in 0..CLAIM_ROUNDS {
+            let got = futures::future::try_join_all(
+                asks.iter()
+                    .map(|(keys, n, cursor)| self.fetch(keys, group, consumer, *n, how, cursor)),
+            )
+            .await?;
+            // Streams that filled their share may have more (a reclaim
+            // scan that came round to 0-0 has not).
+            let mut full = Vec::new();
+            for ((keys, n, _), (events, cursor)) in asks.iter().zip(got) {
+                let more = match how {
+                    Fetch::Reclaim(_) => cursor != "0-0",
+                    Fetch::Fresh => true,
+                };
+                if events.len() >= *n && more {
+                    full.push((keys.clone(), cursor));
+                }
+                out.extend(events);
+            }
+            let left = want.saturating_sub(out.len());
+            if left == 0 || full.is_empty() {
+                break;
+            }
+            let open = vec![u64::MAX; full.len()];
+            let quotas = plan_quotas(&open, left, self.layout.next_start(full.len()));
+            asks = full
+                .into_iter()
+                .zip(quotas)
+                .filter(|(_, q)| *q > 0)
+                .map(|((keys, cursor), q)| (keys, q, cursor))
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// Makes claimed entries at once reclaimable by anyone.
+    async fn give_back(&self, group: &str, consumer: &str, events: &[StoredEvent]) {
+        let mut by_stream: BTreeMap<Shard, Vec<String>> = BTreeMap::new();
+        for e in events {
+            if let Some((shard, id)) = split_seq(&e.seq) {
+                by_stream.entry(shard).or_default().push(id.to_string());
+            }
+        }
+        for (shard, ids) in by_stream {
+            let keys = self.layout.keys(shard);
+            let result: Result<Value, QueueError> = async {
+                let mut conn = self.connection(&self.conn).await?;
+                self.bounded(
+                    redis::cmd("XCLAIM")
+                        .arg(&keys.events)
+                        .arg(group)
+                        .arg(consumer)
+                        .arg(0)
+                        .arg(&ids)
+                        .arg("IDLE")
+                        .arg(GIVE_BACK_IDLE_MS)
+                        .arg("JUSTID")
+                        .query_async(&mut conn),
+                )
+                .await
+            }
+            .await;
+            if let Err(error) = result {
+                // Still claimed by us: reclaimed after `reclaim_after`.
+                tracing::warn!(%error, "cannot hand back events read past a claim's max");
+            }
+        }
+    }
+
+    /// What `group` still owes on stream `key`.
+    async fn stream_backlog(&self, key: &str, group: &str) -> Result<Backlog, QueueError> {
+        let Some(state) = self.group_state(key, group).await? else {
+            return Ok(Backlog::default());
+        };
+        let first_unread = self.first_after(key, &state.last_delivered).await?;
+        let unread = match state.unread {
+            Some(n) => n,
+            // Redis cannot tell the lag after some trims: count.
+            None => {
+                let mut conn = self.connection(&self.conn).await?;
+                let after = format!("({}", state.last_delivered);
+                let ids: Vec<Value> = self
+                    .bounded(
+                        redis::cmd("XRANGE")
+                            .arg(key)
+                            .arg(after)
+                            .arg("+")
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                ids.len() as u64
+            }
+        };
+        let oldest = [
+            state.oldest_pending.as_deref().map(id_millis),
+            first_unread.map(|e| e.stored_at),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Ok(Backlog {
+            pending: state.pending + unread,
+            oldest_at: oldest,
+        })
+    }
+
+    /// `EventLog::trim` on stream `key`; returns how many went.
+    async fn stream_trim(
+        &self,
+        key: &str,
+        before: Millis,
+        groups: &[String],
+    ) -> Result<u64, QueueError> {
+        // The oldest id some group still owes: its oldest pending entry or
+        // the first entry after what it has read. A group that does not
+        // exist yet owes nothing (it will start at the oldest retained).
+        let mut keep_from: Option<(u64, u64)> = None;
+        for group in groups {
+            let Some(state) = self.group_state(key, group).await? else {
+                continue;
+            };
+            let owed = [
+                state.oldest_pending,
+                self.first_after(key, &state.last_delivered)
+                    .await?
+                    .map(|e| e.seq),
+            ];
+            for id in owed.into_iter().flatten() {
+                let k = id_key(&id);
+                keep_from = Some(keep_from.map_or(k, |m| m.min(k)));
+            }
+        }
+        let mut min_id = (before, 0);
+        if let Some(keep) = keep_from {
+            min_id = min_id.min(keep);
+        }
+        let mut conn = self.connection(&self.conn).await?;
+        let trimmed: u64 = self
+            .bounded(
+                redis::cmd("XTRIM")
+                    .arg(key)
+                    .arg("MINID")
+                    .arg(format!("{}-{}", min_id.0, min_id.1))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        // Claims on trimmed entries stay in the groups' pending lists
+        // (Redis keeps them); acknowledge them so backlogs count only
+        // what can still be sent.
+        let boundary = format!("({}-{}", min_id.0, min_id.1);
+        let groups = match min_id {
+            // Nothing can be older than 0-0 (and Redis refuses "(0-0").
+            (0, 0) => Vec::new(),
+            _ => self.group_names(key).await?,
+        };
+        for group in groups {
+            for _ in 0..100 {
+                let dangling: Value = self
+                    .bounded(
+                        redis::cmd("XPENDING")
+                            .arg(key)
+                            .arg(&group)
+                            .arg("-")
+                            .arg(&boundary)
+                            .arg(1000)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+                let ids: Vec<String> = match &dangling {
+                    Value::Array(rows) => rows
+                        .iter()
+                        .filter_map(|row| match row {
+                            Value::Array(fields) => fields.first().and_then(text),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if ids.is_empty() {
+                    break;
+                }
+                let _: i64 = self
+                    .bounded(
+                        redis::cmd("XACK")
+                            .arg(key)
+                            .arg(&group)
+                            .arg(&ids)
+                            .query_async(&mut conn),
+                    )
+                    .await?;
+            }
+        }
+        Ok(trimmed)
+    }
+}
+
+/// Positions by the stream they are in (unknown ones dropped: no stream
+/// of ours holds them).
+fn by_stream(seqs: &[EventSeq]) -> BTreeMap<Shard, Vec<String>> {
+    let mut out: BTreeMap<Shard, Vec<String>> = BTreeMap::new();
+    for seq in seqs {
+        if let Some((shard, id)) = split_seq(seq) {
+            out.entry(shard).or_default().push(id.to_string());
+        }
+    }
+    out
 }
 
 /// `EventLog::renew`: resets the idle time (`XCLAIM ... 0 JUSTID`) of the
@@ -211,7 +595,7 @@ impl EventLog for RedisBackend {
             return Ok(());
         }
         let mut inv = scripts::PUBLISH.prepare_invoke();
-        inv.key(&self.keys.events);
+        inv.key(&self.layout.keys(Shard::Legacy).events);
         super::event_args(&mut inv, events)?;
         let mut conn = self.connection(&self.conn).await?;
         let _: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
@@ -223,8 +607,10 @@ impl EventLog for RedisBackend {
         events: &[Event],
         suppress: &[SuppressionEntry],
     ) -> Result<(), QueueError> {
+        // The shared stream sits under `{prefix}` with the list: one slot.
         let mut inv = scripts::PUBLISH_SUPPRESSING.prepare_invoke();
-        inv.key(&self.keys.events).key(&self.keys.supp);
+        inv.key(&self.layout.keys(Shard::Legacy).events)
+            .key(&self.layout.shared.supp);
         super::event_args(&mut inv, events)?;
         super::suppression_args(&mut inv, suppress)?;
         let mut conn = self.connection(&self.conn).await?;
@@ -233,23 +619,14 @@ impl EventLog for RedisBackend {
     }
 
     async fn ensure_group(&self, group: &str) -> Result<(), QueueError> {
-        let mut conn = self.connection(&self.conn).await?;
-        let created: Result<String, QueueError> = self
-            .bounded(
-                redis::cmd("XGROUP")
-                    .arg("CREATE")
-                    .arg(&self.keys.events)
-                    .arg(group)
-                    .arg("0")
-                    .arg("MKSTREAM")
-                    .query_async(&mut conn),
-            )
-            .await;
-        match created {
-            Ok(_) => Ok(()),
-            Err(QueueError::Unavailable(e)) if e.contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e),
-        }
+        let streams = self.stream_shards().await?;
+        futures::future::try_join_all(
+            streams
+                .iter()
+                .map(|k| self.ensure_group_on(&k.events, group)),
+        )
+        .await?;
+        Ok(())
     }
 
     async fn claim(
@@ -262,78 +639,46 @@ impl EventLog for RedisBackend {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let key = &self.keys.events;
-        let mut conn = self.connection(&self.conn).await?;
-        // Reply: [next cursor, entries, deleted ids]. Scanning from 0-0
-        // each time keeps no cursor state; the pending list is bounded by
-        // what readers hold, which is small.
-        let reclaimed: Value = self
-            .bounded(
-                redis::cmd("XAUTOCLAIM")
-                    .arg(key)
-                    .arg(group)
-                    .arg(consumer)
-                    // 0 takes over every pending entry (not `ms`, whose
-                    // floor of 1 would spare those claimed this millisecond).
-                    .arg(reclaim_after.as_millis() as u64)
-                    .arg("0-0")
-                    .arg("COUNT")
-                    .arg(max)
-                    .query_async(&mut conn),
+        let streams = self.stream_shards().await?;
+        let mut out = self
+            .gather(
+                &streams,
+                group,
+                consumer,
+                max,
+                Fetch::Reclaim(reclaim_after),
             )
             .await?;
-        let mut out = match &reclaimed {
-            Value::Array(parts) => parts.get(1).map(|v| entries(v, key)).unwrap_or_default(),
-            _ => Vec::new(),
-        };
+        out.sort_by_key(order_of);
         if out.len() < max {
-            let fresh: Value = self
-                .bounded(
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(group)
-                        .arg(consumer)
-                        .arg("COUNT")
-                        .arg(max - out.len())
-                        .arg("STREAMS")
-                        .arg(key)
-                        .arg(">")
-                        .query_async(&mut conn),
-                )
+            let mut fresh = self
+                .gather(&streams, group, consumer, max - out.len(), Fetch::Fresh)
                 .await?;
-            // [[stream key, entries]] or nil when nothing is new.
-            if let Value::Array(streams) = &fresh {
-                for stream in streams {
-                    if let Value::Array(kv) = stream
-                        && let Some(list) = kv.get(1)
-                    {
-                        out.extend(entries(list, key));
-                    }
-                }
-            }
-            if let Value::Map(streams) = &fresh {
-                for (_, list) in streams {
-                    out.extend(entries(list, key));
-                }
-            }
+            fresh.sort_by_key(order_of);
+            out.extend(fresh);
+        }
+        if out.len() > max {
+            let extra = out.split_off(max);
+            self.give_back(group, consumer, &extra).await;
         }
         Ok(out)
     }
 
     async fn ack(&self, group: &str, seqs: &[EventSeq]) -> Result<(), QueueError> {
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self
-            .bounded(
+        let streams = by_stream(seqs);
+        let acks = streams.iter().map(|(shard, ids)| async move {
+            let keys = self.layout.keys(*shard);
+            let mut conn = self.connection(&self.conn).await?;
+            self.bounded(
                 redis::cmd("XACK")
-                    .arg(&self.keys.events)
+                    .arg(&keys.events)
                     .arg(group)
-                    .arg(seqs)
-                    .query_async(&mut conn),
+                    .arg(ids)
+                    .query_async::<i64>(&mut conn),
             )
-            .await?;
+            .await
+        });
+        futures::future::try_join_all(acks).await?;
         Ok(())
     }
 
@@ -343,51 +688,31 @@ impl EventLog for RedisBackend {
         consumer: &str,
         seqs: &[EventSeq],
     ) -> Result<u64, QueueError> {
-        if seqs.is_empty() {
-            return Ok(0);
-        }
-        let mut inv = RENEW.prepare_invoke();
-        inv.key(&self.keys.events).arg(group).arg(consumer);
-        for seq in seqs {
-            inv.arg(seq);
-        }
-        let mut conn = self.connection(&self.conn).await?;
-        self.bounded(inv.invoke_async(&mut conn)).await
+        let streams = by_stream(seqs);
+        let renewals = streams.iter().map(|(shard, ids)| async move {
+            let keys = self.layout.keys(*shard);
+            let mut inv = RENEW.prepare_invoke();
+            inv.key(&keys.events).arg(group).arg(consumer).arg(ids);
+            let mut conn = self.connection(&self.conn).await?;
+            self.bounded(inv.invoke_async::<u64>(&mut conn)).await
+        });
+        Ok(futures::future::try_join_all(renewals)
+            .await?
+            .into_iter()
+            .sum())
     }
 
     async fn backlog(&self, group: &str) -> Result<Backlog, QueueError> {
-        let Some(state) = self.group_state(group).await? else {
-            return Ok(Backlog::default());
-        };
-        let first_unread = self.first_after(&state.last_delivered).await?;
-        let unread = match state.unread {
-            Some(n) => n,
-            // Redis cannot tell the lag after some trims: count.
-            None => {
-                let mut conn = self.connection(&self.conn).await?;
-                let after = format!("({}", state.last_delivered);
-                let ids: Vec<Value> = self
-                    .bounded(
-                        redis::cmd("XRANGE")
-                            .arg(&self.keys.events)
-                            .arg(after)
-                            .arg("+")
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-                ids.len() as u64
-            }
-        };
-        let oldest = [
-            state.oldest_pending.as_deref().map(id_millis),
-            first_unread.map(|e| e.stored_at),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let streams = self.stream_shards().await?;
+        let each = futures::future::try_join_all(
+            streams
+                .iter()
+                .map(|k| self.stream_backlog(&k.events, group)),
+        )
+        .await?;
         Ok(Backlog {
-            pending: state.pending + unread,
-            oldest_at: oldest,
+            pending: each.iter().map(|b| b.pending).sum(),
+            oldest_at: each.iter().filter_map(|b| b.oldest_at).min(),
         })
     }
 
@@ -399,107 +724,46 @@ impl EventLog for RedisBackend {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let start = match after {
-            Some(id) => format!("({id}"),
-            None => "-".to_string(),
+        let after = match after {
+            Some(seq) => Some(
+                split_seq(seq)
+                    .ok_or_else(|| QueueError::NotFound(format!("event position {seq}")))?,
+            ),
+            None => None,
         };
-        let mut conn = self.connection(&self.conn).await?;
-        let reply: Value = self
-            .bounded(
+        let streams = self.stream_shards().await?;
+        let ranges = self
+            .each_ok(&streams, |k, mut conn| async move {
                 redis::cmd("XRANGE")
-                    .arg(&self.keys.events)
-                    .arg(start)
+                    .arg(&k.events)
+                    .arg(range_start(k.shard, after))
                     .arg("+")
                     .arg("COUNT")
                     .arg(max)
-                    .query_async(&mut conn),
-            )
+                    .query_async::<Value>(&mut conn)
+                    .await
+            })
             .await?;
-        Ok(entries(&reply, &self.keys.events))
+        let mut out: Vec<StoredEvent> = streams
+            .iter()
+            .zip(&ranges)
+            .flat_map(|(k, reply)| entries_of(reply, k))
+            .collect();
+        out.sort_by_key(order_of);
+        out.truncate(max);
+        Ok(out)
     }
 
     async fn trim(&self, before: Millis, groups: &[String]) -> Result<TrimReport, QueueError> {
-        // The oldest id some group still owes: its oldest pending entry or
-        // the first entry after what it has read. A group that does not
-        // exist yet owes nothing (it will start at the oldest retained).
-        let mut keep_from: Option<(u64, u64)> = None;
-        for group in groups {
-            let Some(state) = self.group_state(group).await? else {
-                continue;
-            };
-            let owed = [
-                state.oldest_pending,
-                self.first_after(&state.last_delivered)
-                    .await?
-                    .map(|e| e.seq),
-            ];
-            for id in owed.into_iter().flatten() {
-                let k = id_key(&id);
-                keep_from = Some(keep_from.map_or(k, |m| m.min(k)));
-            }
-        }
-        let mut min_id = (before, 0);
-        if let Some(keep) = keep_from {
-            min_id = min_id.min(keep);
-        }
-        let mut conn = self.connection(&self.conn).await?;
-        let trimmed: u64 = self
-            .bounded(
-                redis::cmd("XTRIM")
-                    .arg(&self.keys.events)
-                    .arg("MINID")
-                    .arg(format!("{}-{}", min_id.0, min_id.1))
-                    .query_async(&mut conn),
-            )
-            .await?;
-        // Claims on trimmed entries stay in the groups' pending lists
-        // (Redis keeps them); acknowledge them so backlogs count only
-        // what can still be sent.
-        let boundary = format!("({}-{}", min_id.0, min_id.1);
-        let groups = match min_id {
-            // Nothing can be older than 0-0 (and Redis refuses "(0-0").
-            (0, 0) => Vec::new(),
-            _ => self.group_names().await?,
-        };
-        for group in groups {
-            for _ in 0..100 {
-                let dangling: Value = self
-                    .bounded(
-                        redis::cmd("XPENDING")
-                            .arg(&self.keys.events)
-                            .arg(&group)
-                            .arg("-")
-                            .arg(&boundary)
-                            .arg(1000)
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-                let ids: Vec<String> = match &dangling {
-                    Value::Array(rows) => rows
-                        .iter()
-                        .filter_map(|row| match row {
-                            Value::Array(fields) => fields.first().and_then(text),
-                            _ => None,
-                        })
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                if ids.is_empty() {
-                    break;
-                }
-                let _: i64 = self
-                    .bounded(
-                        redis::cmd("XACK")
-                            .arg(&self.keys.events)
-                            .arg(&group)
-                            .arg(&ids)
-                            .query_async(&mut conn),
-                    )
-                    .await?;
-            }
-        }
+        let streams = self.stream_shards().await?;
+        let trimmed = futures::future::try_join_all(
+            streams
+                .iter()
+                .map(|k| self.stream_trim(&k.events, before, groups)),
+        )
+        .await?;
         Ok(TrimReport {
-            trimmed,
+            trimmed: trimmed.into_iter().sum(),
             dropped_unacked: 0,
         })
     }

@@ -1,32 +1,61 @@
 //! Redis backend: one queue shared by every relay pod.
 //!
-//! Layout (all keys under one `{prefix}` hash tag, see `Keys`):
+//! Layout. The queue is split into `partitions` (config
+//! `queue.redis.partitions`, default 16), each under its own hash tag
+//! `{prefix:N}`, so on Redis Cluster messages, bodies and indexes spread
+//! over every master. A message lives in one partition, chosen from its id
+//! (module `layout`); the DSNs a settlement writes stay in the partition of
+//! the unit that produced them, so every script touches one slot only.
+//! Per partition (`{p:N}`):
 //!
 //! | key                  | type | content                                  |
 //! |----------------------|------|------------------------------------------|
-//! | `{p}:data`           | hash | message id -> message bytes              |
-//! | `{p}:left`           | hash | message id -> units not yet finished     |
-//! | `{p}:received`       | zset | message id -> received_at (oldest age)   |
-//! | `{p}:unit`           | hash | unit id -> [`DeliveryUnit`] JSON         |
-//! | `{p}:due`            | zset | unit id -> next attempt (ms)             |
-//! | `{p}:leased`         | zset | unit id -> lease expiry (ms)             |
-//! | `{p}:token`          | hash | unit id -> lease token                   |
-//! | `{p}:held`           | zset | unit id -> next attempt (held destination) |
-//! | `{p}:holds`          | hash | held domain -> held since (ms)           |
+//! | `{p:N}:data`         | hash | message id -> message bytes              |
+//! | `{p:N}:left`         | hash | message id -> units not yet finished     |
+//! | `{p:N}:received`     | zset | message id -> received_at (oldest age)   |
+//! | `{p:N}:unit`         | hash | unit id -> [`DeliveryUnit`] JSON         |
+//! | `{p:N}:due`          | zset | unit id -> next attempt (ms)             |
+//! | `{p:N}:leased`       | zset | unit id -> lease expiry (ms)             |
+//! | `{p:N}:token`        | hash | unit id -> lease token (`N.<random>`)    |
+//! | `{p:N}:held`         | zset | unit id -> next attempt (held destination) |
+//! | `{p:N}:events`       | stream | the partition's event outbox: field `e` = event JSON (module `events`) |
+//! | `{p:N}:supp-out`     | hash | suppression entries a settlement wrote, until moved to `{p}:supp` |
+//!
+//! Shared by all partitions, under the plain `{p}` tag (no script mixes
+//! them with partition keys):
+//!
+//! | key                  | type | content                                  |
+//! |----------------------|------|------------------------------------------|
 //! | `{p}:supp`           | hash | address -> [`SuppressionEntry`] JSON     |
+//! | `{p}:holds`          | hash | held domain -> held since (ms); lease passes the held domains to each partition's script |
+//! | `{p}:meta`           | hash | `partitions` -> highest partition count ever used |
+//! | `{p}:events`         | stream | events of `publish` / `publish_suppressing` (with `{p}:supp`) |
 //! | `{p}:ctr:<key>`      | str  | counter, PEXPIRE = its window            |
 //! | `{p}:slot:<key>`     | zset | slot token -> expiry (server clock, ms)  |
-//! | `{p}:events`         | stream | the event outbox: field `e` = event JSON, one consumer group per reader (module `events`) |
+//! | `{p}:kv:<key>`       | str  | shared value with a TTL                  |
 //!
-//! A unit is in exactly one of `due`, `leased` and `held` (module
-//! `control`: `queue hold`). Every change that spans
-//! keys is one Lua script (module `scripts`), so it is atomic.
+//! The single-tag layout of before (`{p}:data`, `{p}:unit`, `{p}:due`, ...)
+//! is the *legacy shard*: never enqueued to, but leased, settled, listed
+//! and counted like a partition while it holds units, so a relay upgraded
+//! on a full queue delivers it; once empty it is only probed (two `HLEN`s
+//! every few seconds, for pods of the old version still running during
+//! a rollout). Module `partitions` keeps that view, and the highest
+//! partition count ever used (`{p}:meta`), so shrinking `partitions`
+//! strands nothing: every partition up to it is still leased from.
 //!
-//! The single hash tag is a deliberate trade-off: on Redis Cluster the
-//! whole queue lives in one slot, hence on one primary. Scripts can then
-//! touch any queue key atomically, which is what the contract needs;
-//! scaling out is by running several relays against separate prefixes, not
-//! by spreading one queue. Sentinel and single servers are unaffected.
+//! A unit is in exactly one of `due`, `leased` and `held` of its shard
+//! (module `control`: `queue hold`). Every change that spans keys is one
+//! Lua script on one shard (module `scripts`), so it is atomic. The one
+//! exception is a hard bounce's suppression entry: written atomically with
+//! the settlement into the partition's `supp-out`, then moved to the
+//! shared list right after (and by a sweep after a crash), so it can be
+//! late by a moment but never lost.
+//!
+//! Leases spread over partitions fairly: a cheap count of what is due in
+//! each, then quotas (equal shares, rotating start, unused shares passed
+//! on) and one lease script per partition, all in flight at once; each
+//! returns the message bytes with the units (`lease_with_data`).
+//!
 //! The URL scheme picks the topology (one server, `redis+sentinel://`,
 //! `redis+cluster://`): see module `conn`.
 //!
@@ -38,7 +67,11 @@
 mod conn;
 mod control;
 mod events;
+mod layout;
+mod lease;
+mod partitions;
 mod scripts;
+mod settle;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,67 +82,19 @@ use async_trait::async_trait;
 use redis::AsyncCommands;
 
 use self::conn::{Conn, Connector, Target};
+use self::layout::{Shard, ShardKeys, plan_quotas, shard_of_token};
+use self::partitions::Layout;
 use super::{
-    DeliveryUnit, Lease, Millis, NewMessage, Queue, QueueError, QueueStats, Settlement,
-    SharedState, SuppressionEntry, settled_unit, suppression_key, units_of,
+    DeliveryUnit, LEASE_DATA_BUDGET, Lease, LeasedUnit, Millis, NewMessage, Queue, QueueError,
+    QueueStats, Settlement, SharedState, SuppressionEntry, settled_unit, suppression_key, units_of,
 };
 use crate::config::RedisQueue;
 use crate::config::parse_redis_url;
 use crate::events::Event;
 
-/// Expired leases moved back to due per [`Queue::lease`] call: bounds the
-/// work of one script after an outage (the rest follow on later calls).
+/// Expired leases moved back to due per partition and lease call: bounds
+/// the work of one script after an outage (the rest follow on later calls).
 const RECLAIM_BATCH: usize = 1000;
-
-/// The fixed key names of one queue.
-#[derive(Clone, Debug)]
-struct Keys {
-    prefix: String,
-    data: String,
-    left: String,
-    received: String,
-    unit: String,
-    due: String,
-    leased: String,
-    token: String,
-    supp: String,
-    events: String,
-    held: String,
-    holds: String,
-}
-
-impl Keys {
-    fn new(prefix: &str) -> Self {
-        let tag = format!("{{{prefix}}}");
-        let k = |name: &str| format!("{tag}:{name}");
-        Keys {
-            data: k("data"),
-            left: k("left"),
-            received: k("received"),
-            unit: k("unit"),
-            due: k("due"),
-            leased: k("leased"),
-            token: k("token"),
-            supp: k("supp"),
-            events: k("events"),
-            held: k("held"),
-            holds: k("holds"),
-            prefix: tag,
-        }
-    }
-
-    fn counter(&self, key: &str) -> String {
-        format!("{}:ctr:{key}", self.prefix)
-    }
-
-    fn slot(&self, key: &str) -> String {
-        format!("{}:slot:{key}", self.prefix)
-    }
-
-    fn value(&self, key: &str) -> String {
-        format!("{}:kv:{key}", self.prefix)
-    }
-}
 
 /// The Redis queue and shared state. Cheap to clone (one multiplexed
 /// connection that reconnects by itself).
@@ -120,7 +105,7 @@ pub struct RedisBackend {
     /// connection until the replicas answer, and leases and completions
     /// must not queue up behind it.
     write_conn: Connector,
-    keys: Arc<Keys>,
+    layout: Arc<Layout>,
     wait_replicas: u32,
     timeout: Duration,
 }
@@ -128,7 +113,7 @@ pub struct RedisBackend {
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("prefix", &self.keys.prefix)
+            .field("prefix", &self.layout.prefix())
             .field("wait_replicas", &self.wait_replicas)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -141,6 +126,13 @@ impl RedisBackend {
     /// Every operation is bounded by `timeout`.
     pub async fn open(config: &RedisQueue, timeout: Duration) -> Result<Self, QueueError> {
         check_prefix(&config.key_prefix)?;
+        if !(1..=crate::config::MAX_PARTITIONS).contains(&config.partitions) {
+            return Err(QueueError::Unavailable(format!(
+                "queue.redis.partitions must be between 1 and {} (got {})",
+                crate::config::MAX_PARTITIONS,
+                config.partitions
+            )));
+        }
         let url = read_url(config.url.as_deref(), config.url_file.as_deref()).await?;
         let target = parse_redis_url(&url)
             .map_err(|e| QueueError::Unavailable(format!("invalid redis url: {e}")))?;
@@ -156,7 +148,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             conn,
             write_conn,
-            keys: Arc::new(Keys::new(&config.key_prefix)),
+            layout: Arc::new(Layout::new(&config.key_prefix, config.partitions)),
             wait_replicas: config.wait_replicas,
             timeout,
         })
@@ -199,19 +191,28 @@ impl RedisBackend {
 
     /// Removes a message whose write was not replicated enough (best
     /// effort: the caller reports the failure either way).
-    async fn rollback(&self, message_id: &str, unit_ids: &[String], event_ids: &[String]) {
-        if let Err(error) = self.try_rollback(message_id, unit_ids, event_ids).await {
+    async fn rollback(
+        &self,
+        keys: &ShardKeys,
+        message_id: &str,
+        unit_ids: &[String],
+        event_ids: &[String],
+    ) {
+        if let Err(error) = self
+            .try_rollback(keys, message_id, unit_ids, event_ids)
+            .await
+        {
             tracing::warn!(%message_id, %error, "could not roll back an under-replicated message");
         }
     }
 
     async fn try_rollback(
         &self,
+        k: &ShardKeys,
         message_id: &str,
         unit_ids: &[String],
         event_ids: &[String],
     ) -> Result<(), QueueError> {
-        let k = &self.keys;
         let mut conn = self.connection(&self.conn).await?;
         let mut inv = scripts::ROLLBACK.prepare_invoke();
         inv.key(&k.data)
@@ -341,7 +342,14 @@ impl Queue for RedisBackend {
             // Nothing to deliver: storing it would only leave garbage.
             return Ok(());
         }
-        let k = &self.keys;
+        // One deadline for the first meta read, connecting, writing and
+        // WAIT: the client is waiting for its reply to DATA.
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        // The pod's partition count is recorded before its first write.
+        tokio::time::timeout_at(deadline, self.view())
+            .await
+            .map_err(|_| QueueError::Timeout(self.timeout))??;
+        let k = self.layout.keys(self.layout.home(&message.id));
         let mut inv = scripts::ENQUEUE.prepare_invoke();
         inv.key(&k.data)
             .key(&k.left)
@@ -351,9 +359,6 @@ impl Queue for RedisBackend {
             .key(&k.events);
         let units = message_args(&mut inv, &message)?;
         event_args(&mut inv, &events)?;
-        // One deadline for connecting, writing and WAIT: the client is
-        // waiting for its reply to DATA.
-        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut conn = self.bounded_until(deadline, self.write_conn.get()).await?;
         let reply: Vec<redis::Value> = self
             .bounded_until(deadline, inv.invoke_async(&mut conn))
@@ -392,8 +397,8 @@ impl Queue for RedisBackend {
                 // leave a message stored that its client was told to resend.
                 let this = self.clone();
                 let id = message.id.clone();
-                let _ =
-                    tokio::spawn(async move { this.rollback(&id, &ids, &event_ids).await }).await;
+                let _ = tokio::spawn(async move { this.rollback(&k, &id, &ids, &event_ids).await })
+                    .await;
             }
             return Err(QueueError::NotReplicated {
                 acked,
@@ -409,42 +414,39 @@ impl Queue for RedisBackend {
         max: usize,
         lease_for: Duration,
     ) -> Result<Vec<Lease>, QueueError> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let k = &self.keys;
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let expires_at = now.saturating_add(lease_for.as_millis() as u64);
-        let mut inv = scripts::LEASE.prepare_invoke();
-        inv.key(&k.due)
-            .key(&k.leased)
-            .key(&k.unit)
-            .key(&k.token)
-            .key(&k.holds)
-            .key(&k.held)
-            .arg(now)
-            .arg(max)
-            .arg(expires_at)
-            .arg(&token)
-            .arg(RECLAIM_BATCH);
-        let mut conn = self.connection(&self.conn).await?;
-        let records: Vec<Vec<u8>> = self.bounded(inv.invoke_async(&mut conn)).await?;
-        Ok(records
-            .iter()
-            .filter_map(|bytes| match decode::<DeliveryUnit>(bytes, &k.unit) {
-                Ok(unit) => Some(Lease {
-                    unit,
-                    token: token.clone(),
-                    expires_at,
-                }),
-                Err(error) => {
-                    // Skipped, not fatal: one bad record must not stall the
-                    // units leased with it. It stays leased until expiry.
-                    tracing::error!(%error, "undecodable unit record skipped");
-                    None
-                }
-            })
+        Ok(self
+            .lease_from_shards(now, max, lease_for, 0)
+            .await?
+            .into_iter()
+            .map(|l| l.lease)
             .collect())
+    }
+
+    async fn lease_with_data(
+        &self,
+        now: Millis,
+        max: usize,
+        lease_for: Duration,
+    ) -> Result<Vec<LeasedUnit>, QueueError> {
+        let mut leased = self
+            .lease_from_shards(now, max, lease_for, LEASE_DATA_BUDGET)
+            .await?;
+        // What the budget left out is read here, one message at a time,
+        // so callers always get the bytes when the message exists.
+        for i in 0..leased.len() {
+            if leased[i].data.is_none()
+                && let Ok(data) = self.message_data(&leased[i].lease.unit.message_id).await
+            {
+                let data = Arc::new(data);
+                let id = leased[i].lease.unit.message_id.clone();
+                for other in leased[i..].iter_mut() {
+                    if other.lease.unit.message_id == id && other.data.is_none() {
+                        other.data = Some(data.clone());
+                    }
+                }
+            }
+        }
+        Ok(leased)
     }
 
     async fn renew(
@@ -453,7 +455,10 @@ impl Queue for RedisBackend {
         now: Millis,
         lease_for: Duration,
     ) -> Result<Lease, QueueError> {
-        let k = &self.keys;
+        let Some(shard) = shard_of_token(&lease.token) else {
+            return Err(QueueError::LeaseLost(lease.unit.id.clone()));
+        };
+        let k = self.layout.keys(shard);
         let expires_at = now.saturating_add(lease_for.as_millis() as u64);
         let mut inv = scripts::RENEW.prepare_invoke();
         inv.key(&k.leased)
@@ -472,77 +477,72 @@ impl Queue for RedisBackend {
     }
 
     async fn message_data(&self, message_id: &str) -> Result<Vec<u8>, QueueError> {
+        let home = self.layout.keys(self.layout.home(message_id));
         let mut conn = self.connection(&self.conn).await?;
-        let data: Option<Vec<u8>> = self.bounded(conn.hget(&self.keys.data, message_id)).await?;
-        data.ok_or_else(|| QueueError::NotFound(message_id.to_string()))
+        let data: Option<Vec<u8>> = self.bounded(conn.hget(&home.data, message_id)).await?;
+        if let Some(data) = data {
+            return Ok(data);
+        }
+        // Not at home: a DSN (stored with the unit that bounced), a message
+        // stored under another partition count, or a legacy one.
+        let shards = self.queue_shards().await?;
+        let found = self
+            .each_ok(&shards, |keys, mut conn| async move {
+                conn.hget::<_, _, Option<Vec<u8>>>(&keys.data, message_id)
+                    .await
+            })
+            .await?;
+        found
+            .into_iter()
+            .flatten()
+            .next()
+            .ok_or_else(|| QueueError::NotFound(message_id.to_string()))
     }
 
     async fn settle(&self, lease: &Lease, settlement: Settlement) -> Result<(), QueueError> {
-        let k = &self.keys;
-        let mut inv = scripts::SETTLE.prepare_invoke();
-        inv.key(&k.data)
-            .key(&k.left)
-            .key(&k.received)
-            .key(&k.unit)
-            .key(&k.due)
-            .key(&k.leased)
-            .key(&k.token)
-            .key(&k.events)
-            .key(&k.supp)
-            .arg(&lease.unit.id)
-            .arg(&lease.token)
-            .arg(&lease.unit.message_id);
-        match settled_unit(&lease.unit, settlement.op, super::now_millis()) {
-            Some(unit) => {
-                inv.arg("requeue")
-                    .arg(encode(&unit, &unit.id)?)
-                    .arg(unit.next_attempt_at);
-            }
-            None => {
-                inv.arg("finish").arg("").arg("");
-            }
-        }
-        let messages: Vec<&NewMessage> = settlement
-            .enqueue
-            .iter()
-            .filter(|m| !units_of(m).is_empty())
-            .collect();
-        inv.arg(messages.len());
-        for message in messages {
-            message_args(&mut inv, message)?;
-        }
-        event_args(&mut inv, &settlement.events)?;
-        suppression_args(&mut inv, &settlement.suppress)?;
-        let mut conn = self.connection(&self.conn).await?;
-        let done: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
-        lease_held(done, &lease.unit.id)
+        self.settle_batch(&[(lease, &settlement)])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(QueueError::LeaseLost(lease.unit.id.clone())))
+    }
+
+    async fn settle_many(&self, batch: &[(Lease, Settlement)]) -> Vec<Result<(), QueueError>> {
+        let refs: Vec<(&Lease, &Settlement)> = batch.iter().map(|(l, s)| (l, s)).collect();
+        self.settle_batch(&refs).await
     }
 
     async fn stats(&self, now: Millis) -> Result<QueueStats, QueueError> {
-        let k = &self.keys;
-        let mut pipe = redis::pipe();
-        // MULTI/EXEC: one consistent snapshot (all keys share one slot).
-        pipe.atomic()
-            .zcount(&k.due, "-inf", now)
-            .zcount(&k.due, format!("({now}"), "+inf")
-            .zcount(&k.leased, "-inf", now)
-            .zcount(&k.leased, format!("({now}"), "+inf")
-            .hlen(&k.left)
-            .zrange_withscores(&k.received, 0, 0)
-            .zcard(&k.held);
-        let mut conn = self.connection(&self.conn).await?;
+        let shards = self.queue_shards().await?;
         type Reply = (u64, u64, u64, u64, u64, Vec<(String, f64)>, u64);
-        let (due, deferred, expired, leased, messages, oldest, held): Reply =
-            self.bounded(pipe.query_async(&mut conn)).await?;
-        Ok(QueueStats {
+        let replies: Vec<Reply> = self
+            .each_ok(&shards, |k, mut conn| async move {
+                let mut pipe = redis::pipe();
+                // MULTI/EXEC: one consistent snapshot of the shard.
+                pipe.atomic()
+                    .zcount(&k.due, "-inf", now)
+                    .zcount(&k.due, format!("({now}"), "+inf")
+                    .zcount(&k.leased, "-inf", now)
+                    .zcount(&k.leased, format!("({now}"), "+inf")
+                    .hlen(&k.left)
+                    .zrange_withscores(&k.received, 0, 0)
+                    .zcard(&k.held);
+                pipe.query_async(&mut conn).await
+            })
+            .await?;
+        let mut stats = QueueStats::default();
+        for (due, deferred, expired, leased, messages, oldest, held) in replies {
             // An expired lease is due again, even before a lease call moves it.
-            due: due + expired,
-            deferred,
-            leased,
-            messages,
-            oldest_received_at: oldest.first().map(|(_, score)| *score as Millis),
-            held,
-        })
+            stats.due += due + expired;
+            stats.deferred += deferred;
+            stats.leased += leased;
+            stats.messages += messages;
+            stats.held += held;
+            if let Some((_, score)) = oldest.first() {
+                let at = *score as Millis;
+                stats.oldest_received_at = Some(stats.oldest_received_at.map_or(at, |o| o.min(at)));
+            }
+        }
+        Ok(stats)
     }
 
     async fn ping(&self) -> Result<(), QueueError> {
@@ -561,7 +561,9 @@ impl SharedState for RedisBackend {
         let key = entry.key();
         let json = encode(&entry, &key)?;
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self.bounded(conn.hset(&self.keys.supp, &key, json)).await?;
+        let _: i64 = self
+            .bounded(conn.hset(&self.layout.shared.supp, &key, json))
+            .await?;
         Ok(())
     }
 
@@ -579,7 +581,7 @@ impl SharedState for RedisBackend {
         let found: Vec<Option<Vec<u8>>> = self
             .bounded(
                 redis::cmd("HMGET")
-                    .arg(&self.keys.supp)
+                    .arg(&self.layout.shared.supp)
                     .arg(&keys[..])
                     .query_async(&mut conn),
             )
@@ -598,14 +600,15 @@ impl SharedState for RedisBackend {
     async fn unsuppress(&self, address: &str, scope: Option<&str>) -> Result<bool, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let removed: i64 = self
-            .bounded(conn.hdel(&self.keys.supp, suppression_key(address, scope)))
+            .bounded(conn.hdel(&self.layout.shared.supp, suppression_key(address, scope)))
             .await?;
         Ok(removed > 0)
     }
 
     async fn list_suppressed(&self, now: Millis) -> Result<Vec<SuppressionEntry>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let all: HashMap<String, Vec<u8>> = self.bounded(conn.hgetall(&self.keys.supp)).await?;
+        let all: HashMap<String, Vec<u8>> =
+            self.bounded(conn.hgetall(&self.layout.shared.supp)).await?;
         let mut entries = Vec::with_capacity(all.len());
         for (key, json) in all {
             let entry: SuppressionEntry = decode(&json, &key)?;
@@ -619,14 +622,18 @@ impl SharedState for RedisBackend {
 
     async fn incr_counter(&self, key: &str, by: u64, window: Duration) -> Result<u64, QueueError> {
         let mut inv = scripts::INCR.prepare_invoke();
-        inv.key(self.keys.counter(key)).arg(by).arg(ms(window));
+        inv.key(self.layout.shared.counter(key))
+            .arg(by)
+            .arg(ms(window));
         let mut conn = self.connection(&self.conn).await?;
         self.bounded(inv.invoke_async(&mut conn)).await
     }
 
     async fn counter(&self, key: &str) -> Result<u64, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let value: Option<u64> = self.bounded(conn.get(self.keys.counter(key))).await?;
+        let value: Option<u64> = self
+            .bounded(conn.get(self.layout.shared.counter(key)))
+            .await?;
         Ok(value.unwrap_or(0))
     }
 
@@ -636,7 +643,7 @@ impl SharedState for RedisBackend {
         }
         let mut cmd = redis::cmd("MGET");
         for key in keys {
-            cmd.arg(self.keys.counter(key));
+            cmd.arg(self.layout.shared.counter(key));
         }
         let mut conn = self.connection(&self.conn).await?;
         let values: Vec<Option<u64>> = self.bounded(cmd.query_async(&mut conn)).await?;
@@ -651,7 +658,7 @@ impl SharedState for RedisBackend {
     ) -> Result<Option<String>, QueueError> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let mut inv = scripts::ACQUIRE.prepare_invoke();
-        inv.key(self.keys.slot(key))
+        inv.key(self.layout.shared.slot(key))
             .arg(limit)
             .arg(ms(ttl))
             .arg(&token);
@@ -662,7 +669,9 @@ impl SharedState for RedisBackend {
 
     async fn renew_slot(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, QueueError> {
         let mut inv = scripts::RENEW_SLOT.prepare_invoke();
-        inv.key(self.keys.slot(key)).arg(token).arg(ms(ttl));
+        inv.key(self.layout.shared.slot(key))
+            .arg(token)
+            .arg(ms(ttl));
         let mut conn = self.connection(&self.conn).await?;
         let renewed: i64 = self.bounded(inv.invoke_async(&mut conn)).await?;
         Ok(renewed == 1)
@@ -670,19 +679,21 @@ impl SharedState for RedisBackend {
 
     async fn release_slot(&self, key: &str, token: &str) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        let _: i64 = self.bounded(conn.zrem(self.keys.slot(key), token)).await?;
+        let _: i64 = self
+            .bounded(conn.zrem(self.layout.shared.slot(key), token))
+            .await?;
         Ok(())
     }
 
     async fn get_value(&self, key: &str) -> Result<Option<String>, QueueError> {
         let mut conn = self.connection(&self.conn).await?;
-        self.bounded(conn.get(self.keys.value(key))).await
+        self.bounded(conn.get(self.layout.shared.value(key))).await
     }
 
     async fn set_value(&self, key: &str, value: &str, ttl: Duration) -> Result<(), QueueError> {
         let mut conn = self.connection(&self.conn).await?;
         let () = self
-            .bounded(conn.pset_ex(self.keys.value(key), value, ms(ttl).max(1)))
+            .bounded(conn.pset_ex(self.layout.shared.value(key), value, ms(ttl).max(1)))
             .await?;
         Ok(())
     }
@@ -697,28 +708,6 @@ pub(crate) fn in_force(entry: &SuppressionEntry, now: Millis) -> bool {
 mod tests {
     use super::*;
     use crate::queue::SuppressionReason;
-
-    #[test]
-    fn every_key_shares_one_hash_tag() {
-        let k = Keys::new("petrel");
-        for key in [
-            &k.data,
-            &k.left,
-            &k.received,
-            &k.unit,
-            &k.due,
-            &k.leased,
-            &k.token,
-            &k.supp,
-            &k.events,
-            &k.held,
-            &k.holds,
-        ] {
-            assert!(key.starts_with("{petrel}:"), "{key}");
-        }
-        assert_eq!(k.counter("auth:1.2.3.4"), "{petrel}:ctr:auth:1.2.3.4");
-        assert_eq!(k.slot("mx:gmail"), "{petrel}:slot:mx:gmail");
-    }
 
     #[test]
     fn prefixes_that_would_break_the_hash_tag_are_refused() {

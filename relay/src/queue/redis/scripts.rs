@@ -4,7 +4,8 @@
 //! any other client, so a worker crash or a lost connection leaves either
 //! the whole change or none. Every key a script touches is passed in
 //! `KEYS` (never built inside the script), as Redis Cluster requires, and
-//! all of them share one `{prefix}` hash tag so they live in one slot.
+//! all of them share one hash tag (one partition's `{prefix:N}`, or the
+//! shared `{prefix}`) so they live in one slot.
 //!
 //! Redis does not roll back a script that fails half-way (only out of
 //! memory can make a plain `HSET`/`ZADD` fail), so writes are ordered to
@@ -72,45 +73,68 @@ return out
     ))
 });
 
-/// Ends or reschedules a leased unit and writes everything the attempt
-/// produced: DSN messages, events and suppression entries.
+/// Ends or reschedules leased units of one shard and writes everything
+/// each attempt produced: DSN messages, events and suppression entries.
+/// Each item is all or nothing on its own: an item whose lease was lost
+/// writes nothing and the others go on.
 ///
-/// KEYS: data, left, received, unit, due, leased, token, events, supp.
-/// ARGV: unit id, token, message id, mode (`finish`, or `requeue` for a
-/// retry or a postponement: the unit stored back and due again), unit
-/// json and next attempt (both empty for `finish`), message count and per
-/// message the `store_message` arguments, event count and event JSON*,
-/// suppression count and (address, entry json)*.
-/// Returns 1 when done, 0 when the lease was lost (nothing written).
+/// KEYS: data, left, received, unit, due, leased, token, events, and where
+/// suppression entries go (the list, or the partition's outbox).
+/// ARGV: item count, then per item: unit id, token, message id, mode
+/// (`finish`, or `requeue` for a retry or a postponement: the unit stored
+/// back and due again), unit json and next attempt (both empty for
+/// `finish`), message count and per message the `store_message`
+/// arguments, event count and event JSON*, suppression count and
+/// (address, entry json)*.
+/// Returns one 1 (done) or 0 (lease lost, nothing written) per item.
 pub static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r#"{STORE_MESSAGE}{APPEND_EVENTS}
-if redis.call('HGET', KEYS[7], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('ZREM', KEYS[6], ARGV[1])
-redis.call('HDEL', KEYS[7], ARGV[1])
-if ARGV[4] == 'requeue' then
-  redis.call('HSET', KEYS[4], ARGV[1], ARGV[5])
-  redis.call('ZADD', KEYS[5], ARGV[6], ARGV[1])
-else
-  redis.call('HDEL', KEYS[4], ARGV[1])
-  local left = redis.call('HINCRBY', KEYS[2], ARGV[3], -1)
-  if left <= 0 then
-    redis.call('HDEL', KEYS[2], ARGV[3])
-    redis.call('HDEL', KEYS[1], ARGV[3])
-    redis.call('ZREM', KEYS[3], ARGV[3])
+local function item_end(i)
+  local j = i + 6
+  local messages = tonumber(ARGV[j])
+  j = j + 1
+  for _ = 1, messages do j = j + 4 + 3 * tonumber(ARGV[j + 3]) end
+  j = j + 1 + tonumber(ARGV[j])
+  return j + 1 + 2 * tonumber(ARGV[j])
+end
+local function settle_one(i)
+  local last = item_end(i)
+  local id, mid = ARGV[i], ARGV[i + 2]
+  if redis.call('HGET', KEYS[7], id) ~= ARGV[i + 1] then return last, 0 end
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('HDEL', KEYS[7], id)
+  if ARGV[i + 3] == 'requeue' then
+    redis.call('HSET', KEYS[4], id, ARGV[i + 4])
+    redis.call('ZADD', KEYS[5], ARGV[i + 5], id)
+  else
+    redis.call('HDEL', KEYS[4], id)
+    local left = redis.call('HINCRBY', KEYS[2], mid, -1)
+    if left <= 0 then
+      redis.call('HDEL', KEYS[2], mid)
+      redis.call('HDEL', KEYS[1], mid)
+      redis.call('ZREM', KEYS[3], mid)
+    end
   end
+  local j = i + 7
+  for _ = 1, tonumber(ARGV[i + 6]) do
+    j = store_message(j)
+  end
+  j = append_events(8, j)
+  local n = tonumber(ARGV[j])
+  for k = j + 1, j + 2 * n, 2 do
+    redis.call('HSET', KEYS[9], ARGV[k], ARGV[k + 1])
+  end
+  return last, 1
 end
-local i = 8
-local messages = tonumber(ARGV[7])
-for _ = 1, messages do
-  i = store_message(i)
+local out = {{}}
+local i = 2
+for _ = 1, tonumber(ARGV[1]) do
+  local done
+  i, done = settle_one(i)
+  table.insert(out, done)
 end
-i = append_events(8, i)
-local n = tonumber(ARGV[i])
-for j = i + 1, i + 2 * n, 2 do
-  redis.call('HSET', KEYS[9], ARGV[j], ARGV[j + 1])
-end
-return 1
+return out
 "#
     ))
 });
@@ -174,15 +198,19 @@ return 1
 });
 
 /// Makes expired leases due again (at their expiry), then leases up to
-/// `max` due units. A due unit of a held destination is moved to the held
-/// index instead (keeping its due time), so it is neither handed out nor
-/// met again by the next lease. Only with holds in place is a unit record
-/// decoded (cjson) to learn its domain; one that does not decode is leased
-/// as before, and the worker deals with it.
+/// `max` due units of one shard, each returned with its message's bytes
+/// while the byte budget lasts (once per message: a second unit of the
+/// same message gets `false`, the caller shares the first copy). A due
+/// unit of a held destination is moved to the held index instead
+/// (keeping its due time), so it is neither handed out nor met again by
+/// the next lease. Only with holds in place is a unit record decoded
+/// (cjson) to learn its domain; one that does not decode is leased as
+/// before, and the worker deals with it.
 ///
-/// KEYS: due, leased, unit, token, holds, held.
-/// ARGV: now, max, lease expiry, token, most expired leases to reclaim.
-/// Returns the leased unit records (JSON).
+/// KEYS: due, leased, unit, token, held, data.
+/// ARGV: now, max, lease expiry, token, most expired leases to reclaim,
+/// byte budget, then the held domains.
+/// Returns (unit JSON, message bytes or false) per leased unit.
 pub static LEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -192,7 +220,13 @@ for i = 1, #expired, 2 do
   redis.call('HDEL', KEYS[4], expired[i])
   redis.call('ZADD', KEYS[1], expired[i + 1], expired[i])
 end
-local holding = redis.call('HLEN', KEYS[5]) > 0
+local holds, holding = {}, false
+for i = 7, #ARGV do
+  holds[ARGV[i]] = true
+  holding = true
+end
+local budget = tonumber(ARGV[6])
+local sent = {}
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[2])
 local out = {}
 for i = 1, #due, 2 do
@@ -204,14 +238,31 @@ for i = 1, #due, 2 do
     if holding then
       local ok, u = pcall(cjson.decode, unit)
       held = ok and type(u) == 'table' and type(u.domain) == 'string'
-        and redis.call('HEXISTS', KEYS[5], u.domain) == 1
+        and holds[u.domain] == true
     end
     if held then
-      redis.call('ZADD', KEYS[6], due[i + 1], id)
+      redis.call('ZADD', KEYS[5], due[i + 1], id)
     else
       redis.call('ZADD', KEYS[2], ARGV[3], id)
       redis.call('HSET', KEYS[4], id, ARGV[4])
+      local body = false
+      if budget > 0 then
+        -- serde_json writes the id plainly unless it needs escapes.
+        local mid = string.match(unit, '"message_id":"([^"\\]*)"')
+        if not mid then
+          local ok, u = pcall(cjson.decode, unit)
+          if ok and type(u) == 'table' and type(u.message_id) == 'string' then mid = u.message_id end
+        end
+        if mid and not sent[mid] then
+          body = redis.call('HGET', KEYS[6], mid)
+          if body then
+            sent[mid] = true
+            budget = budget - #body
+          end
+        end
+      end
       table.insert(out, unit)
+      table.insert(out, body)
     end
   end
 end
@@ -247,25 +298,43 @@ return out
     )
 });
 
-/// Holds a destination (keeping an earlier start) and moves the named
-/// units from due to held, keeping their due time.
+/// Moves the named units of one shard from due to held, keeping their
+/// due time (the hold itself is in the shared `holds` hash).
 ///
-/// KEYS: holds, due, held. ARGV: domain, now, unit ids...
+/// KEYS: due, held. ARGV: unit ids...
 /// Returns how many units moved.
 pub static HOLD: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2])
 local moved = 0
-for i = 3, #ARGV do
-  local at = redis.call('ZSCORE', KEYS[2], ARGV[i])
+for i = 1, #ARGV do
+  local at = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if at then
-    redis.call('ZREM', KEYS[2], ARGV[i])
-    redis.call('ZADD', KEYS[3], at, ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], at, ARGV[i])
     moved = moved + 1
   end
 end
 return moved
+"#,
+    )
+});
+
+/// Records the partition count a pod uses and returns the highest one
+/// ever recorded, so every pod leases from every partition that may hold
+/// units (partitions shrink without stranding anything).
+///
+/// KEYS: meta. ARGV: partitions. Returns the highest count.
+pub static META: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local seen = tonumber(redis.call('HGET', KEYS[1], 'partitions') or '0')
+local mine = tonumber(ARGV[1])
+if mine > seen then
+  redis.call('HSET', KEYS[1], 'partitions', mine)
+  return mine
+end
+return seen
 "#,
     )
 });
