@@ -101,7 +101,11 @@ async fn per_destination_rate_paces_without_failing() {
         let got = sink.wait_for(3, Duration::from_secs(30)).await;
         assert_eq!(got.len(), 3, "all delivered in the end");
         // At one per second, units had to wait: each for its own place in
-        // the destination's line (see delivery_pacing.rs).
+        // the destination's line (see delivery_pacing.rs). The three units
+        // go out as concurrent groups (dispatch), and groups that reserve
+        // at once may get overlapping places; a unit the rate then refuses
+        // takes one new place at the end. So at least one place, and at
+        // most one retake per waiting unit, never one per second of waiting.
         let places = relay
             .ctx
             .state
@@ -109,7 +113,7 @@ async fn per_destination_rate_paces_without_failing() {
             .await
             .unwrap();
         assert!(
-            (1..=2).contains(&places),
+            (1..=4).contains(&places),
             "units over the rate took places: {places}"
         );
         let m = &relay.ctx.metrics;

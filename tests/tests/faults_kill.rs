@@ -56,7 +56,10 @@ async fn faults_kill9_one_of_two_relays_mid_delivery_loses_nothing() {
         // The survivor delivers everything, including units leased by the
         // dead relay once their 10 s lease expires.
         let n = accepted.len() as u64;
-        let all = s.sink.wait_for(n, n, Duration::from_secs(150)).await;
+        let all = s
+            .sink
+            .wait_for_ids(&accepted, Duration::from_secs(150))
+            .await;
         let arrivals = s.sink.arrivals();
         let verdict = verify(&accepted, &[], &arrivals, 1, 2);
         eprintln!(

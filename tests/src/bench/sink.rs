@@ -175,6 +175,28 @@ impl Sink {
         self.shared.transactions.store(0, Ordering::SeqCst);
     }
 
+    /// Waits until every one of `ids` has arrived at least once; false on
+    /// timeout. Counts alone are not enough after a crash: a message the
+    /// client never saw accepted may arrive too and make up the number
+    /// while an accepted one is still waiting for its lease to expire.
+    pub async fn wait_for_ids(&self, ids: &[String], timeout: Duration) -> bool {
+        let check = || {
+            let records = self.shared.records();
+            ids.iter().all(|id| records.by_id.contains_key(id))
+        };
+        tokio::time::timeout(timeout, async {
+            loop {
+                let notified = self.shared.changed.notified();
+                if check() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+
     /// Waits until at least `unique` distinct ids and `recipients` recipients
     /// have arrived; false on timeout.
     pub async fn wait_for(&self, unique: u64, recipients: u64, timeout: Duration) -> bool {
