@@ -67,7 +67,6 @@ async fn faults_redis_restart_keeps_every_accepted_message_and_never_lies() {
         let report = background.await.expect("background injector");
         let accepted = accepted_ids(&report);
         assert!(!accepted.is_empty());
-        let n = accepted.len() as u64;
         let all = s.sink.wait_for_ids(&accepted, Duration::from_secs(60)).await;
         let arrivals = s.sink.arrivals();
         // The requirement here is "none lost"; how often a message may be
