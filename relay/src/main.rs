@@ -8,6 +8,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use petrel_relay::config::RelayConfig;
 
+// Small allocations dominate (SMTP lines, JSON records, Redis frames); glibc
+// malloc took ~12% of the relay's CPU under load, mimalloc a fraction.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Petrel's SMTP relay: SMTP in, DKIM-signed, queued, delivered.
 #[derive(Parser)]
 #[command(name = "petrel-relay", version, about)]

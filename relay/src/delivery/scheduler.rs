@@ -25,6 +25,8 @@ use crate::queue::{Lease, LeasedUnit, SettleOp, Settlement, now_millis};
 const IDLE_POLL: Duration = Duration::from_millis(250);
 /// Pause after the queue backend failed.
 const BACKEND_PAUSE: Duration = Duration::from_secs(1);
+/// How long a wake from an enqueue waits for more enqueues before leasing.
+const GATHER: Duration = Duration::from_millis(2);
 /// Units leased per poll, at most.
 const MAX_BATCH: usize = 100;
 /// How often queue gauges are refreshed.
@@ -52,6 +54,9 @@ pub async fn run(
         ctx.metrics.clone(),
         STATS_EVERY,
     ));
+    // Set when a lease took all that was due: until then (or a wake) the
+    // loop does not lease again.
+    let mut drained_until: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     tracing::info!(workers, "delivery workers started");
     loop {
@@ -91,11 +96,33 @@ pub async fn run(
                 }
             }
         }
+        if let Some(at) = drained_until {
+            // The last lease took everything due: lease again when this pod
+            // enqueues, or after the idle pause (other pods' mail, retries
+            // falling due), not after every group ending, which found an
+            // empty queue and cost a round of queue calls each time.
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(at) => {}
+                _ = ctx.wake.notified() => {
+                    // Let the next few enqueues land: one lease for them all.
+                    tokio::time::sleep(GATHER).await;
+                }
+                // A group ending may let waiting units start.
+                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    ended(&mut dispatch, &mut running, done);
+                    continue
+                }
+            }
+            drained_until = None;
+            continue;
+        }
         let lease_for = cfg.queue.lease.get();
+        let asked = available.min(MAX_BATCH);
         // The units with their message bytes, in one round trip.
         let leased = match ctx
             .queue
-            .lease_with_data(now_millis(), available.min(MAX_BATCH), lease_for)
+            .lease_with_data(now_millis(), asked, lease_for)
             .await
         {
             Ok(leased) => leased,
@@ -107,21 +134,11 @@ pub async fn run(
                 }
             }
         };
+        if leased.len() < asked {
+            drained_until = Some(tokio::time::Instant::now() + IDLE_POLL);
+        }
         let (leases, data) = split_prefetched(leased);
         prefetched.extend(data);
-        if leases.is_empty() {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                _ = tokio::time::sleep(IDLE_POLL) => continue,
-                // This pod just enqueued a message.
-                _ = ctx.wake.notified() => continue,
-                // A group ending may let waiting units start.
-                Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                    ended(&mut dispatch, &mut running, done);
-                    continue
-                }
-            }
-        }
         for (domain, group) in group_by_destination(leases) {
             let n = u32::try_from(group.len()).unwrap_or(u32::MAX);
             // Never blocks long: we leased no more units than free permits.

@@ -145,16 +145,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut deadline = Instant::now() + timeout;
         loop {
             if !self.rbuf.is_empty() {
-                let input = std::mem::take(&mut self.rbuf);
-                if input.contains(&b'\n') {
+                if memchr::memchr(b'\n', &self.rbuf).is_some() {
                     deadline = Instant::now() + timeout;
                 }
-                let mut bytes = input.iter();
+                let mut bytes = self.rbuf.iter();
                 let done = match discard.as_mut() {
                     Some(d) => d.ingest(&mut bytes),
                     None => receiver.ingest(&mut bytes, &mut message),
                 };
-                self.rbuf = bytes.as_slice().to_vec();
+                // Only what was read goes; the buffer keeps its room for the
+                // next read instead of being allocated again for each one.
+                let consumed = self.rbuf.len() - bytes.as_slice().len();
+                self.rbuf.drain(..consumed);
                 if first {
                     first = false;
                     if message.starts_with(b"\r\n") {

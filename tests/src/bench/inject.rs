@@ -38,6 +38,12 @@ pub struct Plan {
     /// Each client waits this long between messages (steady traffic in fault
     /// tests); zero sends as fast as the server allows.
     pub interval: Duration,
+    /// Offered load in messages per second over all clients: message `n`
+    /// starts no earlier than `n / rate` after the start (latency at a
+    /// given load rather than at saturation, where a closed loop of C
+    /// clients makes it C / throughput by Little's law). `None`: as fast
+    /// as the server answers.
+    pub rate: Option<f64>,
     /// Stop starting new messages after this long.
     pub deadline: Duration,
     /// Timeout of each SMTP read/write.
@@ -60,6 +66,7 @@ impl Plan {
             from: "sender@example.test".to_string(),
             rcpt_domain: "example.net".to_string(),
             interval: Duration::ZERO,
+            rate: None,
             deadline: Duration::from_secs(600),
             io_timeout: Duration::from_secs(30),
         }
@@ -160,6 +167,10 @@ async fn client_loop(index: usize, plan: &Plan, next: &AtomicU64, start: Instant
         let seq = next.fetch_add(1, Ordering::Relaxed);
         if seq >= plan.messages {
             break;
+        }
+        if let Some(rate) = plan.rate.filter(|r| *r > 0.0) {
+            let due = start + Duration::from_secs_f64(seq as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
         }
         let id = plan.id(seq);
         let t0 = Instant::now();

@@ -18,6 +18,11 @@
 //! another destination and reports Redis memory per queued message; compare
 //! its rows with a run without it.
 //!
+//! `--offered-rate R` paces the in-process injector at R msg/s in all, so
+//! accept latency is measured at a load, not at saturation (where C
+//! clients in a closed loop wait C / throughput on average, whatever the
+//! server does).
+//!
 //! ```text
 //! cargo build --release -p petrel-relay -p petrel-tests --bin petrel-bench
 //! target/release/petrel-bench --messages 20000 --postfix --injector petrel,smtp-source
@@ -88,6 +93,12 @@ struct Args {
     /// Upper bound of one run (injection plus delivery), in seconds.
     #[arg(long, default_value_t = 300)]
     run_timeout: u64,
+    /// Offered load of the in-process injector, msg/s over all clients
+    /// (each message waits for its start time, n / rate); without it the
+    /// clients send as fast as they are answered. For accept latency at a
+    /// load below saturation.
+    #[arg(long)]
+    offered_rate: Option<f64>,
     /// RUST_LOG of the relays.
     #[arg(long, default_value = "warn")]
     relay_log: String,
@@ -287,6 +298,7 @@ fn plan(args: &Args, load: Load, targets: Vec<SocketAddr>, system: &str) -> Plan
     plan.size = load.size;
     plan.recipients = load.recipients;
     plan.kept_sessions = load.sessions == Sessions::Kept;
+    plan.rate = args.offered_rate;
     plan.deadline = Duration::from_secs(args.run_timeout);
     plan.run_id = format!(
         "{}-{}",
@@ -702,8 +714,15 @@ fn machine_header(args: &Args) -> String {
     );
     let _ = writeln!(
         s,
-        "M={} messages per run, C={} in-process clients, smtp-source -s {}, transport {:?}, Redis AOF everysec, relay log {}",
-        args.messages, args.concurrency, args.source_sessions, args.transport, args.relay_log
+        "M={} messages per run, C={} in-process clients{}, smtp-source -s {}, transport {:?}, Redis AOF everysec, relay log {}",
+        args.messages,
+        args.concurrency,
+        args.offered_rate
+            .map(|r| format!(" offering {r:.0} msg/s"))
+            .unwrap_or_default(),
+        args.source_sessions,
+        args.transport,
+        args.relay_log
     );
     let _ = write!(
         s,
