@@ -363,6 +363,21 @@ async fn delivered_over_tls(cert: MxCert, policy: Policy, subject: &str) {
         eprintln!("postfix: {line}");
     }
     assert!(w.relay.terminate(GRACE).await, "relay exited cleanly");
+    // Postfix offers PIPELINING and CHUNKING, so the relay sent the
+    // message with BDAT, not DATA. Postfix counts both in the disconnect
+    // line it logs once the relay's pooled session has ended.
+    assert!(
+        w.postfix.wait_for_log(" bdat=1", DELIVERY).await,
+        "no BDAT in Postfix's session counts:\n{}",
+        w.postfix.log()
+    );
+    let log = w.postfix.log();
+    assert!(
+        log_lines(&log, "disconnect from")
+            .iter()
+            .all(|l| !l.contains(" data=")),
+        "{log}"
+    );
 }
 
 /// The message is deferred with a TLS diagnostic; Postfix saw the relay

@@ -1,7 +1,8 @@
 //! The transaction state machine of the outbound SMTP client: greeting,
 //! EHLO (HELO fallback), AUTH, MAIL/RCPT/DATA with or without PIPELINING,
-//! RSET between transactions, QUIT; and what each recipient's replies
-//! mean for it.
+//! MAIL/RCPT/BDAT in one write when the server offers PIPELINING and
+//! CHUNKING, RSET between transactions, QUIT; and what each recipient's
+//! replies mean for it.
 
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub struct Capabilities {
     pub auth_login: bool,
     /// REQUIRETLS (RFC 8689).
     pub require_tls: bool,
+    /// CHUNKING (RFC 3030): BDAT.
+    pub chunking: bool,
 }
 
 impl Capabilities {
@@ -44,6 +47,7 @@ impl Capabilities {
             smtputf8: ehlo.has_capability(smtp_proto::EXT_SMTP_UTF8),
             starttls: ehlo.has_capability(smtp_proto::EXT_START_TLS),
             require_tls: ehlo.has_capability(smtp_proto::EXT_REQUIRE_TLS),
+            chunking: ehlo.has_capability(smtp_proto::EXT_CHUNKING),
             auth_plain: ehlo.auth_mechanisms & smtp_proto::AUTH_PLAIN != 0,
             auth_login: ehlo.auth_mechanisms & smtp_proto::AUTH_LOGIN != 0,
         }
@@ -250,6 +254,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             .iter()
             .map(|r| format!("RCPT TO:<{}>", address(r)))
             .collect();
+        if self.caps.pipelining && self.caps.chunking {
+            return self.send_chunked(&mail, &rcpts, data).await;
+        }
         let cmd = self.timeouts.command;
         let pipelining = self.caps.pipelining;
 
@@ -392,6 +399,103 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             ended,
         })
     }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
+    /// MAIL, RCPT and `BDAT n LAST` with the whole message, in one write
+    /// (RFC 3030 with RFC 2920): one round trip per message instead of
+    /// two, and no dot-stuffing. A server that offers both must read and
+    /// answer the BDAT even when MAIL or every RCPT failed (RFC 3030 4.2).
+    async fn send_chunked(
+        &mut self,
+        mail: &str,
+        rcpts: &[String],
+        data: &[u8],
+    ) -> Result<Transaction, (Fault, Vec<RcptResult>)> {
+        let n = rcpts.len();
+        let body = chunk_body(data);
+        let mut batch = Vec::with_capacity(mail.len() + 64 * (n + 1) + body.len());
+        batch.extend_from_slice(mail.as_bytes());
+        batch.extend_from_slice(b"\r\n");
+        for r in rcpts {
+            batch.extend_from_slice(r.as_bytes());
+            batch.extend_from_slice(b"\r\n");
+        }
+        batch.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+        batch.extend_from_slice(&body);
+        self.write(&batch, "MAIL").await.map_err(|f| (f, vec![]))?;
+
+        let cmd = self.timeouts.command;
+        let mail_reply = self
+            .read_reply(cmd, "MAIL")
+            .await
+            .map_err(|f| (f, vec![]))?;
+        let mut rcpt_replies: Vec<Reply> = Vec::with_capacity(n);
+        for _ in 0..n {
+            match self.read_reply(cmd, "RCPT").await {
+                Ok(r) => rcpt_replies.push(r),
+                Err(f) => return Err((f, rcpt_errors(&mail_reply, &rcpt_replies))),
+            }
+        }
+        let bdat_reply = self
+            .read_reply(self.timeouts.data, "BDAT")
+            .await
+            .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?;
+        // Only an accepted BDAT LAST is known to end the transaction; after
+        // a refused one the caller resets before the next MAIL.
+        let ended = bdat_reply.severity() == Severity::Positive;
+
+        if mail_reply.severity() != Severity::Positive {
+            let host_failure =
+                mail_reply.severity() != Severity::Permanent || mail_reply.code == 421;
+            let lost = mail_reply.code == 421 || bdat_reply.code == 421;
+            return Ok(Transaction {
+                results: vec![Err(Failure::Session(mail_reply)); n],
+                host_failure: host_failure || lost,
+                connection_lost: lost,
+                ended: ended && !lost,
+            });
+        }
+        let lost = rcpt_replies
+            .iter()
+            .chain(std::iter::once(&bdat_reply))
+            .any(|r| r.code == 421);
+        let results = rcpt_replies
+            .into_iter()
+            .map(|r| {
+                if r.severity() != Severity::Positive {
+                    Err(Failure::Reply(r))
+                } else if bdat_reply.severity() == Severity::Positive {
+                    Ok(bdat_reply.clone())
+                } else {
+                    Err(Failure::Session(bdat_reply.clone()))
+                }
+            })
+            .collect();
+        Ok(Transaction {
+            results,
+            host_failure: lost,
+            connection_lost: lost,
+            ended: ended && !lost,
+        })
+    }
+}
+
+/// The message as BDAT sends it: as stored, ending with CRLF like the
+/// DATA path makes it, so both put the same bytes in the mailbox.
+fn chunk_body(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if data.is_empty() || data.ends_with(b"\r\n") {
+        return std::borrow::Cow::Borrowed(data);
+    }
+    let mut out = data.to_vec();
+    if out.ends_with(b"\n") {
+        out.pop();
+    }
+    if !out.ends_with(b"\r") {
+        out.push(b'\r');
+    }
+    out.push(b'\n');
+    std::borrow::Cow::Owned(out)
 }
 
 /// Results known so far when a fault interrupts the RCPT phase.
@@ -730,6 +834,130 @@ mod tests {
         assert_eq!(t.results[0].as_ref().unwrap().message, "done");
         let lines = srv.await.unwrap();
         assert_eq!(lines[0], "MAIL FROM:<>\r\n");
+    }
+
+    /// A CHUNKING server: reads MAIL, the RCPTs and `BDAT n LAST` with its
+    /// n bytes, checks they came in one write, answers with `replies`, and
+    /// returns the body it got.
+    async fn chunking_server(io: DuplexStream, rcpts: usize, replies: &'static str) -> Vec<u8> {
+        let (r, mut w) = tokio::io::split(io);
+        let mut r = BufReader::new(r);
+        w.write_all(b"220 hi\r\n").await.unwrap();
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        w.write_all(b"250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")
+            .await
+            .unwrap();
+        let mut lines = Vec::new();
+        for _ in 0..rcpts + 2 {
+            let mut l = String::new();
+            r.read_line(&mut l).await.unwrap();
+            lines.push(l);
+        }
+        assert!(lines[0].starts_with("MAIL FROM:"), "{lines:?}");
+        assert!(lines[1..=rcpts].iter().all(|l| l.starts_with("RCPT TO:")));
+        let size: usize = lines[rcpts + 1]
+            .strip_prefix("BDAT ")
+            .and_then(|l| l.strip_suffix(" LAST\r\n"))
+            .unwrap_or_else(|| panic!("{lines:?}"))
+            .parse()
+            .unwrap();
+        let mut body = vec![0; size];
+        tokio::io::AsyncReadExt::read_exact(&mut r, &mut body)
+            .await
+            .unwrap();
+        w.write_all(replies.as_bytes()).await.unwrap();
+        body
+    }
+
+    #[tokio::test]
+    async fn chunking_sends_the_message_unstuffed_after_the_envelope() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(chunking_server(
+            b,
+            2,
+            "250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 2.0.0 queued as X\r\n",
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        let caps = c.ehlo("relay.test").await.unwrap().unwrap();
+        assert!(caps.chunking && caps.pipelining);
+        let rcpts = vec!["x@b.test".to_string(), "y@b.test".into()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        };
+        // No trailing CRLF: BDAT adds it as DATA would.
+        let t = c.send(&env, b"Subject: x\r\n\r\n.dot\r\n.").await;
+        assert!(t.ended && !t.connection_lost && !t.host_failure, "{t:?}");
+        assert_eq!(t.results[0].as_ref().unwrap().message, "queued as X");
+        assert_eq!(
+            t.results[1].as_ref().unwrap_err().reply().unwrap().code,
+            550
+        );
+        assert_eq!(srv.await.unwrap(), b"Subject: x\r\n\r\n.dot\r\n.\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_bdat_fails_the_accepted_recipients_and_leaves_a_reset_due() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(chunking_server(
+            b,
+            1,
+            "250 ok\r\n250 ok\r\n452 4.3.1 insufficient storage\r\n",
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        };
+        let t = c.send(&env, b"x\r\n").await;
+        assert!(!t.ended && !t.connection_lost, "{t:?}");
+        let failure = t.results[0].as_ref().unwrap_err();
+        assert_eq!(
+            failure.outcome(),
+            crate::delivery::classify::Outcome::Temporary
+        );
+        assert_eq!(srv.await.unwrap(), b"x\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_refused_sender_over_chunking_shares_its_answer() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(chunking_server(
+            b,
+            1,
+            "550 5.7.1 sender rejected\r\n503 5.5.1 no sender\r\n503 5.5.1 no recipients\r\n",
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        };
+        let t = c.send(&env, b"x\r\n").await;
+        srv.await.unwrap();
+        let failure = t.results[0].as_ref().unwrap_err();
+        assert!(
+            matches!(failure, Failure::Session(r) if r.code == 550),
+            "{failure:?}"
+        );
+        assert!(!crate::delivery::classify::is_hard_bounce(failure));
+        assert!(!t.ended && !t.host_failure);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Leasing across partitions: count what each shard has due, split the
 //! batch fairly ([`plan_quotas`]), then one `LEASE` script per shard with
-//! work, each returning the message bytes with its units.
+//! work, each naming the messages to read with its units, then one
+//! `HMGET` per shard for their bytes.
 //!
 //! On one server (or a Sentinel's primary) each step is one pipeline, so
 //! a lease costs two round trips whatever the partition count; measured
@@ -22,7 +23,7 @@ use super::{
     decode, plan_quotas, scripts,
 };
 
-/// A `LEASE` reply: (unit JSON, message bytes or nil)*.
+/// A `LEASE` reply: (unit JSON, message id to read or nil)*.
 type LeaseReply = Vec<Option<Vec<u8>>>;
 
 /// What one lease round asks of one shard.
@@ -102,7 +103,7 @@ impl RedisBackend {
         let expires_at = now.saturating_add(lease_for.as_millis() as u64);
         let replies = match &conn {
             Conn::Single(_) => {
-                self.lease_in_one(conn, &chosen, now, expires_at, share, &holds)
+                self.lease_in_one(conn.clone(), &chosen, now, expires_at, share, &holds)
                     .await?
             }
             Conn::Cluster(_) => {
@@ -114,14 +115,28 @@ impl RedisBackend {
             }
         };
         let mut out = Vec::new();
+        let mut reads = Vec::new();
         let mut failed = None;
         for (s, reply) in chosen.iter().zip(replies) {
             match reply {
-                Ok(reply) => decode_leases(&s.keys, &s.token, expires_at, reply, &mut out),
+                Ok(reply) => {
+                    let first = out.len();
+                    let ids = decode_leases(&s.keys, &s.token, expires_at, reply, &mut out);
+                    if !ids.is_empty() {
+                        reads.push(BodyRead {
+                            keys: s.keys.clone(),
+                            ids,
+                            units: first..out.len(),
+                        });
+                    }
+                }
                 // The other shards' leases stand: losing them here would
                 // leave their units leased, undelivered, until expiry.
                 Err(error) => failed = Some(error),
             }
+        }
+        if !reads.is_empty() {
+            self.read_bodies(&conn, &reads, &mut out).await;
         }
         match failed {
             Some(error) if out.is_empty() => Err(error),
@@ -130,6 +145,67 @@ impl RedisBackend {
                 Ok(out)
             }
             None => Ok(out),
+        }
+    }
+
+    /// Reads the bytes the `LEASE` scripts named, one `HMGET` per shard
+    /// (one pipeline on one server), and gives them to the units of those
+    /// messages. What does not arrive stays `None`; the caller reads it
+    /// message by message.
+    async fn read_bodies(&self, conn: &Conn, reads: &[BodyRead], out: &mut [LeasedUnit]) {
+        let replies: Result<Vec<Result<Vec<Option<Vec<u8>>>, QueueError>>, QueueError> = match conn
+        {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for r in reads {
+                    pipe.cmd("HMGET").arg(&r.keys.data).arg(&r.ids);
+                }
+                let mut conn = conn.clone();
+                self.bounded(pipe.query_async::<Vec<RedisResult<Vec<Option<Vec<u8>>>>>>(&mut conn))
+                    .await
+                    .map(|replies| {
+                        replies
+                            .into_iter()
+                            .map(|r| r.map_err(super::unavailable))
+                            .collect()
+                    })
+            }
+            Conn::Cluster(_) => {
+                self.each(reads, |r, mut conn| async move {
+                    redis::cmd("HMGET")
+                        .arg(&r.keys.data)
+                        .arg(&r.ids)
+                        .query_async::<Vec<Option<Vec<u8>>>>(&mut conn)
+                        .await
+                })
+                .await
+            }
+        };
+        let replies = match replies {
+            Ok(replies) => replies,
+            Err(error) => {
+                tracing::warn!(%error, "reading leased messages failed; reading them one by one");
+                return;
+            }
+        };
+        for (r, reply) in reads.iter().zip(replies) {
+            let bodies = match reply {
+                Ok(bodies) => bodies,
+                Err(error) => {
+                    tracing::warn!(%error, "reading leased messages failed; reading them one by one");
+                    continue;
+                }
+            };
+            let bodies: HashMap<&str, Arc<Vec<u8>>> = r
+                .ids
+                .iter()
+                .zip(bodies)
+                .filter_map(|(id, body)| Some((id.as_str(), Arc::new(body?))))
+                .collect();
+            for unit in &mut out[r.units.clone()] {
+                unit.data = bodies.get(unit.lease.unit.message_id.as_str()).cloned();
+            }
         }
     }
 
@@ -242,22 +318,30 @@ impl RedisBackend {
     }
 }
 
-fn is_noscript(error: &redis::RedisError) -> bool {
+pub(super) fn is_noscript(error: &redis::RedisError) -> bool {
     error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
 
-/// Turns a `LEASE` reply (unit JSON, bytes or nil)* into leases; units
-/// of one message share the one copy of its bytes.
+/// The messages one shard's `LEASE` named, to read in one `HMGET`, and
+/// the range of leased units they belong to.
+struct BodyRead {
+    keys: Arc<ShardKeys>,
+    ids: Vec<String>,
+    units: std::ops::Range<usize>,
+}
+
+/// Turns a `LEASE` reply (unit JSON, message id or nil)* into leases
+/// without bytes, and returns the ids of the messages to read for them.
 fn decode_leases(
     keys: &ShardKeys,
     token: &str,
     expires_at: Millis,
     reply: Vec<Option<Vec<u8>>>,
     out: &mut Vec<LeasedUnit>,
-) {
-    let mut bodies: HashMap<String, Arc<Vec<u8>>> = HashMap::new();
+) -> Vec<String> {
+    let mut ids = Vec::new();
     let mut items = reply.into_iter();
-    while let (Some(unit), Some(body)) = (items.next(), items.next()) {
+    while let (Some(unit), Some(read)) = (items.next(), items.next()) {
         let Some(unit) = unit else { continue };
         let unit: DeliveryUnit = match decode(&unit, &keys.unit) {
             Ok(unit) => unit,
@@ -268,21 +352,17 @@ fn decode_leases(
                 continue;
             }
         };
-        let data = match body {
-            Some(body) => {
-                let body = Arc::new(body);
-                bodies.insert(unit.message_id.clone(), body.clone());
-                Some(body)
-            }
-            None => bodies.get(&unit.message_id).cloned(),
-        };
+        if read.is_some() {
+            ids.push(unit.message_id.clone());
+        }
         out.push(LeasedUnit {
             lease: Lease {
                 unit,
                 token: token.to_string(),
                 expires_at,
             },
-            data,
+            data: None,
         });
     }
+    ids
 }

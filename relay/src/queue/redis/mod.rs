@@ -206,6 +206,43 @@ impl RedisBackend {
         }
     }
 
+    /// The message's bytes (a plain `HSET`, so they never pass through
+    /// Lua) and the `ENQUEUE` script in one `MULTI`: no other client sees
+    /// the bytes without the units or the units without the bytes. A
+    /// script missing after a Redis restart fails inside the transaction
+    /// with NOSCRIPT after the `HSET` ran; it is loaded and the whole
+    /// transaction runs again, rewriting the same bytes.
+    async fn store_in_one(
+        &self,
+        conn: &mut Conn,
+        deadline: tokio::time::Instant,
+        k: &ShardKeys,
+        message: &NewMessage,
+        inv: &redis::ScriptInvocation<'_>,
+    ) -> Result<Vec<redis::Value>, QueueError> {
+        for round in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .ignore_errors()
+                .hset(&k.data, &message.id, &message.data)
+                .ignore()
+                .invoke_script(inv);
+            let mut replies: Vec<redis::RedisResult<Vec<redis::Value>>> =
+                self.bounded_until(deadline, pipe.query_async(conn)).await?;
+            match replies.pop() {
+                Some(Err(e)) if round == 0 && lease::is_noscript(&e) => {
+                    self.bounded_until(deadline, scripts::ENQUEUE.load_async(conn))
+                        .await?;
+                }
+                Some(reply) => return reply.map_err(unavailable),
+                None => break,
+            }
+        }
+        Err(QueueError::Unavailable(
+            "the enqueue transaction returned no reply".into(),
+        ))
+    }
+
     async fn try_rollback(
         &self,
         k: &ShardKeys,
@@ -312,6 +349,22 @@ fn message_args(
     Ok(units)
 }
 
+/// Appends the unit count and (unit id, unit json, due at) per unit of
+/// `message`, as `ENQUEUE` takes them, and returns its units.
+fn unit_args(
+    inv: &mut redis::ScriptInvocation<'_>,
+    message: &NewMessage,
+) -> Result<Vec<DeliveryUnit>, QueueError> {
+    let units = units_of(message);
+    inv.arg(units.len());
+    for unit in &units {
+        inv.arg(&unit.id)
+            .arg(encode(unit, &unit.id)?)
+            .arg(unit.next_attempt_at);
+    }
+    Ok(units)
+}
+
 /// Appends an event count and the events' JSON.
 fn event_args(inv: &mut redis::ScriptInvocation<'_>, events: &[Event]) -> Result<(), QueueError> {
     inv.arg(events.len());
@@ -351,17 +404,18 @@ impl Queue for RedisBackend {
             .map_err(|_| QueueError::Timeout(self.timeout))??;
         let k = self.layout.keys(self.layout.home(&message.id));
         let mut inv = scripts::ENQUEUE.prepare_invoke();
-        inv.key(&k.data)
-            .key(&k.left)
+        inv.key(&k.left)
             .key(&k.received)
             .key(&k.unit)
             .key(&k.due)
-            .key(&k.events);
-        let units = message_args(&mut inv, &message)?;
+            .key(&k.events)
+            .arg(&message.id)
+            .arg(message.received_at);
+        let units = unit_args(&mut inv, &message)?;
         event_args(&mut inv, &events)?;
         let mut conn = self.bounded_until(deadline, self.write_conn.get()).await?;
-        let reply: Vec<redis::Value> = self
-            .bounded_until(deadline, inv.invoke_async(&mut conn))
+        let reply = self
+            .store_in_one(&mut conn, deadline, &k, &message, &inv)
             .await?;
         let stored = matches!(reply.first(), Some(redis::Value::Int(1)));
         let event_ids: Vec<String> = reply
