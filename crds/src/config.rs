@@ -98,6 +98,13 @@ pub struct RelayConfig {
     /// `domains[].unsubscribe`.
     #[serde(default, skip_serializing_if = "FeedbackConfig::is_default")]
     pub feedback: FeedbackConfig,
+    /// Threads that run the relay's sessions, deliveries and queue calls,
+    /// read at start. `1` runs them all on one event loop, with no
+    /// wake-ups between threads; scale out with more pods. Unset: `1` when
+    /// the process may use two CPUs or fewer (the kernel's CPU quota
+    /// counts, so a pod's CPU limit does), else one per CPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<u16>,
 }
 
 fn default_hostname() -> String {

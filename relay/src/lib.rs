@@ -24,6 +24,7 @@ pub mod queue_gauges;
 pub mod refusal;
 pub mod reload;
 pub mod reputation;
+pub mod runtime;
 pub mod server;
 pub mod tracking;
 pub mod unsubscribe;

@@ -210,7 +210,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(status as u8))
         }
         Command::Run { config } => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // A config that does not load gets the default size here and
+            // its error, naming the field, from the server below.
+            let configured = RelayConfig::load(&config)
+                .ok()
+                .and_then(|c| c.worker_threads);
+            let threads =
+                petrel_relay::runtime::threads(configured, petrel_relay::runtime::available_cpus());
+            let runtime =
+                petrel_relay::runtime::build(threads).context("starting the async runtime")?;
             runtime.block_on(petrel_relay::server::run(&config))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -31,6 +31,10 @@ pub struct StartupConfig {
     pub http: StartupHttp,
     /// Delivery tasks spawned at start.
     pub delivery: StartupDelivery,
+    /// Runtime threads started with the process. Left out when unset, so
+    /// a config without it keeps the pod-template hash it had before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worker_threads: Option<u16>,
 }
 
 /// A listener's socket.
@@ -106,6 +110,7 @@ impl RelayConfig {
             delivery: StartupDelivery {
                 workers: self.delivery.workers,
             },
+            worker_threads: self.worker_threads,
         }
     }
 }

@@ -87,6 +87,12 @@ impl RelayConfig {
         super::events::check(&self.events, &mut errors);
         self.check_tracking(&mut errors);
         self.check_feedback(&mut errors);
+        if self.worker_threads == Some(0) {
+            errors.push(FieldError::new(
+                "workerThreads",
+                "must be at least 1; remove the field to size it from the CPUs",
+            ));
+        }
         if errors.is_empty() {
             Ok(())
         } else {

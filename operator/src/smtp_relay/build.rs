@@ -409,6 +409,8 @@ pub fn relay_config(
         feedback: rc::FeedbackConfig {
             key_file: Some(feedback::key_file()),
         },
+        // Sized from the pod's CPU limit, which the relay reads itself.
+        worker_threads: None,
     };
     config.validate().map_err(|e| {
         let fields: Vec<String> = e.field_errors().iter().map(|f| f.to_string()).collect();
