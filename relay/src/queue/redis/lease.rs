@@ -26,6 +26,10 @@ use super::{
 /// A `LEASE` reply: (unit JSON, message id to read or nil)*.
 type LeaseReply = Vec<Option<Vec<u8>>>;
 
+/// An `HMGET` reply per shard read, in order; the outer error is the
+/// whole round trip failing.
+type BodyReplies = Result<Vec<Result<Vec<Option<Vec<u8>>>, QueueError>>, QueueError>;
+
 /// What one lease round asks of one shard.
 struct ShardLease {
     keys: Arc<ShardKeys>,
