@@ -157,8 +157,7 @@ impl RedisBackend {
     /// messages. What does not arrive stays `None`; the caller reads it
     /// message by message.
     async fn read_bodies(&self, conn: &Conn, reads: &[BodyRead], out: &mut [LeasedUnit]) {
-        let replies: Result<Vec<Result<Vec<Option<Vec<u8>>>, QueueError>>, QueueError> = match conn
-        {
+        let replies: BodyReplies = match conn {
             Conn::Single(_) => {
                 let mut pipe = redis::pipe();
                 pipe.ignore_errors();
