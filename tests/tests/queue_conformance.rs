@@ -1736,6 +1736,41 @@ async fn redis_queue_survives_a_restart_with_aof() {
     .expect("test timed out");
 }
 
+/// A Redis that forgot its scripts (a restart, a `SCRIPT FLUSH`): the
+/// enqueue, whose script runs inside a `MULTI` after the message's `HSET`,
+/// loads it and runs the whole transaction again, storing the message once;
+/// the lease loads its own and still hands out every message's bytes.
+#[tokio::test]
+async fn redis_scripts_forgotten_under_a_running_relay_are_loaded_again() {
+    tokio::time::timeout(LIMIT, async {
+        let server = RedisServer::start().await.unwrap();
+        let b = open(&redis_config(&server.url(), 0, Duration::from_secs(2))).await;
+        let one = message("m1", &["a@x.org"], T);
+        let two = message("m2", &["b@y.org", "c@z.org"], T);
+        b.queue.enqueue(one.clone(), Vec::new()).await.unwrap();
+        server.raw_command(&["SCRIPT", "FLUSH"]).await.unwrap();
+        b.queue.enqueue(two.clone(), Vec::new()).await.unwrap();
+        // Retried after a timeout, it is still stored once.
+        b.queue.enqueue(two.clone(), Vec::new()).await.unwrap();
+        let stats = b.queue.stats(T).await.unwrap();
+        assert_eq!((stats.messages, stats.due), (2, 3));
+
+        server.raw_command(&["SCRIPT", "FLUSH"]).await.unwrap();
+        let leased = b.queue.lease_with_data(T, 10, MINUTE).await.unwrap();
+        assert_eq!(leased.len(), 3);
+        for l in &leased {
+            let want = if l.lease.unit.message_id == "m1" {
+                &one.data
+            } else {
+                &two.data
+            };
+            assert_eq!(l.data.as_deref(), Some(want), "{}", l.lease.unit.id);
+        }
+    })
+    .await
+    .expect("test timed out");
+}
+
 #[tokio::test]
 async fn redis_outbox_survives_a_restart_with_aof() {
     tokio::time::timeout(LIMIT, async {
