@@ -336,17 +336,10 @@ fn message_args(
     inv: &mut redis::ScriptInvocation<'_>,
     message: &NewMessage,
 ) -> Result<Vec<DeliveryUnit>, QueueError> {
-    let units = units_of(message);
     inv.arg(&message.id)
         .arg(&message.data)
-        .arg(message.received_at)
-        .arg(units.len());
-    for unit in &units {
-        inv.arg(&unit.id)
-            .arg(encode(unit, &unit.id)?)
-            .arg(unit.next_attempt_at);
-    }
-    Ok(units)
+        .arg(message.received_at);
+    unit_args(inv, message)
 }
 
 /// Appends the unit count and (unit id, unit json, due at) per unit of
@@ -404,7 +397,8 @@ impl Queue for RedisBackend {
             .map_err(|_| QueueError::Timeout(self.timeout))??;
         let k = self.layout.keys(self.layout.home(&message.id));
         let mut inv = scripts::ENQUEUE.prepare_invoke();
-        inv.key(&k.left)
+        inv.key(&k.data)
+            .key(&k.left)
             .key(&k.received)
             .key(&k.unit)
             .key(&k.due)

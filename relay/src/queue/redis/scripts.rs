@@ -16,16 +16,19 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// Lua helper shared by the scripts that store messages: stores the
-/// message at `ARGV[i]` (id, data, received_at, unit count, then (unit id,
-/// unit json, due at) per unit) unless its id exists, and returns the index
-/// after it. KEYS 1-5: data, left, received, unit, due.
+/// Lua helpers shared by the scripts that store messages. KEYS 1-5: data,
+/// left, received, unit, due.
+///
+/// `store_units` stores a message's unit count and units, the units due
+/// at their times (the `due` index last), from `ARGV[first]` on: (unit id,
+/// unit json, due at) per unit; returns the index after them.
+///
+/// `store_message` stores the message at `ARGV[i]` (id, data,
+/// received_at, unit count, then the units) unless its id exists, and
+/// returns the index after it and whether it stored.
 const STORE_MESSAGE: &str = r#"
-local function store_message(i)
-  local id, data, received, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local first, last = i + 4, i + 3 + 3 * n
-  if redis.call('HEXISTS', KEYS[1], id) == 1 then return last + 1, 0 end
-  redis.call('HSET', KEYS[1], id, data)
+local function store_units(id, received, n, first)
+  local last = first + 3 * n - 1
   redis.call('HSET', KEYS[2], id, n)
   for j = first, last, 3 do
     redis.call('HSET', KEYS[4], ARGV[j], ARGV[j + 1])
@@ -34,7 +37,13 @@ local function store_message(i)
   for j = first, last, 3 do
     redis.call('ZADD', KEYS[5], ARGV[j + 2], ARGV[j])
   end
-  return last + 1, 1
+  return last + 1
+end
+local function store_message(i)
+  local id, data, received, n = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
+  if redis.call('HEXISTS', KEYS[1], id) == 1 then return i + 4 + 3 * n, 0 end
+  redis.call('HSET', KEYS[1], id, data)
+  return store_units(id, received, n, i + 4), 1
 end
 "#;
 
@@ -57,7 +66,7 @@ end
 /// through Lua: Redis's Lua hashes every byte of every string it makes,
 /// which at 100 KB was most of the enqueue's cost in Redis.
 ///
-/// KEYS: left, received, unit, due, events.
+/// KEYS: data, left, received, unit, due, events.
 /// ARGV: message id, received_at, unit count, then (unit id, unit json,
 /// due at)*, then event count and event JSON*.
 /// Returns `{1, event ids...}` when stored (the ids let a rollback take
@@ -66,20 +75,12 @@ end
 /// events were written the first time).
 pub static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r#"{APPEND_EVENTS}
-local id, received, n = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local first, last = 4, 3 + 3 * n
-if redis.call('HEXISTS', KEYS[1], id) == 1 then return {{0}} end
-redis.call('HSET', KEYS[1], id, n)
-for j = first, last, 3 do
-  redis.call('HSET', KEYS[3], ARGV[j], ARGV[j + 1])
-end
-redis.call('ZADD', KEYS[2], received, id)
-for j = first, last, 3 do
-  redis.call('ZADD', KEYS[4], ARGV[j + 2], ARGV[j])
-end
+        r#"{STORE_MESSAGE}{APPEND_EVENTS}
+local id = ARGV[1]
+if redis.call('HEXISTS', KEYS[2], id) == 1 then return {{0}} end
+local next = store_units(id, ARGV[2], tonumber(ARGV[3]), 4)
 local out = {{1}}
-append_events(5, last + 1, out)
+append_events(6, next, out)
 return out
 "#
     ))
