@@ -16,8 +16,10 @@ const LIMIT: Duration = Duration::from_secs(90);
 const MESSAGES: u64 = 10;
 
 /// Fails the destination with `behavior`, sends, waits for the relay to have
-/// tried, recovers the destination, and checks every message arrived.
-async fn deferred_then_delivered(behavior: Behavior, run_id: &str) {
+/// tried, recovers the destination, and checks every message arrived. With
+/// `chunking` the destination offers CHUNKING, so the relay sends BDAT and
+/// the failure hits `BDAT ... LAST` instead of the end of DATA.
+async fn deferred_then_delivered(behavior: Behavior, chunking: bool, run_id: &str) {
     let s = Scenario::start(1, Persistence::None, |c| {
         c.delivery.retry_schedule = vec![CfgDuration::from_secs(1)];
         // Stalls are cut by the relay's data timeout.
@@ -27,6 +29,7 @@ async fn deferred_then_delivered(behavior: Behavior, run_id: &str) {
     })
     .await
     .expect("scenario");
+    s.sink.set_chunking(chunking);
     s.sink.set_behavior(behavior);
     let report = s.send(run_id, MESSAGES, 2, 2).await;
     let accepted = accepted_ids(&report);
@@ -63,6 +66,12 @@ async fn deferred_then_delivered(behavior: Behavior, run_id: &str) {
         s.sink.unique(),
         s.logs()
     );
+    // Every attempt that got as far as the message used BDAT when offered.
+    if chunking {
+        assert!(s.sink.chunked() >= MESSAGES, "{behavior:?}: no BDAT");
+    } else {
+        assert_eq!(s.sink.chunked(), 0);
+    }
     // Deferred, not bounced: no DSN went to the sender (it would arrive at
     // the same sink, without an X-Bench-Id).
     assert_eq!(
@@ -77,7 +86,7 @@ async fn deferred_then_delivered(behavior: Behavior, run_id: &str) {
 async fn faults_destination_drops_mid_data_then_recovers() {
     tokio::time::timeout(
         LIMIT,
-        deferred_then_delivered(Behavior::DropMidData, "drop"),
+        deferred_then_delivered(Behavior::DropMidData, false, "drop"),
     )
     .await
     .expect("test timed out");
@@ -87,7 +96,7 @@ async fn faults_destination_drops_mid_data_then_recovers() {
 async fn faults_destination_answers_421_after_data_then_recovers() {
     tokio::time::timeout(
         LIMIT,
-        deferred_then_delivered(Behavior::Reply421AfterData, "r421"),
+        deferred_then_delivered(Behavior::Reply421AfterData, false, "r421"),
     )
     .await
     .expect("test timed out");
@@ -97,7 +106,7 @@ async fn faults_destination_answers_421_after_data_then_recovers() {
 async fn faults_destination_greets_421_then_recovers() {
     tokio::time::timeout(
         LIMIT,
-        deferred_then_delivered(Behavior::Greeting421, "g421"),
+        deferred_then_delivered(Behavior::Greeting421, false, "g421"),
     )
     .await
     .expect("test timed out");
@@ -107,7 +116,7 @@ async fn faults_destination_greets_421_then_recovers() {
 async fn faults_destination_stalls_past_timeout_then_recovers() {
     tokio::time::timeout(
         LIMIT,
-        deferred_then_delivered(Behavior::StallAfterData, "stall"),
+        deferred_then_delivered(Behavior::StallAfterData, false, "stall"),
     )
     .await
     .expect("test timed out");
@@ -117,8 +126,26 @@ async fn faults_destination_stalls_past_timeout_then_recovers() {
 async fn faults_destination_451_after_data_then_recovers() {
     tokio::time::timeout(
         LIMIT,
-        deferred_then_delivered(Behavior::TempFailAfterData, "t451"),
+        deferred_then_delivered(Behavior::TempFailAfterData, false, "t451"),
     )
+    .await
+    .expect("test timed out");
+}
+
+/// The same failures at a destination that offers CHUNKING: the relay's
+/// BDAT transaction is deferred and retried like a DATA one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_destination_over_bdat_defers_then_delivers() {
+    tokio::time::timeout(LIMIT * 4, async {
+        for (behavior, run_id) in [
+            (Behavior::DropMidData, "bdat-drop"),
+            (Behavior::Reply421AfterData, "bdat-r421"),
+            (Behavior::StallAfterData, "bdat-stall"),
+            (Behavior::TempFailAfterData, "bdat-t451"),
+        ] {
+            deferred_then_delivered(behavior, true, run_id).await;
+        }
+    })
     .await
     .expect("test timed out");
 }

@@ -6,14 +6,17 @@
 //! arrived and for how many recipients, plus accept-to-delivered latency.
 //! Fault tests switch its [`Behavior`] at runtime to make the destination
 //! misbehave, then switch it back to `Accept` to let retries through.
+//! With [`Sink::set_chunking`] it also offers CHUNKING (RFC 3030), as
+//! Postfix and the large mailbox providers do, and each behaviour applies
+//! to `BDAT ... LAST` as it does to the end of DATA.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -75,6 +78,8 @@ struct Records {
 
 struct Shared {
     behavior: AtomicU8,
+    chunking: AtomicBool,
+    chunked: AtomicU64,
     records: Mutex<Records>,
     unique: AtomicU64,
     recipients: AtomicU64,
@@ -109,6 +114,8 @@ impl Sink {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             behavior: AtomicU8::new(Behavior::Accept as u8),
+            chunking: AtomicBool::new(false),
+            chunked: AtomicU64::new(0),
             records: Mutex::new(Records::default()),
             unique: AtomicU64::new(0),
             recipients: AtomicU64::new(0),
@@ -119,6 +126,16 @@ impl Sink {
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Ok(Sink { addr, shared, task })
+    }
+
+    /// Offers CHUNKING (BDAT) to sessions that send EHLO from now on.
+    pub fn set_chunking(&self, on: bool) {
+        self.shared.chunking.store(on, Ordering::SeqCst);
+    }
+
+    /// Transactions that ended with `BDAT ... LAST`, whatever the answer.
+    pub fn chunked(&self) -> u64 {
+        self.shared.chunked.load(Ordering::SeqCst)
     }
 
     /// Where it listens.
@@ -270,6 +287,86 @@ struct Txn {
     rcpts: u32,
     id: Option<String>,
     sent: Option<u64>,
+    /// BDAT chunks so far.
+    chunks: Vec<u8>,
+}
+
+/// What a transaction's end (end of DATA, or `BDAT ... LAST`) gets.
+enum Ending {
+    Reply(&'static [u8]),
+    /// Reply, then close.
+    Close(&'static [u8]),
+    /// Close without a reply.
+    Drop,
+    /// Never reply; read until the client goes.
+    Stall,
+}
+
+fn ending(shared: &Shared, txn: &mut Txn, behavior: Behavior) -> Ending {
+    match behavior {
+        Behavior::Reply421AfterData => Ending::Close(b"421 4.3.0 sink.test closing, try later\r\n"),
+        Behavior::StallAfterData => Ending::Stall,
+        Behavior::TempFailAfterData => Ending::Reply(b"451 4.3.0 temporary failure\r\n"),
+        Behavior::DropMidData => Ending::Drop,
+        Behavior::Accept | Behavior::Greeting421 => {
+            record(shared, std::mem::take(txn));
+            Ending::Reply(b"250 2.0.0 queued\r\n")
+        }
+    }
+}
+
+/// Carries out a transaction's end: the reply to send and go on with, or
+/// `None` when the session is over.
+async fn finish<R, W>(
+    end: Ending,
+    reader: &mut R,
+    writer: &mut W,
+) -> std::io::Result<Option<&'static [u8]>>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    match end {
+        Ending::Reply(reply) => Ok(Some(reply)),
+        Ending::Close(reply) => {
+            writer.write_all(reply).await?;
+            writer.flush().await?;
+            Ok(None)
+        }
+        Ending::Drop => Ok(None),
+        Ending::Stall => {
+            // Never answer; hold the socket until the relay gives up.
+            let _ = tokio::io::copy(reader, &mut tokio::io::sink()).await;
+            Ok(None)
+        }
+    }
+}
+
+/// Reads the bench headers from a whole message (BDAT).
+fn scan_headers(message: &[u8], txn: &mut Txn) {
+    for line in message.split(|b| *b == b'\n') {
+        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        if content.is_empty() {
+            return;
+        }
+        match message::parse_header(content) {
+            Some(BenchHeader::Id(id)) => txn.id = Some(id.to_string()),
+            Some(BenchHeader::Sent(t)) => txn.sent = Some(t),
+            None => {}
+        }
+    }
+}
+
+/// `BDAT <size> [LAST]`: the size and whether it is the last chunk.
+fn bdat_args(line: &[u8]) -> Option<(usize, bool)> {
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let mut words = line.split_ascii_whitespace().skip(1);
+    let size = words.next()?.parse().ok()?;
+    match (words.next(), words.next()) {
+        (None, None) => Some((size, false)),
+        (Some(last), None) if last.eq_ignore_ascii_case("LAST") => Some((size, true)),
+        _ => None,
+    }
 }
 
 async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
@@ -303,6 +400,7 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             .map(|b| b.to_ascii_uppercase())
             .collect();
         let reply: &[u8] = match verb.as_slice() {
+            b"EHLO" if shared.chunking.load(Ordering::SeqCst) => b"250-sink.test\r\n250-PIPELINING\r\n250-CHUNKING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 ENHANCEDSTATUSCODES\r\n",
             b"EHLO" => b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SIZE 104857600\r\n250 ENHANCEDSTATUSCODES\r\n",
             b"HELO" => b"250 sink.test\r\n",
             b"MAIL" => {
@@ -322,21 +420,31 @@ async fn serve(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                     DataEnd::Complete => {}
                     DataEnd::Dropped => return Ok(()),
                 }
-                match behavior() {
-                    Behavior::Reply421AfterData => {
-                        writer.write_all(b"421 4.3.0 sink.test closing, try later\r\n").await?;
-                        return writer.flush().await;
-                    }
-                    Behavior::StallAfterData => {
-                        // Never answer; hold the socket until the relay gives up.
-                        let mut sink = tokio::io::sink();
-                        let _ = tokio::io::copy(&mut reader, &mut sink).await;
-                        return Ok(());
-                    }
-                    Behavior::TempFailAfterData => b"451 4.3.0 temporary failure\r\n",
-                    Behavior::Accept | Behavior::Greeting421 | Behavior::DropMidData => {
-                        record(shared, std::mem::take(&mut txn));
-                        b"250 2.0.0 queued\r\n"
+                let end = ending(shared, &mut txn, behavior());
+                match finish(end, &mut reader, &mut writer).await? {
+                    Some(reply) => reply,
+                    None => return Ok(()),
+                }
+            }
+            b"BDAT" => {
+                let Some((size, last)) = bdat_args(&line) else {
+                    writer.write_all(b"501 5.5.4 BDAT size [LAST]\r\n").await?;
+                    writer.flush().await?;
+                    continue;
+                };
+                let start = txn.chunks.len();
+                txn.chunks.resize(start + size, 0);
+                reader.read_exact(&mut txn.chunks[start..]).await?;
+                if !last {
+                    b"250 2.0.0 chunk ok\r\n"
+                } else {
+                    shared.chunked.fetch_add(1, Ordering::SeqCst);
+                    let message = std::mem::take(&mut txn.chunks);
+                    scan_headers(&message, &mut txn);
+                    let end = ending(shared, &mut txn, behavior());
+                    match finish(end, &mut reader, &mut writer).await? {
+                        Some(reply) => reply,
+                        None => return Ok(()),
                     }
                 }
             }

@@ -318,7 +318,13 @@ enum Counter {
 impl Counter {
     async fn start(injector: InjectorArg) -> Result<Counter> {
         Ok(match injector {
-            InjectorArg::Petrel => Counter::Bench(Sink::start().await.context("starting sink")?),
+            InjectorArg::Petrel => {
+                let sink = Sink::start().await.context("starting sink")?;
+                // As Postfix and the large mailbox providers do; smtp-sink
+                // does not, so the two injectors' rows cover BDAT and DATA.
+                sink.set_chunking(true);
+                Counter::Bench(sink)
+            }
             InjectorArg::SmtpSource => {
                 Counter::Postfix(PostfixSink::start().await.context("starting smtp-sink")?)
             }
