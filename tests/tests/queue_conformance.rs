@@ -167,6 +167,18 @@ fn ids(events: &[petrel_relay::events::StoredEvent]) -> Vec<String> {
 
 const HOUR: Duration = Duration::from_secs(3600);
 
+/// Every leased unit carries the bytes of its own message, one of `messages`.
+fn assert_each_has_its_bytes(leased: &[queue::LeasedUnit], messages: &[&NewMessage]) {
+    for l in leased {
+        let want = messages
+            .iter()
+            .find(|m| m.id == l.lease.unit.message_id)
+            .map(|m| &m.data)
+            .expect("a unit of a message this test enqueued");
+        assert_eq!(l.data.as_deref(), Some(want), "{}", l.lease.unit.id);
+    }
+}
+
 mod cases {
     use super::*;
 
@@ -1413,14 +1425,7 @@ mod cases {
         );
         let leased = b.queue.lease_with_data(T, 10, MINUTE).await.unwrap();
         assert_eq!(leased.len(), 3);
-        for l in &leased {
-            let want = if l.lease.unit.message_id == "m1" {
-                &one.data
-            } else {
-                &two.data
-            };
-            assert_eq!(l.data.as_deref(), Some(want), "{}", l.lease.unit.id);
-        }
+        assert_each_has_its_bytes(&leased, &[&one, &two]);
         // They are leases like any other: leased, not due, and settle.
         let stats = b.queue.stats(T).await.unwrap();
         assert_eq!((stats.due, stats.leased), (0, 3));
@@ -1758,14 +1763,7 @@ async fn redis_scripts_forgotten_under_a_running_relay_are_loaded_again() {
         server.raw_command(&["SCRIPT", "FLUSH"]).await.unwrap();
         let leased = b.queue.lease_with_data(T, 10, MINUTE).await.unwrap();
         assert_eq!(leased.len(), 3);
-        for l in &leased {
-            let want = if l.lease.unit.message_id == "m1" {
-                &one.data
-            } else {
-                &two.data
-            };
-            assert_eq!(l.data.as_deref(), Some(want), "{}", l.lease.unit.id);
-        }
+        assert_each_has_its_bytes(&leased, &[&one, &two]);
     })
     .await
     .expect("test timed out");

@@ -870,19 +870,21 @@ mod tests {
         body
     }
 
-    #[tokio::test]
-    async fn chunking_sends_the_message_unstuffed_after_the_envelope() {
+    /// One transaction from `s@a.test` to `rcpts` with `data`, against a
+    /// [`chunking_server`] answering `replies`: the result and the body
+    /// the server got.
+    async fn send_chunked(
+        rcpts: &[&str],
+        data: &[u8],
+        replies: &'static str,
+    ) -> (Transaction, Vec<u8>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
-        let srv = tokio::spawn(chunking_server(
-            b,
-            2,
-            "250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 2.0.0 queued as X\r\n",
-        ));
+        let srv = tokio::spawn(chunking_server(b, rcpts.len(), replies));
         let mut c = SmtpClient::new(a, timeouts());
         c.greeting().await.unwrap();
         let caps = c.ehlo("relay.test").await.unwrap().unwrap();
         assert!(caps.chunking && caps.pipelining);
-        let rcpts = vec!["x@b.test".to_string(), "y@b.test".into()];
+        let rcpts: Vec<String> = rcpts.iter().map(|r| r.to_string()).collect();
         let env = Envelope {
             mail_from: "s@a.test",
             recipients: &rcpts,
@@ -890,67 +892,53 @@ mod tests {
             smtputf8: false,
             require_tls: false,
         };
+        let t = c.send(&env, data).await;
+        (t, srv.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn chunking_sends_the_message_unstuffed_after_the_envelope() {
         // No trailing CRLF: BDAT adds it as DATA would.
-        let t = c.send(&env, b"Subject: x\r\n\r\n.dot\r\n.").await;
+        let (t, body) = send_chunked(
+            &["x@b.test", "y@b.test"],
+            b"Subject: x\r\n\r\n.dot\r\n.",
+            "250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 2.0.0 queued as X\r\n",
+        )
+        .await;
         assert!(t.ended && !t.connection_lost && !t.host_failure, "{t:?}");
         assert_eq!(t.results[0].as_ref().unwrap().message, "queued as X");
         assert_eq!(
             t.results[1].as_ref().unwrap_err().reply().unwrap().code,
             550
         );
-        assert_eq!(srv.await.unwrap(), b"Subject: x\r\n\r\n.dot\r\n.\r\n");
+        assert_eq!(body, b"Subject: x\r\n\r\n.dot\r\n.\r\n");
     }
 
     #[tokio::test]
     async fn a_refused_bdat_fails_the_accepted_recipients_and_leaves_a_reset_due() {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let srv = tokio::spawn(chunking_server(
-            b,
-            1,
+        let (t, body) = send_chunked(
+            &["x@b.test"],
+            b"x\r\n",
             "250 ok\r\n250 ok\r\n452 4.3.1 insufficient storage\r\n",
-        ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
-        let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
-        let t = c.send(&env, b"x\r\n").await;
+        )
+        .await;
         assert!(!t.ended && !t.connection_lost, "{t:?}");
         let failure = t.results[0].as_ref().unwrap_err();
         assert_eq!(
             failure.outcome(),
             crate::delivery::classify::Outcome::Temporary
         );
-        assert_eq!(srv.await.unwrap(), b"x\r\n");
+        assert_eq!(body, b"x\r\n");
     }
 
     #[tokio::test]
     async fn a_refused_sender_over_chunking_shares_its_answer() {
-        let (a, b) = tokio::io::duplex(64 * 1024);
-        let srv = tokio::spawn(chunking_server(
-            b,
-            1,
+        let (t, _) = send_chunked(
+            &["x@b.test"],
+            b"x\r\n",
             "550 5.7.1 sender rejected\r\n503 5.5.1 no sender\r\n503 5.5.1 no recipients\r\n",
-        ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
-        let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
-        let t = c.send(&env, b"x\r\n").await;
-        srv.await.unwrap();
+        )
+        .await;
         let failure = t.results[0].as_ref().unwrap_err();
         assert!(
             matches!(failure, Failure::Session(r) if r.code == 550),
