@@ -309,7 +309,7 @@ impl WebhookMetrics {
 /// The destination group of a domain or MX host, to bound label cardinality:
 /// the big mailbox providers by name, everything else `other`.
 pub fn destination_group(host: &str) -> &'static str {
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let host = host.trim_end_matches('.');
     const GROUPS: &[(&str, &[&str])] = &[
         ("gmail", &["gmail.com", "googlemail.com", "google.com"]),
         (
@@ -330,14 +330,21 @@ pub fn destination_group(host: &str) -> &'static str {
         ("zoho", &["zoho.com", "zohomail.com"]),
     ];
     for (group, suffixes) in GROUPS {
-        if suffixes
-            .iter()
-            .any(|s| host == *s || host.ends_with(&format!(".{s}")))
-        {
+        if suffixes.iter().any(|s| is_within(host, s)) {
             return group;
         }
     }
     "other"
+}
+
+/// Whether `host` is `domain` or a name under it, ignoring ASCII case;
+/// without allocating, as it runs for every delivery.
+fn is_within(host: &str, domain: &str) -> bool {
+    let (h, d) = (host.as_bytes(), domain.as_bytes());
+    let Some(start) = h.len().checked_sub(d.len()) else {
+        return false;
+    };
+    h[start..].eq_ignore_ascii_case(d) && (start == 0 || h[start - 1] == b'.')
 }
 
 /// The class of an enhanced status code (`5.1.1` -> `5.1`), or the reply
@@ -367,6 +374,9 @@ mod tests {
             ("mta5.am0.yahoodns.net", "yahoo"),
             ("notgmail.com", "other"),
             ("example.org", "other"),
+            ("MX.Hotmail.COM", "microsoft"),
+            ("com", "other"),
+            ("", "other"),
         ] {
             assert_eq!(destination_group(host), group, "{host}");
         }

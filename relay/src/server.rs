@@ -88,7 +88,8 @@ pub async fn run_until(
     let delivery_ctx = Arc::new(
         DeliveryContext::new(config.clone(), backend.clone(), metrics.clone())?
             .with_feedback(inbound_ctx.feedback.clone())
-            .with_wake(inbound_ctx.enqueued.clone()),
+            .with_wake(inbound_ctx.enqueued.clone())
+            .with_reputation(inbound_ctx.reputation.clone()),
     );
 
     // Bind everything before reporting ready, so a port clash fails the
@@ -117,7 +118,9 @@ pub async fn run_until(
             events: backend.events.clone(),
             config: config.clone(),
         });
-    let reputation = crate::reputation::Guard::new(config.clone(), backend.state.clone());
+    // One guard for the process: a pause this pod decides or an admin
+    // resume it serves is seen at once by its sessions and deliveries.
+    let reputation = inbound_ctx.reputation.clone();
     let http_state = http_state.with_routes(
         crate::tracking::endpoints::router(crate::tracking::endpoints::Endpoints {
             config: config.clone(),

@@ -241,3 +241,62 @@ async fn complaints_pause_on_their_own_threshold_and_auto_resume_runs_out() {
     .await
     .expect("test timed out");
 }
+
+/// The hot paths' answer (`recent_refusal`, `recently_paused`): a pause
+/// this pod decides holds at once; one decided by another pod is seen
+/// once this pod's last answer is [`pauses::FRESH_FOR`] old; the exact
+/// reads see it at once.
+#[tokio::test]
+async fn a_pause_by_another_pod_reaches_the_hot_paths_within_a_second() {
+    use petrel_relay::queue::now_millis;
+    use petrel_relay::reputation::pauses::FRESH_FOR;
+    tokio::time::timeout(LIMIT, async {
+        let redis = RedisServer::start().await.unwrap();
+        let queue = format!("{{redis: {{url: \"{}\", keyPrefix: rep}}}}", redis.url());
+        let a = Pod::open(config(&queue), "pod-a").await;
+        let b = Pod::open(config(&queue), "pod-b").await;
+        let sending = a.config.domain("example.com").unwrap();
+        let now = now_millis();
+        assert!(
+            a.guard
+                .recent_refusal(sending, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(!a.guard.recently_paused("example.com", now).await.unwrap());
+
+        // 30 of 530 bounced (5.7% over 5%): paused by pod b.
+        b.outcomes("example.com", EventType::Delivered, 500, T0)
+            .await;
+        b.outcomes("example.com", EventType::Bounced, 30, T0).await;
+        b.consume(T0).await;
+        assert_eq!(b.evaluate(T0).await.level, Level::Paused);
+        let paused =
+            "451 4.7.1 sending for example.com is paused: bounce rate 5.7% over 24h exceeds 5%\r\n";
+        // Pod b decided it: its own hot paths hold at once.
+        let own = b.guard.recent_refusal(sending, now).await.unwrap();
+        assert_eq!(own.expect("paused on b").render(), paused);
+        // Pod a answered a moment ago and may keep that answer a second...
+        assert!(
+            a.guard
+                .recent_refusal(sending, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // ...but not longer, and the exact read never lags.
+        let later = now_millis() + FRESH_FOR;
+        let seen = a.guard.recent_refusal(sending, later).await.unwrap();
+        assert_eq!(seen.expect("paused on a").render(), paused);
+        assert!(a.guard.recently_paused("EXAMPLE.com", later).await.unwrap());
+        assert!(!a.guard.recently_paused("other.test", later).await.unwrap());
+
+        // A resume served by pod a lifts a's pause at once.
+        a.guard.resume("example.com").await.unwrap().unwrap();
+        assert!(!a.guard.recently_paused("example.com", later).await.unwrap());
+        assert!(!b.guard.is_paused("example.com").await.unwrap());
+    })
+    .await
+    .expect("test timed out");
+}

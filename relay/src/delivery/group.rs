@@ -173,7 +173,7 @@ async fn hold_paused(ctx: &DeliveryContext, leases: Vec<Lease>) -> Vec<Lease> {
         let held = match paused.get(&sending) {
             Some(p) => *p,
             None => {
-                let p = match ctx.reputation.is_paused(&sending).await {
+                let p = match ctx.reputation.recently_paused(&sending, now_millis()).await {
                     Ok(p) => p,
                     Err(error) => {
                         tracing::warn!(%error, domain = %sending, "cannot read the reputation state; delivering");

@@ -159,6 +159,13 @@ impl DeliveryContext {
         self
     }
 
+    /// Shares the process's reputation guard (and so its recent answers,
+    /// see [`crate::reputation::Pauses`]) instead of a guard of its own.
+    pub fn with_reputation(mut self, guard: crate::reputation::Guard) -> DeliveryContext {
+        self.reputation = guard;
+        self
+    }
+
     /// The smarthost TLS config (see [`tls::verified`]).
     fn verified_tls(&self) -> Result<Arc<rustls::ClientConfig>, tls::TlsConfigError> {
         let mut guard = self.verified_tls.lock().unwrap_or_else(|e| e.into_inner());

@@ -106,7 +106,8 @@ pub(super) async fn check_paused(
     sending: &SendingDomain,
 ) -> Result<(), Refusal> {
     let timeout: Duration = config.queue.timeout.into();
-    match tokio::time::timeout(timeout, ctx.reputation.refusal(sending)).await {
+    let asked = ctx.reputation.recent_refusal(sending, now_millis());
+    match tokio::time::timeout(timeout, asked).await {
         Ok(Ok(Some(refusal))) => Err(refusal),
         Ok(Ok(None)) => Ok(()),
         Ok(Err(error)) => {

@@ -7,8 +7,8 @@
 //! outbox events --consumer--> store (shared counters) --guard.evaluate--> record
 //!   (delivered, bounced,        rates::assess + state::next (pure)     (ok|warning|paused)
 //!    complained)                                                            |
-//!   MAIL FROM / POST /v1/send: 451 4.7.1 / 503   <---- guard.refusal -------+
-//!   delivery worker: units held (Postpone)       <---- guard.is_paused -----+
+//!   MAIL FROM / POST /v1/send: 451 4.7.1 / 503   <-- guard.recent_refusal --+
+//!   delivery worker: units held (Postpone)       <-- guard.recently_paused -+
 //!   GET /admin/v1/reputation, POST .../resume    (endpoints)
 //! ```
 //!
@@ -19,6 +19,7 @@
 pub mod consumer;
 pub mod endpoints;
 pub mod metrics;
+pub mod pauses;
 pub mod rates;
 pub mod state;
 pub mod store;
@@ -29,6 +30,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use metrics::ReputationMetrics;
+pub use pauses::Pauses;
 pub use rates::{Counts, Level, Reason};
 pub use state::DomainState;
 pub use store::Store;
@@ -48,11 +50,14 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How long a held unit waits before the worker looks at its domain again.
 pub const HOLD_FOR: Duration = Duration::from_secs(60);
 
-/// Reads and changes the shared reputation of sending domains. Cheap to clone.
+/// Reads and changes the shared reputation of sending domains. Cheap to
+/// clone; clones share this pod's recent answers ([`Pauses`]), so one
+/// guard per process should be cloned to every part that asks.
 #[derive(Clone)]
 pub struct Guard {
     config: Reloading<RelayConfig>,
     store: Store,
+    pauses: Pauses,
 }
 
 impl Guard {
@@ -61,6 +66,7 @@ impl Guard {
         Guard {
             config,
             store: Store::new(state),
+            pauses: Pauses::default(),
         }
     }
 
@@ -74,24 +80,63 @@ impl Guard {
         self.config.get()
     }
 
-    /// The refusal new mail from `sending` gets while it is paused.
+    /// The refusal new mail from `sending` gets while it is paused, read
+    /// from the shared record now.
     pub async fn refusal(&self, sending: &SendingDomain) -> Result<Option<Refusal>, QueueError> {
         if !sending.reputation.enabled {
             return Ok(None);
         }
-        let domain = sending.domain.to_ascii_lowercase();
+        self.read_refusal(sending.domain.to_ascii_lowercase(), now_millis())
+            .await
+    }
+
+    /// Reads `domain`'s record and notes the answer as of `now`.
+    async fn read_refusal(
+        &self,
+        domain: String,
+        now: Millis,
+    ) -> Result<Option<Refusal>, QueueError> {
         let record = self.store.load(&domain).await?;
+        self.pauses.note(&domain, &record, now);
         Ok(record.is_paused().then(|| Refusal::Paused {
             why: record.message.unwrap_or_else(|| "reputation".into()),
             domain,
         }))
     }
 
-    /// Whether queued mail of `domain` (a sending domain) is held.
+    /// [`refusal`](Self::refusal) for the hot paths: this pod's answer of
+    /// the last [`pauses::FRESH_FOR`] at `now` if it has one, else read.
+    pub async fn recent_refusal(
+        &self,
+        sending: &SendingDomain,
+        now: Millis,
+    ) -> Result<Option<Refusal>, QueueError> {
+        if !sending.reputation.enabled {
+            return Ok(None);
+        }
+        let domain = sending.domain.to_ascii_lowercase();
+        match self.pauses.fresh(&domain, now) {
+            Some(paused) => Ok(paused.map(|why| Refusal::Paused { why, domain })),
+            None => self.read_refusal(domain, now).await,
+        }
+    }
+
+    /// Whether queued mail of `domain` (a sending domain) is held, read
+    /// from the shared record now.
     pub async fn is_paused(&self, domain: &str) -> Result<bool, QueueError> {
         let config = self.config.get();
         match config.domain(domain) {
             Some(sending) => Ok(self.refusal(sending).await?.is_some()),
+            None => Ok(false),
+        }
+    }
+
+    /// [`is_paused`](Self::is_paused) for the hot paths, as
+    /// [`recent_refusal`](Self::recent_refusal).
+    pub async fn recently_paused(&self, domain: &str, now: Millis) -> Result<bool, QueueError> {
+        let config = self.config.get();
+        match config.domain(domain) {
+            Some(sending) => Ok(self.recent_refusal(sending, now).await?.is_some()),
             None => Ok(false),
         }
     }
@@ -112,16 +157,21 @@ impl Guard {
             .await?;
         let verdict = rates::assess(&counts, config);
         let record = match state::next(&stored, counts, &verdict, config, now) {
-            state::Change::Keep => return Ok(stored),
+            state::Change::Keep => {
+                self.pauses.note(&domain, &stored, now_millis());
+                return Ok(stored);
+            }
             state::Change::Store(record) => record,
             state::Change::AutoResume => state::resumed(&stored),
         };
         // A resume by another pod since the load wins over this evaluation.
         let current = self.store.load(&domain).await?;
         if current.generation != stored.generation {
+            self.pauses.note(&domain, &current, now_millis());
             return Ok(current);
         }
         self.store.save(&domain, &record).await?;
+        self.pauses.note(&domain, &record, now_millis());
         log_change(&domain, &stored, &record);
         Ok(record)
     }
@@ -151,6 +201,7 @@ impl Guard {
         let stored = self.store.load(&domain).await?;
         let record = state::resumed(&stored);
         self.store.save(&domain, &record).await?;
+        self.pauses.note(&domain, &record, now_millis());
         tracing::info!(event = "reputation_resumed", %domain, was = ?stored.level, "sending domain resumed; window reset");
         Ok(Some(record))
     }

@@ -153,6 +153,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         Ok(self.command("RSET", "RSET").await?.severity() == Severity::Positive)
     }
 
+    /// Starts the next transaction with RSET: a session taken from the
+    /// idle pool, whose server may have dropped it meanwhile. With
+    /// PIPELINING the RSET goes in the transaction's first write (RFC 2920
+    /// allows it anywhere in a group), so the check costs no round trip.
+    pub fn reset_before_next(&mut self) {
+        self.reset_due = true;
+    }
+
     /// QUIT, best effort.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
@@ -183,8 +191,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
     }
 
     /// One mail transaction: MAIL, RCPT for each recipient, DATA, with
-    /// PIPELINING when offered. Faults before any result become temporary
-    /// failures of every recipient with `connection_lost` set.
+    /// PIPELINING when offered, after an RSET when one is due (the last
+    /// transaction was left open, or [`reset_before_next`](Self::reset_before_next)).
+    /// Faults before any result become temporary failures of every
+    /// recipient with `connection_lost` set.
     pub async fn send(&mut self, env: &Envelope<'_>, data: &[u8]) -> Transaction {
         let n = env.recipients.len();
         let all = |f: Failure| vec![Err(f); n];
@@ -216,7 +226,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                 ended: true,
             };
         }
-        match self.send_inner(env, data).await {
+        let reset = std::mem::take(&mut self.reset_due);
+        let t = match self.send_inner(env, data, reset).await {
             Ok(t) => t,
             Err((fault, partial)) => {
                 let mut results = partial;
@@ -239,35 +250,79 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                     ended: false,
                 }
             }
-        }
+        };
+        self.reset_due = !t.ended;
+        t
     }
 
     async fn send_inner(
         &mut self,
         env: &Envelope<'_>,
         data: &[u8],
+        reset: bool,
     ) -> Result<Transaction, (Fault, Vec<RcptResult>)> {
         let n = env.recipients.len();
+        let pipelining = self.caps.pipelining;
+        if reset && !pipelining {
+            let reply = self
+                .command("RSET", "RSET")
+                .await
+                .map_err(|f| (f, vec![]))?;
+            if reply.severity() != Severity::Positive {
+                return Ok(Transaction {
+                    results: vec![Err(Failure::Fault(refused_reset(&reply))); n],
+                    host_failure: true,
+                    connection_lost: reply.code == 421,
+                    ended: false,
+                });
+            }
+        }
+        let reset = reset && pipelining;
         let mail = self.mail_command(env, data.len());
         let rcpts: Vec<String> = env
             .recipients
             .iter()
             .map(|r| format!("RCPT TO:<{}>", address(r)))
             .collect();
-        if self.caps.pipelining && self.caps.chunking {
-            return self.send_chunked(&mail, &rcpts, data).await;
-        }
+        let mut reset_reply = None;
+        let t = if pipelining && self.caps.chunking {
+            self.send_chunked(reset, &mut reset_reply, &mail, &rcpts, data)
+                .await?
+        } else {
+            self.send_data(reset, &mut reset_reply, &mail, &rcpts, data)
+                .await?
+        };
+        Ok(match reset_reply {
+            Some(reply) if reply.severity() != Severity::Positive => after_refused_reset(t, &reply),
+            _ => t,
+        })
+    }
+
+    /// MAIL, RCPT and DATA, pipelined when offered, then the dot-stuffed
+    /// body; with `reset` (pipelining only) an RSET first, whose reply
+    /// lands in `reset_reply`.
+    async fn send_data(
+        &mut self,
+        reset: bool,
+        reset_reply: &mut Option<Reply>,
+        mail: &str,
+        rcpts: &[String],
+        data: &[u8],
+    ) -> Result<Transaction, (Fault, Vec<RcptResult>)> {
+        let n = rcpts.len();
         let cmd = self.timeouts.command;
         let pipelining = self.caps.pipelining;
-
         let mail_reply;
         let mut rcpt_replies: Vec<Reply> = Vec::with_capacity(n);
         let mut data_reply: Option<Reply> = None;
         if pipelining {
             let mut batch = String::new();
-            batch.push_str(&mail);
+            if reset {
+                batch.push_str("RSET\r\n");
+            }
+            batch.push_str(mail);
             batch.push_str("\r\n");
-            for r in &rcpts {
+            for r in rcpts {
                 batch.push_str(r);
                 batch.push_str("\r\n");
             }
@@ -275,6 +330,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             self.write(batch.as_bytes(), "MAIL")
                 .await
                 .map_err(|f| (f, vec![]))?;
+            if reset {
+                *reset_reply = Some(
+                    self.read_reply(cmd, "RSET")
+                        .await
+                        .map_err(|f| (f, vec![]))?,
+                );
+            }
             mail_reply = self
                 .read_reply(cmd, "MAIL")
                 .await
@@ -291,9 +353,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                     .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?,
             );
         } else {
-            mail_reply = self.command(&mail, "MAIL").await.map_err(|f| (f, vec![]))?;
+            mail_reply = self.command(mail, "MAIL").await.map_err(|f| (f, vec![]))?;
             if mail_reply.severity() == Severity::Positive {
-                for r in &rcpts {
+                for r in rcpts {
                     match self.command(r, "RCPT").await {
                         Ok(reply) => rcpt_replies.push(reply),
                         Err(f) => return Err((f, rcpt_errors(&mail_reply, &rcpt_replies))),
@@ -408,13 +470,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
     /// answer the BDAT even when MAIL or every RCPT failed (RFC 3030 4.2).
     async fn send_chunked(
         &mut self,
+        reset: bool,
+        reset_reply: &mut Option<Reply>,
         mail: &str,
         rcpts: &[String],
         data: &[u8],
     ) -> Result<Transaction, (Fault, Vec<RcptResult>)> {
         let n = rcpts.len();
         let body = chunk_body(data);
-        let mut batch = Vec::with_capacity(mail.len() + 64 * (n + 1) + body.len());
+        let mut batch = Vec::with_capacity(mail.len() + 64 * (n + 2) + body.len());
+        if reset {
+            batch.extend_from_slice(b"RSET\r\n");
+        }
         batch.extend_from_slice(mail.as_bytes());
         batch.extend_from_slice(b"\r\n");
         for r in rcpts {
@@ -426,6 +493,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         self.write(&batch, "MAIL").await.map_err(|f| (f, vec![]))?;
 
         let cmd = self.timeouts.command;
+        if reset {
+            *reset_reply = Some(
+                self.read_reply(cmd, "RSET")
+                    .await
+                    .map_err(|f| (f, vec![]))?,
+            );
+        }
         let mail_reply = self
             .read_reply(cmd, "MAIL")
             .await
@@ -481,6 +555,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
     }
 }
 
+/// Why recipients are retried when the RSET before their transaction was
+/// refused.
+fn refused_reset(reply: &Reply) -> Fault {
+    Fault::Protocol(format!("RSET answered {reply}"))
+}
+
+/// A pipelined transaction after a refused RSET: the server may still
+/// hold the state the RSET was to clear, so its refusals are not trusted
+/// as final (a stale transaction's `503` must not bounce mail); what it
+/// accepted stands. The session is not used again.
+fn after_refused_reset(t: Transaction, reply: &Reply) -> Transaction {
+    let results = t
+        .results
+        .into_iter()
+        .map(|r| r.map_err(|_| Failure::Fault(refused_reset(reply))))
+        .collect();
+    Transaction {
+        results,
+        host_failure: true,
+        connection_lost: t.connection_lost || reply.code == 421,
+        ended: false,
+    }
+}
+
 /// The message as BDAT sends it: as stored, ending with CRLF like the
 /// DATA path makes it, so both put the same bytes in the mailbox.
 fn chunk_body(data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
@@ -519,6 +617,7 @@ fn rcpt_errors(mail: &Reply, rcpts: &[Reply]) -> Vec<RcptResult> {
 mod tests {
     use super::super::wire::Timeouts;
     use super::*;
+    use crate::delivery::classify::Outcome;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     fn timeouts() -> Timeouts {
@@ -621,7 +720,8 @@ mod tests {
     /// Messages back to back over one pipelining connection: after a
     /// transaction whose end of data was answered the next MAIL follows at
     /// once; one left open (every recipient refused, DATA refused) is not
-    /// `ended`, so the caller resets it first. The script checks the order.
+    /// `ended`, so the next transaction resets it first. The script checks
+    /// the order.
     #[tokio::test]
     async fn only_a_transaction_left_open_needs_a_reset() {
         let (a, b) = tokio::io::duplex(64 * 1024);
@@ -659,9 +759,6 @@ mod tests {
             let t = c.send(&env, b"x\r\n").await;
             assert!(!t.connection_lost, "{t:?}");
             ended.push(t.ended);
-            if !t.ended {
-                assert!(c.rset().await.unwrap());
-            }
         }
         assert_eq!(ended, vec![false, true, true]);
         drop(c);
@@ -849,9 +946,13 @@ mod tests {
             .await
             .unwrap();
         let mut lines = Vec::new();
-        for _ in 0..rcpts + 2 {
+        while lines.len() < rcpts + 2 {
             let mut l = String::new();
             r.read_line(&mut l).await.unwrap();
+            if lines.is_empty() && l == "RSET\r\n" {
+                // A reset due: the test's replies answer it first.
+                continue;
+            }
             lines.push(l);
         }
         assert!(lines[0].starts_with("MAIL FROM:"), "{lines:?}");
@@ -878,12 +979,26 @@ mod tests {
         data: &[u8],
         replies: &'static str,
     ) -> (Transaction, Vec<u8>) {
+        send_chunked_after(false, rcpts, data, replies).await
+    }
+
+    /// [`send_chunked`], after [`SmtpClient::reset_before_next`] when
+    /// `reset` (`replies` then starts with the RSET's).
+    async fn send_chunked_after(
+        reset: bool,
+        rcpts: &[&str],
+        data: &[u8],
+        replies: &'static str,
+    ) -> (Transaction, Vec<u8>) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let srv = tokio::spawn(chunking_server(b, rcpts.len(), replies));
         let mut c = SmtpClient::new(a, timeouts());
         c.greeting().await.unwrap();
         let caps = c.ehlo("relay.test").await.unwrap().unwrap();
         assert!(caps.chunking && caps.pipelining);
+        if reset {
+            c.reset_before_next();
+        }
         let rcpts: Vec<String> = rcpts.iter().map(|r| r.to_string()).collect();
         let env = Envelope {
             mail_from: "s@a.test",
@@ -981,5 +1096,137 @@ mod tests {
             550
         );
         assert!(matches!(t.results[1], Err(Failure::Fault(Fault::Io(_)))));
+    }
+
+    /// A session from the idle pool: its RSET goes in the transaction's
+    /// first write and is answered before MAIL; the next transaction, after
+    /// one that ended, sends none.
+    #[tokio::test]
+    async fn a_pooled_session_is_reset_within_its_first_pipelined_write() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(server(
+            b,
+            vec![
+                ("EHLO", "250-mx\r\n250 PIPELINING\r\n"),
+                ("RSET", "250 ok\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "250 ok\r\n"),
+                ("DATA", "354 go\r\n"),
+                ("<data end>", "250 2.0.0 queued\r\n"),
+                ("MAIL FROM:<s@a.test>", "250 ok\r\n"),
+                ("RCPT TO:<x@b.test>", "250 ok\r\n"),
+                ("DATA", "354 go\r\n"),
+                ("<data end>", "250 2.0.0 queued\r\n"),
+            ],
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        c.reset_before_next();
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        };
+        for _ in 0..2 {
+            let t = c.send(&env, b"x\r\n").await;
+            assert!(t.ended && !t.host_failure, "{t:?}");
+            assert_eq!(t.results[0].as_ref().unwrap().code, 250);
+        }
+        drop(c);
+        let seen = srv.await.unwrap();
+        assert_eq!(seen.iter().filter(|l| *l == "RSET").count(), 1, "{seen:?}");
+    }
+
+    /// Over CHUNKING too, and a server gone while the session sat idle
+    /// (no answer to the RSET) costs the recipients nothing: they are
+    /// retried, on a new connection.
+    #[tokio::test]
+    async fn a_pooled_session_over_chunking_and_one_the_server_dropped() {
+        let (t, body) = send_chunked_after(
+            true,
+            &["x@b.test"],
+            b"x\r\n",
+            "250 2.0.0 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 queued\r\n",
+        )
+        .await;
+        assert_eq!(body, b"x\r\n");
+        assert!(t.ended && !t.host_failure, "{t:?}");
+        assert_eq!(t.results[0].as_ref().unwrap().code, 250);
+
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(server(
+            b,
+            vec![("EHLO", "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")],
+        ));
+        let mut c = SmtpClient::new(a, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        c.reset_before_next();
+        let rcpts = vec!["x@b.test".to_string()];
+        let env = Envelope {
+            mail_from: "s@a.test",
+            recipients: &rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        };
+        let t = c.send(&env, b"x\r\n").await;
+        srv.await.unwrap();
+        assert!(t.connection_lost && t.host_failure, "{t:?}");
+        let failure = t.results[0].as_ref().unwrap_err();
+        assert_eq!(failure.outcome(), Outcome::Temporary, "{failure:?}");
+    }
+
+    /// A refused RSET: the server may still hold the old transaction, so
+    /// its refusals of this one (a stale `503`) are retried, not bounced,
+    /// and the session is given up.
+    #[tokio::test]
+    async fn after_a_refused_reset_refusals_are_not_final() {
+        for pipelining in [true, false] {
+            let ehlo = if pipelining {
+                "250-mx\r\n250 PIPELINING\r\n"
+            } else {
+                "250 mx\r\n"
+            };
+            let mut script = vec![("EHLO", ehlo), ("RSET", "502 5.5.2 no RSET here\r\n")];
+            if pipelining {
+                script.extend([
+                    ("MAIL FROM:<s@a.test>", "503 5.5.1 nested MAIL\r\n"),
+                    ("RCPT TO:<x@b.test>", "503 5.5.1 no sender\r\n"),
+                    ("DATA", "503 5.5.1 no recipients\r\n"),
+                ]);
+            }
+            let (a, b) = tokio::io::duplex(64 * 1024);
+            let srv = tokio::spawn(server(b, script));
+            let mut c = SmtpClient::new(a, timeouts());
+            c.greeting().await.unwrap();
+            c.ehlo("relay.test").await.unwrap().unwrap();
+            c.reset_before_next();
+            let rcpts = vec!["x@b.test".to_string()];
+            let env = Envelope {
+                mail_from: "s@a.test",
+                recipients: &rcpts,
+                eight_bit: false,
+                smtputf8: false,
+                require_tls: false,
+            };
+            let t = c.send(&env, b"x\r\n").await;
+            drop(c);
+            let seen = srv.await.unwrap();
+            assert!(t.host_failure && !t.ended, "{pipelining}: {t:?}");
+            let failure = t.results[0].as_ref().unwrap_err();
+            assert!(
+                matches!(failure, Failure::Fault(Fault::Protocol(m)) if m.contains("502")),
+                "{pipelining}: {failure:?}"
+            );
+            assert_eq!(failure.outcome(), Outcome::Temporary);
+            // Without pipelining nothing follows the refused RSET.
+            let mails = seen.iter().filter(|l| l.starts_with("MAIL")).count();
+            assert_eq!(mails, usize::from(pipelining), "{seen:?}");
+        }
     }
 }

@@ -44,6 +44,10 @@ pub struct SmtpClient<S> {
     pub(super) timeouts: Timeouts,
     /// What the server offers (after the last EHLO).
     pub caps: Capabilities,
+    /// The next transaction starts with RSET: the last one may have left
+    /// state at the server, or the session waited idle (the RSET's answer
+    /// then also shows the server is still there).
+    pub(super) reset_due: bool,
 }
 
 fn io_fault(e: std::io::Error) -> Fault {
@@ -128,6 +132,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
             buf: Vec::new(),
             timeouts,
             caps: Capabilities::default(),
+            reset_due: false,
         }
     }
 

@@ -6,13 +6,10 @@ use std::time::{Duration, Instant};
 use super::super::leases::SlotGuard;
 use super::super::smtp_client::{ConnectSettings, Connection};
 
-/// An open connection and whether it needs an RSET before the next
-/// transaction.
+/// An open connection (its client knows whether an RSET is due before
+/// the next transaction).
 pub(crate) struct Session {
     pub(crate) conn: Connection,
-    /// A transaction used it and may have left state behind at the server,
-    /// or it sat idle in the pool (RSET then also shows it is still alive).
-    pub(crate) used: bool,
     /// The TLS policy it was opened under (`dane`, `mta-sts`, ...), for
     /// events and log lines.
     pub(crate) tls_policy: &'static str,
@@ -91,15 +88,12 @@ impl Pool {
     }
 
     fn pop_fresh(list: &mut Vec<(Instant, Pooled)>) -> Option<Pooled> {
-        while let Some((since, pooled)) = list.pop() {
+        while let Some((since, mut pooled)) = list.pop() {
             if since.elapsed() < POOL_IDLE {
-                return Some(Pooled {
-                    session: Session {
-                        used: true,
-                        ..pooled.session
-                    },
-                    ..pooled
-                });
+                // It sat idle: the RSET before its next transaction shows
+                // the server is still there.
+                pooled.session.conn.client.reset_before_next();
+                return Some(pooled);
             }
             close(pooled);
         }

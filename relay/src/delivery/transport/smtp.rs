@@ -80,20 +80,9 @@ async fn deliver_smtp(
     // The policy of the last host tried, for outcomes without a session.
     let mut last_policy = settings.tls_label;
     while !pending.is_empty() {
-        // Reuse the open connection (after RSET when the last transaction
-        // may have left state behind), or open a new one.
-        if let Some(s) = session.as_mut()
-            && s.used
-        {
-            match s.conn.client.rset().await {
-                Ok(true) => {}
-                Ok(false) | Err(_) => {
-                    if let Some(s) = session.take() {
-                        s.conn.client.quit().await;
-                    }
-                }
-            }
-        }
+        // Reuse the open connection (its client sends RSET first when the
+        // last transaction may have left state behind or it sat in the
+        // pool), or open a new one.
         if session.is_none() {
             while session.is_none() && next_host < hosts.len() {
                 let host = &hosts[next_host];
@@ -146,7 +135,6 @@ async fn deliver_smtp(
                                 .inc();
                             *session = Some(Session {
                                 conn,
-                                used: false,
                                 tls_policy: settings.tls_label,
                             });
                             break;
@@ -184,10 +172,9 @@ async fn deliver_smtp(
             smtputf8: unit.flags.smtputf8,
             require_tls: settings.require_tls,
         };
-        let t = s.conn.client.send(&env, data).await;
         // Back to back over one connection: after a transaction that ended
-        // cleanly the next MAIL goes without an RSET round trip.
-        s.used = !t.ended;
+        // cleanly the next MAIL goes without an RSET.
+        let t = s.conn.client.send(&env, data).await;
         let host = s.conn.host.clone();
         let tls = s.conn.tls;
         let tls_policy = s.tls_policy;
