@@ -147,12 +147,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         }
     }
 
-    /// RSET between transactions; false when the server refused it (the
-    /// connection should then be closed).
-    pub async fn rset(&mut self) -> Result<bool, Fault> {
-        Ok(self.command("RSET", "RSET").await?.severity() == Severity::Positive)
-    }
-
     /// Starts the next transaction with RSET: a session taken from the
     /// idle pool, whose server may have dropped it meanwhile. With
     /// PIPELINING the RSET goes in the transaction's first write (RFC 2920
@@ -707,7 +701,8 @@ mod tests {
             t.results[2].as_ref().unwrap_err().reply().unwrap().code,
             451
         );
-        assert!(c.rset().await.unwrap());
+        let reset = c.command("RSET", "RSET").await.unwrap();
+        assert_eq!(reset.severity(), Severity::Positive);
         drop(c);
         let seen = srv.await.unwrap();
         assert!(
