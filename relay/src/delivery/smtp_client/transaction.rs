@@ -410,8 +410,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
                         .is_ok();
                     None
                 } else {
-                    let body = dot_stuff(data);
-                    self.write(&body, "DATA")
+                    self.write_parts(&dot_stuff(data), "DATA")
                         .await
                         .map_err(|f| (f, rcpt_errors(&mail_reply, &rcpt_replies)))?;
                     let reply = self

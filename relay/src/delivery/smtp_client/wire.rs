@@ -87,34 +87,44 @@ pub fn parse_reply(raw: &[u8]) -> Result<Reply, Fault> {
     }
 }
 
-/// Dot-stuffs `data` for DATA (RFC 5321 4.5.2) and appends the final
-/// `.`, making sure the message ends with CRLF first. Copies the runs
-/// between line-initial dots whole (found with `memmem`): a byte-at-a-time
-/// loop here was a tenth of the relay's CPU on 100 KB messages.
-pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 5);
+/// `data` dot-stuffed for DATA (RFC 5321 4.5.2) with the final `.`, as
+/// the pieces to write one after another: runs of `data` between
+/// line-initial dots (found with `memmem`; a byte-at-a-time loop here was
+/// a tenth of the relay's CPU on 100 KB messages), the added dots, a CRLF
+/// when the message does not end with one, and `.` CRLF. Nothing is
+/// copied: at 100 KB the copy into one buffer was 2% of the relay's CPU.
+pub fn dot_stuff(data: &[u8]) -> Vec<&[u8]> {
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(4);
     if data.first() == Some(&b'.') {
-        out.push(b'.');
+        parts.push(b".");
     }
     let mut start = 0;
     for lf in memchr::memmem::find_iter(data, b"\n.") {
-        out.extend_from_slice(&data[start..=lf]);
-        out.push(b'.');
+        parts.push(&data[start..=lf]);
+        parts.push(b".");
         start = lf + 1;
     }
-    out.extend_from_slice(&data[start..]);
-    if !out.is_empty() && !out.ends_with(b"\r\n") {
-        if out.ends_with(b"\n") {
-            out.pop();
-        }
+    let last = &data[start..];
+    // The stuffed message ends as `data` does: an added dot is always
+    // followed by the dot it doubles.
+    if data.ends_with(b"\r\n") || data.is_empty() {
+        parts.push(last);
+    } else if data.ends_with(b"\n") {
+        // A bare LF at the end becomes CRLF. It is in `last`: a match
+        // needs a dot after its LF.
+        parts.push(&last[..last.len() - 1]);
+        parts.push(b"\r\n");
+    } else if data.ends_with(b"\r") {
         // A trailing CR gets its LF, not a second CR (no bare CR on the wire).
-        if !out.ends_with(b"\r") {
-            out.push(b'\r');
-        }
-        out.push(b'\n');
+        parts.push(last);
+        parts.push(b"\n");
+    } else {
+        parts.push(last);
+        parts.push(b"\r\n");
     }
-    out.extend_from_slice(b".\r\n");
-    out
+    parts.push(b".\r\n");
+    parts.retain(|p| !p.is_empty());
+    parts
 }
 
 /// Removes CR, LF and angle brackets from an address put on a command line.
@@ -174,6 +184,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
         parse_reply(&raw)
     }
 
+    /// Writes `parts` back to back, in as few system calls as the stream
+    /// allows (vectored where it can), under the write timeout.
+    pub(super) async fn write_parts(
+        &mut self,
+        parts: &[&[u8]],
+        stage: &'static str,
+    ) -> Result<(), Fault> {
+        let timeout = self.timeouts.command.max(self.timeouts.data);
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        tokio::time::timeout(timeout, async {
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let n = self.stream.write_vectored(rest).await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                std::io::IoSlice::advance_slices(&mut rest, n);
+            }
+            self.stream.flush().await
+        })
+        .await
+        .map_err(|_| Fault::Timeout(stage))?
+        .map_err(io_fault)
+    }
+
     pub(super) async fn write(&mut self, bytes: &[u8], stage: &'static str) -> Result<(), Fault> {
         let timeout = self.timeouts.command.max(self.timeouts.data);
         tokio::time::timeout(timeout, async {
@@ -201,17 +237,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SmtpClient<S> {
 mod tests {
     use super::*;
 
+    fn stuffed(data: &[u8]) -> Vec<u8> {
+        dot_stuff(data).concat()
+    }
+
     #[test]
     fn dot_stuffing() {
-        assert_eq!(
-            dot_stuff(b"a\r\n.b\r\n..c\r\n"),
-            b"a\r\n..b\r\n...c\r\n.\r\n"
-        );
-        assert_eq!(dot_stuff(b".\r\nx"), b"..\r\nx\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x\n"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b".\r\n");
-        assert_eq!(dot_stuff(b"x\r"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b"x\r\n."), b"x\r\n..\r\n.\r\n");
+        assert_eq!(stuffed(b"a\r\n.b\r\n..c\r\n"), b"a\r\n..b\r\n...c\r\n.\r\n");
+        assert_eq!(stuffed(b".\r\nx"), b"..\r\nx\r\n.\r\n");
+        assert_eq!(stuffed(b"x\n"), b"x\r\n.\r\n");
+        assert_eq!(stuffed(b""), b".\r\n");
+        assert_eq!(stuffed(b"x\r"), b"x\r\n.\r\n");
+        assert_eq!(stuffed(b"x\r\n."), b"x\r\n..\r\n.\r\n");
+        // Without a line-initial dot the message itself is written, not
+        // a copy of it.
+        let body = b"Subject: x\r\n\r\nno dots\r\n";
+        let parts = dot_stuff(body);
+        assert_eq!(parts.len(), 2);
+        assert!(std::ptr::eq(parts[0], &body[..]));
     }
 
     /// The run-copying version stuffs exactly like the byte-at-a-time
@@ -240,9 +283,13 @@ mod tests {
             out.extend_from_slice(b".\r\n");
             out
         }
-        let inputs: [&[u8]; 9] = [
+        let inputs: [&[u8]; 13] = [
             b"",
             b".",
+            b"\n",
+            b"\r",
+            b".\n",
+            b"a\n.\n",
             b"..\n.\n.",
             b"a\n.b\r\n.\r\n..\r\nc",
             b"\n\n.\n",
@@ -252,7 +299,7 @@ mod tests {
             b"tail\r",
         ];
         for input in inputs {
-            assert_eq!(dot_stuff(input), reference(input), "{input:?}");
+            assert_eq!(stuffed(input), reference(input), "{input:?}");
         }
     }
 
