@@ -35,6 +35,11 @@ domains:
     .unwrap()
 }
 
+/// The `queue` config of pods sharing `redis`.
+fn redis_queue(redis: &RedisServer) -> String {
+    format!("{{redis: {{url: \"{}\", keyPrefix: rep}}}}", redis.url())
+}
+
 struct Pod {
     backend: Backend,
     guard: Guard,
@@ -159,7 +164,7 @@ async fn resume_resets(a: &Pod, b: &Pod) {
 async fn two_contexts_on_one_redis_share_counts_and_pause_and_it_survives_a_restart() {
     tokio::time::timeout(LIMIT, async {
         let redis = RedisServer::start().await.unwrap();
-        let queue = format!("{{redis: {{url: \"{}\", keyPrefix: rep}}}}", redis.url());
+        let queue = redis_queue(&redis);
         let a = Pod::open(config(&queue), "pod-a").await;
         let b = Pod::open(config(&queue), "pod-b").await;
         run_the_scenario(&a, &b).await;
@@ -252,7 +257,7 @@ async fn a_pause_by_another_pod_reaches_the_hot_paths_within_a_second() {
     use petrel_relay::reputation::pauses::FRESH_FOR;
     tokio::time::timeout(LIMIT, async {
         let redis = RedisServer::start().await.unwrap();
-        let queue = format!("{{redis: {{url: \"{}\", keyPrefix: rep}}}}", redis.url());
+        let queue = redis_queue(&redis);
         let a = Pod::open(config(&queue), "pod-a").await;
         let b = Pod::open(config(&queue), "pod-b").await;
         let sending = a.config.domain("example.com").unwrap();

@@ -624,6 +624,25 @@ mod tests {
 
     /// A scripted server on the other end of a duplex: answers each line
     /// with the next scripted reply, records what it received.
+    /// The plain envelope the tests send: from `s@a.test` to `rcpts`.
+    fn envelope(rcpts: &[String]) -> Envelope<'_> {
+        Envelope {
+            mail_from: "s@a.test",
+            recipients: rcpts,
+            eight_bit: false,
+            smtputf8: false,
+            require_tls: false,
+        }
+    }
+
+    /// A client on `io`, past the greeting and EHLO.
+    async fn ready_client(io: DuplexStream) -> SmtpClient<DuplexStream> {
+        let mut c = SmtpClient::new(io, timeouts());
+        c.greeting().await.unwrap();
+        c.ehlo("relay.test").await.unwrap().unwrap();
+        c
+    }
+
     async fn server(io: DuplexStream, script: Vec<(&'static str, &'static str)>) -> Vec<String> {
         let (r, mut w) = tokio::io::split(io);
         let mut r = BufReader::new(r);
@@ -741,13 +760,7 @@ mod tests {
         c.greeting().await.unwrap();
         assert!(c.ehlo("relay.test").await.unwrap().unwrap().pipelining);
         let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let mut ended = Vec::new();
         for _ in 0..3 {
             let t = c.send(&env, b"x\r\n").await;
@@ -770,17 +783,9 @@ mod tests {
                 ("MAIL FROM:<s@a.test>", "550 sender rejected\r\n"),
             ],
         ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         let rcpts = vec!["x@b.test".to_string(), "y@b.test".into()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let t = c.send(&env, b"x\r\n").await;
         // MAIL refused: no transaction is left open at the server.
         assert!(t.ended);
@@ -811,17 +816,9 @@ mod tests {
                 ("DATA", "250 ok\r\n"),
             ],
         ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let t = c.send(&env, b"x\r\n").await;
         drop(c);
         srv.await.unwrap();
@@ -865,9 +862,7 @@ mod tests {
                 ),
             ],
         ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         assert_eq!(
             c.auth("user", "secret").await.unwrap().unwrap_err().code,
             535
@@ -994,13 +989,7 @@ mod tests {
             c.reset_before_next();
         }
         let rcpts: Vec<String> = rcpts.iter().map(|r| r.to_string()).collect();
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let t = c.send(&env, data).await;
         (t, srv.await.unwrap())
     }
@@ -1071,17 +1060,9 @@ mod tests {
             }
             // Drop the connection at the second RCPT.
         });
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         let rcpts = vec!["x@b.test".to_string(), "y@b.test".into()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let t = c.send(&env, b"x\r\n").await;
         srv.await.unwrap();
         assert!(t.connection_lost && t.host_failure);
@@ -1113,18 +1094,10 @@ mod tests {
                 ("<data end>", "250 2.0.0 queued\r\n"),
             ],
         ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         c.reset_before_next();
         let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         for _ in 0..2 {
             let t = c.send(&env, b"x\r\n").await;
             assert!(t.ended && !t.host_failure, "{t:?}");
@@ -1156,18 +1129,10 @@ mod tests {
             b,
             vec![("EHLO", "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n")],
         ));
-        let mut c = SmtpClient::new(a, timeouts());
-        c.greeting().await.unwrap();
-        c.ehlo("relay.test").await.unwrap().unwrap();
+        let mut c = ready_client(a).await;
         c.reset_before_next();
         let rcpts = vec!["x@b.test".to_string()];
-        let env = Envelope {
-            mail_from: "s@a.test",
-            recipients: &rcpts,
-            eight_bit: false,
-            smtputf8: false,
-            require_tls: false,
-        };
+        let env = envelope(&rcpts);
         let t = c.send(&env, b"x\r\n").await;
         srv.await.unwrap();
         assert!(t.connection_lost && t.host_failure, "{t:?}");
@@ -1196,18 +1161,10 @@ mod tests {
             }
             let (a, b) = tokio::io::duplex(64 * 1024);
             let srv = tokio::spawn(server(b, script));
-            let mut c = SmtpClient::new(a, timeouts());
-            c.greeting().await.unwrap();
-            c.ehlo("relay.test").await.unwrap().unwrap();
+            let mut c = ready_client(a).await;
             c.reset_before_next();
             let rcpts = vec!["x@b.test".to_string()];
-            let env = Envelope {
-                mail_from: "s@a.test",
-                recipients: &rcpts,
-                eight_bit: false,
-                smtputf8: false,
-                require_tls: false,
-            };
+            let env = envelope(&rcpts);
             let t = c.send(&env, b"x\r\n").await;
             drop(c);
             let seen = srv.await.unwrap();
